@@ -1,0 +1,129 @@
+"""Parameters and the Module protocol shared by serial and sharded layers.
+
+A layer is an object with ``forward(x) -> y`` and ``backward(dy) -> dx``; forward
+keeps only what backward needs, backward accumulates into ``Parameter.grad`` with
+``+=`` (so micro-batches accumulate until ``zero_grad``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mpifc.backend import get_array_module
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How a parameter's global (logical) tensor is split across a process group.
+
+    axis          axis of the global tensor that is split (None: replicated)
+    group         name of the group it is split over: "tp" (tensor) usually
+    counts        length of every shard along ``axis``, shard i on group rank i
+    index         this rank's shard index (its rank in ``group``)
+    global_shape  shape of the full logical tensor
+    """
+
+    axis: int | None
+    group: str
+    counts: tuple[int, ...]
+    index: int
+    global_shape: tuple[int, ...]
+
+    @property
+    def offset(self) -> int:
+        return int(sum(self.counts[: self.index]))
+
+    def local_slice(self) -> tuple[slice, ...]:
+        """Index of this rank's shard inside the global tensor."""
+        sl = [slice(None)] * len(self.global_shape)
+        if self.axis is not None:
+            sl[self.axis] = slice(self.offset, self.offset + self.counts[self.index])
+        return tuple(sl)
+
+
+@dataclass(eq=False)
+class Parameter:
+    """A trainable tensor: local data, its gradient, a name and its sharding.
+
+    ``sharding`` is None for a replicated (unsharded) parameter; the parallel
+    layers fill it in. ``data`` holds only this rank's shard.
+    """
+
+    data: object
+    name: str = ""
+    sharding: Sharding | None = None
+    grad: object = field(default=None)
+
+    def __post_init__(self):
+        if self.grad is None:
+            xp = get_array_module(self.data)
+            self.grad = xp.zeros_like(self.data)
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def size(self) -> int:
+        return int(self.data.size)
+
+    def zero_grad(self) -> None:
+        self.grad[...] = 0
+
+
+class Module:
+    """Base class: forward/backward, parameters, train/eval mode.
+
+    Subclasses implement ``forward`` and ``backward``; a module that owns
+    parameters lists them in ``self._params`` (in a fixed order: optimizer state,
+    checkpoints and gradient buckets rely on it); a container lists its children
+    in ``self._children``.
+    """
+
+    training: bool = True
+
+    def __init__(self):
+        self._params: list[Parameter] = []
+        self._children: list[Module] = []
+        self.training = True
+
+    # --- math ---
+    def forward(self, x):
+        raise NotImplementedError
+
+    def backward(self, dy):
+        raise NotImplementedError
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    # --- parameters ---
+    def parameters(self) -> list[Parameter]:
+        out = list(self._params)
+        for c in self._children:
+            out.extend(c.parameters())
+        return out
+
+    def named_parameters(self, prefix: str = "") -> list[tuple[str, Parameter]]:
+        return [(prefix + p.name, p) for p in self.parameters()]
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.zero_grad()
+
+    # --- mode ---
+    def train(self, mode: bool = True) -> "Module":
+        self.training = mode
+        for c in self._children:
+            c.train(mode)
+        return self
+
+    def eval(self) -> "Module":
+        return self.train(False)
+
+    # --- state that is not a parameter (e.g. BatchNorm running stats) ---
+    def buffers(self) -> list[tuple[str, object]]:
+        """(name, array) of non-trainable state to checkpoint, in fixed order."""
+        out = []
+        for c in self._children:
+            out.extend(c.buffers())
+        return out
