@@ -1,0 +1,887 @@
+"""Pure forward/backward pairs: the math every serial and sharded layer reuses.
+
+No state, no communication. Each op is a ``*_forward`` returning its output and
+a small ``cache`` (only what backward needs), and a ``*_backward`` beside it.
+Backward functions *return* gradients; layers accumulate them into
+``Parameter.grad`` with ``+=``.
+
+Shape letters
+-------------
+N batch, D features in, F features out, C channels in, K channels out,
+H, W input height/width, Ho, Wo output height/width, R, S kernel height/width,
+G groups, V vocabulary size, L tokens per bag (padded), T tokens in total,
+Q classes.
+
+Padding convention (conv and pool)
+----------------------------------
+``padding`` is an int ``p`` (all four sides), a pair ``(ph, pw)`` (symmetric per
+axis) or per side ``((top, bottom), (left, right))``. A spatial-parallel layer
+passes ``top=0`` (or ``bottom=0``) on a side whose halo rows it received from a
+neighbour and prepended (appended) to ``x``.
+
+Collective hooks
+----------------
+BatchNorm is split so the per-channel sums are computed in exactly one place
+(``batchnorm_stats``, ``batchnorm_backward_stats``); a synced BatchNorm
+allreduces those small vectors and passes them on to ``*_from_stats``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from mpifc.backend import get_array_module
+
+
+# --------------------------------------------------------------------------- #
+# helpers
+# --------------------------------------------------------------------------- #
+def _pair(v):
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2:
+            raise ValueError(f"expected an int or a pair, got {v!r}")
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+def normalize_padding(padding):
+    """Return ``((top, bottom), (left, right))`` from an int, pair or per-side pair of pairs."""
+    if isinstance(padding, (tuple, list)) and len(padding) == 2 and isinstance(padding[0], (tuple, list)):
+        (t, b), (l, r) = padding
+        out = ((int(t), int(b)), (int(l), int(r)))
+    else:
+        ph, pw = _pair(padding)
+        out = ((ph, ph), (pw, pw))
+    if min(out[0] + out[1]) < 0:
+        raise ValueError(f"padding must be >= 0, got {padding!r}")
+    return out
+
+
+def conv_output_size(size, kernel, stride, pad_lo, pad_hi, dilation=1):
+    """Output length along one axis: floor((size + pads - dilation*(kernel-1) - 1)/stride) + 1."""
+    return (size + pad_lo + pad_hi - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _pad(x, pads, value=0.0):
+    """Pad the last two axes of an (N, C, H, W) array into a fresh buffer (no copy if no padding)."""
+    (t, b), (l, r) = pads
+    if t == b == l == r == 0:
+        return x
+    xp = get_array_module(x)
+    N, C, H, W = x.shape
+    out = xp.empty((N, C, H + t + b, W + l + r), dtype=x.dtype)
+    # fill only the border, then copy the interior once
+    if t:
+        out[:, :, :t] = value
+    if b:
+        out[:, :, H + t:] = value
+    if l:
+        out[:, :, t:t + H, :l] = value
+    if r:
+        out[:, :, t:t + H, W + l:] = value
+    out[:, :, t:t + H, l:l + W] = x
+    return out
+
+
+def _window_slices(r, s, dh, dw, sh, sw, Ho, Wo):
+    """Slices of the padded input that kernel offset (r, s) reads for every output pixel."""
+    return (slice(r * dh, r * dh + sh * (Ho - 1) + 1, sh),
+            slice(s * dw, s * dw + sw * (Wo - 1) + 1, sw))
+
+
+# --------------------------------------------------------------------------- #
+# linear:  y = x @ W.T + b
+# --------------------------------------------------------------------------- #
+def linear_forward(x, W, b=None):
+    """Fully connected layer.
+
+    Parameters
+    ----------
+    x : (N, D) or (..., D)
+    W : (F, D)
+    b : (F,) or None
+
+    Returns
+    -------
+    y : (N, F) or (..., F)
+    """
+    y = x @ W.T
+    if b is not None:
+        y += b
+    return y
+
+
+def linear_backward(dy, x, W, need_dx=True, need_db=True):
+    """Gradients of :func:`linear_forward`.
+
+    Parameters
+    ----------
+    dy : (N, F) or (..., F)
+    x : (N, D) or (..., D), the forward input
+    W : (F, D)
+
+    Returns
+    -------
+    dx : (N, D) or None when ``need_dx`` is False
+    dW : (F, D)
+    db : (F,) or None when ``need_db`` is False
+    """
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    x2 = x.reshape(-1, x.shape[-1])
+    dx = (dy @ W) if need_dx else None
+    dW = dy2.T @ x2
+    db = dy2.sum(axis=0) if need_db else None
+    return dx, dW, db
+
+
+# --------------------------------------------------------------------------- #
+# convolution (im2col + one GEMM)
+# --------------------------------------------------------------------------- #
+# The column buffer is laid out (C*R*S, N*Ho*Wo), C-contiguous: filling it for one
+# kernel offset (r, s) is a strided copy whose innermost axis runs along Wo (unit
+# stride when stride == 1), and W reshaped to (K, C*R*S) multiplies it in place.
+def im2col(x, R, S, stride=1, padding=0, dilation=1):
+    """Unfold (N, C, H, W) into columns (C*R*S, N*Ho*Wo) with a loop over the R*S offsets only.
+
+    Returns
+    -------
+    col : (C*R*S, N*Ho*Wo), C-contiguous, row index c*R*S + r*S + s
+    (Ho, Wo) : output size
+    """
+    xp = get_array_module(x)
+    N, C, H, W = x.shape
+    sh, sw = _pair(stride)
+    dh, dw = _pair(dilation)
+    pads = normalize_padding(padding)
+    Ho = conv_output_size(H, R, sh, *pads[0], dh)
+    Wo = conv_output_size(W, S, sw, *pads[1], dw)
+    if Ho <= 0 or Wo <= 0:
+        raise ValueError(f"input {H}x{W} too small for kernel {R}x{S} (dilation {dh},{dw}, "
+                         f"padding {pads}): output would be {Ho}x{Wo}")
+    xpad = _pad(x, pads)
+    col = xp.empty((C, R, S, N, Ho, Wo), dtype=x.dtype)
+    # (N, C, ...) -> (C, N, ...): the transpose is folded into the strided copy
+    xt = xpad.transpose(1, 0, 2, 3)
+    for r in range(R):
+        for s in range(S):
+            hs, ws = _window_slices(r, s, dh, dw, sh, sw, Ho, Wo)
+            col[:, r, s] = xt[:, :, hs, ws]
+    return col.reshape(C * R * S, N * Ho * Wo), (Ho, Wo)
+
+
+def col2im(dcol, x_shape, R, S, stride=1, padding=0, dilation=1):
+    """Adjoint of :func:`im2col`: fold columns back, adding overlapping windows.
+
+    Parameters
+    ----------
+    dcol : (C*R*S, N*Ho*Wo)
+    x_shape : (N, C, H, W)
+
+    Returns
+    -------
+    dx : (N, C, H, W)
+    """
+    xp = get_array_module(dcol)
+    N, C, H, W = x_shape
+    sh, sw = _pair(stride)
+    dh, dw = _pair(dilation)
+    (t, b), (l, r_) = pads = normalize_padding(padding)
+    Ho = conv_output_size(H, R, sh, t, b, dh)
+    Wo = conv_output_size(W, S, sw, l, r_, dw)
+    dcol = dcol.reshape(C, R, S, N, Ho, Wo)
+    Hp, Wp = H + t + b, W + l + r_
+    # accumulate in (C, N, Hp, Wp) so each add reads dcol[:, r, s] contiguously
+    dxt = xp.zeros((C, N, Hp, Wp), dtype=dcol.dtype)
+    for r in range(R):
+        for s in range(S):
+            hs, ws = _window_slices(r, s, dh, dw, sh, sw, Ho, Wo)
+            dxt[:, :, hs, ws] += dcol[:, r, s]
+    dxt = dxt[:, :, t:t + H, l:l + W]
+    return xp.ascontiguousarray(dxt.transpose(1, 0, 2, 3))
+
+
+def conv2d_forward(x, W, b=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution (cross-correlation), NCHW.
+
+    Parameters
+    ----------
+    x : (N, C, H, W)
+    W : (K, C/G, R, S)
+    b : (K,) or None
+    stride, dilation : int or (h, w)
+    padding : int, (ph, pw) or ((top, bottom), (left, right))
+    groups : G, dividing both C and K
+
+    Returns
+    -------
+    y : (N, K, Ho, Wo)
+    cache : tuple for :func:`conv2d_backward`
+    """
+    N, C, H, Wd = x.shape
+    K, Cg, R, S = W.shape
+    G = int(groups)
+    if C % G or K % G or Cg != C // G:
+        raise ValueError(f"conv2d: input channels {C}, output channels {K} and weight {W.shape} "
+                         f"do not fit groups={G}")
+    col, (Ho, Wo) = im2col(x, R, S, stride, padding, dilation)
+    M = N * Ho * Wo
+    if G == 1:
+        y = W.reshape(K, Cg * R * S) @ col                              # (K, M): one GEMM
+    else:
+        y = (W.reshape(G, K // G, Cg * R * S) @ col.reshape(G, Cg * R * S, M)).reshape(K, M)
+    y = y.reshape(K, N, Ho, Wo).transpose(1, 0, 2, 3)
+    if b is not None:
+        y = y + b.reshape(1, K, 1, 1)       # the add writes the NCHW copy we need anyway
+    else:
+        xp = get_array_module(y)
+        y = xp.ascontiguousarray(y)
+    cache = (col, x.shape, W, (stride, padding, dilation, G))
+    return y, cache
+
+
+def conv2d_backward(dy, cache, need_dx=True, need_db=True):
+    """Gradients of :func:`conv2d_forward`.
+
+    Parameters
+    ----------
+    dy : (N, K, Ho, Wo)
+
+    Returns
+    -------
+    dx : (N, C, H, W) or None when ``need_dx`` is False
+    dW : (K, C/G, R, S)
+    db : (K,) or None when ``need_db`` is False
+    """
+    col, x_shape, W, (stride, padding, dilation, G) = cache
+    xp = get_array_module(dy)
+    K, Cg, R, S = W.shape
+    N, K_, Ho, Wo = dy.shape
+    M = N * Ho * Wo
+    # (N, K, Ho, Wo) -> (K, N*Ho*Wo), the layout of the forward GEMM's output
+    dyt = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(K, M)
+    db = dyt.sum(axis=1) if need_db else None
+    if G == 1:
+        dW = (dyt @ col.T).reshape(W.shape)
+        dcol = (W.reshape(K, Cg * R * S).T @ dyt) if need_dx else None
+    else:
+        dyg = dyt.reshape(G, K // G, M)
+        colg = col.reshape(G, Cg * R * S, M)
+        dW = (dyg @ colg.transpose(0, 2, 1)).reshape(W.shape)
+        dcol = (W.reshape(G, K // G, Cg * R * S).transpose(0, 2, 1) @ dyg) if need_dx else None
+    dx = col2im(dcol, x_shape, R, S, stride, padding, dilation) if need_dx else None
+    return dx, dW, db
+
+
+# --------------------------------------------------------------------------- #
+# pooling: a loop over the R*S window offsets, each a vectorised strided op
+# --------------------------------------------------------------------------- #
+def _pool_geometry(x_shape, kernel, stride, padding):
+    N, C, H, W = x_shape
+    R, S = _pair(kernel)
+    sh, sw = _pair(stride if stride is not None else kernel)
+    pads = normalize_padding(padding)
+    Ho = conv_output_size(H, R, sh, *pads[0])
+    Wo = conv_output_size(W, S, sw, *pads[1])
+    if Ho <= 0 or Wo <= 0:
+        raise ValueError(f"pool: input {H}x{W} too small for kernel {R}x{S}, padding {pads}")
+    return R, S, sh, sw, pads, Ho, Wo
+
+
+def maxpool2d_forward(x, kernel, stride=None, padding=0):
+    """Max pooling, NCHW; padded positions never win (they are -inf).
+
+    Parameters
+    ----------
+    x : (N, C, H, W)
+    kernel, stride : int or (h, w); stride defaults to kernel
+    padding : int, (ph, pw) or ((top, bottom), (left, right))
+
+    Returns
+    -------
+    y : (N, C, Ho, Wo)
+    cache : for :func:`maxpool2d_backward` (argmax offset per output, uint8/int16)
+    """
+    xp = get_array_module(x)
+    R, S, sh, sw, pads, Ho, Wo = _pool_geometry(x.shape, kernel, stride, padding)
+    xpad = _pad(x, pads, value=-np.inf)
+    y = None
+    idx = xp.zeros((x.shape[0], x.shape[1], Ho, Wo), dtype=np.uint8 if R * S < 256 else np.int32)
+    for r in range(R):
+        for s in range(S):
+            hs, ws = _window_slices(r, s, 1, 1, sh, sw, Ho, Wo)
+            v = xpad[:, :, hs, ws]
+            if y is None:
+                y = v.copy()
+                continue
+            better = v > y                  # strict: the first maximum wins (ties -> earliest)
+            idx[better] = r * S + s
+            xp.maximum(y, v, out=y)
+    return y, (idx, x.shape, (R, S, sh, sw, pads))
+
+
+def maxpool2d_backward(dy, cache):
+    """Gradient of :func:`maxpool2d_forward`: route dy to the argmax of each window.
+
+    Returns
+    -------
+    dx : (N, C, H, W)
+    """
+    xp = get_array_module(dy)
+    idx, x_shape, (R, S, sh, sw, pads) = cache
+    N, C, H, W = x_shape
+    (t, b), (l, r_) = pads
+    Ho, Wo = dy.shape[2:]
+    dxp = xp.zeros((N, C, H + t + b, W + l + r_), dtype=dy.dtype)
+    if sh >= R and sw >= S:
+        # windows do not overlap: each padded pixel receives from at most one output
+        for r in range(R):
+            for s in range(S):
+                hs, ws = _window_slices(r, s, 1, 1, sh, sw, Ho, Wo)
+                dxp[:, :, hs, ws] = xp.where(idx == r * S + s, dy, 0)
+    else:
+        for r in range(R):
+            for s in range(S):
+                hs, ws = _window_slices(r, s, 1, 1, sh, sw, Ho, Wo)
+                dxp[:, :, hs, ws] += xp.where(idx == r * S + s, dy, 0)
+    return xp.ascontiguousarray(dxp[:, :, t:t + H, l:l + W])
+
+
+def _avgpool_divisor(xp, x_shape, R, S, sh, sw, pads, Ho, Wo, count_include_pad, dtype):
+    if count_include_pad:
+        return None
+    N, C, H, W = x_shape
+    (t, b), (l, r_) = pads
+    # number of real (non-padding) pixels in each window, per output row / column
+    oh = xp.arange(Ho) * sh - t
+    ow = xp.arange(Wo) * sw - l
+    nh = xp.minimum(oh + R, H) - xp.maximum(oh, 0)
+    nw = xp.minimum(ow + S, W) - xp.maximum(ow, 0)
+    return (nh[:, None] * nw[None, :]).astype(dtype)
+
+
+def avgpool2d_forward(x, kernel, stride=None, padding=0, count_include_pad=True):
+    """Average pooling, NCHW (padding counts as zeros unless ``count_include_pad`` is False).
+
+    Returns
+    -------
+    y : (N, C, Ho, Wo)
+    cache : for :func:`avgpool2d_backward`
+    """
+    xp = get_array_module(x)
+    R, S, sh, sw, pads, Ho, Wo = _pool_geometry(x.shape, kernel, stride, padding)
+    xpad = _pad(x, pads)
+    y = None
+    for r in range(R):
+        for s in range(S):
+            hs, ws = _window_slices(r, s, 1, 1, sh, sw, Ho, Wo)
+            if y is None:
+                y = xpad[:, :, hs, ws].copy()
+            else:
+                y += xpad[:, :, hs, ws]
+    div = _avgpool_divisor(xp, x.shape, R, S, sh, sw, pads, Ho, Wo, count_include_pad, x.dtype)
+    if div is None:
+        y *= 1.0 / (R * S)
+    else:
+        y /= div
+    return y, (x.shape, (R, S, sh, sw, pads), div)
+
+
+def avgpool2d_backward(dy, cache):
+    """Gradient of :func:`avgpool2d_forward`: spread dy/count over each window.
+
+    Returns
+    -------
+    dx : (N, C, H, W)
+    """
+    xp = get_array_module(dy)
+    x_shape, (R, S, sh, sw, pads), div = cache
+    N, C, H, W = x_shape
+    (t, b), (l, r_) = pads
+    Ho, Wo = dy.shape[2:]
+    g = dy * (1.0 / (R * S)) if div is None else dy / div
+    g = g.astype(dy.dtype, copy=False)
+    dxp = xp.zeros((N, C, H + t + b, W + l + r_), dtype=dy.dtype)
+    for r in range(R):
+        for s in range(S):
+            hs, ws = _window_slices(r, s, 1, 1, sh, sw, Ho, Wo)
+            dxp[:, :, hs, ws] += g
+    return xp.ascontiguousarray(dxp[:, :, t:t + H, l:l + W])
+
+
+def global_avgpool2d_forward(x):
+    """Mean over H and W. x : (N, C, H, W) -> y : (N, C)."""
+    return x.mean(axis=(2, 3))
+
+
+def global_avgpool2d_backward(dy, x_shape):
+    """dy : (N, C) -> dx : (N, C, H, W), each pixel gets dy / (H*W)."""
+    xp = get_array_module(dy)
+    N, C, H, W = x_shape
+    g = (dy * (1.0 / (H * W))).astype(dy.dtype, copy=False)
+    return xp.broadcast_to(g[:, :, None, None], x_shape).copy()
+
+
+# --------------------------------------------------------------------------- #
+# batch normalisation, split at the per-channel sums
+# --------------------------------------------------------------------------- #
+def _bn_axes(x):
+    """Reduction axes: all but the channel axis 1. (N, C) -> (0,), (N, C, H, W) -> (0, 2, 3)."""
+    return (0,) + tuple(range(2, x.ndim))
+
+
+def _bn_view(v, ndim):
+    """A per-channel (C,) vector shaped to broadcast against (N, C, ...)."""
+    return v.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def batchnorm_stats(x):
+    """Per-channel sums a synced BatchNorm allreduces.
+
+    Parameters
+    ----------
+    x : (N, C) or (N, C, H, W)
+
+    Returns
+    -------
+    s : (C,) sum of x
+    ss : (C,) sum of x**2
+    count : int, elements per channel (N or N*H*W)
+    """
+    xp = get_array_module(x)
+    axes = _bn_axes(x)
+    count = x.size // x.shape[1]
+    if x.ndim == 4:
+        # (N, C, H*W): a batched dot over the contiguous H*W axis is one fast pass
+        x3 = x.reshape(x.shape[0], x.shape[1], -1)
+        s = x3.sum(axis=(0, 2))
+        ss = xp.einsum("ncl,ncl->c", x3, x3)
+    else:
+        s = x.sum(axis=axes)
+        ss = xp.einsum("nc,nc->c", x, x)
+    return s, ss, count
+
+
+def batchnorm_forward_from_stats(x, gamma, beta, s, ss, count, eps=1e-5):
+    """Normalise with given (possibly allreduced) sums; biased batch variance.
+
+    Parameters
+    ----------
+    x : (N, C) or (N, C, H, W)
+    gamma, beta : (C,)
+    s, ss, count : from :func:`batchnorm_stats` (summed over ranks for a synced BN)
+
+    Returns
+    -------
+    y : same shape as x
+    cache : for :func:`batchnorm_backward_stats` / :func:`batchnorm_backward_from_stats`
+    mean, var : (C,) batch mean and biased variance (for running statistics)
+
+    Notes
+    -----
+    var = ss/count - mean**2 loses precision when |mean| >> std in float32; it is
+    the price of a single allreduce of (s, ss). It is clamped at 0.
+    """
+    mean = s / count
+    var = xp_max0(ss / count - mean * mean)
+    invstd = 1.0 / (var + eps) ** 0.5
+    nd = x.ndim
+    # y = x*scale + shift, two passes over x; xhat is kept for backward
+    xhat = (x - _bn_view(mean, nd)) * _bn_view(invstd, nd)
+    y = xhat * _bn_view(gamma, nd) + _bn_view(beta, nd)
+    cache = (xhat, gamma, invstd)
+    return y, cache, mean, var
+
+
+def xp_max0(v):
+    """Elementwise max(v, 0) on either backend."""
+    xp = get_array_module(v)
+    return xp.maximum(v, 0)
+
+
+def batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps=1e-5):
+    """Inference BatchNorm with running statistics: one fused scale/shift.
+
+    Returns
+    -------
+    y : same shape as x
+    cache : for :func:`batchnorm_backward_eval`
+    """
+    nd = x.ndim
+    invstd = 1.0 / (running_var + eps) ** 0.5
+    scale = gamma * invstd
+    shift = beta - running_mean * scale
+    y = x * _bn_view(scale, nd) + _bn_view(shift, nd)
+    return y, (x, running_mean, invstd, scale)
+
+
+def batchnorm_backward_eval(dy, cache):
+    """Gradients of :func:`batchnorm_forward_eval` (the statistics are constants).
+
+    Returns
+    -------
+    dx, dgamma, dbeta
+    """
+    x, mean, invstd, scale = cache
+    nd = dy.ndim
+    axes = _bn_axes(dy)
+    dx = dy * _bn_view(scale, nd)
+    xhat = (x - _bn_view(mean, nd)) * _bn_view(invstd, nd)
+    return dx, (dy * xhat).sum(axis=axes), dy.sum(axis=axes)
+
+
+def batchnorm_backward_stats(dy, cache):
+    """Per-channel sums of the backward pass that a synced BatchNorm allreduces.
+
+    Returns
+    -------
+    sum_dy : (C,)           (= dbeta on this rank)
+    sum_dy_xhat : (C,)      (= dgamma on this rank)
+    """
+    xp = get_array_module(dy)
+    xhat = cache[0]
+    if dy.ndim == 4:
+        d3 = dy.reshape(dy.shape[0], dy.shape[1], -1)
+        x3 = xhat.reshape(d3.shape)
+        return d3.sum(axis=(0, 2)), xp.einsum("ncl,ncl->c", d3, x3)
+    return dy.sum(axis=0), xp.einsum("nc,nc->c", dy, xhat)
+
+
+def batchnorm_backward_from_stats(dy, cache, sum_dy, sum_dy_xhat, count):
+    """Input gradient from (possibly allreduced) backward sums.
+
+    dx = gamma * invstd * (dy - sum_dy/count - xhat * sum_dy_xhat/count)
+
+    Parameters
+    ----------
+    dy : (N, C) or (N, C, H, W)
+    sum_dy, sum_dy_xhat : (C,), from :func:`batchnorm_backward_stats`
+    count : total elements per channel the forward statistics were taken over
+
+    Returns
+    -------
+    dx : same shape as dy
+    """
+    xhat, gamma, invstd = cache
+    nd = dy.ndim
+    k = gamma * invstd
+    a = _bn_view(k, nd)
+    # dx = a*dy - a*mean_dy - (a*mean_dy_xhat) * xhat, written as two fused-ish passes
+    dx = dy * a
+    dx -= _bn_view(k * sum_dy / count, nd)
+    dx -= xhat * _bn_view(k * sum_dy_xhat / count, nd)
+    return dx
+
+
+def batchnorm_forward(x, gamma, beta, eps=1e-5):
+    """Training-mode BatchNorm on one rank: stats, then normalise.
+
+    Returns
+    -------
+    y, cache, mean, var  (see :func:`batchnorm_forward_from_stats`); cache ends with count
+    """
+    s, ss, count = batchnorm_stats(x)
+    y, cache, mean, var = batchnorm_forward_from_stats(x, gamma, beta, s, ss, count, eps)
+    return y, cache + (count,), mean, var
+
+
+def batchnorm_backward(dy, cache):
+    """Gradients of :func:`batchnorm_forward`.
+
+    Returns
+    -------
+    dx, dgamma, dbeta
+    """
+    count = cache[3]
+    sum_dy, sum_dy_xhat = batchnorm_backward_stats(dy, cache)
+    dx = batchnorm_backward_from_stats(dy, cache[:3], sum_dy, sum_dy_xhat, count)
+    return dx, sum_dy_xhat, sum_dy
+
+
+# --------------------------------------------------------------------------- #
+# layer normalisation over the trailing axes
+# --------------------------------------------------------------------------- #
+def layernorm_forward(x, gamma, beta, n_axes=1, eps=1e-5):
+    """Normalise over the last ``n_axes`` axes.
+
+    Parameters
+    ----------
+    x : (..., *E) where E = gamma.shape (the normalised shape)
+    gamma, beta : E
+
+    Returns
+    -------
+    y : same shape as x
+    cache : for :func:`layernorm_backward`
+    """
+    axes = tuple(range(x.ndim - n_axes, x.ndim))
+    mean = x.mean(axis=axes, keepdims=True)
+    xc = x - mean
+    var = (xc * xc).mean(axis=axes, keepdims=True)
+    invstd = 1.0 / (var + eps) ** 0.5
+    xhat = xc * invstd
+    y = xhat * gamma + beta
+    return y, (xhat, invstd, gamma, axes)
+
+
+def layernorm_backward(dy, cache):
+    """Gradients of :func:`layernorm_forward`.
+
+    Returns
+    -------
+    dx : same shape as dy
+    dgamma, dbeta : E
+    """
+    xhat, invstd, gamma, axes = cache
+    lead = tuple(range(dy.ndim - len(axes)))
+    dgamma = (dy * xhat).sum(axis=lead)
+    dbeta = dy.sum(axis=lead)
+    g = dy * gamma
+    m = 1
+    for a in axes:
+        m *= dy.shape[a]
+    dx = invstd * (g - g.mean(axis=axes, keepdims=True)
+                   - xhat * (g * xhat).mean(axis=axes, keepdims=True))
+    return dx, dgamma, dbeta
+
+
+# --------------------------------------------------------------------------- #
+# activations (elementwise)
+# --------------------------------------------------------------------------- #
+def relu_forward(x):
+    """y = max(x, 0). Returns (y, mask) with mask = x > 0 for backward."""
+    xp = get_array_module(x)
+    y = xp.maximum(x, 0)
+    return y, y > 0
+
+
+def relu_backward(dy, mask):
+    """dx = dy where x > 0."""
+    return dy * mask
+
+
+def leaky_relu_forward(x, slope=0.01):
+    """y = x if x > 0 else slope*x. Returns (y, mask)."""
+    xp = get_array_module(x)
+    mask = x > 0
+    return xp.where(mask, x, x * slope), mask
+
+
+def leaky_relu_backward(dy, mask, slope=0.01):
+    xp = get_array_module(dy)
+    return xp.where(mask, dy, dy * slope)
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def gelu_forward(x):
+    """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+
+    Returns (y, cache) with cache = (x, tanh(u)).
+    """
+    xp = get_array_module(x)
+    u = _GELU_C * (x + 0.044715 * x * x * x)
+    t = xp.tanh(u)
+    return 0.5 * x * (1.0 + t), (x, t)
+
+
+def gelu_backward(dy, cache):
+    x, t = cache
+    du = _GELU_C * (1.0 + 3 * 0.044715 * x * x)
+    return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
+
+
+def tanh_forward(x):
+    """Returns (y, y): backward needs only the output."""
+    xp = get_array_module(x)
+    y = xp.tanh(x)
+    return y, y
+
+
+def tanh_backward(dy, y):
+    return dy * (1.0 - y * y)
+
+
+def sigmoid_forward(x):
+    """Stable logistic: 0.5*(1 + tanh(x/2)) never overflows. Returns (y, y)."""
+    xp = get_array_module(x)
+    y = 0.5 * (1.0 + xp.tanh(0.5 * x))
+    return y, y
+
+
+def sigmoid_backward(dy, y):
+    return dy * y * (1.0 - y)
+
+
+def dropout_forward(x, p, rng):
+    """Inverted dropout: zero with probability p, scale survivors by 1/(1-p).
+
+    Parameters
+    ----------
+    x : any shape
+    p : drop probability in [0, 1)
+    rng : a Generator of x's backend (numpy.random.Generator or cupy.random.Generator)
+
+    Returns
+    -------
+    y : same shape as x
+    mask : scaled keep-mask (0 or 1/(1-p)), x.dtype
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    keep = rng.random(x.shape, dtype=x.dtype) >= p
+    mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - p))
+    return x * mask, mask
+
+
+def dropout_backward(dy, mask):
+    return dy * mask
+
+
+# --------------------------------------------------------------------------- #
+# embeddings
+# --------------------------------------------------------------------------- #
+def embedding_forward(idx, E):
+    """Row lookup. idx : (...) integer in [0, V); E : (V, D) -> y : (..., D)."""
+    return E[idx]
+
+
+def embedding_backward(dy, idx, V):
+    """dE : (V, D), rows scatter-added (repeated indices accumulate)."""
+    xp = get_array_module(dy)
+    D = dy.shape[-1]
+    dE = xp.zeros((V, D), dtype=dy.dtype)
+    xp.add.at(dE, idx.reshape(-1), dy.reshape(-1, D))
+    return dE
+
+
+def embedding_bag_forward(E, idx, offsets=None, mask=None, mode="mean"):
+    """Sum or mean of token vectors per bag (bag-of-words).
+
+    Two input forms:
+
+    * flat: ``idx`` (T,) all tokens back to back, ``offsets`` (N,) start of each
+      bag in ``idx`` (bag i is ``idx[offsets[i]:offsets[i+1]]``; the last runs to T);
+      empty bags give zeros.
+    * padded: ``idx`` (N, L) with optional ``mask`` (N, L) bool/0-1 (True = real
+      token). Masked-out positions contribute nothing; an all-masked bag gives zeros.
+
+    Parameters
+    ----------
+    E : (V, D)
+    mode : "sum" or "mean"
+
+    Returns
+    -------
+    y : (N, D)
+    cache : for :func:`embedding_bag_backward`
+    """
+    xp = get_array_module(E)
+    if mode not in ("sum", "mean"):
+        raise ValueError(f"mode must be 'sum' or 'mean', got {mode!r}")
+    V, D = E.shape
+    if offsets is not None:
+        if idx.ndim != 1:
+            raise ValueError("with offsets, idx must be 1-D (all tokens back to back)")
+        T = idx.shape[0]
+        N = offsets.shape[0]
+        ends = xp.concatenate([offsets[1:], xp.asarray([T], dtype=offsets.dtype)])
+        counts = (ends - offsets).astype(np.int64)
+        if bool((counts < 0).any()) or (N and (int(offsets[0]) != 0 if T else False)):
+            raise ValueError("offsets must start at 0 and be non-decreasing")
+        bag = xp.repeat(xp.arange(N), counts)          # (T,) bag id of each token
+        weight = xp.ones(T, dtype=E.dtype)
+        flat_idx = idx
+    else:
+        if idx.ndim != 2:
+            raise ValueError("without offsets, idx must be (N, L) padded")
+        N, L = idx.shape
+        m = xp.ones((N, L), dtype=E.dtype) if mask is None else mask.astype(E.dtype)
+        counts = m.sum(axis=1)
+        bag = xp.repeat(xp.arange(N), L)
+        weight = m.reshape(-1)
+        flat_idx = idx.reshape(-1)
+    if mode == "mean":
+        c = xp.maximum(counts, 1).astype(E.dtype)
+        weight = weight / c[bag]
+    y = xp.zeros((N, D), dtype=E.dtype)
+    xp.add.at(y, bag, E[flat_idx] * weight[:, None])
+    return y, (flat_idx, bag, weight, V)
+
+
+def embedding_bag_backward(dy, cache):
+    """dE : (V, D) from dy : (N, D)."""
+    xp = get_array_module(dy)
+    flat_idx, bag, weight, V = cache
+    dE = xp.zeros((V, dy.shape[1]), dtype=dy.dtype)
+    xp.add.at(dE, flat_idx, dy[bag] * weight[:, None])
+    return dE
+
+
+# --------------------------------------------------------------------------- #
+# losses
+# --------------------------------------------------------------------------- #
+def log_softmax(z, axis=-1):
+    """Stable log-softmax: z - max - log(sum(exp(z - max)))."""
+    xp = get_array_module(z)
+    m = z.max(axis=axis, keepdims=True)
+    zs = z - m
+    return zs - xp.log(xp.exp(zs).sum(axis=axis, keepdims=True))
+
+
+def softmax_cross_entropy_forward(logits, target, label_smoothing=0.0, ignore_index=-100):
+    """Mean softmax cross-entropy over the non-ignored rows.
+
+    With smoothing e the target distribution is (1-e)*onehot + e/Q.
+
+    Parameters
+    ----------
+    logits : (N, Q)
+    target : (N,) integer class ids; rows equal to ``ignore_index`` are skipped
+
+    Returns
+    -------
+    loss : 0-d array (0 when every row is ignored)
+    cache : for :func:`softmax_cross_entropy_backward`
+    """
+    xp = get_array_module(logits)
+    N, Q = logits.shape
+    if target.shape != (N,):
+        raise ValueError(f"target shape {target.shape} does not match logits {logits.shape}")
+    valid = target != ignore_index
+    tgt = xp.where(valid, target, 0)
+    if bool(((tgt < 0) | (tgt >= Q)).any()):
+        raise ValueError(f"target class ids must be in [0, {Q}) or equal ignore_index")
+    logp = log_softmax(logits)
+    nll = -logp[xp.arange(N), tgt]
+    if label_smoothing:
+        nll = (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(axis=1)
+    n_valid = valid.sum()
+    denom = xp.maximum(n_valid, 1).astype(logits.dtype)
+    loss = (nll * valid).sum() / denom
+    return loss, (logp, tgt, valid, denom, label_smoothing)
+
+
+def softmax_cross_entropy_backward(cache, dloss=1.0):
+    """dlogits : (N, Q) = (softmax - target distribution) * valid / n_valid * dloss."""
+    xp = get_array_module(cache[0])
+    logp, tgt, valid, denom, eps = cache
+    N, Q = logp.shape
+    d = xp.exp(logp)
+    d[xp.arange(N), tgt] -= (1.0 - eps)
+    if eps:
+        d -= eps / Q
+    d *= (valid.astype(d.dtype) * (dloss / denom))[:, None]
+    return d
+
+
+def mse_forward(pred, target):
+    """Mean squared error over all elements. Returns (loss, diff)."""
+    diff = pred - target
+    return (diff * diff).mean(), diff
+
+
+def mse_backward(diff, dloss=1.0):
+    """dpred = 2 (pred - target) / size * dloss."""
+    return diff * (2.0 * dloss / diff.size)
