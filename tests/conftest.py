@@ -1,0 +1,57 @@
+"""Shared test harness.
+
+Multi-rank tests are marked ``@pytest.mark.mpi(min_size=N)`` and run as
+``mpiexec -n N python -m mpi4py -m pytest --with-mpi --only-mpi``. A failed
+assertion on one rank must fail every rank: after the setup and call phases of an
+MPI test the ranks exchange their verdicts, and a rank that passed while another
+failed reports a failure naming the failing ranks. (A rank that hangs is killed by
+pytest-timeout, which takes the whole mpiexec job down with it.)
+"""
+import os
+
+import pytest
+
+# One BLAS thread per rank: ranks share the cores of this machine.
+for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_v, "1")
+
+
+def _mpi_testing(config) -> bool:
+    return bool(config.getoption("--with-mpi", False) or config.getoption("--only-mpi", False))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if call.when not in ("setup", "call") or item.get_closest_marker("mpi") is None:
+        return
+    if not _mpi_testing(item.config):
+        return
+    from mpifc.comm import world
+
+    comm = world()
+    if comm.size == 1:
+        return
+    verdicts = comm.mpi.allgather(bool(report.failed))   # untraced, raw: harness only
+    failed = [r for r, f in enumerate(verdicts) if f]
+    if failed and not report.failed:
+        report.outcome = "failed"
+        report.longrepr = f"failed on rank(s) {failed} of {comm.size} (this rank {comm.rank} passed)"
+
+
+@pytest.fixture
+def comm():
+    """The world communicator, with a clean trace."""
+    from mpifc.comm import trace, world
+
+    trace.reset()
+    trace.enable()
+    c = world()
+    yield c
+    trace.reset()
+
+
+def all_ranks_ok(comm, ok: bool) -> bool:
+    """True when ``ok`` holds on every rank (collective: call it on all ranks)."""
+    return all(comm.mpi.allgather(bool(ok)))
