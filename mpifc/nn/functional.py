@@ -440,7 +440,7 @@ def batchnorm_stats(x):
 
     Parameters
     ----------
-    x : (N, C) or (N, C, H, W)
+    x : (N, C), (N, C, L) or (N, C, H, W)
 
     Returns
     -------
@@ -451,7 +451,7 @@ def batchnorm_stats(x):
     xp = get_array_module(x)
     axes = _bn_axes(x)
     count = x.size // x.shape[1]
-    if x.ndim == 4:
+    if x.ndim >= 3:
         # (N, C, H*W): a batched dot over the contiguous H*W axis is one fast pass
         x3 = x.reshape(x.shape[0], x.shape[1], -1)
         s = x3.sum(axis=(0, 2))
@@ -540,7 +540,7 @@ def batchnorm_backward_stats(dy, cache):
     """
     xp = get_array_module(dy)
     xhat = cache[0]
-    if dy.ndim == 4:
+    if dy.ndim >= 3:
         d3 = dy.reshape(dy.shape[0], dy.shape[1], -1)
         x3 = xhat.reshape(d3.shape)
         return d3.sum(axis=(0, 2)), xp.einsum("ncl,ncl->c", d3, x3)

@@ -81,10 +81,30 @@ class Module:
 
     training: bool = True
 
+    #: False on a first layer whose input needs no gradient (data, token ids):
+    #: its backward then skips the input-gradient GEMM and returns None.
+    input_grad: bool = True
+
     def __init__(self):
         self._params: list[Parameter] = []
         self._children: list[Module] = []
+        self._child_names: list[str] = []
+        self._buffer_names: list[str] = []
         self.training = True
+        self.input_grad = True
+
+    def add_module(self, name: str, module: "Module") -> "Module":
+        """Register a child under ``name`` (its parameters are named ``name.<param>``)."""
+        if name in self._names_of_children():
+            raise ValueError(f"duplicate child name {name!r}")
+        self._children.append(module)
+        self._child_names.append(str(name))
+        return module
+
+    def _names_of_children(self) -> list[str]:
+        # children appended to _children directly are named by their index
+        names = list(getattr(self, "_child_names", []))
+        return names + [str(i) for i in range(len(names), len(self._children))]
 
     # --- math ---
     def forward(self, x):
@@ -104,7 +124,15 @@ class Module:
         return out
 
     def named_parameters(self, prefix: str = "") -> list[tuple[str, Parameter]]:
-        return [(prefix + p.name, p) for p in self.parameters()]
+        """(qualified name, Parameter) in ``parameters()`` order; children add ``"<child>."``.
+
+        Names are stable and unique within a model (checkpoints key on them), e.g.
+        ``"0.weight"``, ``"3.bias"`` inside a Sequential.
+        """
+        out = [(prefix + p.name, p) for p in self._params]
+        for cname, c in zip(self._names_of_children(), self._children):
+            out.extend(c.named_parameters(prefix + cname + "."))
+        return out
 
     def zero_grad(self) -> None:
         for p in self.parameters():
@@ -121,9 +149,13 @@ class Module:
         return self.train(False)
 
     # --- state that is not a parameter (e.g. BatchNorm running stats) ---
-    def buffers(self) -> list[tuple[str, object]]:
-        """(name, array) of non-trainable state to checkpoint, in fixed order."""
-        out = []
-        for c in self._children:
-            out.extend(c.buffers())
+    def buffers(self, prefix: str = "") -> list[tuple[str, object]]:
+        """(qualified name, array) of non-trainable state to checkpoint, in fixed order.
+
+        A module lists its own buffer attribute names in ``self._buffer_names``;
+        the arrays are updated in place, so a loader may write into them.
+        """
+        out = [(prefix + n, getattr(self, n)) for n in getattr(self, "_buffer_names", [])]
+        for cname, c in zip(self._names_of_children(), self._children):
+            out.extend(c.buffers(prefix + cname + "."))
         return out
