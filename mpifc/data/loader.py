@@ -1,0 +1,343 @@
+"""Distributed loading of an mpifc HDF5 dataset over the data-parallel ranks.
+
+One epoch is a permutation of the N samples drawn from ``(seed, epoch)``; it is cut
+into global batches of B samples, and global batch ``s`` is split over the P
+data-parallel ranks with ``balanced_counts`` (contiguous blocks, sizes differ by at
+most one). Every rank runs the same ``steps_per_epoch``:
+
+* ``drop_last=False``: ``ceil(N / B)`` steps; the last global batch has
+  ``N - (steps - 1) * B`` samples and is split the same way, so a rank may get 0 rows
+  (it still joins every collective). Every sample is seen exactly once per epoch.
+* ``drop_last=True``: ``N // B`` full steps; the remaining ``N % B`` samples of the
+  permutation are skipped this epoch (another permutation next epoch).
+
+Two ways to get a rank's rows:
+
+* ``mode="slice"``: every rank opens the shared file read-only and reads only its
+  rows of each global batch (no communication).
+* ``mode="scatter"``: only the root opens the file; it reads the whole global batch
+  and scatters (Scatterv) the stored rows, uint8 for images, so the wire carries 4x
+  less than float32.
+
+The loader is built on the data-parallel communicator (``grid.dp_comm``): its rank
+and size pick the slice, so tensor-parallel ranks of one data group, which share a
+dp rank, get the same batch. The sequence of global batches does not depend on P,
+so a run resumed from ``(epoch, step)`` on another dp size sees the same samples.
+
+Shape letters: N samples, B global batch, P dp ranks, b rows on this rank,
+C/H/W image channels/height/width, D features.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from mpifc import backend
+from mpifc.comm import balanced_counts
+from mpifc.data.format import DatasetError, Normalisation, open_dataset
+
+MODES = ("slice", "scatter")
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """Sample order of one epoch: ``default_rng([seed, epoch]).permutation(n)``.
+
+    Returns
+    -------
+    (n,) int64, a permutation of ``range(n)`` (the identity when ``shuffle`` is False)
+    """
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
+    if not shuffle:
+        return np.arange(n, dtype=np.int64)
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(n).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which samples each dp rank gets at each step: pure index logic, no I/O.
+
+    Parameters
+    ----------
+    n : samples in the split
+    batch_size : B, global batch (summed over dp ranks)
+    dp_size : P, data-parallel ranks
+    """
+
+    n: int
+    batch_size: int
+    dp_size: int
+    seed: int = 0
+    shuffle: bool = True
+    drop_last: bool = False
+
+    def __post_init__(self):
+        if self.n < 1:
+            raise ValueError(f"dataset split is empty (n={self.n})")
+        if self.batch_size < 1 or self.dp_size < 1:
+            raise ValueError(f"batch_size and dp_size must be >= 1, got {self.batch_size}, "
+                             f"{self.dp_size}")
+        if self.drop_last and self.batch_size > self.n:
+            raise ValueError(f"drop_last with batch_size {self.batch_size} > {self.n} samples "
+                             "leaves no step")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        if self.drop_last:
+            return self.n // self.batch_size
+        return -(-self.n // self.batch_size)
+
+    def _check_step(self, step: int) -> None:
+        if not 0 <= step < self.steps_per_epoch:
+            raise IndexError(f"step {step} outside [0, {self.steps_per_epoch})")
+
+    def global_size(self, step: int) -> int:
+        """Samples in global batch ``step`` (B, or fewer for the last one)."""
+        self._check_step(step)
+        return min(self.batch_size, self.n - step * self.batch_size)
+
+    def counts(self, step: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Rows per dp rank and their offsets in global batch ``step``."""
+        return balanced_counts(self.global_size(step), self.dp_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        return epoch_order(self.n, self.seed, epoch, self.shuffle)
+
+    def global_indices(self, epoch: int, step: int, order=None) -> np.ndarray:
+        """Sample indices of global batch ``step``, (global_size,) int64, in batch order."""
+        order = self.order(epoch) if order is None else order
+        start = step * self.batch_size
+        return order[start:start + self.global_size(step)]
+
+    def local_indices(self, epoch: int, step: int, dp_rank: int, order=None) -> np.ndarray:
+        """This rank's slice of global batch ``step``, (b,) int64."""
+        counts, displs = self.counts(step)
+        g = self.global_indices(epoch, step, order)
+        return g[displs[dp_rank]:displs[dp_rank] + counts[dp_rank]]
+
+
+class Batch(NamedTuple):
+    """One rank's part of a global batch.
+
+    x : (b, C, H, W) or (b, D), normalised ``dtype`` (or stored dtype) on the backend
+    y : (b,) int64 labels on the backend
+    epoch, step : position of this batch
+    global_size : samples in the whole global batch (divide summed losses by this)
+    """
+
+    x: object
+    y: object
+    epoch: int
+    step: int
+    global_size: int
+
+
+def _read_rows(ds, idx: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` (any order, no repeats) of an h5py dataset, in the order of ``idx``.
+
+    h5py fancy selection needs increasing indices: read sorted, then put back in
+    batch order. A dense selection reads the covering range in one hyperslab instead.
+    """
+    if idx.size == 0:
+        return np.empty((0,) + ds.shape[1:], dtype=ds.dtype)
+    perm = np.argsort(idx, kind="stable")
+    sidx = idx[perm]
+    lo, hi = int(sidx[0]), int(sidx[-1]) + 1
+    if hi - lo <= 2 * sidx.size:
+        rows = ds[lo:hi][sidx - lo]
+    else:
+        rows = ds[sidx]
+    out = np.empty_like(rows)
+    out[perm] = rows
+    return out
+
+
+class DistributedLoader:
+    """Iterate over one split in global batches, this dp rank getting its rows.
+
+    Parameters
+    ----------
+    path : mpifc HDF5 dataset (shared, read-only; in scatter mode only root needs it)
+    comm : data-parallel communicator (``mpifc.comm`` API: rank, size, scatter,
+        allgather_obj); pass ``grid.dp_comm``, never the world, under tensor parallelism
+    split : ``"train"``, ``"test"`` or another split in the file
+    batch_size : B, the global batch summed over dp ranks
+    seed, shuffle, drop_last : see :class:`BatchPlan`
+    mode : ``"slice"`` (each rank reads its rows) or ``"scatter"`` (root reads, Scatterv)
+    root : reading rank in scatter mode
+    dtype : float type of normalised ``x`` (float32 default, float64 on request)
+    normalise : apply the file's normalisation; False returns stored values as ``dtype``
+    xp : backend module (numpy or cupy) the batches are placed on; default numpy
+    cache : keep the split in memory on the reading rank(s) after the first read
+
+    Every rank constructs the loader (collective: a rank that cannot open the file
+    makes all ranks raise the same :class:`DatasetError`).
+    """
+
+    def __init__(self, path, comm, *, split: str = "train", batch_size: int, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = False, mode: str = "slice",
+                 root: int = 0, dtype=np.float32, normalise: bool = True, xp=None,
+                 cache: bool = False):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.comm = comm
+        self.split = split
+        self.mode = mode
+        self.root = int(root)
+        self.dtype = np.dtype(dtype)
+        self.normalise = bool(normalise)
+        self.xp = np if xp is None else xp
+        self.cache = bool(cache)
+        self._f = None
+        self._mem = None
+        reads = mode == "slice" or comm.rank == self.root
+        settings = (int(batch_size), int(seed), bool(shuffle), bool(drop_last), mode, self.root)
+        # open and validate here, then agree on the result on every rank, so a
+        # missing or bad file on one rank is an error everywhere, not a hang
+        mine = {"settings": settings, "error": None, "meta": None}
+        if reads:
+            try:
+                self._f, info = open_dataset(path)
+                s = info.split(split)
+                mine["meta"] = (s.n, s.sample_shape, s.dtype.str, info.num_classes,
+                                info.normalisation.kind, info.normalisation.mean.tolist(),
+                                info.normalisation.std.tolist())
+            except (DatasetError, OSError) as e:
+                mine["error"] = str(e)
+        everyone = comm.allgather_obj(mine)
+        errors = [f"rank {r}: {d['error']}" for r, d in enumerate(everyone) if d["error"]]
+        if errors:
+            self.close()
+            raise DatasetError("cannot load dataset on every rank: " + "; ".join(errors))
+        if len({d["settings"] for d in everyone}) != 1:
+            self.close()
+            raise ValueError("loader settings (batch_size, seed, shuffle, drop_last, mode, root) "
+                             f"differ between ranks: {[d['settings'] for d in everyone]}")
+        metas = [d["meta"] for d in everyone if d["meta"] is not None]
+        if any(m != metas[0] for m in metas):
+            self.close()
+            raise DatasetError(f"ranks see different files at {path!r}: {metas}")
+        n, sample_shape, sdtype, self.num_classes, kind, mean, std = metas[0]
+        self.sample_shape = tuple(sample_shape)
+        self.stored_dtype = np.dtype(sdtype)
+        self.normalisation = Normalisation(kind, np.asarray(mean), np.asarray(std))
+        self.plan = BatchPlan(n, int(batch_size), comm.size, int(seed), bool(shuffle),
+                              bool(drop_last))
+        self._epoch, self._step = 0, 0
+        self._order_epoch, self._order = None, None
+
+    # ------------------------------------------------------------------ position
+    @property
+    def n(self) -> int:
+        return self.plan.n
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.plan.steps_per_epoch
+
+    def __len__(self) -> int:
+        return self.plan.steps_per_epoch
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """(epoch, step) of the next batch ``__iter__`` yields."""
+        return self._epoch, self._step
+
+    def set_position(self, epoch: int, step: int = 0) -> None:
+        """Continue from global batch ``step`` of ``epoch`` (e.g. after a checkpoint)."""
+        if epoch < 0 or not 0 <= step <= self.steps_per_epoch:
+            raise ValueError(f"position ({epoch}, {step}) outside epoch >= 0, step in "
+                             f"[0, {self.steps_per_epoch}]")
+        if step == self.steps_per_epoch:
+            epoch, step = epoch + 1, 0
+        self._epoch, self._step = int(epoch), int(step)
+
+    def state_dict(self) -> dict:
+        """Data position plus what makes it meaningful; store it in a checkpoint.
+
+        The dp size is not part of it: the same global batches follow on any P."""
+        p = self.plan
+        return {"epoch": self._epoch, "step": self._step, "n": p.n, "batch_size": p.batch_size,
+                "seed": p.seed, "shuffle": p.shuffle, "drop_last": p.drop_last,
+                "split": self.split}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at ``state``'s position; raise if it came from another data stream."""
+        p = self.plan
+        mine = {"n": p.n, "batch_size": p.batch_size, "seed": p.seed, "shuffle": p.shuffle,
+                "drop_last": p.drop_last, "split": self.split}
+        diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if diff:
+            raise ValueError(f"data position was saved for another stream (saved, now): {diff}")
+        self.set_position(int(state["epoch"]), int(state["step"]))
+
+    # ------------------------------------------------------------------ batches
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            self._order, self._order_epoch = self.plan.order(epoch), epoch
+        return self._order
+
+    def _read(self, idx: np.ndarray):
+        g = self._f[self.split]
+        if self.cache:
+            if self._mem is None:
+                self._mem = (g["x"][...], g["y"][...])
+            return self._mem[0][idx], self._mem[1][idx]
+        return _read_rows(g["x"], idx), _read_rows(g["y"], idx)
+
+    def get_batch(self, epoch: int, step: int) -> Batch:
+        """This rank's rows of global batch ``step`` of ``epoch``.
+
+        Collective in scatter mode: every dp rank calls it with the same arguments.
+        Does not move :attr:`position`.
+        """
+        plan = self.plan
+        order = self._epoch_order(epoch)
+        counts, displs = plan.counts(step)
+        me = self.comm.rank
+        if self.mode == "slice":
+            x, y = self._read(plan.local_indices(epoch, step, me, order))
+        else:
+            xs = ys = None
+            if me == self.root:
+                # rows in batch order: rank r's block starts at displs[r]
+                xs, ys = self._read(plan.global_indices(epoch, step, order))
+            x = np.empty((counts[me],) + self.sample_shape, dtype=self.stored_dtype)
+            y = np.empty((counts[me],), dtype=np.int64)
+            self.comm.scatter(xs, x, counts=list(counts), root=self.root)
+            self.comm.scatter(ys, y, counts=list(counts), root=self.root)
+        # move the stored (small, often uint8) rows first, then normalise on the backend
+        x = backend.to_device(x, self.xp)
+        if self.normalise:
+            x = self.normalisation.apply(x, self.dtype, self.xp)
+        else:
+            x = x.astype(self.dtype)
+        return Batch(x, backend.to_device(y, self.xp), epoch, step, plan.global_size(step))
+
+    def __iter__(self):
+        """Yield the rest of the current epoch from :attr:`position`, advancing it.
+
+        The position is moved before each batch is handed out, so a checkpoint taken
+        while processing it records the next batch; after the last batch it is
+        ``(epoch + 1, 0)``.
+        """
+        epoch = self._epoch
+        for step in range(self._step, self.steps_per_epoch):
+            batch = self.get_batch(epoch, step)
+            self.set_position(epoch, step + 1)
+            yield batch
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        self._mem = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
