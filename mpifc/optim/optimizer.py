@@ -1,0 +1,85 @@
+"""Optimizer base: a fixed list of parameters and per-parameter state slots.
+
+Optimizers update ``Parameter.data`` in place from ``Parameter.grad`` and work on
+whatever each rank holds (a replicated tensor or a local shard): the update rules
+are elementwise, so sharded == serial without communication. The math uses the
+backend of each parameter's data (NumPy or CuPy).
+"""
+from __future__ import annotations
+
+from mpifc.backend import get_array_module
+from mpifc.nn.module import Parameter
+
+
+class Optimizer:
+    """Base class.
+
+    Parameters
+    ----------
+    params : list of Parameter, or of (name, Parameter) as from ``named_parameters()``
+    lr : learning rate (schedules change ``self.lr``)
+    """
+
+    slots: tuple[str, ...] = ()
+
+    def __init__(self, params, lr):
+        params = list(params)
+        if not params:
+            raise ValueError("optimizer got an empty parameter list")
+        if isinstance(params[0], tuple):
+            self.names = [n for n, _ in params]
+            params = [p for _, p in params]
+        else:
+            self.names = [p.name or str(i) for i, p in enumerate(params)]
+        for p in params:
+            if not isinstance(p, Parameter):
+                raise TypeError(f"expected Parameter, got {type(p).__name__}")
+        if lr < 0:
+            raise ValueError(f"learning rate must be >= 0, got {lr}")
+        self.params: list[Parameter] = params
+        self.lr = float(lr)
+        self.base_lr = float(lr)
+        self.step_count = 0
+        # state[slot][i] is the array for parameter i (created lazily, like its grad)
+        self.state: dict[str, list] = {s: [None] * len(params) for s in self.slots}
+
+    def _slot(self, name, i):
+        buf = self.state[name][i]
+        if buf is None:
+            p = self.params[i]
+            buf = self.state[name][i] = get_array_module(p.data).zeros_like(p.data)
+        return buf
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.zero_grad()
+
+    def step(self) -> None:
+        self.step_count += 1
+        for i, p in enumerate(self.params):
+            self._update(i, p)
+
+    def _update(self, i, p):
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """{"lr", "step", "slots": {"<param name>/<slot>": array}} for checkpoints."""
+        slots = {}
+        for s in self.slots:
+            for name, buf in zip(self.names, self.state[s]):
+                if buf is not None:
+                    slots[f"{name}/{s}"] = buf
+        return {"lr": self.lr, "step": self.step_count, "slots": slots}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.lr = float(sd["lr"])
+        self.step_count = int(sd["step"])
+        for s in self.slots:
+            for i, name in enumerate(self.names):
+                key = f"{name}/{s}"
+                if key in sd["slots"]:
+                    buf = self._slot(s, i)
+                    src = sd["slots"][key]
+                    if tuple(src.shape) != tuple(buf.shape):
+                        raise ValueError(f"optimizer state {key}: shape {src.shape} != {buf.shape}")
+                    buf[...] = get_array_module(buf).asarray(src)

@@ -1,0 +1,90 @@
+"""How many BLAS threads a rank should use, and applying it at run time.
+
+Rule: a rank uses the cores it owns, ``cores_on_node // ranks_on_node`` (at least
+1), so ranks sharing a node never oversubscribe it: one rank alone gets every
+core, two ranks on two cores get one each. A user's ``OMP_NUM_THREADS`` wins.
+
+No MPI here: the caller passes ``ranks_on_node`` (the size of an MPI shared-memory
+split of COMM_WORLD, or :func:`local_ranks_from_env`). The limit is applied with
+threadpoolctl, which works after NumPy has loaded its BLAS.
+"""
+from __future__ import annotations
+
+import os
+
+# launcher variables holding the number of ranks on this node
+_LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE",   # Open MPI
+                    "MPI_LOCALNRANKS",              # MPICH / Hydra
+                    "MV2_COMM_WORLD_LOCAL_SIZE",    # MVAPICH2
+                    "PMI_LOCAL_SIZE")
+
+
+def cores_available() -> int:
+    """Cores this process may run on (its affinity set, e.g. a cgroup or batch allocation)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+def omp_num_threads(env=None) -> int | None:
+    """The user's OMP_NUM_THREADS as an int (first entry of a nested list), or None if unset."""
+    env = os.environ if env is None else env
+    raw = env.get("OMP_NUM_THREADS", "").strip()
+    if not raw:
+        return None
+    first = raw.split(",")[0].strip()
+    try:
+        n = int(first)
+    except ValueError:
+        raise ValueError(f"OMP_NUM_THREADS={raw!r} is not a positive integer") from None
+    if n < 1:
+        raise ValueError(f"OMP_NUM_THREADS={raw!r} is not a positive integer")
+    return n
+
+
+def local_ranks_from_env(env=None) -> int | None:
+    """Ranks on this node as announced by the launcher, or None if no known variable is set."""
+    env = os.environ if env is None else env
+    for var in _LOCAL_SIZE_VARS:
+        v = env.get(var)
+        if v and v.strip().isdigit() and int(v) > 0:
+            return int(v)
+    return None
+
+
+def blas_threads(ranks_on_node: int, cores_on_node: int | None = None, env=None) -> int:
+    """Threads for this rank: OMP_NUM_THREADS if set, else max(1, cores_on_node // ranks_on_node).
+
+    Parameters
+    ----------
+    ranks_on_node : MPI ranks sharing this node (>= 1)
+    cores_on_node : cores of the node available to the job; default :func:`cores_available`.
+        If the launcher already binds each rank to its own cores, pass the cores of
+        this rank and ranks_on_node=1.
+    env : mapping to read OMP_NUM_THREADS from (default os.environ)
+    """
+    if int(ranks_on_node) < 1:
+        raise ValueError(f"ranks_on_node must be >= 1, got {ranks_on_node}")
+    user = omp_num_threads(env)
+    if user is not None:
+        return user
+    cores = cores_available() if cores_on_node is None else int(cores_on_node)
+    return max(1, cores // int(ranks_on_node))
+
+
+def apply_blas_threads(ranks_on_node: int, cores_on_node: int | None = None, env=None) -> int:
+    """Decide with :func:`blas_threads` and set the BLAS/OpenMP pools of this process; return n."""
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415 - only when applying
+
+    n = blas_threads(ranks_on_node, cores_on_node, env)
+    threadpool_limits(limits=n)
+    return n
+
+
+def current_blas_threads() -> int:
+    """Threads the loaded BLAS libraries use now (the maximum over them; 1 if none)."""
+    from threadpoolctl import threadpool_info  # noqa: PLC0415
+
+    nums = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
+    return max(nums) if nums else 1
