@@ -1,0 +1,467 @@
+"""Cluster description: links, compute rates, algorithm thresholds, measured tables.
+
+A :class:`Cluster` is everything the simulator knows about a machine. It is read from
+and written to TOML (see ``docs/simulator.md`` for the schema), built from a hostfile
+plus a network preset (:func:`from_hostfile`), or measured by ``mpifc calibrate``.
+
+Symbols used throughout ``mpifc.sim``: n bytes, p ranks in a group,
+alpha(n) latency in s, beta(n) = 1 / bandwidth(n) in s/byte, gamma = 1 / reduction
+rate in s/byte.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+try:  # Python >= 3.11
+    import tomllib as _toml
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10 needs the tomli backport
+    try:
+        import tomli as _toml
+    except ModuleNotFoundError:
+        _toml = None
+
+
+# --------------------------------------------------------------------------------------
+# links
+# --------------------------------------------------------------------------------------
+@dataclass
+class LinkModel:
+    """Point-to-point cost of one message, piecewise by message size.
+
+    ``points`` are breakpoints ``(bytes, latency_s, bandwidth_Bps)``, sorted by size.
+    Between breakpoints latency and bandwidth are interpolated linearly in log(bytes);
+    outside the range the nearest breakpoint holds. The time of one n-byte message is
+    ``alpha(n) + n * beta(n)`` with ``alpha = latency`` and ``beta = 1 / bandwidth``.
+    """
+
+    points: list[tuple[float, float, float]]
+
+    def __post_init__(self):
+        if not self.points:
+            raise ValueError("LinkModel needs at least one (bytes, latency_s, bandwidth_Bps) point")
+        pts = sorted((float(b), float(l), float(bw)) for b, l, bw in self.points)
+        for b, l, bw in pts:
+            if b < 0 or l < 0 or not bw > 0:
+                raise ValueError(f"bad link point ({b}, {l}, {bw}): need bytes >= 0, "
+                                 "latency >= 0, bandwidth > 0")
+        sizes = [b for b, _, _ in pts]
+        if len(set(sizes)) != len(sizes):
+            raise ValueError(f"duplicate message sizes in link points {sizes}")
+        self.points = pts
+        # log2(bytes + 1) keeps size 0 usable as a breakpoint
+        self._x = np.log2(np.array(sizes) + 1.0)
+        self._lat = np.array([l for _, l, _ in pts])
+        self._bw = np.array([bw for _, _, bw in pts])
+
+    @classmethod
+    def constant(cls, latency_s: float, bandwidth_Bps: float) -> "LinkModel":
+        """A link with one alpha and one beta for every message size."""
+        return cls([(0, latency_s, bandwidth_Bps)])
+
+    def alpha(self, n: float) -> float:
+        """Latency in seconds of an n-byte message."""
+        if len(self.points) == 1:
+            return float(self._lat[0])
+        return float(np.interp(math.log2(max(n, 0.0) + 1.0), self._x, self._lat))
+
+    def beta(self, n: float) -> float:
+        """Seconds per byte of an n-byte message (1 / bandwidth)."""
+        if len(self.points) == 1:
+            return 1.0 / float(self._bw[0])
+        return 1.0 / float(np.interp(math.log2(max(n, 0.0) + 1.0), self._x, self._bw))
+
+    def time(self, n: float) -> float:
+        """alpha(n) + n * beta(n): one n-byte message, sender to receiver."""
+        return self.alpha(n) + n * self.beta(n)
+
+    @classmethod
+    def from_pingpong(cls, sizes, seconds) -> "LinkModel":
+        """Breakpoints that reproduce measured one-way times t(n).
+
+        alpha is the time of the smallest message (pure latency); at each larger size
+        the effective bandwidth is ``n / (t(n) - alpha)``, so ``time(n) == t(n)`` at every
+        measured size where t(n) > alpha. Where noise makes t(n) <= alpha (tiny
+        messages) the largest effective bandwidth measured is used, which costs at most
+        n / bandwidth more than measured: nanoseconds at those sizes.
+        """
+        sizes = [float(s) for s in sizes]
+        seconds = [float(t) for t in seconds]
+        if len(sizes) != len(seconds) or not sizes:
+            raise ValueError("from_pingpong needs equal, non-empty lists of sizes and times")
+        order = sorted(range(len(sizes)), key=sizes.__getitem__)
+        sizes = [sizes[i] for i in order]
+        seconds = [seconds[i] for i in order]
+        alpha = seconds[0]
+        bws = [n / (t - alpha) if t > alpha and n > 0 else None for n, t in zip(sizes, seconds)]
+        known = [b for b in bws if b is not None]
+        fallback = max(known) if known else 1e12
+        return cls([(n, alpha, b if b is not None else fallback) for n, b in zip(sizes, bws)])
+
+
+# --------------------------------------------------------------------------------------
+# compute rates, thresholds, measured tables
+# --------------------------------------------------------------------------------------
+@dataclass
+class ComputeRates:
+    """Sustained compute rates of one rank.
+
+    gemm_gflops / conv_gflops: GFLOP/s of matrix products and convolutions;
+    elementwise_gbps: GB/s of memory-bound element-wise kernels (bytes read + written).
+    """
+
+    gemm_gflops: float = 10.0
+    conv_gflops: float = 5.0
+    elementwise_gbps: float = 5.0
+
+    def seconds(self, op_kind: str, flops: float = 0.0, nbytes: float = 0.0) -> float:
+        """Time of one compute phase: flops / rate, or bytes / rate for element-wise."""
+        if op_kind == "gemm":
+            return flops / (self.gemm_gflops * 1e9)
+        if op_kind == "conv":
+            return flops / (self.conv_gflops * 1e9)
+        if op_kind == "elementwise":
+            return nbytes / (self.elementwise_gbps * 1e9)
+        raise ValueError(f"unknown compute op_kind {op_kind!r}; expected gemm, conv or elementwise")
+
+
+@dataclass
+class Thresholds:
+    """Collective algorithm switch points, in bytes (and ranks for bcast_min_procs).
+
+    Each default mirrors the MPICH control variable named in the comment (values as
+    documented in MPICH's generated ``mpich_cvars.c``, MPICH 3.x "default" selection,
+    which MPICH 4 keeps as its fallback). ``algorithms`` forces an algorithm per op,
+    e.g. ``{"allreduce": "ring"}``; ``hierarchical`` mirrors
+    MPIR_CVAR_ENABLE_SMP_COLLECTIVES (node-aware collectives when ranks span nodes).
+    """
+
+    allreduce_short_msg_size: int = 2048       # MPIR_CVAR_ALLREDUCE_SHORT_MSG_SIZE
+    reduce_short_msg_size: int = 2048          # MPIR_CVAR_REDUCE_SHORT_MSG_SIZE
+    bcast_short_msg_size: int = 12288          # MPIR_CVAR_BCAST_SHORT_MSG_SIZE
+    bcast_long_msg_size: int = 524288          # MPIR_CVAR_BCAST_LONG_MSG_SIZE
+    bcast_min_procs: int = 8                   # MPIR_CVAR_BCAST_MIN_PROCS
+    allgather_short_msg_size: int = 81920      # MPIR_CVAR_ALLGATHER_SHORT_MSG_SIZE
+    allgather_long_msg_size: int = 524288      # MPIR_CVAR_ALLGATHER_LONG_MSG_SIZE
+    redscat_commutative_long_msg_size: int = 524288  # MPIR_CVAR_REDSCAT_COMMUTATIVE_LONG_MSG_SIZE
+    alltoall_short_msg_size: int = 256         # MPIR_CVAR_ALLTOALL_SHORT_MSG_SIZE
+    alltoall_medium_msg_size: int = 32768      # MPIR_CVAR_ALLTOALL_MEDIUM_MSG_SIZE
+    alltoall_bruck_min_procs: int = 8          # the "comm_size >= 8" test in MPIR_Alltoall
+    hierarchical: bool = True                  # MPIR_CVAR_ENABLE_SMP_COLLECTIVES
+    algorithms: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class MeasuredTable:
+    """Measured times of one collective at one group size: seconds(bytes).
+
+    ``nodes`` is how many nodes the measured group spanned (1: all ranks on one node).
+    Interpolation is linear in log(bytes)-log(seconds), only inside the measured range.
+    """
+
+    op: str
+    group_size: int
+    nodes: int
+    bytes: list[float]
+    seconds: list[float]
+
+    def __post_init__(self):
+        if len(self.bytes) != len(self.seconds) or len(self.bytes) < 1:
+            raise ValueError(f"measured table {self.op}/p={self.group_size}: need equal, non-empty "
+                             "bytes and seconds lists")
+        order = np.argsort(self.bytes)
+        b = np.asarray(self.bytes, dtype=float)[order]
+        s = np.asarray(self.seconds, dtype=float)[order]
+        if np.any(b <= 0) or np.any(s <= 0):
+            raise ValueError(f"measured table {self.op}/p={self.group_size}: sizes and times "
+                             "must be positive")
+        self.bytes = b.tolist()
+        self.seconds = s.tolist()
+        self._lb = np.log(b)
+        self._ls = np.log(s)
+
+    def covers(self, nbytes: float) -> bool:
+        return self.bytes[0] <= nbytes <= self.bytes[-1]
+
+    def __call__(self, nbytes: float) -> float:
+        """Interpolated time; raises outside the measured range (caller falls back)."""
+        if not self.covers(nbytes):
+            raise ValueError(f"{nbytes} B is outside the measured range "
+                             f"[{self.bytes[0]}, {self.bytes[-1]}] of {self.op}/p={self.group_size}")
+        return float(np.exp(np.interp(math.log(nbytes), self._lb, self._ls)))
+
+
+# --------------------------------------------------------------------------------------
+# the cluster
+# --------------------------------------------------------------------------------------
+@dataclass
+class Cluster:
+    """A machine: nodes x ranks_per_node ranks, two link models, rates, thresholds.
+
+    Ranks are placed block-wise: world rank r lives on node ``r // ranks_per_node``.
+    ``reduction_Bps`` is the rate of a local element-wise sum (bytes of one operand
+    per second), so gamma = 1 / reduction_Bps. ``memory_per_rank_bytes`` (optional) is
+    the default memory cap for the layout planner.
+    """
+
+    name: str
+    nodes: int
+    ranks_per_node: int
+    intra: LinkModel
+    inter: LinkModel
+    reduction_Bps: float
+    compute: ComputeRates = field(default_factory=ComputeRates)
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    measured: list[MeasuredTable] = field(default_factory=list)
+    memory_per_rank_bytes: float | None = None
+    hosts: list[tuple[str, int]] = field(default_factory=list)
+    source: str = ""
+    notes: str = ""
+
+    def __post_init__(self):
+        if self.nodes < 1 or self.ranks_per_node < 1:
+            raise ValueError(f"cluster {self.name!r}: nodes and ranks_per_node must be >= 1 "
+                             f"(got {self.nodes}, {self.ranks_per_node})")
+        if not self.reduction_Bps > 0:
+            raise ValueError(f"cluster {self.name!r}: reduction_Bps must be > 0")
+
+    @property
+    def size(self) -> int:
+        """Ranks the described machine holds (the simulator may extrapolate beyond)."""
+        return self.nodes * self.ranks_per_node
+
+    @property
+    def gamma(self) -> float:
+        """Seconds per byte of a local sum."""
+        return 1.0 / self.reduction_Bps
+
+    def lookup_measured(self, op: str, group_size: int, nodes: int) -> MeasuredTable | None:
+        for t in self.measured:
+            if t.op == op and t.group_size == group_size and t.nodes == nodes:
+                return t
+        return None
+
+    # ---- TOML -----------------------------------------------------------------------
+    def to_toml(self) -> str:
+        """The cluster as TOML text; :func:`loads` reads it back unchanged."""
+        out = [f"# mpifc cluster description ({self.source or 'hand written'})"]
+        if self.notes:
+            out += ["# " + line for line in self.notes.splitlines()]
+        out += [f"name = {_tq(self.name)}", f"source = {_tq(self.source)}",
+                f"notes = {_tq(self.notes)}",
+                f"nodes = {self.nodes}", f"ranks_per_node = {self.ranks_per_node}",
+                f"reduction_Bps = {_tf(self.reduction_Bps)}"]
+        if self.memory_per_rank_bytes is not None:
+            out.append(f"memory_per_rank_bytes = {_tf(self.memory_per_rank_bytes)}")
+        for key, link in (("intra", self.intra), ("inter", self.inter)):
+            out += ["", f"[{key}]", "# (bytes, latency_s, bandwidth_Bps) breakpoints", "points = ["]
+            out += [f"  [{_tf(b)}, {_tf(l)}, {_tf(bw)}]," for b, l, bw in link.points]
+            out.append("]")
+        out += ["", "[compute]"]
+        out += [f"{f.name} = {_tf(getattr(self.compute, f.name))}" for f in fields(ComputeRates)]
+        out += ["", "[thresholds]"]
+        for f in fields(Thresholds):
+            if f.name == "algorithms":
+                continue
+            v = getattr(self.thresholds, f.name)
+            out.append(f"{f.name} = {'true' if v is True else 'false' if v is False else v}")
+        if self.thresholds.algorithms:
+            out += ["", "[thresholds.algorithms]"]
+            out += [f"{k} = {_tq(v)}" for k, v in sorted(self.thresholds.algorithms.items())]
+        for h, slots in self.hosts:
+            out += ["", "[[hosts]]", f"name = {_tq(h)}", f"slots = {slots}"]
+        for t in self.measured:
+            out += ["", "[[measured]]", f"op = {_tq(t.op)}", f"group_size = {t.group_size}",
+                    f"nodes = {t.nodes}",
+                    "bytes = [" + ", ".join(_tf(b) for b in t.bytes) + "]",
+                    "seconds = [" + ", ".join(_tf(s) for s in t.seconds) + "]"]
+        return "\n".join(out) + "\n"
+
+    def save(self, path) -> None:
+        """Write the TOML file (via a temporary file, so a crash leaves no half file)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(self.to_toml())
+        tmp.replace(path)
+
+
+def _tf(x: float) -> str:
+    """A TOML number: integers stay integers, floats use repr (valid TOML, round-trips)."""
+    if isinstance(x, bool):
+        raise TypeError("bool is not a number here")
+    if isinstance(x, int):
+        return str(x)
+    x = float(x)
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if math.isnan(x):
+        return "nan"
+    return repr(x)
+
+
+def _tq(s: str) -> str:
+    """A TOML basic string (JSON string escapes are a subset TOML accepts)."""
+    return json.dumps(str(s), ensure_ascii=True)
+
+
+_TOP_KEYS = {"name", "source", "notes", "nodes", "ranks_per_node", "reduction_Bps",
+             "memory_per_rank_bytes", "intra", "inter", "compute", "thresholds", "hosts",
+             "measured"}
+
+
+def loads(text: str, *, where: str = "<string>") -> Cluster:
+    """Parse cluster TOML text. Unknown keys are errors (they are usually typos)."""
+    if _toml is None:  # pragma: no cover
+        raise RuntimeError("reading TOML needs Python >= 3.11 (tomllib) or the tomli package")
+    try:
+        d = _toml.loads(text)
+    except _toml.TOMLDecodeError as e:
+        raise ValueError(f"{where}: not valid TOML: {e}") from None
+    unknown = set(d) - _TOP_KEYS
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(_TOP_KEYS)}")
+    try:
+        thr = dict(d.get("thresholds", {}))
+        algos = thr.pop("algorithms", {})
+        bad = set(thr) - {f.name for f in fields(Thresholds)}
+        if bad:
+            raise ValueError(f"unknown [thresholds] keys {sorted(bad)}")
+        comp = d.get("compute", {})
+        bad = set(comp) - {f.name for f in fields(ComputeRates)}
+        if bad:
+            raise ValueError(f"unknown [compute] keys {sorted(bad)}")
+        return Cluster(
+            name=d.get("name", Path(where).stem),
+            nodes=int(d["nodes"]),
+            ranks_per_node=int(d["ranks_per_node"]),
+            intra=LinkModel([tuple(p) for p in d["intra"]["points"]]),
+            inter=LinkModel([tuple(p) for p in d["inter"]["points"]]),
+            reduction_Bps=float(d["reduction_Bps"]),
+            compute=ComputeRates(**{k: float(v) for k, v in comp.items()}),
+            thresholds=Thresholds(**thr, algorithms=dict(algos)),
+            measured=[MeasuredTable(op=m["op"], group_size=int(m["group_size"]),
+                                    nodes=int(m.get("nodes", 1)), bytes=list(m["bytes"]),
+                                    seconds=list(m["seconds"])) for m in d.get("measured", [])],
+            memory_per_rank_bytes=(float(d["memory_per_rank_bytes"])
+                                   if "memory_per_rank_bytes" in d else None),
+            hosts=[(h["name"], int(h["slots"])) for h in d.get("hosts", [])],
+            source=d.get("source", ""),
+            notes=d.get("notes", ""),
+        )
+    except KeyError as e:
+        raise ValueError(f"{where}: missing key {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def load(path) -> Cluster:
+    """Read a cluster TOML file."""
+    path = Path(path)
+    return loads(path.read_text(), where=str(path))
+
+
+# --------------------------------------------------------------------------------------
+# presets and hostfiles
+# --------------------------------------------------------------------------------------
+def preset_names() -> list[str]:
+    """Names of the network presets shipped in mpifc/sim/presets/."""
+    files = resources.files("mpifc.sim").joinpath("presets").iterdir()
+    return sorted(f.name[:-5] for f in files if f.name.endswith(".toml"))
+
+
+def preset(name: str) -> Cluster:
+    """A shipped preset by name (textbook figures, not measurements: see each file)."""
+    f = resources.files("mpifc.sim").joinpath("presets", f"{name}.toml")
+    if not f.is_file():
+        raise ValueError(f"no network preset {name!r}; available: {', '.join(preset_names())}")
+    return loads(f.read_text(), where=f"preset {name}")
+
+
+_MPICH_LINE = re.compile(r"^(?P<host>[^\s:#]+)(?::(?P<n>[^\s#]*))?$")
+_OMPI_SLOTS = re.compile(r"^(?:slots|max[-_]slots)=(?P<n>\S*)$")
+
+
+def parse_hostfile(text: str, *, where: str = "<hostfile>") -> list[tuple[str, int]]:
+    """Hosts and slot counts from an MPICH or Open MPI hostfile.
+
+    MPICH (Hydra): ``host`` or ``host:n``. Open MPI: ``host``, ``host slots=n``,
+    ``host slots=n max_slots=m`` (slots wins). ``#`` starts a comment; blank lines are
+    skipped; a host listed twice adds up its slots. Raises ValueError naming the line
+    for anything else.
+    """
+    hosts: dict[str, int] = {}
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        toks = line.split()
+        host, n = None, None
+        if len(toks) == 1:
+            m = _MPICH_LINE.match(toks[0])
+            if m:
+                host, n = m["host"], m["n"]
+                if n is not None and n == "":
+                    raise ValueError(f"{where}:{lineno}: {raw.strip()!r}: empty count after ':'")
+        else:
+            if ":" not in toks[0]:
+                host = toks[0]
+                slots, max_slots = None, None
+                for tok in toks[1:]:
+                    m = _OMPI_SLOTS.match(tok)
+                    if not m:
+                        raise ValueError(f"{where}:{lineno}: {raw.strip()!r}: expected 'slots=N' "
+                                         f"after the host name, got {tok!r}")
+                    if tok.startswith("slots"):
+                        slots = m["n"]
+                    else:
+                        max_slots = m["n"]
+                n = slots if slots is not None else max_slots
+        if host is None:
+            raise ValueError(f"{where}:{lineno}: {raw.strip()!r} is neither 'host:n' (MPICH) "
+                             "nor 'host slots=n' (Open MPI)")
+        if n is None:
+            count = 1
+        else:
+            if not re.fullmatch(r"[0-9]+", n) or int(n) < 1:
+                raise ValueError(f"{where}:{lineno}: {raw.strip()!r}: slot count {n!r} is not "
+                                 "a positive integer")
+            count = int(n)
+        hosts[host] = hosts.get(host, 0) + count
+    if not hosts:
+        raise ValueError(f"{where}: no hosts (only comments or blank lines)")
+    return list(hosts.items())
+
+
+def from_hostfile(path_or_text, network: str | Cluster, *, ranks_per_node: int | None = None,
+                  name: str | None = None) -> Cluster:
+    """A cluster: the hosts of a hostfile with the links and rates of a network preset.
+
+    ``network`` is a preset name or a Cluster whose links, rates and thresholds are
+    used. Nodes are the distinct hosts; ranks per node is the largest slot count
+    (override with ``ranks_per_node``). The model places ranks block-wise on nodes;
+    unequal slot counts are kept in ``hosts`` and noted.
+    """
+    if isinstance(path_or_text, str) and "\n" in path_or_text:
+        hosts, hname = parse_hostfile(path_or_text), "<hostfile>"
+    else:
+        p = Path(path_or_text)
+        if not p.is_file():
+            raise ValueError(f"hostfile {p} does not exist")
+        hosts, hname = parse_hostfile(p.read_text(), where=str(p)), p.name
+    base = preset(network) if isinstance(network, str) else network
+    rpn = ranks_per_node or max(s for _, s in hosts)
+    notes = base.notes
+    if len({s for _, s in hosts}) > 1:
+        notes += (f"\nhostfile slot counts differ ({', '.join(f'{h}:{s}' for h, s in hosts)}); "
+                  f"modelled as {len(hosts)} nodes x {rpn} ranks")
+    return Cluster(name=name or f"{hname}+{base.name}", nodes=len(hosts), ranks_per_node=rpn,
+                   intra=base.intra, inter=base.inter, reduction_Bps=base.reduction_Bps,
+                   compute=base.compute, thresholds=base.thresholds, measured=[],
+                   memory_per_rank_bytes=base.memory_per_rank_bytes, hosts=hosts,
+                   source=f"hostfile {hname} + network {base.name}", notes=notes.strip())
