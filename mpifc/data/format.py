@@ -116,17 +116,21 @@ class Normalisation:
     @classmethod
     def from_attrs(cls, attrs, where: str) -> "Normalisation":
         kind = _as_str(attrs.get("normalisation", "none"))
+        need = {"none": (), "mean_std": ("norm_mean", "norm_std"), "scale": ("norm_scale",)}
+        if kind not in need:
+            raise DatasetError(f"{where}: unknown normalisation {kind!r}; expected 'mean_std', "
+                               "'scale' or 'none'")
+        for k in need[kind]:
+            if k not in attrs:
+                raise DatasetError(f"{where}: normalisation {kind!r} lacks attribute {k!r}")
         try:
-            if kind == "none":
-                return cls()
             if kind == "mean_std":
                 return cls.mean_std(attrs["norm_mean"], attrs["norm_std"])
             if kind == "scale":
                 return cls.scale(float(attrs["norm_scale"]), float(attrs.get("norm_offset", 0.0)))
-        except KeyError as e:
-            raise DatasetError(f"{where}: normalisation {kind!r} lacks attribute {e.args[0]!r}") from None
-        raise DatasetError(f"{where}: unknown normalisation {kind!r}; expected 'mean_std', "
-                           "'scale' or 'none'")
+            return cls()
+        except DatasetError as e:
+            raise DatasetError(f"{where}: {e}") from None
 
 
 class RunningStats:
@@ -222,6 +226,9 @@ class DatasetWriter:
         if len(sample_shape) not in (1, 3):
             raise DatasetError(f"split {name!r}: samples must be (C, H, W) images or (D,) "
                                f"features, got shape {sample_shape}")
+        if dtype == np.uint8 and len(sample_shape) != 3:
+            raise DatasetError(f"split {name!r}: uint8 is for (C, H, W) images; store (D,) "
+                               "features as float32")
         if n < 1 or min(sample_shape) < 1:
             raise DatasetError(f"split {name!r}: needs at least one sample of nonzero size, "
                                f"got n={n}, sample shape {sample_shape}")
