@@ -1,0 +1,135 @@
+"""Cluster description: links, TOML round trip, presets, hostfiles, measured tables."""
+import math
+
+import pytest
+
+from mpifc.sim.cluster import (Cluster, ComputeRates, LinkModel, MeasuredTable, Thresholds,
+                               from_hostfile, load, loads, parse_hostfile, preset,
+                               preset_names)
+
+
+def _cluster():
+    return Cluster(
+        name="test \"quoted\" name", nodes=3, ranks_per_node=4,
+        intra=LinkModel([(0, 4e-7, 1e9), (65536, 1.5e-6, 6.5e9)]),
+        inter=LinkModel([(8, 1.25e-6, 2e9), (4194304, 5e-6, 11.5e9)]),
+        reduction_Bps=3.3e9,
+        compute=ComputeRates(gemm_gflops=12.5, conv_gflops=7.0, elementwise_gbps=2.25),
+        thresholds=Thresholds(allreduce_short_msg_size=4096, hierarchical=False,
+                              algorithms={"allreduce": "ring"}),
+        measured=[MeasuredTable("allreduce", 2, 1, [8, 1024, 65536], [1e-5, 2e-5, 1e-3]),
+                  MeasuredTable("bcast", 4, 2, [8.0, 64.0], [3e-6, 4e-6])],
+        memory_per_rank_bytes=2.5e9, hosts=[("n1", 4), ("n2", 4), ("n3", 2)],
+        source="unit test", notes="two lines\nwith a \\ backslash")
+
+
+def test_toml_round_trip(tmp_path):
+    c = _cluster()
+    assert loads(c.to_toml()) == c
+    path = tmp_path / "c.toml"
+    c.save(path)
+    assert load(path) == c
+    assert not (tmp_path / "c.toml.tmp").exists()
+
+
+def test_toml_errors():
+    text = _cluster().to_toml()
+    with pytest.raises(ValueError, match="unknown keys"):
+        loads("bogus = 1\n" + text)
+    with pytest.raises(ValueError, match="missing key 'nodes'"):
+        loads("\n".join(l for l in text.splitlines() if not l.startswith("nodes =")))
+    with pytest.raises(ValueError, match="not valid TOML"):
+        loads("nodes = = 3")
+    with pytest.raises(ValueError, match=r"unknown \[thresholds\] keys"):
+        loads(text.replace("[thresholds]", "[thresholds]\nallreduce_shrot_msg_size = 3"))
+
+
+def test_presets_load_and_round_trip():
+    names = preset_names()
+    assert {"shm-node", "ib-hdr100", "eth25", "ib-ndr400"} <= set(names)
+    for n in names:
+        c = preset(n)
+        assert "not measurements" in c.notes
+        assert loads(c.to_toml()) == c
+    with pytest.raises(ValueError, match="no network preset"):
+        preset("token-ring")
+
+
+def test_link_constant_and_interpolation():
+    link = LinkModel.constant(2e-6, 1e9)
+    assert link.alpha(0) == 2e-6 and link.beta(1e6) == 1e-9
+    assert link.time(1000) == pytest.approx(2e-6 + 1000 * 1e-9)
+    # breakpoints at 0 and 1023 bytes: log2(n+1) = 0 and 10; n = 31 is halfway
+    link = LinkModel([(1023, 3e-6, 3e9), (0, 1e-6, 1e9)])   # unsorted on purpose
+    assert link.alpha(31) == pytest.approx(2e-6)
+    assert link.beta(31) == pytest.approx(1 / 2e9)
+    assert link.alpha(1e9) == pytest.approx(3e-6)          # clamped beyond the last point
+    with pytest.raises(ValueError):
+        LinkModel([])
+    with pytest.raises(ValueError):
+        LinkModel([(0, 1e-6, 0.0)])
+
+
+def test_link_from_pingpong_reproduces_measurements():
+    sizes = [8, 1024, 65536, 1048576]
+    times = [2e-6, 3e-6, 1.2e-5, 1.1e-4]
+    link = LinkModel.from_pingpong(sizes, times)
+    for n, t in zip(sizes, times):
+        assert link.time(n) == pytest.approx(t, rel=1e-3)
+
+
+def test_measured_table_loglog_interpolation():
+    t = MeasuredTable("allreduce", 2, 1, [8, 1024, 65536], [1e-5, 2e-5, 1e-3])
+    assert t(8) == pytest.approx(1e-5)
+    assert t(1024) == pytest.approx(2e-5)
+    # geometric midpoint in size -> geometric midpoint in time
+    assert t(math.sqrt(8 * 1024)) == pytest.approx(math.sqrt(1e-5 * 2e-5))
+    assert t(8192) == pytest.approx(math.exp(math.log(2e-5) + 0.5 * math.log(1e-3 / 2e-5)))
+    assert t.covers(65536) and not t.covers(65537) and not t.covers(4)
+    with pytest.raises(ValueError, match="outside the measured range"):
+        t(1e6)
+    with pytest.raises(ValueError):
+        MeasuredTable("allreduce", 2, 1, [8, 16], [1e-5])
+
+
+def test_hostfile_mpich_syntax():
+    text = "# compute nodes\nnode01:4\nnode02:4   # second\n\n  node03\nnode01:2\n"
+    assert parse_hostfile(text) == [("node01", 6), ("node02", 4), ("node03", 1)]
+
+
+def test_hostfile_openmpi_syntax():
+    text = "n1 slots=8\nn2 slots=8 max_slots=16\nn3 max_slots=2\n# end\n"
+    assert parse_hostfile(text) == [("n1", 8), ("n2", 8), ("n3", 2)]
+
+
+@pytest.mark.parametrize("bad, msg", [
+    ("n1:x\n", "not a positive integer"),
+    ("n1:0\n", "not a positive integer"),
+    ("n1:\n", "empty count"),
+    ("n1 slots=\n", "not a positive integer"),
+    ("n1 cpus=4\n", "expected 'slots=N'"),
+    ("n1:4 slots=4\n", "neither"),
+    ("a:b:c\n", "not a positive integer"),
+    ("# nothing\n\n", "no hosts"),
+])
+def test_hostfile_errors_name_the_line(bad, msg):
+    with pytest.raises(ValueError, match=msg) as e:
+        parse_hostfile(bad, where="hosts.txt")
+    if "no hosts" not in msg:
+        assert "hosts.txt:1:" in str(e.value)
+
+
+def test_from_hostfile_with_preset(tmp_path):
+    f = tmp_path / "hosts"
+    f.write_text("a slots=4\nb slots=4\nc slots=2\n")
+    c = from_hostfile(f, "ib-hdr100")
+    base = preset("ib-hdr100")
+    assert (c.nodes, c.ranks_per_node) == (3, 4)
+    assert c.inter == base.inter and c.compute == base.compute
+    assert c.hosts == [("a", 4), ("b", 4), ("c", 2)]
+    assert "differ" in c.notes
+    assert loads(c.to_toml()) == c
+    c2 = from_hostfile("x:8\ny:8\n", "eth25")
+    assert (c2.nodes, c2.ranks_per_node, c2.size) == (2, 8, 16)
+    with pytest.raises(ValueError, match="does not exist"):
+        from_hostfile(tmp_path / "missing", "eth25")
