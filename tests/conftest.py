@@ -16,6 +16,31 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
 
 
+def _rank_log(r: int) -> str:
+    import tempfile
+
+    return os.path.join(tempfile.gettempdir(), f"mpifc-pytest-rank{r}.log")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    """Under mpiexec, only rank 0 prints pytest's report; rank k writes it to a log file.
+
+    Failures on rank k still fail rank 0 (see the verdict exchange below), whose
+    report names the rank and its log. MPIFC_TEST_ALL_OUTPUT=1 keeps every rank's output.
+    """
+    if not _mpi_testing(config) or os.environ.get("MPIFC_TEST_ALL_OUTPUT"):
+        return
+    from _pytest.config import create_terminal_writer
+
+    from mpifc.comm import world
+
+    r = world().rank
+    tr = config.pluginmanager.getplugin("terminalreporter")
+    if r > 0 and tr is not None:
+        tr._tw = create_terminal_writer(config, file=open(_rank_log(r), "w"))
+
+
 def _mpi_testing(config) -> bool:
     return bool(config.getoption("--with-mpi", False) or config.getoption("--only-mpi", False))
 
@@ -37,7 +62,9 @@ def pytest_runtest_makereport(item, call):
     failed = [r for r, f in enumerate(verdicts) if f]
     if failed and not report.failed:
         report.outcome = "failed"
-        report.longrepr = f"failed on rank(s) {failed} of {comm.size} (this rank {comm.rank} passed)"
+        logs = ", ".join(_rank_log(r) for r in failed if r > 0)
+        report.longrepr = (f"failed on rank(s) {failed} of {comm.size} (this rank {comm.rank} passed)"
+                           + (f"; their reports: {logs}" if logs else ""))
 
 
 @pytest.fixture

@@ -124,13 +124,15 @@ class Communicator:
             if x is None:
                 dt, cnt, nb = "", 0 if count is None else count, 0 if nbytes is None else nbytes
             else:
-                dt = x.dtype.name
+                dt = x.dtype                      # a name only at export: .name is slow
                 cnt = int(x.size) if count is None else count
                 nb = int(x.nbytes) if nbytes is None else nbytes
             tr.record(op, self.name, self.size, self.rank, dt, cnt, nb, t0, _perf())
 
     def _host(self, x):
         """(buffer MPI may read, is_staged). Synchronises the stream for device arrays."""
+        if type(x) is np.ndarray:        # fast path: host data goes to MPI as it is
+            return x, False
         if x is not None and backend.is_device_array(x):
             backend.synchronize(x)
             if not self._cuda_aware:
@@ -155,10 +157,13 @@ class Communicator:
         return y_host
 
     def _check(self, op: str, dtype=None, root: int = -1, count: int = -1) -> None:
-        """Debug mode: all ranks must be at the same call; never hang silently."""
+        """Count the call; in debug mode all ranks must be at the same call."""
         self._seq += 1
-        if not self.debug or self.size == 1:
-            return
+        if self.debug and self.size > 1:
+            self._check_debug(op, dtype, root, count)
+
+    def _check_debug(self, op, dtype, root, count) -> None:
+        """Compare (call number, op, dtype, root, count) over all ranks; never hang silently."""
         dcode = -1 if dtype is None else np.dtype(dtype).num
         sig = np.array([self._seq, _OP_CODES.get(op, 99), dcode, root, count], dtype=np.int64)
         allsig = np.empty((self.size, sig.size), dtype=np.int64)

@@ -70,8 +70,8 @@ class Tracer:
         self._events.clear()
 
     def events(self) -> list[dict]:
-        """Recorded events as dicts (a copy)."""
-        return [dict(zip(FIELDS, e)) for e in self._events]
+        """Recorded events as dicts (a copy), dtypes as names."""
+        return [_as_dict(e) for e in self._events]
 
     def __len__(self) -> int:
         return len(self._events)
@@ -85,10 +85,17 @@ class Tracer:
         """Write this rank's events, one JSON object a line, times on the job clock."""
         with open(path, "w") as f:
             for e in self._events:
-                d = dict(zip(FIELDS, e))
+                d = _as_dict(e)
                 d["t0"] += self.clock_offset
                 d["t1"] += self.clock_offset
                 f.write(json.dumps(d) + "\n")
+
+
+def _as_dict(e: tuple) -> dict:
+    d = dict(zip(FIELDS, e))
+    dt = d["dtype"]
+    d["dtype"] = dt if isinstance(dt, str) else dt.name    # recorded as a numpy dtype
+    return d
 
 
 def summarize(events: list[dict]) -> dict[str, dict]:

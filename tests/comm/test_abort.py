@@ -1,0 +1,70 @@
+"""Nothing hangs: one failing rank ends the job; debug mode names mismatched collectives."""
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+
+
+def run_job(code, n, timeout=60, env=None):
+    script = textwrap.dedent(code)
+    e = dict(os.environ, **(env or {}))
+    t0 = time.perf_counter()
+    p = subprocess.run([MPIEXEC, "-n", str(n), sys.executable, "-c", script], capture_output=True,
+                       text=True, timeout=timeout, env=e)
+    return p, time.perf_counter() - t0
+
+
+@pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="mpiexec not in the venv")
+def test_one_rank_raises_job_ends_nonzero():
+    p, dt = run_job("""
+        import numpy as np
+        from mpifc.comm import world, install_abort_handler
+        install_abort_handler()
+        c = world()
+        if c.rank == 1:
+            raise RuntimeError("boom on purpose")
+        c.allreduce(np.ones(4))       # ranks 0 and 2 would wait here forever
+    """, 3)
+    assert p.returncode != 0
+    assert dt < 30
+    assert "rank 1 of 3 failed with RuntimeError: boom on purpose" in p.stderr
+
+
+@pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="mpiexec not in the venv")
+def test_debug_mode_names_mismatched_collective():
+    p, dt = run_job("""
+        import numpy as np
+        from mpifc.comm import world, install_abort_handler
+        install_abort_handler()
+        c = world(debug=True)
+        c.allreduce(np.ones(4))
+        if c.rank == 0:
+            c.bcast(np.ones(4))
+        else:
+            c.allreduce(np.ones(4))
+    """, 2)
+    assert p.returncode != 0 and dt < 30
+    assert "collective mismatch" in p.stderr and "call #2" in p.stderr
+    assert "rank 0: bcast" in p.stderr and "rank 1: allreduce" in p.stderr
+
+
+@pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="mpiexec not in the venv")
+def test_debug_mode_reports_missing_rank():
+    p, dt = run_job("""
+        import time
+        import numpy as np
+        from mpifc.comm import world, install_abort_handler
+        install_abort_handler()
+        c = world(debug=True)
+        if c.rank == 0:
+            c.allreduce(np.ones(4))
+        else:
+            time.sleep(20)
+    """, 2, env={"MPIFC_DEBUG_TIMEOUT": "2"})
+    assert p.returncode != 0 and dt < 15
+    assert "never issued it" in p.stderr

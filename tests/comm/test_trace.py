@@ -1,0 +1,77 @@
+"""Trace: one event per call, phases, summary counts, a valid merged Chrome trace."""
+import json
+
+import numpy as np
+import pytest
+
+from mpifc.comm import trace
+from mpifc.comm.collect import gather_events, sync_clock, write_trace
+
+
+@pytest.mark.mpi(min_size=1)
+def test_one_event_per_call_with_phase(comm):
+    x = np.ones(10, dtype=np.float32)
+    with trace.phase("fc1.backward"):
+        comm.allreduce(x)
+        comm.allgather(x)
+    comm.bcast(x)
+    ev = trace.events()
+    assert [e["op"] for e in ev] == ["allreduce", "allgather", "bcast"]
+    assert [e["phase"] for e in ev] == ["fc1.backward", "fc1.backward", ""]
+    assert all(e["bytes"] == 40 and e["count"] == 10 and e["dtype"] == "float32" for e in ev)
+    assert all(e["rank"] == comm.rank and e["comm_size"] == comm.size for e in ev)
+    assert all(e["t1"] >= e["t0"] for e in ev)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_disabled_records_nothing(comm):
+    with trace.disabled():
+        comm.allreduce(np.ones(3))
+    assert len(trace.events()) == 0
+
+
+@pytest.mark.mpi(min_size=2)
+def test_merged_chrome_trace_and_summary(comm, mpi_tmp_path):
+    sync_clock(comm)
+    calls = {"allreduce": 3, "allgather": 2, "sendrecv": 1}
+    x = np.arange(8, dtype=np.float64)
+    for _ in range(calls["allreduce"]):
+        comm.allreduce(x)
+    for _ in range(calls["allgather"]):
+        comm.allgather(x)
+    comm.sendrecv(x, (comm.rank + 1) % comm.size, np.empty_like(x), (comm.rank - 1) % comm.size)
+    paths = write_trace(comm, mpi_tmp_path, prefix="t")
+    ok = True
+    if comm.rank == 0:
+        doc = json.loads(open(paths["chrome"]).read())       # valid JSON
+        evs = doc["traceEvents"]
+        x_events = [e for e in evs if e["ph"] == "X"]
+        for e in x_events:                                   # trace-event format fields
+            assert {"name", "ph", "ts", "dur", "pid", "tid"} <= set(e)
+            assert e["dur"] >= 0 and e["ts"] >= 0
+        tracks = {e["tid"] for e in x_events}
+        names = {e["tid"]: e["args"]["name"] for e in evs if e.get("name") == "thread_name"}
+        assert tracks == set(range(comm.size))               # one track per rank
+        assert names == {r: f"rank {r}" for r in range(comm.size)}
+        per_op = {}
+        for e in x_events:
+            per_op[e["name"]] = per_op.get(e["name"], 0) + 1
+        assert per_op == {k: v * comm.size for k, v in calls.items()}
+        table = open(paths["summary"]).read()
+        for op, n in calls.items():
+            line = next(ln for ln in table.splitlines() if ln.startswith(op))
+            assert int(line.split()[1]) == n * comm.size      # summary counts == calls made
+    # the per-rank summary matches too
+    s = trace.summary()
+    assert {k: v["calls"] for k, v in s.items()} == calls
+    assert s["allreduce"]["bytes"] == 3 * x.nbytes
+
+
+@pytest.mark.mpi(min_size=2)
+def test_gathered_clocks_are_aligned(comm):
+    sync_clock(comm)
+    comm.barrier()
+    per_rank = gather_events(comm)
+    if comm.rank == 0:
+        ends = [evs[-1]["t1"] for evs in per_rank]
+        assert max(ends) - min(ends) < 0.5     # same barrier exit, common clock
