@@ -16,7 +16,8 @@ class Optimizer:
 
     Parameters
     ----------
-    params : list of Parameter, or of (name, Parameter) as from ``named_parameters()``
+    params : list of (name, Parameter) as from ``named_parameters()`` (names key the
+        state in :meth:`state_dict`), or a list of Parameter (keyed "<index>:<name>")
     lr : learning rate (schedules change ``self.lr``)
     """
 
@@ -27,13 +28,18 @@ class Optimizer:
         if not params:
             raise ValueError("optimizer got an empty parameter list")
         if isinstance(params[0], tuple):
-            self.names = [n for n, _ in params]
+            self.names = [str(n) for n, _ in params]
             params = [p for _, p in params]
         else:
-            self.names = [p.name or str(i) for i, p in enumerate(params)]
+            self.names = None
         for p in params:
             if not isinstance(p, Parameter):
                 raise TypeError(f"expected Parameter, got {type(p).__name__}")
+        if self.names is None:
+            # bare Parameters ("weight", "bias", ...) are not unique: qualify by position
+            self.names = [f"{i}:{p.name}" for i, p in enumerate(params)]
+        if len(set(self.names)) != len(self.names):
+            raise ValueError("parameter names given to the optimizer are not unique")
         if lr < 0:
             raise ValueError(f"learning rate must be >= 0, got {lr}")
         self.params: list[Parameter] = params

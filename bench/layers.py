@@ -1,0 +1,182 @@
+"""Layer and training-step throughput of mpifc.nn, beside plain GEMM and PyTorch CPU.
+
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python bench/layers.py [--threads N] [--repeat R]
+
+Table 1: Linear and Conv2d forward+backward (dx, dW, db) as GFLOP/s, beside the
+GFLOP/s this machine's BLAS reaches on the three equivalent matrix products
+(forward y = W @ col, backward dW = dy @ col.T and dcol = W.T @ dy), timed on
+ready-made contiguous operands; ratio = layer / GEMM.
+Table 2: one training step (zero_grad, forward, softmax cross-entropy, backward,
+SGD-momentum update) of an MLP and of the source articles' image classifier,
+beside PyTorch CPU at the same thread count when torch is importable;
+ratio = mpifc time / torch time. Times are medians over --repeat runs.
+"""
+import argparse
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+import mpifc.nn as nn
+from mpifc.optim import SGD
+
+ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+ap.add_argument("--threads", type=int, default=1, help="BLAS (and torch) threads, default 1")
+ap.add_argument("--repeat", type=int, default=15, help="timed runs per case (median)")
+ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+args = ap.parse_args()
+threadpool_limits(limits=args.threads)
+dt = np.dtype(args.dtype)
+rng = np.random.default_rng(0)
+
+
+def median_time(fn, repeat=args.repeat, warmup=2):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def randn(*shape):
+    return rng.standard_normal(shape).astype(dt)
+
+
+def gemm3_time(M, Kd, F):
+    """Time of the three products of a fwd+bwd with output (F, M) and inner size Kd."""
+    W, col, dy = randn(F, Kd), randn(Kd, M), randn(F, M)
+    y, dW, dcol = np.empty((F, M), dt), np.empty((F, Kd), dt), np.empty((Kd, M), dt)
+
+    def run():
+        np.matmul(W, col, out=y)
+        np.matmul(dy, col.T, out=dW)
+        np.matmul(W.T, dy, out=dcol)
+    return median_time(run)
+
+
+def layer_time(layer, x):
+    y = layer.forward(x)
+    dy = randn(*y.shape)
+
+    def run():
+        layer.forward(x)
+        layer.backward(dy)
+    return median_time(run)
+
+
+print(f"mpifc bench/layers.py   threads={args.threads}   dtype={dt}   repeat={args.repeat} (median)")
+print()
+hdr = f"{'layer':<44s} {'ms':>8s} {'GFLOP/s':>8s} {'GEMM GFLOP/s':>13s} {'ratio':>6s}"
+print(hdr)
+print("-" * len(hdr))
+
+linear_cases = [(256, 784, 1024), (256, 1024, 1024), (256, 1024, 10), (64, 4096, 64), (1024, 512, 512)]
+for N, D, F in linear_cases:
+    layer = nn.Linear(D, F, rng=rng, dtype=dt)
+    t = layer_time(layer, randn(N, D))
+    flops = 3 * 2.0 * N * D * F
+    tg = gemm3_time(N, D, F)
+    print(f"{f'Linear N={N} {D}->{F}':<44s} {t * 1e3:8.2f} {flops / t / 1e9:8.1f} "
+          f"{flops / tg / 1e9:13.1f} {tg / t:6.2f}")
+
+# (N, C, K, H=W, kernel, stride, padding, groups); the first two are the classifier's convs
+conv_cases = [(64, 3, 32, 32, 3, 1, 1, 1), (64, 32, 64, 16, 3, 1, 1, 1),
+              (32, 64, 128, 16, 3, 1, 1, 1), (32, 64, 64, 32, 3, 2, 1, 1),
+              (32, 64, 64, 16, 1, 1, 0, 1), (32, 64, 64, 16, 3, 1, 1, 4)]
+for N, C, K, H, k, s, p, G in conv_cases:
+    layer = nn.Conv2d(C, K, k, stride=s, padding=p, groups=G, rng=rng, dtype=dt)
+    x = randn(N, C, H, H)
+    t = layer_time(layer, x)
+    Ho = (H + 2 * p - k) // s + 1
+    M, Kd = N * Ho * Ho, C // G * k * k
+    flops = 3 * 2.0 * M * Kd * K
+    # grouped: G independent GEMMs of (K/G, Kd) x (Kd, M); time them as one batched product set
+    tg = gemm3_time(M, Kd, K // G) * G if G > 1 else gemm3_time(M, Kd, K)
+    name = f"Conv2d N={N} {C}->{K} {H}x{H} k{k} s{s} p{p}" + (f" g{G}" if G > 1 else "")
+    print(f"{name:<44s} {t * 1e3:8.2f} {flops / t / 1e9:8.1f} {flops / tg / 1e9:13.1f} {tg / t:6.2f}")
+
+
+# --------------------------------------------------------------------------- #
+# training steps
+# --------------------------------------------------------------------------- #
+def mlp_mpifc():
+    return nn.Sequential(nn.Linear(784, 1024, rng=rng, dtype=dt), nn.ReLU(),
+                         nn.Linear(1024, 1024, rng=rng, dtype=dt), nn.ReLU(),
+                         nn.Linear(1024, 10, rng=rng, dtype=dt), input_grad=False)
+
+
+def cnn_mpifc():
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1, rng=rng, dtype=dt), nn.BatchNorm2d(32, dtype=dt), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1, rng=rng, dtype=dt), nn.BatchNorm2d(64, dtype=dt), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 64, rng=rng, dtype=dt), nn.ReLU(), nn.Linear(64, 10, rng=rng, dtype=dt),
+        input_grad=False)
+
+
+def step_mpifc(model, x, t):
+    opt = SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = nn.SoftmaxCrossEntropy()
+
+    def run():
+        opt.zero_grad()
+        loss_fn.forward(model.forward(x), t)
+        model.backward(loss_fn.backward())
+        opt.step()
+    return median_time(run)
+
+
+try:
+    import torch
+    torch.set_num_threads(args.threads)
+except ImportError:
+    torch = None
+
+
+def step_torch(kind, x, t):
+    tnn = torch.nn
+    tdt = torch.float32 if dt == np.float32 else torch.float64
+    if kind == "mlp":
+        model = tnn.Sequential(tnn.Linear(784, 1024), tnn.ReLU(), tnn.Linear(1024, 1024), tnn.ReLU(),
+                               tnn.Linear(1024, 10))
+    else:
+        model = tnn.Sequential(
+            tnn.Conv2d(3, 32, 3, padding=1), tnn.BatchNorm2d(32), tnn.ReLU(), tnn.MaxPool2d(2),
+            tnn.Conv2d(32, 64, 3, padding=1), tnn.BatchNorm2d(64), tnn.ReLU(), tnn.MaxPool2d(2),
+            tnn.Flatten(), tnn.Linear(64 * 8 * 8, 64), tnn.ReLU(), tnn.Linear(64, 10))
+    model = model.to(tdt)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = tnn.CrossEntropyLoss()
+    tx, tt = torch.from_numpy(x), torch.from_numpy(t)
+
+    def run():
+        opt.zero_grad()
+        loss_fn(model(tx), tt).backward()
+        opt.step()
+    return median_time(run)
+
+
+print()
+hdr = f"{'training step':<44s} {'mpifc ms':>9s} {'torch ms':>9s} {'ratio':>6s} {'target':>7s}"
+print(hdr)
+print("-" * len(hdr))
+for kind, make, xshape, target in [("mlp", mlp_mpifc, (256, 784), 1.2),
+                                   ("cnn", cnn_mpifc, (64, 3, 32, 32), 2.0)]:
+    x = randn(*xshape)
+    t = rng.integers(0, 10, size=xshape[0])
+    tm = step_mpifc(make(), x, t)
+    name = ("MLP 784-1024-1024-10, batch 256" if kind == "mlp"
+            else "classifier conv32-conv64-d64-d10 3x32x32, b64")
+    if torch is not None:
+        tt = step_torch(kind, x, t)
+        print(f"{name:<44s} {tm * 1e3:9.2f} {tt * 1e3:9.2f} {tm / tt:6.2f} {f'<={target}':>7s}")
+    else:
+        print(f"{name:<44s} {tm * 1e3:9.2f} {'n/a':>9s} {'n/a':>6s} {f'<={target}':>7s}")
+if torch is None:
+    print("(torch not importable: pip install 'mpifc[compare]' for the PyTorch column)")
+else:
+    print(f"(torch {torch.__version__}, {torch.get_num_threads()} thread(s))")
