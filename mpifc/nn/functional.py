@@ -790,7 +790,8 @@ def embedding_bag_forward(E, idx, offsets=None, mask=None, mode="mean"):
         counts = (ends - offsets).astype(np.int64)
         if bool((counts < 0).any()) or (N and (int(offsets[0]) != 0 if T else False)):
             raise ValueError("offsets must start at 0 and be non-decreasing")
-        bag = xp.repeat(xp.arange(N), counts)          # (T,) bag id of each token
+        # (T,) bag id of each token; searchsorted (not repeat with array counts) runs on CuPy too
+        bag = xp.searchsorted(offsets, xp.arange(T), side="right") - 1
         weight = xp.ones(T, dtype=E.dtype)
         flat_idx = idx
     else:
