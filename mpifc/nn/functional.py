@@ -230,12 +230,14 @@ def conv2d_forward(x, W, b=None, stride=1, padding=0, dilation=1, groups=1):
         y = W.reshape(K, Cg * R * S) @ col                              # (K, M): one GEMM
     else:
         y = (W.reshape(G, K // G, Cg * R * S) @ col.reshape(G, Cg * R * S, M)).reshape(K, M)
+    xp = get_array_module(y)
     y = y.reshape(K, N, Ho, Wo).transpose(1, 0, 2, 3)
+    out = xp.empty((N, K, Ho, Wo), dtype=y.dtype)   # C-contiguous NCHW (ufuncs would keep KNHW order)
     if b is not None:
-        y = y + b.reshape(1, K, 1, 1)       # the add writes the NCHW copy we need anyway
+        xp.add(y, b.reshape(1, K, 1, 1), out=out)   # the bias add writes the layout change
     else:
-        xp = get_array_module(y)
-        y = xp.ascontiguousarray(y)
+        out[...] = y
+    y = out
     cache = (col, x.shape, W, (stride, padding, dilation, G))
     return y, cache
 
@@ -315,7 +317,7 @@ def maxpool2d_forward(x, kernel, stride=None, padding=0):
                 y = v.copy()
                 continue
             better = v > y                  # strict: the first maximum wins (ties -> earliest)
-            idx[better] = r * S + s
+            xp.copyto(idx, r * S + s, where=better)   # masked store, no fancy indexing
             xp.maximum(y, v, out=y)
     return y, (idx, x.shape, (R, S, sh, sw, pads))
 
