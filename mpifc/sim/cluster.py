@@ -85,11 +85,12 @@ class LinkModel:
     def from_pingpong(cls, sizes, seconds) -> "LinkModel":
         """Breakpoints that reproduce measured one-way times t(n).
 
-        alpha is the time of the smallest message (pure latency); at each larger size
-        the effective bandwidth is ``n / (t(n) - alpha)``, so ``time(n) == t(n)`` at every
-        measured size where t(n) > alpha. Where noise makes t(n) <= alpha (tiny
-        messages) the largest effective bandwidth measured is used, which costs at most
-        n / bandwidth more than measured: nanoseconds at those sizes.
+        alpha is the fastest time measured (the latency floor, normally that of the
+        smallest message); at each size the effective bandwidth is
+        ``n / (t(n) - alpha)``, so ``time(n) == t(n)`` at every measured size where
+        t(n) > alpha. Where t(n) == alpha (tiny messages) the largest effective
+        bandwidth measured is used, which adds n / bandwidth to the measured time:
+        nanoseconds at those sizes.
         """
         sizes = [float(s) for s in sizes]
         seconds = [float(t) for t in seconds]
@@ -98,7 +99,7 @@ class LinkModel:
         order = sorted(range(len(sizes)), key=sizes.__getitem__)
         sizes = [sizes[i] for i in order]
         seconds = [seconds[i] for i in order]
-        alpha = seconds[0]
+        alpha = min(seconds)
         bws = [n / (t - alpha) if t > alpha and n > 0 else None for n, t in zip(sizes, seconds)]
         known = [b for b in bws if b is not None]
         fallback = max(known) if known else 1e12
@@ -114,18 +115,40 @@ class ComputeRates:
 
     gemm_gflops / conv_gflops: GFLOP/s of matrix products and convolutions;
     elementwise_gbps: GB/s of memory-bound element-wise kernels (bytes read + written).
+    gemm_curve / conv_curve (optional): measured ``(flops, gflops)`` points; where
+    present the rate of a phase is interpolated in log(flops) (clamped at the ends),
+    because small products run far below the large-matrix rate.
     """
 
     gemm_gflops: float = 10.0
     conv_gflops: float = 5.0
     elementwise_gbps: float = 5.0
+    gemm_curve: list[tuple[float, float]] = field(default_factory=list)
+    conv_curve: list[tuple[float, float]] = field(default_factory=list)
+
+    def __post_init__(self):
+        for name in ("gemm_gflops", "conv_gflops", "elementwise_gbps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"compute rate {name} must be > 0")
+        for name in ("gemm_curve", "conv_curve"):
+            pts = sorted((float(f), float(r)) for f, r in getattr(self, name))
+            if any(f <= 0 or r <= 0 for f, r in pts):
+                raise ValueError(f"{name}: flops and GFLOP/s must be > 0")
+            setattr(self, name, pts)
+
+    @staticmethod
+    def _rate(curve, default, flops):
+        if not curve or flops <= 0:
+            return default
+        xs = np.log([f for f, _ in curve])
+        return float(np.interp(math.log(flops), xs, [r for _, r in curve]))
 
     def seconds(self, op_kind: str, flops: float = 0.0, nbytes: float = 0.0) -> float:
         """Time of one compute phase: flops / rate, or bytes / rate for element-wise."""
         if op_kind == "gemm":
-            return flops / (self.gemm_gflops * 1e9)
+            return flops / (self._rate(self.gemm_curve, self.gemm_gflops, flops) * 1e9)
         if op_kind == "conv":
-            return flops / (self.conv_gflops * 1e9)
+            return flops / (self._rate(self.conv_curve, self.conv_gflops, flops) * 1e9)
         if op_kind == "elementwise":
             return nbytes / (self.elementwise_gbps * 1e9)
         raise ValueError(f"unknown compute op_kind {op_kind!r}; expected gemm, conv or elementwise")
@@ -264,7 +287,13 @@ class Cluster:
             out += [f"  [{_tf(b)}, {_tf(l)}, {_tf(bw)}]," for b, l, bw in link.points]
             out.append("]")
         out += ["", "[compute]"]
-        out += [f"{f.name} = {_tf(getattr(self.compute, f.name))}" for f in fields(ComputeRates)]
+        for f in fields(ComputeRates):
+            v = getattr(self.compute, f.name)
+            if isinstance(v, list):
+                if v:
+                    out.append(f"{f.name} = [" + ", ".join(f"[{_tf(a)}, {_tf(b)}]" for a, b in v) + "]")
+            else:
+                out.append(f"{f.name} = {_tf(v)}")
         out += ["", "[thresholds]"]
         for f in fields(Thresholds):
             if f.name == "algorithms":
@@ -343,7 +372,8 @@ def loads(text: str, *, where: str = "<string>") -> Cluster:
             intra=LinkModel([tuple(p) for p in d["intra"]["points"]]),
             inter=LinkModel([tuple(p) for p in d["inter"]["points"]]),
             reduction_Bps=float(d["reduction_Bps"]),
-            compute=ComputeRates(**{k: float(v) for k, v in comp.items()}),
+            compute=ComputeRates(**{k: ([tuple(x) for x in v] if isinstance(v, list) else float(v))
+                                    for k, v in comp.items()}),
             thresholds=Thresholds(**thr, algorithms=dict(algos)),
             measured=[MeasuredTable(op=m["op"], group_size=int(m["group_size"]),
                                     nodes=int(m.get("nodes", 1)), bytes=list(m["bytes"]),

@@ -14,7 +14,8 @@ def _cluster():
         intra=LinkModel([(0, 4e-7, 1e9), (65536, 1.5e-6, 6.5e9)]),
         inter=LinkModel([(8, 1.25e-6, 2e9), (4194304, 5e-6, 11.5e9)]),
         reduction_Bps=3.3e9,
-        compute=ComputeRates(gemm_gflops=12.5, conv_gflops=7.0, elementwise_gbps=2.25),
+        compute=ComputeRates(gemm_gflops=12.5, conv_gflops=7.0, elementwise_gbps=2.25,
+                             gemm_curve=[(2e5, 3.0), (2e8, 12.5)]),
         thresholds=Thresholds(allreduce_short_msg_size=4096, hierarchical=False,
                               algorithms={"allreduce": "ring"}),
         measured=[MeasuredTable("allreduce", 2, 1, [8, 1024, 65536], [1e-5, 2e-5, 1e-3]),
@@ -133,3 +134,19 @@ def test_from_hostfile_with_preset(tmp_path):
     assert (c2.nodes, c2.ranks_per_node, c2.size) == (2, 8, 16)
     with pytest.raises(ValueError, match="does not exist"):
         from_hostfile(tmp_path / "missing", "eth25")
+
+
+def test_compute_rates_and_curves():
+    r = ComputeRates(gemm_gflops=10.0, conv_gflops=5.0, elementwise_gbps=2.0)
+    assert r.seconds("gemm", flops=2e9) == pytest.approx(0.2)
+    assert r.seconds("conv", flops=2e9) == pytest.approx(0.4)
+    assert r.seconds("elementwise", nbytes=1e9) == pytest.approx(0.5)
+    # curve: 2 GFLOP/s at 1e6 flops, 8 GFLOP/s at 1e8; 1e7 is halfway in log -> 5 GFLOP/s
+    r = ComputeRates(gemm_curve=[(1e8, 8.0), (1e6, 2.0)])
+    assert r.seconds("gemm", flops=1e7) == pytest.approx(1e7 / 5e9)
+    assert r.seconds("gemm", flops=1e10) == pytest.approx(1e10 / 8e9)   # clamped
+    assert r.seconds("conv", flops=1e9) == pytest.approx(1e9 / 5e9)     # no conv curve
+    with pytest.raises(ValueError, match="op_kind"):
+        r.seconds("fft", flops=1)
+    with pytest.raises(ValueError):
+        ComputeRates(gemm_gflops=0)

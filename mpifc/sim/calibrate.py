@@ -1,0 +1,325 @@
+"""``mpifc calibrate``: measure this machine and write its cluster TOML.
+
+Run under mpiexec on the machines to describe (every rank calls :func:`calibrate`):
+
+    mpiexec -n 4 python -m mpifc calibrate --out cluster.toml
+
+What is measured, all through the mpifc communicator with tracing off (so the costs
+are those of the same uppercase mpi4py buffer calls the trainer makes):
+  * nodes: ranks grouped by host name (MPI_Get_processor_name);
+  * ping-pong, one way = half a round trip, 8 B .. 4 MiB, between world rank 0 and a
+    rank on its node (intra) and a rank on another node (inter, if the job spans
+    nodes) -> LinkModel breakpoints (LinkModel.from_pingpong);
+  * the MPI library's own collectives (allreduce, allgather, reduce_scatter, bcast,
+    reduce, alltoall) over message sizes and group sizes 2..P, each group being the
+    first g world ranks (a sub-communicator) -> MeasuredTable entries, which the cost
+    model prefers to its closed forms, so the library's real switch points are used;
+  * local rates on every rank at once (as in training): float32 GEMM at a few sizes,
+    convolution through mpifc.nn.functional.conv2d_forward (im2col + GEMM) when that
+    module is present, else the GEMM rate stands in for conv (said in the notes),
+    element-wise (ReLU-like) bandwidth, and the rate of a local sum (gamma).
+
+Timing: after a short warm-up, per trial a barrier, then k back-to-back calls timed
+on every rank; the trial time is the maximum over ranks (one allreduce at the end of
+a series), and the result is the median over trials. Times are then made
+non-decreasing in message size (:func:`lower_envelope`: noise only adds time). Ranks
+outside a measured group wait at the next world barrier.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import numpy as np
+
+from mpifc.comm import processor_name, trace, world
+from mpifc.sim.cluster import (Cluster, ComputeRates, LinkModel, MeasuredTable, Thresholds,
+                               preset)
+
+_perf = time.perf_counter
+
+COLLECTIVES = ("allreduce", "allgather", "reduce_scatter", "bcast", "reduce", "alltoall")
+
+
+def _sizes(lo: int, hi: int, factor: int) -> list[int]:
+    out, s = [], lo
+    while s <= hi:
+        out.append(s)
+        s *= factor
+    return out
+
+
+def _inner_reps(nbytes: int, quick: bool) -> int:
+    """Back-to-back calls per trial: many for tiny messages (timer and skew), few for big."""
+    if nbytes <= 4096:
+        return 10 if quick else 40
+    if nbytes <= 262144:
+        return 4 if quick else 10
+    return 1 if quick else 3
+
+
+def lower_envelope(seconds) -> list[float]:
+    """Times made non-decreasing in message size: t'(n) = min over sizes >= n of t.
+
+    On a shared machine noise only ever adds time (another process, a page fault, a
+    scheduler tick), so where a larger message was measured faster than a smaller one,
+    the smaller one's measurement is the noisy one.
+    """
+    out, best = [], float("inf")
+    for t in reversed(list(seconds)):
+        best = min(best, t)
+        out.append(best)
+    return out[::-1]
+
+
+def _warm_up(comm, seconds: float = 0.3) -> None:
+    """Exercise the library for a moment: first calls set up connections and caches."""
+    x = np.ones(1024, dtype=np.float32)
+    t_end = _perf() + seconds
+    go = 1
+    while go:
+        comm.allreduce(x, out=x)
+        x[:] = 1
+        go = int(comm.bcast(np.array([_perf() < t_end], dtype=np.int32), root=0)[0])
+
+
+def _node_layout(comm):
+    """(node index of every world rank, host names in node order)."""
+    names = comm.allgather_obj(processor_name())
+    hosts: list[str] = []
+    for h in names:
+        if h not in hosts:
+            hosts.append(h)
+    return [hosts.index(h) for h in names], hosts
+
+
+# --------------------------------------------------------------------------- ping-pong
+def _pingpong(comm, a: int, b: int, sizes, trials: int, quick: bool) -> list[float]:
+    """One-way times between world ranks a and b (others return an empty list)."""
+    out = []
+    buf = np.zeros(max(sizes) // 4 + 1, dtype=np.float32)
+    for n in sizes:
+        x = buf[: max(n // 4, 1)]
+        k = _inner_reps(n, quick)
+        times = []
+        if comm.rank in (a, b):
+            peer = b if comm.rank == a else a
+            for _ in range(trials + 1):                    # first round warms up
+                t0 = _perf()
+                for _ in range(k):
+                    if comm.rank == a:
+                        comm.sendrecv(x, peer, None, None)
+                        comm.sendrecv(None, None, x, peer)
+                    else:
+                        comm.sendrecv(None, None, x, peer)
+                        comm.sendrecv(x, peer, None, None)
+                times.append((_perf() - t0) / (2 * k))
+            out.append(statistics.median(times[1:]))
+    comm.barrier()
+    return lower_envelope(out)
+
+
+# ---------------------------------------------------------------------------- collectives
+def _run_collective(g, op: str, nbytes: int) -> tuple[int, callable]:
+    """(bytes in the cost model's convention, a no-argument call) for op on group g."""
+    p = g.size
+    if op in ("allreduce", "bcast", "reduce"):
+        elems = max(nbytes // 4, 1)
+        x = np.ones(elems, dtype=np.float32)
+        y = np.empty_like(x)
+        calls = {"allreduce": lambda: g.allreduce(x, out=y),
+                 "bcast": lambda: g.bcast(x, root=0),
+                 "reduce": lambda: g.reduce(x, root=0)}
+        return elems * 4, calls[op]
+    per = max(nbytes // (4 * p), 1)        # elements per rank block
+    if op == "allgather":
+        x = np.ones(per, dtype=np.float32)
+        y = np.empty(per * p, dtype=np.float32)
+        return per * p * 4, lambda: g.allgather(x, out=y)
+    if op == "reduce_scatter":
+        x = np.ones(per * p, dtype=np.float32)
+        y = np.empty(per, dtype=np.float32)
+        return per * p * 4, lambda: g.reduce_scatter(x, out=y)
+    if op == "alltoall":
+        x = np.ones(per * p, dtype=np.float32)
+        y = np.empty_like(x)
+        return per * p * 4, lambda: g.alltoall(x, out=y)
+    raise ValueError(f"calibrate cannot measure {op!r}")
+
+
+def _measure_group(g, op: str, sizes, trials: int, quick: bool):
+    """Median over trials of the max over ranks of one call's time, per size."""
+    actual, local = [], []
+    for n in sizes:
+        nb, call = _run_collective(g, op, n)
+        k = _inner_reps(nb, quick)
+        call()                                              # warm-up (and connection setup)
+        row = []
+        for _ in range(trials):
+            g.barrier()
+            t0 = _perf()
+            for _ in range(k):
+                call()
+            row.append((_perf() - t0) / k)
+        actual.append(nb)
+        local.append(row)
+    worst = g.allreduce(np.asarray(local, dtype=np.float64), op="max")
+    return actual, lower_envelope(float(np.median(r)) for r in worst)
+
+
+# ---------------------------------------------------------------------------- compute
+def _median_time(fn, reps: int) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t0 = _perf()
+        fn()
+        ts.append(_perf() - t0)
+    return statistics.median(ts)
+
+
+def _compute_rates(comm, quick: bool):
+    """(gemm curve, conv curve or None, elementwise GB/s, reduction B/s), slowest rank."""
+    rng = np.random.default_rng(comm.rank)
+    reps = 3 if quick else 5
+    gemm = []
+    for m in ((64, 128, 256) if quick else (64, 128, 256, 512)):
+        a = rng.standard_normal((m, m), dtype=np.float32)
+        b = rng.standard_normal((m, m), dtype=np.float32)
+        t = _median_time(lambda: a @ b, reps)
+        gemm.append((2.0 * m ** 3, t))
+    conv = []
+    try:
+        from mpifc.nn.functional import conv2d_forward
+    except ImportError:
+        conv2d_forward = None
+    if conv2d_forward is not None:
+        for (N, C, H, K) in ((4, 8, 16, 16), (8, 16, 32, 32)):
+            x = rng.standard_normal((N, C, H, H), dtype=np.float32)
+            w = rng.standard_normal((K, C, 3, 3), dtype=np.float32)
+            t = _median_time(lambda: conv2d_forward(x, w, None, 1, 1), reps)
+            conv.append((2.0 * N * K * C * 9 * H * H, t))
+    big = np.ones(1 << 20, dtype=np.float32)                  # 4 MiB
+    other = np.ones_like(big)
+    t_elem = _median_time(lambda: np.maximum(big, 0, out=other), reps)
+    t_red = _median_time(lambda: np.add(big, other, out=big), reps)
+    local = [t for _, t in gemm] + [t for _, t in conv] + [t_elem, t_red]
+    worst = comm.allreduce(np.asarray(local, dtype=np.float64), op="max")
+    ng, nc = len(gemm), len(conv)
+    gemm_curve = [(f, f / t / 1e9) for (f, _), t in zip(gemm, worst[:ng])]
+    conv_curve = [(f, f / t / 1e9) for (f, _), t in zip(conv, worst[ng:ng + nc])] or None
+    elementwise_gbps = 2 * big.nbytes / worst[-2] / 1e9      # read + write
+    reduction_Bps = big.nbytes / worst[-1]                   # bytes of one operand
+    return gemm_curve, conv_curve, elementwise_gbps, reduction_Bps
+
+
+# ---------------------------------------------------------------------------- driver
+def calibrate(out: str | os.PathLike | None = None, *, quick: bool = False,
+              max_bytes: int | None = None, ops=COLLECTIVES, inter_preset: str | None = None,
+              name: str | None = None, log=None) -> Cluster:
+    """Measure this job's machines; every rank calls it and gets the same Cluster.
+
+    out           TOML path written by rank 0 (None: do not write)
+    quick         fewer sizes, ops and trials (for tests: a few seconds at 2 ranks)
+    max_bytes     largest message measured (default 4 MiB, quick 256 KiB)
+    ops           collectives to measure
+    inter_preset  when the job runs on one node, the inter-node link is taken from this
+                  network preset (default: a copy of the measured intra-node link,
+                  which says nothing about a network; the notes say so)
+    log           callable(str) for progress lines (rank 0 only), e.g. print
+    """
+    comm = world()
+    say = (log if (log is not None and comm.rank == 0) else (lambda s: None))
+    t_start = _perf()
+    with trace.disabled():
+        node_of, hosts = _node_layout(comm)
+        P = comm.size
+        counts = [node_of.count(i) for i in range(len(hosts))]
+        rpn = max(counts)
+        notes = [f"calibrated with {P} ranks on {len(hosts)} node(s): "
+                 + ", ".join(f"{h}:{c}" for h, c in zip(hosts, counts)),
+                 f"BLAS threads per rank: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"]
+        max_bytes = max_bytes or (262144 if quick else 4 << 20)
+        trials = 3 if quick else 7
+        _warm_up(comm, 0.1 if quick else 0.5)
+
+        # links
+        pp_sizes = _sizes(8, max_bytes, 8 if quick else 4)
+        same = [r for r in range(1, P) if node_of[r] == node_of[0]]
+        other = [r for r in range(1, P) if node_of[r] != node_of[0]]
+        intra = inter = None
+        if same:
+            t = _pingpong(comm, 0, same[0], pp_sizes, trials, quick)
+            intra = comm.bcast_obj(t if comm.rank == 0 else None)
+            say(f"ping-pong intra-node: {[f'{x * 1e6:.2f}us' for x in intra]}")
+        if other:
+            t = _pingpong(comm, 0, other[0], pp_sizes, trials, quick)
+            inter = comm.bcast_obj(t if comm.rank == 0 else None)
+            say(f"ping-pong inter-node: {[f'{x * 1e6:.2f}us' for x in inter]}")
+        if intra is None and inter is None:
+            base = preset("shm-node")
+            intra_link, inter_link = base.intra, base.inter
+            notes.append("one rank: no link measured; links are the shm-node preset "
+                         "(textbook figures)")
+        else:
+            intra_link = LinkModel.from_pingpong(pp_sizes, intra) if intra else None
+            inter_link = LinkModel.from_pingpong(pp_sizes, inter) if inter else None
+            if intra_link is None:
+                intra_link = inter_link
+                notes.append("one rank per node: intra-node link not measured, set to inter")
+            if inter_link is None:
+                if inter_preset:
+                    inter_link = preset(inter_preset).inter
+                    notes.append(f"one node: inter-node link from preset {inter_preset} "
+                                 "(textbook figures, not measured)")
+                else:
+                    inter_link = intra_link
+                    notes.append("one node: inter-node link NOT measured; it is a copy of the "
+                                 "intra-node link. Calibrate across nodes or pass a network preset.")
+
+        # collectives over group sizes 2..P: the first g world ranks
+        measured = []
+        coll_sizes = _sizes(8, max_bytes, 16 if quick else 8)
+        ops = tuple(ops) if not quick else tuple(o for o in ops if o in
+                                                ("allreduce", "allgather", "reduce_scatter", "bcast"))
+        for g_size in range(2, P + 1):
+            member = comm.rank < g_size
+            sub = comm.split(0 if member else 1, key=comm.rank, name=f"calib{g_size}")
+            span = len(set(node_of[:g_size]))
+            if member:
+                for op in ops:
+                    nb, secs = _measure_group(sub, op, coll_sizes, trials, quick)
+                    measured.append(MeasuredTable(op, g_size, span, nb, secs))
+            comm.barrier()
+            say(f"collectives on {g_size} ranks measured ({_perf() - t_start:.1f}s)")
+        measured = comm.bcast_obj(measured if comm.rank == 0 else None)
+
+        # local rates
+        gemm_curve, conv_curve, elem_gbps, red_Bps = _compute_rates(comm, quick)
+        if conv_curve is None:
+            conv_curve = gemm_curve
+            notes.append("mpifc.nn.functional.conv2d_forward not available: conv rate = GEMM rate")
+        else:
+            notes.append("conv rate measured with mpifc.nn.functional.conv2d_forward (im2col + GEMM)")
+        gemm_curve, conv_curve, elem_gbps, red_Bps = comm.bcast_obj(
+            (gemm_curve, conv_curve, elem_gbps, red_Bps) if comm.rank == 0 else None)
+        say(f"GEMM {gemm_curve[-1][1]:.1f} GFLOP/s, conv {conv_curve[-1][1]:.1f} GFLOP/s, "
+            f"elementwise {elem_gbps:.2f} GB/s, sum {red_Bps / 1e9:.2f} GB/s")
+
+    elapsed = _perf() - t_start
+    notes.append(f"calibration took {elapsed:.1f} s" + (" (quick mode)" if quick else ""))
+    cluster = Cluster(
+        name=name or (hosts[0] if len(hosts) == 1 else f"{hosts[0]}+{len(hosts) - 1}"),
+        nodes=len(hosts), ranks_per_node=rpn, intra=intra_link, inter=inter_link,
+        reduction_Bps=red_Bps,
+        compute=ComputeRates(gemm_gflops=gemm_curve[-1][1], conv_gflops=conv_curve[-1][1],
+                             elementwise_gbps=elem_gbps, gemm_curve=gemm_curve,
+                             conv_curve=conv_curve),
+        thresholds=Thresholds(), measured=measured,
+        hosts=[(h, c) for h, c in zip(hosts, counts)],
+        source="mpifc calibrate", notes="\n".join(notes))
+    if out is not None and comm.rank == 0:
+        cluster.save(out)
+    comm.barrier()
+    return cluster

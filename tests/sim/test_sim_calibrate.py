@@ -1,0 +1,67 @@
+"""mpifc calibrate in quick mode: one rank (plain pytest) and 2+ ranks (mpiexec).
+
+    timeout 120 mpiexec -n 2 python -m mpi4py -m pytest --with-mpi tests/sim
+"""
+import numpy as np
+import pytest
+
+from mpifc.comm import world
+from mpifc.sim.calibrate import calibrate, lower_envelope
+from mpifc.sim.cluster import load
+from mpifc.sim.collectives import CostModel
+
+
+def test_lower_envelope():
+    assert lower_envelope([3.0, 1.0, 2.0, 5.0, 4.0]) == [1.0, 1.0, 2.0, 4.0, 4.0]
+    assert lower_envelope([]) == []
+
+
+def _shared_tmp(comm, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("calib") / "cluster.toml") if comm.rank == 0 else None
+    return comm.bcast_obj(path)
+
+
+def _check_common(c, comm):
+    assert c.compute.gemm_gflops > 0 and c.compute.conv_gflops > 0
+    assert c.compute.elementwise_gbps > 0 and c.reduction_Bps > 0
+    assert c.compute.gemm_curve and c.compute.conv_curve
+    assert "calibration took" in c.notes
+    # every rank got the same description
+    assert all(t == c.to_toml() for t in comm.allgather_obj(c.to_toml()))
+
+
+@pytest.mark.skipif(world().size != 1, reason="single-rank calibration (plain pytest run)")
+def test_calibrate_single_rank(tmp_path):
+    c = calibrate(tmp_path / "one.toml", quick=True)
+    _check_common(c, world())
+    assert (c.nodes, c.ranks_per_node, c.measured) == (1, 1, [])
+    assert "no link measured" in c.notes
+    assert load(tmp_path / "one.toml") == c
+
+
+@pytest.mark.mpi(min_size=2)
+def test_calibrate_quick_multi_rank(tmp_path_factory):
+    comm = world()
+    path = _shared_tmp(comm, tmp_path_factory)
+    c = calibrate(path, quick=True)
+    _check_common(c, comm)
+    P = comm.size
+    assert sum(s for _, s in c.hosts) == P and c.nodes == len(c.hosts)
+    # one table per measured op and group size 2..P, times positive and non-decreasing
+    keys = {(t.op, t.group_size) for t in c.measured}
+    for g in range(2, P + 1):
+        for op in ("allreduce", "allgather", "reduce_scatter", "bcast"):
+            assert (op, g) in keys
+    for t in c.measured:
+        assert all(s > 0 for s in t.seconds)
+        assert list(np.diff(t.seconds) >= 0).count(False) == 0
+        assert t.bytes[0] >= 4 and t.bytes[-1] <= 262144
+    # the link reproduces a latency in a believable range (1 ns .. 10 ms)
+    assert 1e-9 < c.intra.time(8) < 1e-2
+    # the cost model answers measured points with the measurement
+    m = CostModel(c)
+    t = c.lookup_measured("allreduce", 2, c.measured[0].nodes)
+    assert m.time("allreduce", t.bytes[1], 2, local=2 if c.ranks_per_node >= 2 else 1,
+                  nodes=t.nodes) == pytest.approx(t.seconds[1])
+    if comm.rank == 0:
+        assert load(path) == c
