@@ -403,6 +403,10 @@ class CostModel:
     def __init__(self, cluster: Cluster, itemsize: int = 4):
         self.cluster = cluster
         self.itemsize = itemsize
+        # (op, p, nodes) -> table; built once (the cluster's list is not re-read)
+        self._tables = {}
+        for t in cluster.measured:
+            self._tables.setdefault((t.op, t.group_size, t.nodes), t)
 
     def time(self, op: str, nbytes: float, p: int, *, local: int | None = None,
              nodes: int | None = None, nic_share: float = 1.0) -> float:
@@ -436,7 +440,7 @@ class CostModel:
 
     def _measured(self, op, base, nbytes, p, m):
         for name in (op, base):
-            t = self.cluster.lookup_measured(name, p, m)
+            t = self._tables.get((name, p, m))
             if t is not None and t.covers(nbytes):
                 return t(nbytes)
         return None
