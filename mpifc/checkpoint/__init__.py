@@ -1,0 +1,41 @@
+"""HDF5 checkpoints: full logical tensors + sharding attributes, digest, atomic, reshard on load.
+
+    from mpifc.checkpoint import save, load, describe
+    path = save("runs/ckpt", model, opt, grid, step=step, epoch=epoch,
+                data_position=loader.state_dict(), rng_states={"dropout": rng},
+                config=toml_text, keep_last=3)          # collective; same path on all ranks
+    meta = load("runs/ckpt", model, opt, grid)          # latest in the directory, any layout
+    print(describe(path))                               # mpifc inspect
+
+The file layout is documented in :mod:`mpifc.checkpoint.format`; the digest in
+:mod:`mpifc.checkpoint.digest`; the write protocol in :mod:`mpifc.checkpoint.atomic`.
+"""
+from mpifc.checkpoint.describe import describe
+from mpifc.checkpoint.digest import compute as compute_digest
+from mpifc.checkpoint.format import (FORMAT_NAME, FORMAT_VERSION, CheckpointError,
+                                     checkpoint_name, latest_checkpoint, list_checkpoints,
+                                     rng_state, set_rng_state)
+from mpifc.checkpoint.load import load
+from mpifc.checkpoint.save import save
+
+
+def verify(path) -> str:
+    """Check a checkpoint's digest on this process alone; return it or raise CheckpointError."""
+    import h5py
+
+    from mpifc.checkpoint import digest
+    from mpifc.checkpoint.format import resolve
+
+    target = resolve(path)
+    try:
+        with h5py.File(target, "r") as f:
+            return digest.check(f, target)
+    except (OSError, RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"{target}: unreadable ({exc}); truncated or damaged") from None
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
+__all__ = ["save", "load", "describe", "verify", "compute_digest", "CheckpointError",
+           "FORMAT_NAME", "FORMAT_VERSION", "checkpoint_name", "list_checkpoints",
+           "latest_checkpoint", "rng_state", "set_rng_state"]
