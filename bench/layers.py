@@ -9,8 +9,9 @@ ready-made contiguous operands; ratio = layer / GEMM.
 Table 2: one training step (zero_grad, forward, softmax cross-entropy, backward,
 SGD-momentum update) of an MLP and of the source articles' image classifier,
 beside PyTorch CPU at the same thread count when torch is importable;
-ratio = mpifc time / torch time. Times are the minimum over --repeat runs: the
-least disturbed run, since other processes may share the cores.
+ratio = mpifc time / torch time. Times are the minimum over --repeat runs, and
+the runs of the two sides of a ratio are interleaved: other processes may share
+the cores, and this way both sides see the same load.
 """
 import argparse
 import time
@@ -23,7 +24,7 @@ from mpifc.optim import SGD
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("--threads", type=int, default=1, help="BLAS (and torch) threads, default 1")
-ap.add_argument("--repeat", type=int, default=15, help="timed runs per case (the minimum is reported)")
+ap.add_argument("--repeat", type=int, default=20, help="timed runs per case (the minimum is reported)")
 ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
 args = ap.parse_args()
 threadpool_limits(limits=args.threads)
@@ -31,41 +32,41 @@ dt = np.dtype(args.dtype)
 rng = np.random.default_rng(0)
 
 
-def best_time(fn, repeat=args.repeat, warmup=2):
+def best_times(fns, repeat=args.repeat, warmup=2):
+    """Best time of each function, runs interleaved so all of them see the same load."""
     for _ in range(warmup):
-        fn()
-    ts = []
+        for fn in fns:
+            fn()
+    ts = [[] for _ in fns]
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.min(ts))
+        for fn, t in zip(fns, ts):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+    return [float(np.min(t)) for t in ts]
 
 
-def randn(*shape):
-    return rng.standard_normal(shape).astype(dt)
-
-
-def gemm3_time(M, Kd, F):
-    """Time of the three products of a fwd+bwd with output (F, M) and inner size Kd."""
+def gemm3_run(M, Kd, F, G=1):
+    """The three products of a fwd+bwd with output (F, M) and inner size Kd, G times."""
     W, col, dy = randn(F, Kd), randn(Kd, M), randn(F, M)
     y, dW, dcol = np.empty((F, M), dt), np.empty((F, Kd), dt), np.empty((Kd, M), dt)
 
     def run():
-        np.matmul(W, col, out=y)
-        np.matmul(dy, col.T, out=dW)
-        np.matmul(W.T, dy, out=dcol)
-    return best_time(run)
+        for _ in range(G):
+            np.matmul(W, col, out=y)
+            np.matmul(dy, col.T, out=dW)
+            np.matmul(W.T, dy, out=dcol)
+    return run
 
 
-def layer_time(layer, x):
+def layer_run(layer, x):
     y = layer.forward(x)
     dy = randn(*y.shape)
 
     def run():
         layer.forward(x)
         layer.backward(dy)
-    return best_time(run)
+    return run
 
 
 print(f"mpifc bench/layers.py   threads={args.threads}   dtype={dt}   repeat={args.repeat} (best of)")
@@ -77,9 +78,8 @@ print("-" * len(hdr))
 linear_cases = [(256, 784, 1024), (256, 1024, 1024), (256, 1024, 10), (64, 4096, 64), (1024, 512, 512)]
 for N, D, F in linear_cases:
     layer = nn.Linear(D, F, rng=rng, dtype=dt)
-    t = layer_time(layer, randn(N, D))
+    t, tg = best_times([layer_run(layer, randn(N, D)), gemm3_run(N, D, F)])
     flops = 3 * 2.0 * N * D * F
-    tg = gemm3_time(N, D, F)
     print(f"{f'Linear N={N} {D}->{F}':<44s} {t * 1e3:8.2f} {flops / t / 1e9:8.1f} "
           f"{flops / tg / 1e9:13.1f} {tg / t:6.2f}")
 
@@ -90,12 +90,11 @@ conv_cases = [(64, 3, 32, 32, 3, 1, 1, 1), (64, 32, 64, 16, 3, 1, 1, 1),
 for N, C, K, H, k, s, p, G in conv_cases:
     layer = nn.Conv2d(C, K, k, stride=s, padding=p, groups=G, rng=rng, dtype=dt)
     x = randn(N, C, H, H)
-    t = layer_time(layer, x)
     Ho = (H + 2 * p - k) // s + 1
     M, Kd = N * Ho * Ho, C // G * k * k
     flops = 3 * 2.0 * M * Kd * K
-    # grouped: G independent GEMMs of (K/G, Kd) x (Kd, M); time them as one batched product set
-    tg = gemm3_time(M, Kd, K // G) * G if G > 1 else gemm3_time(M, Kd, K)
+    # grouped: G independent GEMMs of (K/G, Kd) x (Kd, M)
+    t, tg = best_times([layer_run(layer, x), gemm3_run(M, Kd, K // G, G)])
     name = f"Conv2d N={N} {C}->{K} {H}x{H} k{k} s{s} p{p}" + (f" g{G}" if G > 1 else "")
     print(f"{name:<44s} {t * 1e3:8.2f} {flops / t / 1e9:8.1f} {flops / tg / 1e9:13.1f} {tg / t:6.2f}")
 
@@ -128,7 +127,7 @@ def step_mpifc(model, x, t):
         loss_fn.forward(model.forward(x), t)
         model.backward(loss_fn.backward())
         opt.step()
-    return best_time(run)
+    return run
 
 
 try:
@@ -158,7 +157,7 @@ def step_torch(kind, x, t):
         opt.zero_grad()
         loss_fn(model(tx), tt).backward()
         opt.step()
-    return best_time(run)
+    return run
 
 
 print()
@@ -169,11 +168,13 @@ for kind, make, xshape, target in [("mlp", mlp_mpifc, (256, 784), 1.2),
                                    ("cnn", cnn_mpifc, (64, 3, 32, 32), 2.0)]:
     x = randn(*xshape)
     t = rng.integers(0, 10, size=xshape[0])
-    tm = step_mpifc(make(), x, t)
+    fns = [step_mpifc(make(), x, t)] + ([step_torch(kind, x, t)] if torch is not None else [])
+    times = best_times(fns)
+    tm = times[0]
     name = ("MLP 784-1024-1024-10, batch 256" if kind == "mlp"
             else "classifier conv32-conv64-d64-d10 3x32x32, b64")
     if torch is not None:
-        tt = step_torch(kind, x, t)
+        tt = times[1]
         print(f"{name:<44s} {tm * 1e3:9.2f} {tt * 1e3:9.2f} {tm / tt:6.2f} {f'<={target}':>7s}")
     else:
         print(f"{name:<44s} {tm * 1e3:9.2f} {'n/a':>9s} {'n/a':>6s} {f'<={target}':>7s}")
