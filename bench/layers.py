@@ -32,6 +32,10 @@ dt = np.dtype(args.dtype)
 rng = np.random.default_rng(0)
 
 
+def randn(*shape):
+    return rng.standard_normal(shape).astype(dt)
+
+
 def best_times(fns, repeat=args.repeat, warmup=2):
     """Best time of each function, runs interleaved so all of them see the same load."""
     for _ in range(warmup):
