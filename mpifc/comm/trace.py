@@ -76,6 +76,10 @@ class Tracer:
     def __len__(self) -> int:
         return len(self._events)
 
+    def busy_seconds(self) -> float:
+        """Total seconds spent inside recorded calls on this rank."""
+        return sum(e[8] - e[7] for e in self._events)
+
     # --- exports ---
     def summary(self, events: list[dict] | None = None) -> dict[str, dict]:
         """Per-op totals: calls, bytes, seconds and GB/s (bytes / seconds)."""
