@@ -100,6 +100,14 @@ def _root_check(path, entries, optimizer) -> dict:
     return meta
 
 
+def final_or(path) -> str:
+    """The file ``path`` resolves to, or ``path`` itself when it does not resolve."""
+    try:
+        return resolve(path)
+    except CheckpointError:
+        return os.fspath(path)
+
+
 def _local_slice(e):
     return e.sharding.local_slice() if e.sharded else tuple(slice(None) for _ in e.global_shape)
 
@@ -136,6 +144,11 @@ def load(path, model, optimizer, grid, *, rng: bool = True) -> dict:
     ------
     CheckpointError on every rank: missing file, bad format, digest mismatch,
     truncated file, different model, optimizer mismatch, unreadable slices.
+
+    Notes
+    -----
+    Every rank opens the file read-only at once. On file systems without POSIX
+    locks (some NFS mounts) HDF5 may refuse that; set ``HDF5_USE_FILE_LOCKING=FALSE``.
     """
     from mpifc.comm import Grid, trace, world
 
@@ -147,8 +160,8 @@ def load(path, model, optimizer, grid, *, rng: bool = True) -> dict:
     try:
         entries = collect(model, optimizer, grid)
         problems = local_problems(entries)
-    except ValueError as exc:
-        problems = [str(exc)]
+    except Exception as exc:  # noqa: BLE001 - agreed on by all ranks below
+        problems = [f"{type(exc).__name__}: {exc}" if not isinstance(exc, ValueError) else str(exc)]
     _agree(comm, problems, f"cannot load checkpoint {where}")
     sigs = comm.allgather_obj(signature(entries))
     if len(set(sigs)) != 1:
@@ -162,6 +175,8 @@ def load(path, model, optimizer, grid, *, rng: bool = True) -> dict:
                 verdict = ("ok", _root_check(path, entries, optimizer))
             except (ValueError, CheckpointError) as exc:
                 verdict = ("error", str(exc))
+            except Exception as exc:  # noqa: BLE001 - never leave the other ranks waiting
+                verdict = ("error", f"{final_or(path)}: {type(exc).__name__}: {exc}")
         verdict = comm.bcast_obj(verdict, root=0)
         if verdict[0] != "ok":
             raise CheckpointError(f"refusing to load: {verdict[1]}")

@@ -189,8 +189,9 @@ def save(path, model, optimizer, grid, *, step: int, epoch: int = 0, data_positi
         sig = signature(entries)
         rng_text = dumps({str(k): rng_state(g) for k, g in (rng_states or {}).items()})
         dumps(data_position), dumps(extra)
-    except (ValueError, TypeError) as exc:
-        problems = [str(exc)]
+    except Exception as exc:  # noqa: BLE001 - agreed on by all ranks below
+        problems = [str(exc) if isinstance(exc, (ValueError, TypeError))
+                    else f"{type(exc).__name__}: {exc}"]
     _agree(comm, problems, f"cannot save checkpoint {final}")
     sigs = comm.allgather_obj(sig)
     if len(set(sigs)) != 1:
