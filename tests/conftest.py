@@ -82,3 +82,19 @@ def comm():
 def all_ranks_ok(comm, ok: bool) -> bool:
     """True when ``ok`` holds on every rank (collective: call it on all ranks)."""
     return all(comm.mpi.allgather(bool(ok)))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """``--with-mpi --only-mpi`` runs only the MPI-marked tests.
+
+    pytest-mpi 0.6 ignores --only-mpi when --with-mpi is also given, so the serial
+    tests would run again at every rank count; deselect them here instead.
+    """
+    if not config.getoption("--only-mpi", False):
+        return
+    keep = [i for i in items if i.get_closest_marker("mpi") is not None]
+    dropped = [i for i in items if i.get_closest_marker("mpi") is None]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep

@@ -127,8 +127,9 @@ def linear_backward(dy, x, W, need_dx=True, need_db=True):
     dW : (F, D)
     db : (F,) or None when ``need_db`` is False
     """
-    dy2 = dy.reshape(-1, dy.shape[-1])
-    x2 = x.reshape(-1, x.shape[-1])
+    rows = math.prod(dy.shape[:-1])          # explicit: an empty shard (D = 0) must work
+    dy2 = dy.reshape(rows, dy.shape[-1])
+    x2 = x.reshape(rows, x.shape[-1])
     dx = (dy @ W) if need_dx else None
     dW = dy2.T @ x2
     db = dy2.sum(axis=0) if need_db else None

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mpifc.checkpoint import CheckpointError, load, save, set_rng_state
-from mpifc.comm import Grid, world
+from mpifc.comm import Grid
 from mpifc.optim import Adam
 
 from ckpt_helpers import ToyModel, expected_local, full_state, local_state, mismatches, trained

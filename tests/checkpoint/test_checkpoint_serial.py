@@ -15,7 +15,8 @@ from mpifc.checkpoint import (CheckpointError, describe, latest_checkpoint, list
 from mpifc.comm import Grid, world
 from mpifc.optim import SGD, Adam
 
-from ckpt_helpers import ToyModel, full_state, mismatches, trained
+from joblaunch import child_env
+from ckpt_helpers import ToyModel, full_state, grads_from, mismatches, trained
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -65,8 +66,6 @@ def test_round_trip_bit_exact(tmp_path, grid, mode):
 
 def test_resume_continues_bit_exact(tmp_path, grid):
     """Train 2 steps, save, train 2 more == load into a fresh model, train 2 more."""
-    from ckpt_helpers import grads_from
-
     m, opt = trained(3, steps=2)
     _save(tmp_path, m, opt, grid, 2)
     for s in (2, 3):
@@ -88,7 +87,7 @@ def test_lazy_optimizer_slot_stays_unset(tmp_path, grid):
     path = _save(tmp_path, m, opt, grid, 0)
     with h5py.File(path) as f:
         assert "optimizer/momentum" in f and len(f["optimizer/momentum"]) == 0
-    m2, opt2 = ToyModel(2), None
+    m2 = ToyModel(2)
     opt2 = SGD(m2.named_parameters(), lr=0.1, momentum=0.9)
     m2.named_parameters()[0][1].grad[...] = 1.0
     opt2.step()                     # creates a momentum buffer that the load must clear
@@ -285,8 +284,7 @@ def test_save_killed_midway_keeps_previous_checkpoint(tmp_path, grid):
     script = tmp_path / "killed_save.py"
     script.write_text(KILLED_SAVE.format(here=HERE))
     # a fresh singleton MPI process: drop the launcher's PMI connection if we run under mpiexec
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI_LOCAL", "HYDRA"))}
-    env["PYTHONPATH"] = HERE + os.pathsep + os.environ.get("PYTHONPATH", "")
+    env = child_env(pythonpath=HERE)
     proc = subprocess.Popen([sys.executable, str(script), str(d), str(marker)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

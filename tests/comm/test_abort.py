@@ -1,22 +1,15 @@
 """Nothing hangs: one failing rank ends the job; debug mode names mismatched collectives."""
 import os
-import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
-MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+from joblaunch import MPIEXEC, run_job as _run
 
 
 def run_job(code, n, timeout=60, env=None):
-    script = textwrap.dedent(code)
-    e = dict(os.environ, **(env or {}))
-    t0 = time.perf_counter()
-    p = subprocess.run([MPIEXEC, "-n", str(n), sys.executable, "-c", script], capture_output=True,
-                       text=True, timeout=timeout, env=e)
-    return p, time.perf_counter() - t0
+    return _run([sys.executable, "-c", textwrap.dedent(code)], n, timeout=timeout, env=env)
 
 
 @pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="mpiexec not in the venv")

@@ -1,0 +1,12 @@
+"""Sharded layers, class-parallel loss and data parallelism; every message explicit and traced.
+
+Each layer documents its row of the communication contract (shared/DESIGN.md) and
+describes itself without running (``output_shape``, ``collectives``, ``flops``;
+see :mod:`mpifc.parallel.describe`).
+"""
+from mpifc.parallel.describe import Collective, match_trace
+from mpifc.parallel.linear import ColumnParallelLinear, RowParallelLinear
+from mpifc.parallel.loss import ParallelSoftmaxCrossEntropy
+
+__all__ = ["Collective", "match_trace", "ColumnParallelLinear", "RowParallelLinear",
+           "ParallelSoftmaxCrossEntropy"]

@@ -1,0 +1,50 @@
+"""Shared pieces of the sharded layers: naming, phases, feature-axis collectives.
+
+MPI collectives in :mod:`mpifc.comm` split axis 0. Sharded layers split the
+feature axis (1) instead; :func:`allgather_axis1` moves that axis to the front
+(one contiguous copy), gathers, and moves it back.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from mpifc.backend import get_array_module
+from mpifc.comm import trace
+from mpifc.nn.module import Module
+from mpifc.parallel.describe import Collective
+
+
+class ParallelModule(Module):
+    """A layer that communicates. Subclasses set ``self.name`` (the phase prefix)
+    and ``self.dtype``, and implement ``output_shape``, ``collectives``, ``flops``."""
+
+    name = "layer"
+
+    def phase(self, which: str):
+        """``with self.phase("forward"):`` labels the layer's messages ``"<name>.forward"``."""
+        return trace.phase(f"{self.name}.{which}")
+
+    def _c(self, which: str, op: str, group, count: int) -> Collective:
+        """A predicted message of this layer in phase ``which`` on ``group`` (a Communicator)."""
+        return Collective(f"{self.name}.{which}", op, group.name, int(count),
+                          int(np.dtype(self.dtype).itemsize))
+
+
+def allgather_axis1(group, x, counts):
+    """Concatenate every rank's block of axis 1 of ``x`` (uneven: ``counts``) on all ranks.
+
+    x : (N, c_r, ...) -> (N, sum(counts), ...). The trace records one allgather of
+    ``x.size`` elements. Adjoint: take this rank's block of axis 1 of a summed gradient.
+    """
+    xp = get_array_module(x)
+    xt = xp.ascontiguousarray(xp.moveaxis(x, 1, 0))
+    full = group.allgather(xt, counts=list(counts))
+    return xp.ascontiguousarray(xp.moveaxis(full, 0, 1))
+
+
+def take_axis(x, axis, start, stop):
+    """A contiguous copy of ``x[..., start:stop, ...]`` along ``axis``."""
+    xp = get_array_module(x)
+    sl = [slice(None)] * x.ndim
+    sl[axis] = slice(start, stop)
+    return xp.ascontiguousarray(x[tuple(sl)])
