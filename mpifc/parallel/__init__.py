@@ -7,6 +7,9 @@ see :mod:`mpifc.parallel.describe`).
 from mpifc.parallel.describe import Collective, match_trace
 from mpifc.parallel.linear import ColumnParallelLinear, RowParallelLinear
 from mpifc.parallel.loss import ParallelSoftmaxCrossEntropy
+from mpifc.parallel.conv import InChannelParallelConv2d, OutChannelParallelConv2d
+from mpifc.parallel.norm import SyncBatchNorm1d, SyncBatchNorm2d
 
 __all__ = ["Collective", "match_trace", "ColumnParallelLinear", "RowParallelLinear",
            "ParallelSoftmaxCrossEntropy"]
+__all__ += ["OutChannelParallelConv2d", "InChannelParallelConv2d", "SyncBatchNorm1d", "SyncBatchNorm2d"]
