@@ -13,3 +13,6 @@ from mpifc.parallel.norm import SyncBatchNorm1d, SyncBatchNorm2d
 __all__ = ["Collective", "match_trace", "ColumnParallelLinear", "RowParallelLinear",
            "ParallelSoftmaxCrossEntropy"]
 __all__ += ["OutChannelParallelConv2d", "InChannelParallelConv2d", "SyncBatchNorm1d", "SyncBatchNorm2d"]
+from mpifc.parallel.data import DataParallel, clip_grad_norm_grid
+
+__all__ += ["DataParallel", "clip_grad_norm_grid"]

@@ -1,0 +1,402 @@
+"""Models from a config's ``[model]`` table, on any dp x tp grid.
+
+    net = build_model(cfg["model"], grid, seed=0, dtype=np.float32)
+    logits = net.forward(x)                       # x : (N_local, *input)
+    loss = net.loss.forward(logits, y)            # python float, mean over local rows
+    dp = DataParallel(net, grid.dp_comm)          # replicas over dp, buckets, overlap
+    dp.backward(net.loss.backward(scale)); dp.synchronize(); opt.step()
+
+Layer table entries (``[model] layers = [{type = ..., ...}, ...]``):
+
+    linear       out, bias=true, init, shard = "column" | "row" | "none"
+    conv2d       out, kernel, stride=1, padding=0, dilation=1, bias=true, init,
+                 shard = "out" | "in" | "none"
+    batchnorm2d / batchnorm1d   eps=1e-5, momentum=0.1
+    relu, gelu, tanh, sigmoid, leakyrelu (slope=0.01)
+    maxpool2d / avgpool2d       kernel, stride=kernel, padding=0
+    globalavgpool2d, flatten, dropout (p=0.5)
+
+On tp = 1 every layer is the serial one of :mod:`mpifc.nn` (no tensor messages).
+On tp > 1 ``shard`` picks the tensor-parallel layer; the activation between
+layers is either replicated over the tensor group or split on its channel/feature
+axis. A column linear or output-channel conv keeps its output split when the next
+layer with parameters takes split input (a row linear, an input-channel conv) or
+when it is the last layer (class-split logits for the class-parallel loss), and
+gathers it otherwise. Layers without a ``shard`` run replicated. BatchNorm on
+split channels normalises its own channels (its parameters and running stats are
+split like them). With dp > 1 BatchNorm becomes SyncBatchNorm over the data group,
+so dp ranks normalise with the statistics of the whole global batch.
+
+Initialisation: layer ``i`` of the table draws from ``numpy.random.default_rng([seed, i])``
+(on the tensor root for a sharded weight, which is scattered), so every layout of
+the same config starts from the same global tensors. Dropout draws its masks from
+``[seed, i, dp_rank]``: replicated over the tensor group, different over dp.
+
+Names: children ``conv1, bn1, relu1, pool1, flatten1, fc1, fc2, ...`` (numbered per
+kind); parameters ``fc1.weight`` etc. (checkpoint keys, the same on every layout);
+sharded layers use the child name as their trace phase prefix (``fc1.backward``).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from mpifc import nn
+from mpifc.config import ConfigError
+from mpifc.nn import functional as F
+from mpifc.nn.module import Module
+from mpifc.parallel import describe as D
+from mpifc.parallel.data import backward_layers
+from mpifc.parallel.init import shard_counts
+
+# type -> (child name prefix, allowed keys besides "type")
+LAYERS = {
+    "linear": ("fc", {"out", "bias", "init", "shard"}),
+    "conv2d": ("conv", {"out", "kernel", "stride", "padding", "dilation", "bias", "init", "shard"}),
+    "batchnorm2d": ("bn", {"eps", "momentum"}),
+    "batchnorm1d": ("bn", {"eps", "momentum"}),
+    "relu": ("relu", set()),
+    "gelu": ("gelu", set()),
+    "tanh": ("tanh", set()),
+    "sigmoid": ("sigmoid", set()),
+    "leakyrelu": ("relu", {"slope"}),
+    "maxpool2d": ("pool", {"kernel", "stride", "padding"}),
+    "avgpool2d": ("pool", {"kernel", "stride", "padding"}),
+    "globalavgpool2d": ("pool", set()),
+    "flatten": ("flatten", set()),
+    "dropout": ("dropout", {"p"}),
+}
+SHARDS = {"linear": ("column", "row", "none"), "conv2d": ("out", "in", "none")}
+_PRODUCERS = {("linear", "column"), ("conv2d", "out")}     # output split over tp
+_CONSUMERS = {("linear", "row"), ("conv2d", "in")}         # take split input
+
+
+# --------------------------------------------------------------------------- #
+# losses with the trainer's interface
+# --------------------------------------------------------------------------- #
+class LocalLoss:
+    """Softmax cross-entropy on whole logits (N, Q), replicated over the tensor group.
+
+    No messages: every tensor rank holds the same logits and computes the same loss.
+    """
+
+    def __init__(self, num_classes):
+        self.num_classes = int(num_classes)
+        self._ce = nn.SoftmaxCrossEntropy()
+        self._logits = self._target = None
+
+    def forward(self, logits, target) -> float:
+        """logits : (N, Q), target : (N,) -> mean loss over the N local rows (0.0 if N = 0)."""
+        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"loss: expects logits (N, {self.num_classes}), got {logits.shape}")
+        self._logits, self._target = logits, target
+        if logits.shape[0] == 0:
+            return 0.0
+        return float(self._ce.forward(logits, target))
+
+    def backward(self, scale=1.0):
+        """-> dlogits (N, Q) of ``scale * loss``."""
+        if self._logits.shape[0] == 0:
+            return self._logits * 0
+        return self._ce.backward(scale)
+
+    def correct(self) -> int:
+        if self._logits.shape[0] == 0:
+            return 0
+        return int((self._logits.argmax(axis=1) == self._target).sum())
+
+    def collectives(self, logits_shape, accuracy=False):
+        return []
+
+
+class ClassParallelLoss:
+    """Softmax cross-entropy on class-split logits (N, Q_r): wraps
+    :class:`~mpifc.parallel.ParallelSoftmaxCrossEntropy` (allreduces over the tensor group)."""
+
+    def __init__(self, num_classes, group, dtype):
+        from mpifc.parallel.loss import ParallelSoftmaxCrossEntropy
+
+        self.num_classes = int(num_classes)
+        self.inner = ParallelSoftmaxCrossEntropy(num_classes, group, dtype=dtype)
+
+    def forward(self, logits, target) -> float:
+        return float(self.inner.forward(logits, target))
+
+    def backward(self, scale=1.0):
+        return self.inner.backward(scale)
+
+    def correct(self) -> int:
+        return int(self.inner.correct())
+
+    def collectives(self, logits_shape, accuracy=False):
+        return self.inner.collectives(logits_shape, accuracy=accuracy)
+
+
+# --------------------------------------------------------------------------- #
+# the model
+# --------------------------------------------------------------------------- #
+class Net(Module):
+    """The layers of a config on a grid; see the module docstring.
+
+    Attributes
+    ----------
+    layers : list of Module, in order (children named ``names[i]``)
+    names : child names, e.g. ["conv1", "bn1", "relu1", ...]
+    grid : the Grid it was built on
+    loss : :class:`LocalLoss` or :class:`ClassParallelLoss` for the logits it returns
+    input_shape : per-sample input shape, e.g. (1, 8, 8) or (64,)
+    num_classes : Q, the last linear layer's ``out``
+    logits_sharded : True when the logits are split over classes (tp > 1)
+    """
+
+    def __init__(self, layers, names, grid, loss, input_shape, num_classes, logits_sharded):
+        super().__init__()
+        for name, layer in zip(names, layers):
+            self.add_module(name, layer)
+        self.layers, self.names = list(layers), list(names)
+        self.grid, self.loss = grid, loss
+        self.input_shape, self.num_classes = tuple(input_shape), int(num_classes)
+        self.logits_sharded = bool(logits_sharded)
+        # the input is data: the first layer with parameters skips its input gradient
+        self.input_grad = False
+        first = next((l for l in self.layers if l.parameters()), None)
+        if first is not None:
+            first.input_grad = False
+
+    def forward(self, x):
+        """x : (N, *input_shape) -> local logits (N, Q) or (N, Q_r) when class-split."""
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(f"model expects input (N, {', '.join(map(str, self.input_shape))}), "
+                             f"got {tuple(x.shape)}")
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dlogits) -> None:
+        """Backward through the layers in reverse (down to the first layer with parameters)."""
+        dy = dlogits
+        for layer in reversed(backward_layers(self)):
+            dy = layer.backward(dy)
+
+    # --- description ---
+    def shapes(self, rows: int) -> list[tuple]:
+        """Local input shape of every layer, then the logits shape, for ``rows`` samples."""
+        shape = (int(rows),) + self.input_shape
+        out = [shape]
+        for layer in self.layers:
+            shape = D.output_shape(layer, shape)
+            out.append(shape)
+        return out
+
+    def collectives(self, rows: int, loss=True, accuracy=False) -> list:
+        """Messages of one training step (forward + backward, and the loss) on this rank."""
+        shapes = self.shapes(rows)
+        out = []
+        for layer, shape in zip(self.layers, shapes):
+            out += D.collectives(layer, shape)
+        if loss:
+            out += self.loss.collectives(shapes[-1], accuracy=accuracy)
+        return out
+
+    def flops(self, rows: int) -> tuple[int, int]:
+        """(forward, backward) flops of this rank's layers for ``rows`` samples."""
+        f = b = 0
+        for layer, shape in zip(self.layers, self.shapes(rows)):
+            lf, lb = D.flops(layer, shape)
+            f, b = f + lf, b + lb
+        return f, b
+
+    def __repr__(self):
+        inner = "\n".join(f"  ({n}): {l!r}" for n, l in zip(self.names, self.layers))
+        return (f"Net(input={self.input_shape}, classes={self.num_classes}, dp={self.grid.dp}, "
+                f"tp={self.grid.tp}\n{inner}\n)")
+
+
+# --------------------------------------------------------------------------- #
+# building
+# --------------------------------------------------------------------------- #
+def _validate(specs, input_shape):
+    if not specs:
+        raise ConfigError("model.layers is empty")
+    if not input_shape or any(int(s) < 1 for s in input_shape):
+        raise ConfigError(f"model.input must be a list of positive sizes, got {input_shape}")
+    for i, s in enumerate(specs):
+        if not isinstance(s, dict) or "type" not in s:
+            raise ConfigError(f"model.layers[{i}] must be a table with a 'type'")
+        t = s["type"]
+        if t not in LAYERS:
+            raise ConfigError(f"model.layers[{i}]: unknown type {t!r}; known: {sorted(LAYERS)}")
+        extra = set(s) - {"type"} - LAYERS[t][1]
+        if extra:
+            raise ConfigError(f"model.layers[{i}] ({t}): unknown keys {sorted(extra)}; "
+                              f"allowed: {sorted(LAYERS[t][1])}")
+        if t in ("linear", "conv2d") and not (isinstance(s.get("out"), int) and s["out"] >= 1):
+            raise ConfigError(f"model.layers[{i}] ({t}): 'out' must be an integer >= 1")
+        if t in ("conv2d", "maxpool2d", "avgpool2d") and "kernel" not in s:
+            raise ConfigError(f"model.layers[{i}] ({t}): 'kernel' is required")
+        if t in SHARDS and s.get("shard", "none") not in SHARDS[t]:
+            raise ConfigError(f"model.layers[{i}] ({t}): shard {s.get('shard')!r} must be one of "
+                              f"{list(SHARDS[t])}")
+    lin = [i for i, s in enumerate(specs) if s["type"] in ("linear", "conv2d")]
+    if not lin or specs[lin[-1]]["type"] != "linear":
+        raise ConfigError("model.layers: the last layer with parameters must be a linear layer "
+                          "(its 'out' is the number of classes)")
+
+
+def _keeps_split(specs, i, tp) -> bool:
+    """Does the producer at ``i`` keep its output split (True) or gather it (False)?"""
+    if tp == 1:
+        return False
+    for s in specs[i + 1:]:
+        if s["type"] in ("linear", "conv2d"):
+            return (s["type"], s.get("shard", "none")) in _CONSUMERS
+    return True          # the last layer: class-split logits
+
+
+def _rng(seed, *key):
+    return np.random.default_rng([int(seed), *map(int, key)])
+
+
+def build_model(model_cfg: dict, grid, *, seed: int, dtype=np.float32, xp=None) -> Net:
+    """Build the :class:`Net` of ``model_cfg`` (``{"input": [...], "layers": [...]}``) on ``grid``.
+
+    Every rank of the grid must call it (sharded weights are scattered over the
+    tensor group). dp ranks get identical replicas from the seed; a
+    :class:`~mpifc.parallel.DataParallel` built on the model bcasts them anyway.
+    """
+    specs = [dict(s) for s in model_cfg.get("layers", [])]
+    input_shape = tuple(int(s) for s in model_cfg.get("input", []))
+    _validate(specs, input_shape)
+    tp, dp = grid.tp, grid.dp
+    tpc, dpc = grid.tp_comm, grid.dp_comm
+    dtype = np.dtype(dtype)
+    kw = {"dtype": dtype, "xp": xp}
+
+    layers, names, counter = [], [], {}
+    shape = input_shape        # per-sample logical (global) shape
+    split = None               # channel/feature counts over tp when the activation is split
+
+    def need(ndim, i, t):
+        if len(shape) != ndim:
+            want = "(C, H, W)" if ndim == 3 else "(D,) features: add a flatten before it"
+            raise ConfigError(f"model.layers[{i}] ({t}) needs input {want}, gets {shape}")
+
+    for i, s in enumerate(specs):
+        t = s["type"]
+        prefix = LAYERS[t][0]
+        counter[prefix] = counter.get(prefix, 0) + 1
+        name = f"{prefix}{counter[prefix]}"
+        shard = s.get("shard", "none") if tp > 1 else "none"
+        rng = _rng(seed, i)
+        if t in ("linear", "conv2d") and split is not None and (t, shard) not in _CONSUMERS:
+            raise ConfigError(f"model.layers[{i}] ({t}, shard={shard}) gets a split input")  # planned away
+
+        if t == "linear":
+            need(1, i, t)
+            Din, Fo = shape[0], int(s["out"])
+            lkw = dict(bias=bool(s.get("bias", True)), init=s.get("init", "kaiming_uniform"), rng=rng, **kw)
+            if shard == "column":
+                from mpifc.parallel.linear import ColumnParallelLinear
+
+                keep = _keeps_split(specs, i, tp)
+                layer = ColumnParallelLinear(Din, Fo, tpc, gather_output=not keep, name=name, **lkw)
+                split = shard_counts(Fo, tpc) if keep else None
+            elif shard == "row":
+                from mpifc.parallel.linear import RowParallelLinear
+
+                layer = RowParallelLinear(Din, Fo, tpc, input_is_sharded=split is not None,
+                                          in_counts=split, name=name, **lkw)
+                split = None
+            else:
+                layer = nn.Linear(Din, Fo, **lkw)
+            shape = (Fo,)
+
+        elif t == "conv2d":
+            need(3, i, t)
+            C, H, W = shape
+            K = int(s["out"])
+            ckw = dict(stride=s.get("stride", 1), padding=s.get("padding", 0),
+                       dilation=s.get("dilation", 1), bias=bool(s.get("bias", True)),
+                       init=s.get("init", "kaiming_uniform"), rng=rng, **kw)
+            if shard == "out":
+                from mpifc.parallel.conv import OutChannelParallelConv2d
+
+                keep = _keeps_split(specs, i, tp)
+                layer = OutChannelParallelConv2d(C, K, s["kernel"], tpc, gather_output=not keep,
+                                                 name=name, **ckw)
+                split = shard_counts(K, tpc) if keep else None
+            elif shard == "in":
+                from mpifc.parallel.conv import InChannelParallelConv2d
+
+                layer = InChannelParallelConv2d(C, K, s["kernel"], tpc, input_is_sharded=split is not None,
+                                                in_counts=split, name=name, **ckw)
+                split = None
+            else:
+                layer = nn.Conv2d(C, K, s["kernel"], **ckw)
+            (pt, pb), (pl, pr) = F.normalize_padding(ckw["padding"])
+            (R, S_), (sh, sw), (dh, dw) = F._pair(s["kernel"]), F._pair(ckw["stride"]), F._pair(ckw["dilation"])
+            shape = (K, F.conv_output_size(H, R, sh, pt, pb, dh), F.conv_output_size(W, S_, sw, pl, pr, dw))
+
+        elif t in ("batchnorm2d", "batchnorm1d"):
+            need(3 if t == "batchnorm2d" else 1, i, t)
+            c_local = split[tpc.rank] if split is not None else shape[0]
+            bkw = dict(eps=float(s.get("eps", 1e-5)), momentum=float(s.get("momentum", 0.1)), **kw)
+            if dp > 1 or split is not None:
+                # statistics over the dp group (the global batch); on split channels the
+                # layer's gamma, beta and running stats are split over tp like them
+                from mpifc.parallel import norm
+
+                cls = norm.SyncBatchNorm2d if t == "batchnorm2d" else norm.SyncBatchNorm1d
+                layer = cls(c_local, dpc if dp > 1 else None, name=name,
+                            channel_group=tpc if split is not None else None,
+                            channel_counts=split, **bkw)
+            else:
+                layer = (nn.BatchNorm2d if t == "batchnorm2d" else nn.BatchNorm1d)(c_local, **bkw)
+
+        elif t in ("maxpool2d", "avgpool2d"):
+            need(3, i, t)
+            C, H, W = shape
+            k = F._pair(s["kernel"])
+            st = F._pair(s.get("stride", k))
+            (pt, pb), (pl, pr) = F.normalize_padding(s.get("padding", 0))
+            cls = nn.MaxPool2d if t == "maxpool2d" else nn.AvgPool2d
+            layer = cls(k, stride=st, padding=s.get("padding", 0))
+            shape = (C, F.conv_output_size(H, k[0], st[0], pt, pb), F.conv_output_size(W, k[1], st[1], pl, pr))
+
+        elif t == "globalavgpool2d":
+            need(3, i, t)
+            layer = nn.GlobalAvgPool2d()
+            shape = (shape[0],)
+
+        elif t == "flatten":
+            if split is not None:       # (c_r, H, W) -> c_r*H*W features, channel-major
+                per = math.prod(shape[1:])
+                split = tuple(c * per for c in split)
+            layer = nn.Flatten()
+            shape = (math.prod(shape),)
+
+        elif t == "dropout":
+            layer = nn.Dropout(float(s.get("p", 0.5)), rng=_rng(seed, i, grid.dp_rank))
+
+        else:  # elementwise activations
+            layer = {"relu": lambda: nn.ReLU(), "gelu": lambda: nn.GELU(), "tanh": lambda: nn.Tanh(),
+                     "sigmoid": lambda: nn.Sigmoid(),
+                     "leakyrelu": lambda: nn.LeakyReLU(float(s.get("slope", 0.01)))}[t]()
+
+        if any(d < 1 for d in shape):
+            raise ConfigError(f"model.layers[{i}] ({t}) produces an empty output {shape}")
+        layers.append(layer)
+        names.append(name)
+
+    if len(shape) != 1:
+        raise ConfigError(f"model output per sample is {shape}; it must be (classes,)")
+    num_classes = next(int(s["out"]) for s in reversed(specs) if s["type"] == "linear")
+    if shape[0] != num_classes:
+        raise ConfigError(f"model output has {shape[0]} values per sample but the last linear "
+                          f"layer has out={num_classes}")
+    if split is not None:
+        loss = ClassParallelLoss(num_classes, tpc, dtype)
+    else:
+        loss = LocalLoss(num_classes)
+    return Net(layers, names, grid, loss, input_shape, num_classes, logits_sharded=split is not None)

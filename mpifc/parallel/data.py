@@ -1,0 +1,399 @@
+"""Data parallelism: replicas on the ranks of a data group, gradients averaged by allreduce.
+
+P ranks in the data group (``grid.dp_comm``), each holding a full replica of its
+tensor-parallel shard of the model and its own rows of the global batch.
+
+Contract row:
+
+============== ======== ==========================================================
+layer          forward  backward
+============== ======== ==========================================================
+data parallel  none     (bucketed, overlapped) allreduce of gradients over dp group
+============== ======== ==========================================================
+
+Plan (built once, in :class:`DataParallel`): the parameters, in reverse order (the
+order backward produces their gradients), are packed into fusion buffers of at most
+``bucket_mb`` (a larger single tensor gets a bucket of its own; dtypes never mix).
+Each ``Parameter.grad`` becomes a view into its bucket's buffer, so layers
+accumulate straight into the buffer (``grad += dW``) and the allreduce runs on it
+in place: no packing copies, and no second copy of the gradients in memory.
+
+Step: backward walks ``model.layers`` in reverse; when the last gradient of a
+bucket is ready, ``iallreduce`` starts on it (overlap) while the earlier layers
+keep computing; ``synchronize`` waits for every request and divides by P. MPICH
+advances a non-blocking collective only inside MPI calls, so a small helper
+thread calls ``MPI_Test`` on the pending requests while the main thread computes
+(NumPy releases the GIL in its GEMMs). The blocking mode issues one allreduce per
+bucket after backward, for comparison. Trace phases: ``dp.grad_bucket<i>``
+(bucket 0 holds the LAST layer's parameters), ``dp.init`` for the start-up bcasts,
+``clip.norm`` for gradient clipping.
+
+A group of one rank sends nothing: no bcast, no allreduce (the gradients are
+already the average over one replica).
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+from mpifc.backend import get_array_module
+from mpifc.comm import trace
+from mpifc.parallel.describe import Collective
+
+_perf = time.perf_counter
+
+
+# --------------------------------------------------------------------------- #
+# the bucket plan
+# --------------------------------------------------------------------------- #
+class Bucket:
+    """One fusion buffer: ``params`` (reverse model order) laid out back to back in ``buffer``.
+
+    index    bucket number (0 = filled first in backward = the last layers)
+    params   the Parameters whose gradients are views into ``buffer``
+    offsets  start of each parameter's gradient in ``buffer`` (elements)
+    buffer   1-D gradient array (numel elements of ``dtype``)
+    """
+
+    def __init__(self, index, params, dtype, xp):
+        self.index = index
+        self.params = list(params)
+        self.dtype = np.dtype(dtype)
+        self.offsets = []
+        n = 0
+        for p in self.params:
+            self.offsets.append(n)
+            n += p.size
+        self.numel = n
+        self.buffer = xp.zeros(n, dtype=self.dtype)
+        self.request = None
+        self.pending = len(self.params)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def phase(self) -> str:
+        return f"dp.grad_bucket{self.index}"
+
+    def adopt_grads(self) -> None:
+        """Make every ``p.grad`` a view of this buffer, keeping its current values."""
+        for p, off in zip(self.params, self.offsets):
+            view = self.buffer[off: off + p.size].reshape(p.shape)
+            view[...] = p.grad
+            p.grad = view
+
+
+def plan_buckets(params, bucket_mb: float, xp=None) -> list[Bucket]:
+    """Group ``params`` (already in reverse order) into buckets of at most ``bucket_mb``.
+
+    A bucket closes before a parameter that would make it exceed the cap, or that
+    has another dtype; a parameter larger than the cap gets a bucket of its own.
+    ``bucket_mb <= 0`` puts every parameter in a bucket of its own.
+    """
+    cap = int(bucket_mb * 2**20)
+    buckets, cur, cur_bytes = [], [], 0
+    for p in params:
+        nb = int(p.grad.nbytes)
+        if cur and (cur_bytes + nb > cap or p.grad.dtype != cur[0].grad.dtype):
+            buckets.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(p)
+        cur_bytes += nb
+    if cur:
+        buckets.append(cur)
+    out = []
+    for i, ps in enumerate(buckets):
+        bxp = xp if xp is not None else get_array_module(ps[0].grad)
+        out.append(Bucket(i, ps, ps[0].grad.dtype, bxp))
+    return out
+
+
+def backward_layers(model) -> list:
+    """The layers backward runs, in forward order: all of ``model.layers``, or, when
+    the model's input needs no gradient (``model.input_grad`` False), those from the
+    first layer that owns parameters on."""
+    layers = list(model.layers)
+    if getattr(model, "input_grad", True):
+        return layers
+    first = next((i for i, layer in enumerate(layers) if layer.parameters()), len(layers))
+    return layers[first:]
+
+
+def unique_parameters(model) -> list:
+    """``model.parameters()`` without repeats (a shared parameter is reduced once)."""
+    seen, out = set(), []
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# progress helper
+# --------------------------------------------------------------------------- #
+class _Progress:
+    """Calls ``Request.test()`` on pending requests from a helper thread.
+
+    MPICH advances a non-blocking collective only while some MPI call runs on the
+    rank; without this, an iallreduce posted before a long GEMM would do most of
+    its work in ``wait``. The thread lives while requests are pending, sleeps
+    ``interval`` seconds between tests, and is joined before the main thread waits
+    (so no request is ever tested and waited concurrently). Needs
+    MPI_THREAD_MULTIPLE (mpi4py's default), since tensor-parallel layers call MPI
+    from the main thread meanwhile.
+    """
+
+    def __init__(self, interval: float = 1e-4):
+        self.interval = float(interval)
+        self._lock = threading.Lock()
+        self._pending: list = []
+        self._thread = None
+        self._stop = False
+
+    def add(self, request) -> None:
+        with self._lock:
+            self._pending.append(request)
+            if self._thread is None:
+                self._stop = False
+                self._thread = threading.Thread(target=self._run, name="mpifc-dp-progress",
+                                                daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if self._stop or not self._pending:
+                    self._thread = None          # under the lock: add() starts a new one
+                    return
+                snapshot = list(self._pending)
+            done = {id(r) for r in snapshot if r.test()}
+            with self._lock:
+                self._pending = [r for r in self._pending if id(r) not in done]
+            time.sleep(self.interval)
+
+    def stop(self) -> None:
+        """Stop testing and join the thread; the caller then waits on the requests."""
+        with self._lock:
+            self._stop = True
+            t = self._thread
+        if t is not None:
+            t.join()
+        with self._lock:
+            self._pending = []
+            self._thread = None
+            self._stop = False
+
+
+# --------------------------------------------------------------------------- #
+# DataParallel
+# --------------------------------------------------------------------------- #
+class DataParallel:
+    """Average gradients over a data group, bucketed and overlapped with backward.
+
+    Parameters
+    ----------
+    model : a Module with ``.layers`` (run in reverse in :meth:`backward`) and
+        ``parameters()``; a model without ``.layers`` runs its own ``backward`` and
+        then reduces every bucket (no overlap)
+    group : Communicator of the data-parallel ranks (``grid.dp_comm``)
+    bucket_mb : fusion buffer cap in MiB (2**20 bytes); default 25
+    overlap : True: iallreduce each bucket as soon as it is full, during backward;
+        False: one blocking allreduce per bucket after backward
+    progress : with ``overlap``, drive the pending requests from a helper thread
+        (see :class:`_Progress`); False leaves them to MPI calls of the main thread
+
+    Usage per step::
+
+        dp.zero_grad()
+        dp.backward(loss.backward(scale))
+        dp.synchronize()               # before clipping or the optimizer step
+
+    Gradient accumulation: backward calls inside ``with dp.no_sync():`` send nothing;
+    the next backward outside it reduces the accumulated sum.
+
+    Attributes
+    ----------
+    buckets : list of :class:`Bucket`
+    timings : seconds of the last synchronised step on this rank: ``post`` (starting
+        iallreduces), ``wait`` (waiting for them in :meth:`synchronize`: the exposed
+        communication), ``blocking`` (the blocking allreduces)
+    """
+
+    def __init__(self, model, group, bucket_mb=25.0, overlap=True, *, progress=True):
+        self.model, self.group = model, group
+        self.bucket_mb, self.overlap = float(bucket_mb), bool(overlap)
+        self.params = unique_parameters(model)
+        self.buckets = plan_buckets(list(reversed(self.params)), self.bucket_mb)
+        for b in self.buckets:
+            b.adopt_grads()
+        self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
+        self._sync = True
+        self._launched: list[Bucket] = []
+        self._progress = _Progress() if (progress and overlap and group.size > 1) else None
+        self.timings = {"post": 0.0, "wait": 0.0, "blocking": 0.0}
+        self.broadcast_state()
+
+    # --- start-up ---
+    def broadcast_state(self, root: int = 0) -> None:
+        """bcast every parameter and buffer (BatchNorm running stats) from the group root."""
+        if self.group.size == 1:
+            return
+        with trace.phase("dp.init"):
+            for p in self.params:
+                self.group.bcast(p.data, root=root)
+            for _, buf in self.model.buffers():
+                self.group.bcast(buf, root=root)
+
+    # --- gradient flow ---
+    def zero_grad(self) -> None:
+        for b in self.buckets:
+            b.buffer[...] = 0
+
+    @contextmanager
+    def no_sync(self):
+        """Accumulate gradients over micro-batches without communicating."""
+        old, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = old
+
+    def backward(self, dlogits) -> None:
+        """Run the model's backward; start each bucket's allreduce once it is complete."""
+        if not self._sync or self.group.size == 1:
+            self._run_backward(dlogits, None)
+            return
+        if self._launched:
+            raise RuntimeError("DataParallel.backward: the previous step was not synchronized; "
+                               "call synchronize() before the next synchronised backward")
+        self.timings = {"post": 0.0, "wait": 0.0, "blocking": 0.0}
+        for b in self.buckets:
+            b.pending = len(b.params)
+        self._run_backward(dlogits, self._layer_done if self.overlap else None)
+        # buckets whose parameters no layer in the backward walk owns, or every bucket
+        # in the blocking mode and for a model without layers
+        for b in self.buckets:
+            if b.request is None and b not in self._launched:
+                self._reduce(b)
+
+    def _run_backward(self, dy, on_layer) -> None:
+        layers = getattr(self.model, "layers", None)
+        if layers is None:
+            self.model.backward(dy)
+            return
+        for layer in reversed(backward_layers(self.model)):
+            dy = layer.backward(dy)
+            if on_layer is not None:
+                on_layer(layer)
+
+    def _layer_done(self, layer) -> None:
+        """The gradients of ``layer``'s parameters are final: start full buckets."""
+        for p in layer.parameters():
+            b = self._bucket_of.get(id(p))
+            if b is None:
+                continue
+            b.pending -= 1
+            if b.pending == 0:
+                self._reduce(b)
+
+    def _reduce(self, b: Bucket) -> None:
+        self._launched.append(b)
+        if b.numel == 0:           # every rank of the group has the same empty shard
+            return
+        t0 = _perf()
+        with trace.phase(b.phase):
+            if self.overlap:
+                b.request = self.group.iallreduce(b.buffer, out=b.buffer)
+                if self._progress is not None:
+                    self._progress.add(b.request)
+                self.timings["post"] += _perf() - t0
+            else:
+                self.group.allreduce(b.buffer, out=b.buffer)
+                self.timings["blocking"] += _perf() - t0
+
+    def synchronize(self) -> None:
+        """Wait for every bucket's allreduce and average: ``grad = sum over ranks / P``."""
+        if self._progress is not None:
+            self._progress.stop()
+        P = self.group.size
+        t0 = _perf()
+        for b in self._launched:
+            if b.request is not None:
+                with trace.phase(b.phase):    # the event is recorded at wait
+                    b.request.wait()
+                b.request = None
+        self.timings["wait"] = _perf() - t0
+        for b in self._launched:
+            if b.numel:
+                b.buffer /= P
+        self._launched = []
+
+    # --- clipping ---
+    def clip_grad_norm(self, max_norm: float, grid=None) -> float:
+        """Clip by the global norm (see :func:`clip_grad_norm_grid`); after :meth:`synchronize`."""
+        return clip_grad_norm_grid(self.params, max_norm, grid or getattr(self.model, "grid", None))
+
+    # --- description ---
+    def collectives(self) -> list[Collective]:
+        """The messages of one synchronised step: one (i)allreduce per non-empty bucket."""
+        if self.group.size == 1:
+            return []
+        op = "iallreduce" if self.overlap else "allreduce"
+        return [Collective(b.phase, op, self.group.name, b.numel, b.dtype.itemsize)
+                for b in self.buckets if b.numel]
+
+    def __repr__(self):
+        sizes = ", ".join(f"{b.nbytes / 2**20:.2f}" for b in self.buckets)
+        return (f"DataParallel(group={self.group.name} size {self.group.size}, "
+                f"{len(self.buckets)} buckets [{sizes}] MiB, overlap={self.overlap})")
+
+
+# --------------------------------------------------------------------------- #
+# gradient clipping on a grid
+# --------------------------------------------------------------------------- #
+def clip_grad_norm_grid(params, max_norm, grid, eps=1e-6) -> float:
+    """Clip gradients by their global L2 norm over the whole (dp x tp) model.
+
+    Sharded parameters (``sharding.axis`` set, group "tp") contribute their local
+    sum of squares on every tensor rank; replicated ones are counted once (on
+    tensor rank 0); one allreduce over the tensor group (phase ``clip.norm``, 1
+    float64) completes the sum. Data-parallel replicas hold identical gradients
+    after :meth:`DataParallel.synchronize`, so nothing crosses the data group, and
+    every rank gets the same norm. ``grid`` None (or tp = 1) sends nothing.
+
+    Returns the norm before clipping (a Python float, the same on all ranks).
+    """
+    params = list(params)
+    tp_comm = None if grid is None or grid.tp == 1 else grid.tp_comm
+    sq = np.zeros(1, dtype=np.float64)
+    for p in params:
+        sharded = p.sharding is not None and p.sharding.axis is not None
+        if sharded or tp_comm is None or tp_comm.rank == 0:
+            xp = get_array_module(p.grad)
+            g = p.grad.reshape(-1)
+            sq[0] += float(xp.dot(g, g))
+    if tp_comm is not None:
+        with trace.phase("clip.norm"):
+            tp_comm.allreduce(sq, out=sq)
+    total = math.sqrt(sq[0])
+    if not math.isfinite(total):
+        return total
+    coef = max_norm / (total + eps)
+    if coef < 1.0:
+        for p in params:
+            p.grad *= coef
+    return total
+
+
+def clip_collectives(grid) -> list[Collective]:
+    """The message of :func:`clip_grad_norm_grid` on ``grid``."""
+    if grid is None or grid.tp == 1:
+        return []
+    return [Collective("clip.norm", "allreduce", grid.tp_comm.name, 1, 8)]
