@@ -6,6 +6,7 @@ the abort handler first, so an exception on any rank ends the whole job.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -72,6 +73,64 @@ def _cmd_inspect(args):
         raise SystemExit(f"mpifc inspect: {e}")
 
 
+def _config_or_exit(source, overrides, cmd):
+    from mpifc.config import ConfigError, load_config
+
+    try:
+        return load_config(source, overrides)
+    except ConfigError as e:
+        raise SystemExit(f"mpifc {cmd}: {e}")
+
+
+def _cmd_train(args):
+    from mpifc.train import train
+
+    cfg = _config_or_exit(args.config, args.set, "train")
+    if args.print_config:
+        from mpifc.config import to_toml
+        print(to_toml(cfg), end="")
+        return
+    train(cfg, quiet=args.quiet, resume=args.resume, out=args.out)
+
+
+def _cmd_eval(args):
+    """Evaluate a checkpoint on the test split, under any layout that fits the job."""
+    from mpifc.checkpoint import CheckpointError, load, stored_config
+    from mpifc.comm import world
+    from mpifc.config import ConfigError, loads_config
+    from mpifc.train import Trainer
+
+    comm = world()
+    got = None
+    if comm.rank == 0:
+        try:
+            got = ("ok", *stored_config(args.checkpoint))
+        except CheckpointError as e:
+            got = ("error", str(e), None)
+    status, path, text = comm.bcast_obj(got)
+    if status == "error":
+        raise SystemExit(f"mpifc eval: {path}")
+    if text is None:
+        raise SystemExit(f"mpifc eval: {path} holds no config; it was not written by mpifc train")
+    # the saved layout may not fit this job: default to the saved tp when it divides
+    # the job, else tp=1; dp follows from the job size
+    try:
+        saved = loads_config(text)
+        tp = saved["parallel"]["tp"] if comm.size % max(saved["parallel"]["tp"], 1) == 0 else 1
+        cfg = loads_config(text, overrides=[f"parallel.dp=0", f"parallel.tp={tp}", *args.set])
+    except ConfigError as e:
+        raise SystemExit(f"mpifc eval: {e}")
+    tr = Trainer(cfg, quiet=True, comm=comm, out=args.out or os.path.dirname(os.path.dirname(path)))
+    info = load(path, tr.model, None, tr.grid)
+    res = tr.evaluate()
+    if comm.rank == 0:
+        lay = info["layout"]
+        print(f"{path}: step {info['step']}, saved as dp={lay['dp']} x tp={lay['tp']}, "
+              f"evaluated as dp={tr.grid.dp} x tp={tr.grid.tp}")
+        print(f"test_loss {res['test_loss']:.6f}  test_acc {res['test_acc']:.4f}  "
+              f"({tr.test_loader.plan.n} samples of {tr.data_path})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mpifc", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -96,6 +155,28 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--classes", type=int, default=10)
     pr.add_argument("--seed", type=int, default=0)
     pr.set_defaults(func=_cmd_data_prepare)
+
+    tr = sub.add_parser("train", help="train a config or preset (run under mpiexec for several ranks)",
+                        description="Train CONFIG (a TOML file) or a preset: "
+                        "digits-mlp, digits-cnn, cifar-cnn. Example: "
+                        "mpiexec -n 2 mpifc train digits-cnn --set parallel.tp=2")
+    tr.add_argument("config", help="TOML config file or preset name")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. train.epochs=3 (repeatable)")
+    tr.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                    help="continue from a checkpoint (default: the run's latest, if any)")
+    tr.add_argument("--out", help="run directory (default: train.out, runs/<name>)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    tr.add_argument("--print-config", action="store_true",
+                    help="print the resolved config (defaults + overrides) and exit")
+    tr.set_defaults(func=_cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test split")
+    ev.add_argument("checkpoint", help="checkpoint file, or a directory (its latest)")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override the stored config, e.g. parallel.tp=1")
+    ev.add_argument("--out", help="run directory for the evaluation (default: the checkpoint's)")
+    ev.set_defaults(func=_cmd_eval)
 
     ins = sub.add_parser("inspect", help="summarise a dataset or checkpoint file")
     ins.add_argument("file")

@@ -92,20 +92,27 @@ def load_config(source: str, overrides: list[str] | None = None) -> dict:
     """Load a preset name or a TOML path, fill defaults, apply overrides, validate."""
     if os.path.exists(source):
         with open(source, "rb") as f:
-            try:
-                raw = tomllib.load(f)
-            except tomllib.TOMLDecodeError as e:
-                raise ConfigError(f"{source}: not valid TOML: {e}") from None
+            text = f.read().decode()
         name = os.path.splitext(os.path.basename(source))[0]
     elif source in preset_names():
-        raw = tomllib.loads(resources.files("mpifc.presets").joinpath(f"{source}.toml").read_text())
+        text = resources.files("mpifc.presets").joinpath(f"{source}.toml").read_text()
         name = source
     else:
         raise ConfigError(f"{source!r} is neither a config file nor a preset; presets: "
                           f"{', '.join(preset_names())}")
-    raw.pop("name", None)
+    return loads_config(text, name, overrides, where=source)
+
+
+def loads_config(text: str, name: str | None = None, overrides: list[str] | None = None,
+                 where: str = "config") -> dict:
+    """A config from TOML text (e.g. the copy stored in a checkpoint)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where}: not valid TOML: {e}") from None
+    stored = raw.pop("name", None)
     cfg = apply_overrides(_merge(DEFAULTS, raw), overrides or [])
-    cfg["name"] = name
+    cfg["name"] = name or stored or "run"
     validate(cfg)
     return cfg
 

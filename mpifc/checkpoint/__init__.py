@@ -36,6 +36,21 @@ def verify(path) -> str:
         raise CheckpointError(str(exc)) from None
 
 
-__all__ = ["save", "load", "describe", "verify", "compute_digest", "CheckpointError",
+def stored_config(path) -> tuple[str, str | None]:
+    """(checkpoint file, the run's TOML config text or None), read on this process alone.
+
+    The digest is checked first, so a damaged file is refused before its config is used.
+    """
+    import h5py
+
+    from mpifc.checkpoint.format import as_str, resolve
+
+    verify(path)
+    target = resolve(path)
+    with h5py.File(target, "r") as f:
+        return target, (as_str(f["config"][()]) if "config" in f else None)
+
+
+__all__ = ["save", "load", "describe", "verify", "stored_config", "compute_digest", "CheckpointError",
            "FORMAT_NAME", "FORMAT_VERSION", "checkpoint_name", "list_checkpoints",
            "latest_checkpoint", "rng_state", "set_rng_state"]
