@@ -9,7 +9,7 @@ from mpifc.parallel.linear import ColumnParallelLinear, RowParallelLinear
 from mpifc.parallel.loss import ParallelSoftmaxCrossEntropy
 from mpifc.parallel.conv import InChannelParallelConv2d, OutChannelParallelConv2d
 from mpifc.parallel.norm import SyncBatchNorm1d, SyncBatchNorm2d
-from mpifc.parallel.spatial import (SpatialParallelAvgPool2d, SpatialParallelConv2d,
+from mpifc.parallel.spatial import (SpatialGather, SpatialParallelAvgPool2d, SpatialParallelConv2d,
                                     SpatialParallelMaxPool2d)
 
 __all__ = ["Collective", "match_trace", "ColumnParallelLinear", "RowParallelLinear",
@@ -18,4 +18,5 @@ __all__ += ["OutChannelParallelConv2d", "InChannelParallelConv2d", "SyncBatchNor
 from mpifc.parallel.data import DataParallel, clip_grad_norm_grid
 
 __all__ += ["DataParallel", "clip_grad_norm_grid"]
-__all__ += ["SpatialParallelConv2d", "SpatialParallelMaxPool2d", "SpatialParallelAvgPool2d"]
+__all__ += ["SpatialParallelConv2d", "SpatialParallelMaxPool2d", "SpatialParallelAvgPool2d",
+            "SpatialGather"]

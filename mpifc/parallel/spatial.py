@@ -459,3 +459,63 @@ class SpatialParallelAvgPool2d(_SpatialPool):
 
     def _pool_backward(self, dy, cache):
         return F.avgpool2d_backward(dy, cache)
+
+
+class SpatialGather(ParallelModule):
+    """End of a spatial section: allgather(v) the row bands into the whole image on every rank.
+
+    Contract: forward one allgather(v) of this rank's band along H; backward none —
+    the adjoint of the allgather keeps this rank's band of the gradient, which is the
+    whole gradient because the layers after the gather run replicated (the same
+    convention as ``gather_output`` of the column-parallel layers).
+
+    Parameters
+    ----------
+    group : the spatial Communicator
+    height : H, the global height of the image being gathered
+    in_counts : rows per rank (default balanced: the output bands of a spatial layer)
+    name : phase prefix; dtype : element type assumed by :meth:`collectives`
+
+    Shapes
+    ------
+    x : (N, C, in_counts[r], W) -> y : (N, C, H, W), replicated
+    """
+
+    def __init__(self, group, height, in_counts=None, *, name="sgather", dtype=np.float32):
+        super().__init__()
+        self.group, self.name, self.height = group, name, int(height)
+        if in_counts is None:
+            in_counts = balanced_counts(self.height, group.size)[0]
+        self.in_counts = tuple(int(c) for c in in_counts)
+        if len(self.in_counts) != group.size or sum(self.in_counts) != self.height:
+            raise ValueError(f"{name}: in_counts {self.in_counts} must have {group.size} entries "
+                             f"summing to height {self.height}")
+        self._band = row_bands(self.height, group.size, self.in_counts)[group.rank]
+        self.dtype = resolve_dtype(dtype)
+
+    def forward(self, x):
+        r = self.group.rank
+        if x.ndim != 4 or x.shape[2] != self.in_counts[r]:
+            raise ValueError(f"{self.name}: rank {r} expects its band of {self.in_counts[r]} of "
+                             f"{self.height} rows, got {x.shape}")
+        self.dtype = np.dtype(x.dtype)
+        xp = get_array_module(x)
+        # MPI gathers axis 0: rows to the front (one contiguous copy), gather, move back
+        xt = xp.ascontiguousarray(xp.moveaxis(x, 2, 0))
+        with self.phase("forward"):
+            full = self.group.allgather(xt, counts=list(self.in_counts))
+        return xp.ascontiguousarray(xp.moveaxis(full, 0, 2))
+
+    def backward(self, dy):
+        a, b = self._band
+        return get_array_module(dy).ascontiguousarray(dy[:, :, a:b])
+
+    def output_shape(self, input_shape):
+        N, C, _, W = input_shape
+        return (N, C, self.height, W)
+
+    def collectives(self, input_shape):
+        return [self._c("forward", "allgather", self.group, int(np.prod(input_shape)))]
+
+    def flops(self, input_shape):
+        return 0, 0

@@ -14,7 +14,7 @@ import pytest
 from mpifc import nn
 from mpifc.comm import balanced_counts, trace
 from mpifc.nn import functional as F
-from mpifc.parallel import (SpatialParallelAvgPool2d, SpatialParallelConv2d,
+from mpifc.parallel import (SpatialGather, SpatialParallelAvgPool2d, SpatialParallelConv2d,
                             SpatialParallelMaxPool2d, SyncBatchNorm2d, match_trace)
 from mpifc.parallel.describe import collectives as describe_collectives
 from mpifc.parallel.spatial import plan_rows, row_bands, split_rows
@@ -224,3 +224,32 @@ def test_spatial_conv_first_layer_skips_the_halo_add(comm):
     check("dW", layer.weight.grad, ref.weight.grad, np.float64, bad)
     assert all(e["phase"] != "first.backward" or e["op"] == "allreduce" for e in trace.events())
     assert not bad and not missing and not extra, (bad, missing, extra)
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_spatial_gather_into_a_dense_head(comm, dtype):
+    """conv (split rows) -> SpatialGather -> Flatten -> Linear (replicated) == serial."""
+    N, C, K, H, W, F_ = 2, 2, 3, 9, 4, 5
+    x = _data((N, C, H, W), dtype)
+    ref = nn.Sequential(nn.Conv2d(C, K, 3, stride=2, padding=1, seed=1, dtype=dtype), nn.Flatten(),
+                        nn.Linear(K * 5 * 2, F_, seed=2, dtype=dtype))
+    y_ref = ref.forward(x)
+    g = _data(y_ref.shape, dtype, seed=4)
+    dx_ref = ref.backward(g)
+    conv = SpatialParallelConv2d(C, K, 3, comm, H, stride=2, padding=1, seed=1, dtype=dtype, name="c")
+    gather = SpatialGather(comm, conv.out_height, dtype=dtype, name="g")
+    par = nn.Sequential(conv, gather, nn.Flatten(), nn.Linear(K * 5 * 2, F_, seed=2, dtype=dtype))
+    xr = split_rows(x, comm)
+    trace.reset()
+    y = par.forward(xr)
+    dx = par.backward(g.copy())
+    missing, extra = match_trace(describe_collectives(par, xr.shape), trace.events())
+    bad = []
+    check("y", y, y_ref, dtype, bad)
+    check("dx", dx, split_rows(dx_ref, comm), dtype, bad)
+    check("dW conv", conv.weight.grad, ref[0].weight.grad, dtype, bad)
+    check("dW fc", par[3].weight.grad, ref[2].weight.grad, dtype, bad)
+    assert gather.output_shape(conv.output_shape(xr.shape)) == (N, K, 5, 2)
+    assert not bad, bad
+    assert not missing and not extra, (missing, extra)
