@@ -365,15 +365,14 @@ class Trainer:
             from mpifc.checkpoint import latest_checkpoint
 
             paths["checkpoint"] = latest_checkpoint(self.ckpt_dir)
-            if not self.quiet:
-                acc = last.get("test_acc")
-                print(f"done in {last.get('total_s', 0):.1f} s"
-                      + (f": test accuracy {acc:.4f}" if acc is not None else ""))
-                print(f"metrics    {self.metrics_path}")
-                print(f"checkpoint {paths['checkpoint']}")
-                if "trace_chrome" in paths:
-                    print(f"trace      {paths['trace_chrome']} (Perfetto / chrome://tracing); "
-                          f"summary {paths.get('trace_summary', '')}")
+            acc = last.get("test_acc")          # printed even with --quiet: where things went
+            print(f"done in {last.get('total_s', 0):.1f} s"
+                  + (f": test accuracy {acc:.4f}" if acc is not None else ""))
+            print(f"metrics    {self.metrics_path}")
+            print(f"checkpoint {paths['checkpoint']}")
+            if "trace_chrome" in paths:
+                print(f"trace      {paths['trace_chrome']} (Perfetto / chrome://tracing); "
+                      f"summary {paths.get('trace_summary', '')}", flush=True)
         return paths
 
 
