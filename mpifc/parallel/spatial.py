@@ -310,8 +310,10 @@ class SpatialParallelConv2d(_SpatialWindow):
         cache, ext_shape = self._cache
         self._cache = None
         xp = get_array_module(dy)
-        if cache is None:
-            dused = xp.zeros(ext_shape[:2] + (0,) + ext_shape[3:], dtype=dy.dtype) if self.input_grad else None
+        if cache is None:      # an empty output band: zero gradients, still in the allreduce
+            dused = None
+            if self.input_grad:
+                dused = xp.zeros(ext_shape[:2] + (0,) + ext_shape[3:], dtype=dy.dtype)
             dW = xp.zeros_like(self.weight.data)
             db = xp.zeros_like(self.bias.data) if self.bias is not None else None
         else:
