@@ -6,39 +6,44 @@ s itemsize (bytes per element). "_r" marks this rank's shard (balanced counts,
 larger shards first, so tp rank 0 holds the largest one and is the slowest).
 
 The shapes are computed, never built: a 16384-rank layout costs as little as a
-2-rank one (a few microseconds per layer). Each layer type follows its row of the
-communication contract (shared/DESIGN.md) exactly as the classes of
-:mod:`mpifc.parallel` issue it, so the list of messages here equals the trace of a
-real step (``tests/sim/test_sim_workload.py`` checks it against the layers'
-``collectives()`` and against a recorded step):
+2-rank one (a few microseconds per layer). The model is the one
+:func:`mpifc.models.build_model` assembles from the same config and the step is the
+trainer's (forward, loss and accuracy, backward with data-parallel buckets,
+clipping, optimizer), so the messages listed here are exactly those of a real step
+(``tests/sim/test_sim_workload.py`` compares them with the trace at 1-4 ranks):
 
-    column linear     fwd  allgather(v) of (b, F_r)     only if gathered
-                      bwd  allreduce of (b, D)          unless it is the first layer
+    on tp = 1 every layer is the serial one: no tensor-parallel message at all
+    column linear     fwd  allgather(v) of (b, F_r)       only if gathered
+                      bwd  allreduce of (b, D)            unless it is the first layer
     row linear        fwd  allreduce of (b, F)
-                      bwd  allgather(v) of (b, D_r)     only if its input was whole
+                      bwd  allgather(v) of (b, D_r)       only if its input was whole
     out-channel conv  fwd  allgather(v) of (b, K_r, Ho, Wo) only if gathered
-                      bwd  allreduce of (b, C, H, W)    unless it is the first layer
+                      bwd  allreduce of (b, C, H, W)      unless it is the first layer
     in-channel conv   fwd  allreduce of (b, K, Ho, Wo)
                       bwd  allgather(v) of (b, C_r, H, W) only if its input was whole
-    class-parallel loss  fwd allreduce max (b), allreduce sums (2b);
-                         metrics allreduce min (b, int64) when accuracy is computed
-    data parallel     bwd  iallreduce over dp of each gradient bucket (<= bucket_mb),
-                           started when its last gradient is ready, overlappable
+    BatchNorm, dp > 1 fwd  allreduce over dp of 2C_r + 2 (sums, count)
+                      bwd  allreduce over dp of 2C_r      unless it is the first layer
+    class-split logits   fwd allreduce max (b), allreduce sums (2b); accuracy: allreduce
+                         min (b, int64); whole logits: a local loss, no message
+    data parallel     iallreduce over dp of each gradient bucket (reverse parameter
+                      order, <= bucket_mb MiB), started once the layer that completes it
+                      has run its backward (overlappable); blocking mode: allreduce
+                      after the backward; nothing on dp = 1
+    clipping, tp > 1  allreduce over tp of one float64
 
-Sharding decisions mirror how a model is assembled from a config: a column (or
-out-channel) layer keeps its output sharded when the next layer with parameters
-takes a sharded input (a row linear, an in-channel conv) or when it produces the
-logits (the class-parallel loss takes them sharded); otherwise it gathers. Per-channel
-layers (BatchNorm, activations, pooling) keep a channel-sharded tensor as it is, and
-flatten turns C_r channels into C_r*H*W features (the row layer's ``in_counts``).
-The first layer with parameters computes no input gradient.
+A column (or out-channel) layer keeps its output split when the next layer with
+GEMM parameters takes a split input (a row linear, an in-channel conv) or when it
+produces the logits; otherwise it gathers. Per-channel layers keep a channel-split
+tensor as it is, and flatten turns C_r channels into C_r*H*W features. The first
+layer with parameters computes no input gradient, and the layers before it run no
+backward.
 
 Compute: GEMM and convolution FLOPs (2 per multiply-add, the layers' own ``flops``);
 element-wise work as bytes moved (reads + writes) counted from the NumPy code of
 each layer (see ``_PASSES``), since those kernels are memory-bound.
 
-Memory per rank: parameters + gradients + optimizer slots + data-parallel bucket
-buffers + what the forward keeps for the backward (layer inputs, im2col columns,
+Memory per rank: parameters + gradients (the bucket buffers) + optimizer slots +
+what the forward keeps for the backward (layer inputs, im2col columns,
 masks, normalised activations) + the largest live activation.
 """
 from __future__ import annotations
@@ -66,12 +71,18 @@ _PASSES = {
     "dropout_fwd": 4, "dropout_bwd": 2,
     "loss_fwd": 7, "loss_bwd": 5, "metrics": 3,
     "sgd": 10, "sgd_wd": 15, "adam": 32,     # per parameter element, with zero_grad
-    "dp_pack": 4,                            # copy grads into the bucket and back, scale
 }
 
-ELEMENTWISE = {"relu", "leaky_relu", "gelu", "tanh", "sigmoid", "dropout", "identity"}
+ELEMENTWISE = {"relu", "leakyrelu", "gelu", "tanh", "sigmoid", "dropout"}
 POOLS = {"maxpool2d", "avgpool2d"}
-NORMS = {"batchnorm2d", "batchnorm1d", "batchnorm", "layernorm"}
+NORMS = {"batchnorm2d", "batchnorm1d"}
+# child-name prefixes of mpifc.models (numbered per prefix: conv1, bn1, relu1, fc1, ...)
+PREFIX = {"linear": "fc", "conv2d": "conv", "batchnorm2d": "bn", "batchnorm1d": "bn",
+          "relu": "relu", "leakyrelu": "relu", "gelu": "gelu", "tanh": "tanh",
+          "sigmoid": "sigmoid", "maxpool2d": "pool", "avgpool2d": "pool",
+          "globalavgpool2d": "pool", "flatten": "flatten", "dropout": "dropout"}
+_PRODUCERS = {("linear", "column"), ("conv2d", "out")}
+_CONSUMERS = {("linear", "row"), ("conv2d", "in")}
 
 
 class WorkloadError(ValueError):
@@ -82,92 +93,66 @@ class WorkloadError(ValueError):
 class _Act:
     """The activation flowing between layers: per-sample global shape and its split.
 
-    split  None (replicated over the tensor group) or the sample axis that is split
-           (0: features of a vector, channels of an image)
-    counts global length of that axis on each tp rank (balanced, larger first)
+    counts  None (replicated over the tensor group) or the channels / features of
+            axis 0 of the sample on each tp rank (balanced, larger first)
     """
 
     shape: tuple
-    split: int | None = None
-    counts: tuple = ()
+    counts: tuple | None = None
 
     def local(self, r: int) -> tuple:
-        if self.split is None:
+        if self.counts is None:
             return self.shape
-        s = list(self.shape)
-        s[self.split] = self.counts[r]
-        return tuple(s)
+        return (self.counts[r],) + tuple(self.shape[1:])
 
 
 @dataclass
 class StepDescription:
     """Everything the analytic model says about one rank's step.
 
-    collectives   the messages in program order, in the trace convention
-                  (describe.Collective: count = this rank's buffer argument)
+    collectives   the messages in trace order (describe.Collective: count = this
+                  rank's buffer argument); data-parallel buckets last, as the trace
+                  records a non-blocking allreduce at its wait
     workload      the engine's Workload (phases with FLOPs, bytes, comm sizes)
     params        parameter elements held by this rank
     memory        bytes per rank, by part
+    names         trace name of each config layer
     """
 
     collectives: list[Collective]
     workload: Workload
     params: int
     memory: dict[str, float] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)
 
 
 def _prod(xs) -> int:
     return int(math.prod(xs))
 
 
-def _ltype(spec: dict) -> str:
-    return str(spec.get("type", "")).lower().replace("-", "_")
-
-
-def _shard(spec: dict) -> str:
-    s = spec.get("shard", "none")
-    return "none" if s in (None, False, "", "none", "replicate", "replicated") else str(s).lower()
-
-
-def _has_params(spec: dict) -> bool:
-    t = _ltype(spec)
-    return t in ("linear", "conv2d") or (t in NORMS and spec.get("affine", True))
-
-
-def _consumes_sharded(spec: dict) -> bool:
-    t, sh = _ltype(spec), _shard(spec)
-    return (t == "linear" and sh == "row") or (t == "conv2d" and sh == "in")
-
-
-def _keeps_output_sharded(layers: list[dict], i: int) -> bool:
-    """A column / out-channel layer at i keeps its output sharded (no allgather) when the
-    next layer with GEMM parameters takes a sharded input, or when it is the last one
-    (its output is the class-sharded logits)."""
+def _keeps_split(layers: list[dict], i: int, tp: int) -> bool:
+    """A column / out-channel layer at i keeps its output split (no allgather) when the
+    next layer with GEMM parameters takes a split input, or when it is the last one
+    (its output is the class-split logits). On tp = 1 nothing is split."""
+    if tp == 1:
+        return False
     for spec in layers[i + 1:]:
-        if _ltype(spec) in ("linear", "conv2d"):
-            return _consumes_sharded(spec)
+        if spec["type"] in ("linear", "conv2d"):
+            return (spec["type"], spec.get("shard", "none")) in _CONSUMERS
     return True
 
 
-def _layer_name(i: int, spec: dict) -> str:
-    return str(spec.get("name") or f"{_ltype(spec)}{i}")
-
-
-def _bucket_bytes(bucket_mb: float) -> float:
-    return float(bucket_mb) * 2 ** 20
-
-
-def _gather_sim_bytes(block_counts, itemsize) -> float:
-    return float(sum(block_counts)) * itemsize
+def _has_params(spec: dict) -> bool:
+    return spec["type"] in ("linear", "conv2d") or spec["type"] in NORMS
 
 
 def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = None,
                   local_batch: int | None = None, dp_rank: int = 0, tp_rank: int = 0,
-                  bucket_mb: float | None = None, accuracy: bool = True,
-                  dp_always: bool = True, names: list[str] | None = None,
-                  num_classes: int | None = None) -> StepDescription:
+                  bucket_mb: float | None = None, overlap: bool | None = None,
+                  accuracy: bool = True) -> StepDescription:
     """The analytic step of ``cfg`` (a dict from :func:`mpifc.config.load_config`) on one
-    rank of a dp x tp layout.
+    rank of a dp x tp layout, as the trainer runs it: forward, class-parallel loss
+    and accuracy, backward with data-parallel buckets, clipping, optimizer.
 
     Parameters
     ----------
@@ -176,12 +161,8 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
         split over dp with balanced counts, ``dp_rank`` takes its share
     local_batch : rows per dp replica instead (weak scaling: global = local * dp)
     dp_rank, tp_rank : the rank described (0: the largest shards, the slowest rank)
-    bucket_mb : gradient bucket cap (default parallel.bucket_mb)
+    bucket_mb, overlap : data-parallel buckets (default: the config's [parallel])
     accuracy : the step computes accuracy (the class-parallel metrics allreduce)
-    dp_always : gradient buckets are allreduced even at dp = 1 (a size-1 group: free,
-        but the trace records the calls)
-    names : trace phase prefix of each config layer (default "<type><index>")
-    num_classes : classes of the loss (default: the last layer's ``out``)
 
     Raises LayoutInfeasible for a layout that leaves a replica without samples, and
     WorkloadError for a config it cannot describe.
@@ -199,206 +180,182 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
         raise LayoutInfeasible(f"dp={dp} > global batch {B}: some replicas would get no "
                                f"samples (give a larger batch, or a per-replica batch)")
     b = balanced_counts(B, dp)[0][dp_rank]
-    bucket = _bucket_bytes(cfg["parallel"].get("bucket_mb", 25.0) if bucket_mb is None else bucket_mb)
+    par = cfg["parallel"]
+    cap = float(par.get("bucket_mb", 25.0) if bucket_mb is None else bucket_mb) * 2 ** 20
+    overlap = bool(par.get("overlap", True) if overlap is None else overlap)
 
-    layers = list(cfg["model"]["layers"])
-    if names is not None and len(names) != len(layers):
-        raise ValueError(f"names has {len(names)} entries for {len(layers)} layers")
+    layers = [dict(l) for l in cfg["model"]["layers"]]
     act = _Act(tuple(int(v) for v in cfg["model"]["input"]))
     first_param = next((i for i, l in enumerate(layers) if _has_params(l)), len(layers))
-
-    fwd_ph: list[Phase] = []        # forward phases, in order
-    fwd_cc: list[Collective] = []
-    bwd_blocks: list[tuple] = []    # per layer: (phases, collectives, param elements)
-    params = 0
-    param_list: list[int] = []      # local parameter sizes, in parameters() order
-    keep = 0.0                      # bytes the forward keeps for the backward
-    peak_act = _prod(act.shape) * b * s
     r = tp_rank
 
-    def comm(label, op, count, *, group="tp", stage="forward", sim_bytes=None, itemsize=s,
-             sim_op=None):
+    fwd_ph: list[Phase] = []
+    fwd_cc: list[Collective] = []
+    blocks: list[tuple] = []        # per layer run in backward: (phases, collectives, params)
+    names: list[str] = []
+    counter: dict[str, int] = {}
+    param_sizes: list[int] = []     # local parameter sizes, in parameters() order
+    keep = 0.0                      # bytes the forward keeps for the backward
+    peak = b * _prod(act.shape) * s
+
+    def comm(label, op, count, group, stage, sim_op=None, sim_bytes=None, itemsize=s):
         c = Collective(label, op, group, int(count), int(itemsize))
         ph = Phase("comm", f"{label}.{op}", op=sim_op or op, group=group,
                    bytes=float(c.bytes if sim_bytes is None else sim_bytes), stage=stage)
         return c, ph
 
-    def gemm(label, flops, stage, kind="gemm"):
+    def compute(label, flops, kind, stage):
         return Phase("compute", label, flops=float(flops), op_kind=kind, stage=stage)
 
     def elem(label, nbytes, stage):
         return Phase("compute", label, bytes=float(nbytes), op_kind="elementwise", stage=stage)
 
     for i, spec in enumerate(layers):
-        t, sh = _ltype(spec), _shard(spec)
-        name = names[i] if names is not None else _layer_name(i, spec)
+        t = spec.get("type")
+        if t not in PREFIX:
+            raise WorkloadError(f"model.layers[{i}]: unknown layer type {t!r}")
+        pre = PREFIX[t]
+        counter[pre] = counter.get(pre, 0) + 1
+        name = f"{pre}{counter[pre]}"
+        names.append(name)
+        sh = spec.get("shard", "none") if tp > 1 else "none"
         where = f"model.layers[{i}] ({t}{', shard ' + sh if sh != 'none' else ''})"
         in_grad = i > first_param
-        skip_bwd = i < first_param            # layers before the first parametric one
         xl = act.local(r)
         n_in = b * _prod(xl)
         f_ph, f_cc, b_ph, b_cc, lp = [], [], [], [], []
+        if t in ("linear", "conv2d") and act.counts is not None and (t, sh) not in _CONSUMERS:
+            raise WorkloadError(f"{where} gets a split input")
 
         if t == "linear":
             if len(act.shape) != 1:
                 raise WorkloadError(f"{where}: input {act.shape} is not a vector; add a flatten")
             D, Fo = act.shape[0], int(spec["out"])
-            bias = spec.get("bias", True)
+            bias = bool(spec.get("bias", True))
             if sh == "column":
-                if act.split is not None:
-                    raise WorkloadError(f"{where}: a column-parallel linear needs a replicated "
-                                        "input, but its input is sharded")
                 oc = balanced_counts(Fo, tp)[0]
-                Fr = oc[r]
-                gather = not _keeps_output_sharded(layers, i)
-                f_ph.append(gemm(f"{name}.forward", 2 * b * D * Fr, "forward"))
-                if bias:
-                    f_ph.append(elem(f"{name}.forward.bias", _PASSES["bias_fwd"] * b * Fr * s, "forward"))
-                if gather:
-                    c, ph = comm(f"{name}.forward", "allgather", b * Fr,
-                                 sim_bytes=_gather_sim_bytes(oc, b * s), sim_op="allgatherv")
+                Din, Fl, Fout = D, oc[r], oc[r]
+                keep_split = _keeps_split(layers, i, tp)
+                f_ph.append(compute(f"{name}.forward", 2 * b * D * Fl, "gemm", "forward"))
+                if not keep_split:
+                    c, ph = comm(f"{name}.forward", "allgather", b * Fl, "tp", "forward",
+                                 "allgatherv", b * Fo * s)
                     f_cc.append(c); f_ph.append(ph)
-                    act = _Act((Fo,))
-                else:
-                    act = _Act((Fo,), 0, tuple(oc))
-                b_ph.append(gemm(f"{name}.backward", 2 * b * D * Fr * (2 if in_grad else 1), "backward"))
-                if bias:
-                    b_ph.append(elem(f"{name}.backward.db", _PASSES["bias_bwd"] * b * Fr * s, "backward"))
                 if in_grad:
-                    c, ph = comm(f"{name}.backward", "allreduce", b * D, stage="backward")
-                    b_cc.append(c); b_ph.append(ph)
-                lp = [Fr * D] + ([Fr] if bias else [])
-                keep += n_in * s
+                    c, ph = comm(f"{name}.backward", "allreduce", b * D, "tp", "backward")
+                    b_cc.append(c)
+                    post = [ph]
+                else:
+                    post = []
+                new = _Act((Fo,), tuple(oc) if keep_split else None)
             elif sh == "row":
-                sharded_in = act.split is not None
-                ic = act.counts if sharded_in else balanced_counts(D, tp)[0]
-                if sum(ic) != D or len(ic) != tp:
-                    raise WorkloadError(f"{where}: input split {ic} does not fit {D} features")
-                Dr = ic[r]
-                f_ph.append(gemm(f"{name}.forward", 2 * b * Dr * Fo, "forward"))
-                c, ph = comm(f"{name}.forward", "allreduce", b * Fo)
+                split_in = act.counts is not None
+                ic = act.counts if split_in else balanced_counts(D, tp)[0]
+                Din, Fl, Fout = ic[r], Fo, Fo
+                f_ph.append(compute(f"{name}.forward", 2 * b * Din * Fo, "gemm", "forward"))
+                c, ph = comm(f"{name}.forward", "allreduce", b * Fo, "tp", "forward")
                 f_cc.append(c); f_ph.append(ph)
-                if bias:
-                    f_ph.append(elem(f"{name}.forward.bias", _PASSES["bias_fwd"] * b * Fo * s, "forward"))
-                b_ph.append(gemm(f"{name}.backward", 2 * b * Dr * Fo * (2 if in_grad else 1), "backward"))
-                if bias:
-                    b_ph.append(elem(f"{name}.backward.db", _PASSES["bias_bwd"] * b * Fo * s, "backward"))
-                if in_grad and not sharded_in:
-                    c, ph = comm(f"{name}.backward", "allgather", b * Dr, stage="backward",
-                                 sim_bytes=_gather_sim_bytes(ic, b * s), sim_op="allgatherv")
-                    b_cc.append(c); b_ph.append(ph)
-                lp = [Fo * Dr] + ([Fo] if bias else [])
-                keep += b * Dr * s
-                act = _Act((Fo,))
-            elif sh == "none":
-                if act.split is not None:
-                    raise WorkloadError(f"{where}: a serial linear needs a replicated input")
-                f_ph.append(gemm(f"{name}.forward", 2 * b * D * Fo, "forward"))
-                b_ph.append(gemm(f"{name}.backward", 2 * b * D * Fo * (2 if in_grad else 1), "backward"))
-                if bias:
-                    f_ph.append(elem(f"{name}.forward.bias", _PASSES["bias_fwd"] * b * Fo * s, "forward"))
-                    b_ph.append(elem(f"{name}.backward.db", _PASSES["bias_bwd"] * b * Fo * s, "backward"))
-                lp = [Fo * D] + ([Fo] if bias else [])
-                keep += n_in * s
-                act = _Act((Fo,))
+                post = []
+                if in_grad and not split_in:
+                    c, ph = comm(f"{name}.backward", "allgather", b * Din, "tp", "backward",
+                                 "allgatherv", b * D * s)
+                    b_cc.append(c); post.append(ph)
+                new = _Act((Fo,))
             else:
-                raise WorkloadError(f"{where}: linear shard must be column, row or none")
+                Din, Fl, Fout = D, Fo, Fo
+                f_ph.append(compute(f"{name}.forward", 2 * b * D * Fo, "gemm", "forward"))
+                post = []
+                new = _Act((Fo,))
+            if bias:
+                f_ph.append(elem(f"{name}.forward.bias", _PASSES["bias_fwd"] * b * Fl * s, "forward"))
+            b_ph.append(compute(f"{name}.backward", 2 * b * Din * Fl * (2 if in_grad else 1),
+                                "gemm", "backward"))
+            if bias:
+                b_ph.append(elem(f"{name}.backward.db", _PASSES["bias_bwd"] * b * Fl * s, "backward"))
+            b_ph += post
+            lp = [Fl * Din] + ([Fl] if bias else [])
+            keep += b * Din * s
+            act = new
 
         elif t == "conv2d":
             if len(act.shape) != 3:
                 raise WorkloadError(f"{where}: input {act.shape} is not (C, H, W)")
             C, H, W = act.shape
             K = int(spec["out"])
-            R, S_ = F._pair(spec.get("kernel", spec.get("kernel_size", 3)))
-            stride = F._pair(spec.get("stride", 1))
-            dil = F._pair(spec.get("dilation", 1))
+            R, S_ = F._pair(spec["kernel"])
+            st, dl = F._pair(spec.get("stride", 1)), F._pair(spec.get("dilation", 1))
             (pt, pb), (pl, pr) = F.normalize_padding(spec.get("padding", 0))
-            Ho = F.conv_output_size(H, R, stride[0], pt, pb, dil[0])
-            Wo = F.conv_output_size(W, S_, stride[1], pl, pr, dil[1])
+            Ho = F.conv_output_size(H, R, st[0], pt, pb, dl[0])
+            Wo = F.conv_output_size(W, S_, st[1], pl, pr, dl[1])
             if Ho <= 0 or Wo <= 0:
                 raise WorkloadError(f"{where}: input {H}x{W} too small for kernel {R}x{S_}")
-            bias = spec.get("bias", True)
+            bias = bool(spec.get("bias", True))
+            post = []
             if sh == "out":
-                if act.split is not None:
-                    raise WorkloadError(f"{where}: an out-channel conv needs a replicated input")
                 oc = balanced_counts(K, tp)[0]
-                Kr, Cr, Kout = oc[r], C, oc[r]
-                gather = not _keeps_output_sharded(layers, i)
-                f = 2 * b * Kr * Ho * Wo * C * R * S_
-                f_ph.append(Phase("compute", f"{name}.forward", flops=float(f), op_kind="conv"))
-                if gather:
-                    c, ph = comm(f"{name}.forward", "allgather", b * Kr * Ho * Wo,
-                                 sim_bytes=_gather_sim_bytes(oc, b * Ho * Wo * s), sim_op="allgatherv")
+                Cl, Kl = C, oc[r]
+                keep_split = _keeps_split(layers, i, tp)
+                f = 2 * b * Kl * Ho * Wo * C * R * S_
+                f_ph.append(compute(f"{name}.forward", f, "conv", "forward"))
+                if not keep_split:
+                    c, ph = comm(f"{name}.forward", "allgather", b * Kl * Ho * Wo, "tp", "forward",
+                                 "allgatherv", b * K * Ho * Wo * s)
                     f_cc.append(c); f_ph.append(ph)
-                    act = _Act((K, Ho, Wo))
-                else:
-                    act = _Act((K, Ho, Wo), 0, tuple(oc))
-                b_ph.append(Phase("compute", f"{name}.backward", flops=float(f * (2 if in_grad else 1)),
-                                  op_kind="conv", stage="backward"))
                 if in_grad:
-                    c, ph = comm(f"{name}.backward", "allreduce", b * C * H * W, stage="backward")
-                    b_cc.append(c); b_ph.append(ph)
-                lp = [Kr * C * R * S_] + ([Kr] if bias else [])
+                    c, ph = comm(f"{name}.backward", "allreduce", b * C * H * W, "tp", "backward")
+                    b_cc.append(c); post.append(ph)
+                new = _Act((K, Ho, Wo), tuple(oc) if keep_split else None)
             elif sh == "in":
-                sharded_in = act.split is not None
-                ic = act.counts if sharded_in else balanced_counts(C, tp)[0]
-                if sum(ic) != C or len(ic) != tp:
-                    raise WorkloadError(f"{where}: input split {ic} does not fit {C} channels")
-                Cr, Kout = ic[r], K
-                f = 2 * b * K * Ho * Wo * Cr * R * S_
-                f_ph.append(Phase("compute", f"{name}.forward", flops=float(f), op_kind="conv"))
-                c, ph = comm(f"{name}.forward", "allreduce", b * K * Ho * Wo)
+                split_in = act.counts is not None
+                ic = act.counts if split_in else balanced_counts(C, tp)[0]
+                Cl, Kl = ic[r], K
+                f = 2 * b * K * Ho * Wo * Cl * R * S_
+                f_ph.append(compute(f"{name}.forward", f, "conv", "forward"))
+                c, ph = comm(f"{name}.forward", "allreduce", b * K * Ho * Wo, "tp", "forward")
                 f_cc.append(c); f_ph.append(ph)
-                if bias:
-                    f_ph.append(elem(f"{name}.forward.bias", _PASSES["bias_fwd"] * b * K * Ho * Wo * s,
-                                     "forward"))
-                b_ph.append(Phase("compute", f"{name}.backward", flops=float(f * (2 if in_grad else 1)),
-                                  op_kind="conv", stage="backward"))
-                if in_grad and not sharded_in:
-                    c, ph = comm(f"{name}.backward", "allgather", b * Cr * H * W, stage="backward",
-                                 sim_bytes=_gather_sim_bytes(ic, b * H * W * s), sim_op="allgatherv")
-                    b_cc.append(c); b_ph.append(ph)
-                lp = [K * Cr * R * S_] + ([K] if bias else [])
-                act = _Act((K, Ho, Wo))
-            elif sh == "none":
-                if act.split is not None:
-                    raise WorkloadError(f"{where}: a serial conv needs a replicated input")
-                Cr, Kout = C, K
-                f = 2 * b * K * Ho * Wo * C * R * S_
-                f_ph.append(Phase("compute", f"{name}.forward", flops=float(f), op_kind="conv"))
-                b_ph.append(Phase("compute", f"{name}.backward", flops=float(f * (2 if in_grad else 1)),
-                                  op_kind="conv", stage="backward"))
-                lp = [K * C * R * S_] + ([K] if bias else [])
-                act = _Act((K, Ho, Wo))
+                if in_grad and not split_in:
+                    c, ph = comm(f"{name}.backward", "allgather", b * Cl * H * W, "tp", "backward",
+                                 "allgatherv", b * C * H * W * s)
+                    b_cc.append(c); post.append(ph)
+                new = _Act((K, Ho, Wo))
             else:
-                raise WorkloadError(f"{where}: conv2d shard must be out, in or none")
-            # the forward keeps the im2col columns (C_r*R*S, b*Ho*Wo)
-            keep += Cr * R * S_ * b * Ho * Wo * s
+                Cl, Kl = C, K
+                f = 2 * b * K * Ho * Wo * C * R * S_
+                f_ph.append(compute(f"{name}.forward", f, "conv", "forward"))
+                new = _Act((K, Ho, Wo))
+            b_ph.append(compute(f"{name}.backward", f * (2 if in_grad else 1), "conv", "backward"))
+            b_ph += post
+            lp = [Kl * Cl * R * S_] + ([Kl] if bias else [])
+            keep += Cl * R * S_ * b * Ho * Wo * s        # the im2col columns
+            act = new
 
         elif t in NORMS:
-            n = n_in
-            kind = "ln" if t == "layernorm" else "bn"
-            f_ph.append(elem(f"{name}.forward", _PASSES[f"{kind}_fwd"] * n * s, "forward"))
-            b_ph.append(elem(f"{name}.backward", _PASSES[f"{kind}_bwd"] * n * s, "backward"))
-            if spec.get("affine", True):
-                c_loc = xl[0] if kind == "bn" else _prod(act.shape)
-                if kind == "ln" and act.split is not None:
-                    raise WorkloadError(f"{where}: LayerNorm over a sharded axis is not supported")
-                lp = [c_loc, c_loc]
-            keep += n * s
+            if len(act.shape) != (3 if t == "batchnorm2d" else 1):
+                raise WorkloadError(f"{where}: input {act.shape} does not fit {t}")
+            c_loc = xl[0]
+            f_ph.append(elem(f"{name}.forward", _PASSES["bn_fwd"] * n_in * s, "forward"))
+            b_ph.append(elem(f"{name}.backward", _PASSES["bn_bwd"] * n_in * s, "backward"))
+            if dp > 1:       # SyncBatchNorm over the data group
+                c, ph = comm(f"{name}.forward", "allreduce", 2 * c_loc + 2, "dp", "forward")
+                f_cc.append(c); f_ph.insert(1, ph)
+                if in_grad:
+                    c, ph = comm(f"{name}.backward", "allreduce", 2 * c_loc, "dp", "backward")
+                    b_cc.append(c); b_ph.insert(1, ph)
+            lp = [c_loc, c_loc]
+            keep += n_in * s
 
         elif t in ELEMENTWISE:
             k = "relu" if t == "relu" else ("dropout" if t == "dropout" else "act")
             f_ph.append(elem(f"{name}.forward", _PASSES[f"{k}_fwd"] * n_in * s, "forward"))
             b_ph.append(elem(f"{name}.backward", _PASSES[f"{k}_bwd"] * n_in * s, "backward"))
-            keep += n_in * (1 if t in ("relu", "dropout", "leaky_relu") else s)
+            keep += n_in * (1 if t in ("relu", "dropout", "leakyrelu") else s)
 
         elif t in POOLS:
             if len(act.shape) != 3:
                 raise WorkloadError(f"{where}: input {act.shape} is not (C, H, W)")
             C, H, W = act.shape
-            R, S_ = F._pair(spec.get("kernel", spec.get("kernel_size", 2)))
-            st = F._pair(spec.get("stride") or (R, S_))
+            R, S_ = F._pair(spec["kernel"])
+            st = F._pair(spec.get("stride", (R, S_)))
             (pt, pb), (pl, pr) = F.normalize_padding(spec.get("padding", 0))
             Ho = F.conv_output_size(H, R, st[0], pt, pb)
             Wo = F.conv_output_size(W, S_, st[1], pl, pr)
@@ -406,112 +363,118 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                 raise WorkloadError(f"{where}: input {H}x{W} too small for pool {R}x{S_}")
             out_n = b * xl[0] * Ho * Wo
             f_ph.append(elem(f"{name}.forward", _PASSES["pool_fwd"] * R * S_ * out_n * s, "forward"))
-            b_ph.append(elem(f"{name}.backward", _PASSES["pool_bwd"] * R * S_ * out_n * s
-                             + n_in * s, "backward"))
+            b_ph.append(elem(f"{name}.backward",
+                             _PASSES["pool_bwd"] * R * S_ * out_n * s + n_in * s, "backward"))
             keep += out_n
-            act = _Act((C, Ho, Wo), act.split, act.counts)
+            act = _Act((C, Ho, Wo), act.counts)
 
         elif t == "globalavgpool2d":
-            C = act.shape[0]
             f_ph.append(elem(f"{name}.forward", n_in * s, "forward"))
             b_ph.append(elem(f"{name}.backward", n_in * s, "backward"))
-            act = _Act((C,), act.split, act.counts)
+            act = _Act((act.shape[0],), act.counts)
 
-        elif t == "flatten":
-            if act.split not in (None, 0):
-                raise WorkloadError(f"{where}: cannot flatten a tensor split on axis {act.split}")
-            rest = _prod(act.shape[1:])
-            act = _Act((_prod(act.shape),), act.split,
-                       tuple(c * rest for c in act.counts) if act.split is not None else ())
-
-        else:
-            raise WorkloadError(f"{where}: unknown layer type {t!r}")
+        else:   # flatten: (c_r, H, W) -> c_r*H*W features, channel-major
+            per = _prod(act.shape[1:])
+            act = _Act((_prod(act.shape),),
+                       None if act.counts is None else tuple(c * per for c in act.counts))
 
         fwd_ph += f_ph
         fwd_cc += f_cc
-        if not skip_bwd:
-            bwd_blocks.append((b_ph, b_cc, lp))
-        params += sum(lp)
-        param_list += lp
-        peak_act = max(peak_act, b * _prod(act.local(r)) * s)
+        if i >= first_param:
+            blocks.append((b_ph, b_cc, lp))
+        param_sizes += lp
+        peak = max(peak, b * _prod(act.local(r)) * s)
 
-    # ---- loss (class-parallel softmax cross-entropy over the tensor group) ----
+    # ---- loss: class-parallel on split logits, else local (no message) ----
     if len(act.shape) != 1:
         raise WorkloadError(f"the model's output {act.shape} is not a vector of class scores")
-    Q = int(num_classes or act.shape[0])
-    Qr = act.local(r)[0] if act.split is not None else balanced_counts(Q, tp)[0][r]
-    loss_cc = [Collective("loss.forward", "allreduce", "tp", b, s),
-               Collective("loss.forward", "allreduce", "tp", 2 * b, s)]
-    loss_ph = [elem("loss.forward", _PASSES["loss_fwd"] * b * Qr * s, "forward")]
-    loss_ph += [Phase("comm", f"{c.phase}.allreduce", op="allreduce", group="tp",
-                      bytes=float(c.bytes), stage="forward") for c in loss_cc]
+    Ql = act.local(r)[0]
+    loss_cc: list[Collective] = []
+    loss_ph = [elem("loss.forward", _PASSES["loss_fwd"] * b * Ql * s, "forward")]
+    if act.counts is not None:
+        for count in (b, 2 * b):
+            c, ph = comm("loss.forward", "allreduce", count, "tp", "forward")
+            loss_cc.append(c); loss_ph.append(ph)
     if accuracy:
-        m = Collective("loss.metrics", "allreduce", "tp", b, 8)
-        loss_cc.append(m)
-        loss_ph += [elem("loss.metrics", _PASSES["metrics"] * b * Qr * s, "forward"),
-                    Phase("comm", "loss.metrics.allreduce", op="allreduce", group="tp",
-                          bytes=float(m.bytes), stage="forward")]
-    loss_ph.append(elem("loss.backward", _PASSES["loss_bwd"] * b * Qr * s, "backward"))
+        loss_ph.append(elem("loss.metrics", _PASSES["metrics"] * b * Ql * s, "forward"))
+        if act.counts is not None:
+            c, ph = comm("loss.metrics", "allreduce", b, "tp", "forward", itemsize=8)
+            loss_cc.append(c); loss_ph.append(ph)
+    loss_ph.append(elem("loss.backward", _PASSES["loss_bwd"] * b * Ql * s, "backward"))
 
-    # ---- backward, with the data-parallel buckets (reverse parameter order) ----
+    # ---- backward, launching data-parallel buckets (mpifc.parallel.data.plan_buckets) ----
+    params = sum(param_sizes)
+    rev = [(li, j, n) for li, (_, _, lp) in enumerate(blocks) for j, n in enumerate(lp)][::-1]
+    bucket_of: dict[tuple, int] = {}
+    numel: list[int] = []
+    cur_b = 0.0
+    for li, j, n in rev:
+        if not numel or cur_b + n * s > cap:
+            numel.append(0)
+            cur_b = 0.0
+        numel[-1] += n
+        cur_b += n * s
+        bucket_of[(li, j)] = len(numel) - 1
+    pending = [0] * len(numel)
+    for k in bucket_of.values():
+        pending[k] += 1
+    dp_cc: list[Collective] = []
+    dp_ph: list[Phase] = []
     bwd_ph: list[Phase] = []
     bwd_cc: list[Collective] = []
-    dp_cc: list[Collective] = []
-    do_dp = dp > 1 or dp_always
-    pending, pending_bytes, nb = 0, 0.0, 0
-
-    def flush():
-        nonlocal pending, pending_bytes, nb
-        if pending:
-            c = Collective("dp.backward", "iallreduce", "dp", pending, s)
-            dp_cc.append(c)
-            bwd_ph.append(Phase("comm", f"dp.bucket{nb}.iallreduce", op="allreduce", group="dp",
-                                bytes=float(c.bytes), overlappable=True, stage="backward"))
-            nb += 1
-        pending, pending_bytes = 0, 0.0
-
-    for ph_list, cc, lp in reversed(bwd_blocks):
+    for li in reversed(range(len(blocks))):
+        ph_list, cc, lp = blocks[li]
         bwd_ph += ph_list
         bwd_cc += cc
-        if not do_dp:
-            continue
-        for n in reversed(lp):                   # gradients of this layer, last first
-            if pending and pending_bytes + n * s > bucket:
-                flush()
-            pending += n
-            pending_bytes += n * s
-        # a bucket goes out once full; a partial one waits for more gradients
-        if pending_bytes >= bucket:
-            flush()
-    if do_dp:
-        flush()
+        # the layer's gradients are final: start every bucket they complete, in the
+        # order of its parameters (DataParallel._layer_done)
+        for j in range(len(lp)):
+            k = bucket_of[(li, j)]
+            pending[k] -= 1
+            if pending[k] or not numel[k] or dp == 1:
+                continue
+            c = Collective(f"dp.grad_bucket{k}", "iallreduce" if overlap else "allreduce",
+                           "dp", numel[k], s)
+            dp_cc.append(c)
+            ph = Phase("comm", f"dp.grad_bucket{k}.allreduce", op="allreduce", group="dp",
+                       bytes=float(c.bytes), overlappable=overlap, stage="backward")
+            (bwd_ph if overlap else dp_ph).append(ph)
+    if not overlap:      # the blocking mode reduces every bucket after backward, in order
+        order = sorted(range(len(dp_cc)), key=lambda i: int(dp_cc[i].phase[len("dp.grad_bucket"):]))
+        dp_cc, dp_ph = [dp_cc[i] for i in order], [dp_ph[i] for i in order]
 
-    # ---- optimizer (element-wise over the local parameters) ----
+    # ---- clipping and optimizer (element-wise over the local parameters) ----
     o = cfg["optim"]
+    opt_ph: list[Phase] = []
+    clip_cc: list[Collective] = []
+    if dp > 1:
+        opt_ph.append(elem("dp.average", 2 * params * s, "optimizer"))   # buffer /= P
+    if o.get("clip_norm"):
+        opt_ph.append(elem("clip.norm", 2 * params * s, "optimizer"))
+        if tp > 1:
+            c, ph = comm("clip.norm", "allreduce", 1, "tp", "optimizer", itemsize=8)
+            clip_cc.append(c); opt_ph.append(ph)
+            opt_ph.append(elem("clip.scale", 2 * params * s, "optimizer"))
     if o["name"] == "sgd":
         passes = _PASSES["sgd_wd"] if o.get("weight_decay") else _PASSES["sgd"]
         slots = 1 if o.get("momentum") else 0
     else:
         passes, slots = _PASSES["adam"], 2
-    opt_ph = [elem("optimizer.step", passes * params * s, "optimizer")]
-    if do_dp:
-        opt_ph.insert(0, elem("dp.pack", _PASSES["dp_pack"] * params * s, "optimizer"))
-    if o.get("clip_norm"):
-        opt_ph.insert(0, elem("clip.norm", 2 * params * s, "optimizer"))
+    opt_ph.append(elem("optimizer.step", passes * params * s, "optimizer"))
 
-    phases = fwd_ph + loss_ph + bwd_ph + opt_ph
-    collectives = fwd_cc + loss_cc + bwd_cc + dp_cc
+    phases = fwd_ph + loss_ph + bwd_ph + dp_ph + opt_ph
+    # trace order: a non-blocking bucket is recorded at its wait, after the backward
+    collectives = fwd_cc + loss_cc + bwd_cc + dp_cc + clip_cc
     memory = {
         "parameters": params * s,
-        "gradients": params * s,
+        "gradients": params * s,       # the bucket buffers themselves (grads are views)
         "optimizer": slots * params * s,
-        "dp_buckets": params * s if do_dp else 0,
-        "activations": keep + 2 * peak_act,
+        "activations": keep + 2 * peak,
     }
     wl = Workload(name=f"{cfg.get('name', 'model')} dp={dp} tp={tp} batch={B}", phases=phases,
                   samples_per_step=B, memory_bytes_per_rank=float(sum(memory.values())),
                   dp=dp, tp=tp)
-    return StepDescription(collectives, wl, params, memory)
+    return StepDescription(collectives, wl, params, memory, names)
 
 
 def config_workload(cfg: dict, dp: int, tp: int, **kw) -> Workload:
