@@ -187,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("files", nargs="+", help="per-rank .jsonl files (globs allowed)")
     t.add_argument("-o", "--output", default="trace.chrome.json", help="merged Chrome trace (export)")
     t.set_defaults(func=_cmd_trace)
+
+    from mpifc.sim.commands import add_calibrate, add_simulate   # the simulator's commands
+    add_calibrate(sub)
+    add_simulate(sub)
     return p
 
 
