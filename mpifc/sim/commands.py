@@ -161,7 +161,7 @@ def _comm_breakdown(report) -> dict[str, float]:
 
 
 def _fmt_s(x: float) -> str:
-    if x == 0:
+    if abs(x) < 1e-9:           # rounding residue of exposed = step - compute
         return "0"
     if x >= 1:
         return f"{x:.3g}s"
