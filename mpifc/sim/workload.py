@@ -30,6 +30,9 @@ clipping, optimizer), so the messages listed here are exactly those of a real st
                       has run its backward (overlappable); blocking mode: allreduce
                       after the backward; nothing on dp = 1
     clipping, tp > 1  allreduce over tp of one float64
+    trainer           allreduce over the world of one float64 (the loss is finite on
+                      every rank); data.mode = "scatter": scatter(v) of the batch rows
+                      (uint8 images) and labels over dp
 
 A column (or out-channel) layer keeps its output split when the next layer with
 GEMM parameters takes a split input (a row linear, an in-channel conv) or when it
@@ -149,7 +152,7 @@ def _has_params(spec: dict) -> bool:
 def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = None,
                   local_batch: int | None = None, dp_rank: int = 0, tp_rank: int = 0,
                   bucket_mb: float | None = None, overlap: bool | None = None,
-                  accuracy: bool = True) -> StepDescription:
+                  accuracy: bool = True, finite_check: bool = True) -> StepDescription:
     """The analytic step of ``cfg`` (a dict from :func:`mpifc.config.load_config`) on one
     rank of a dp x tp layout, as the trainer runs it: forward, class-parallel loss
     and accuracy, backward with data-parallel buckets, clipping, optimizer.
@@ -163,6 +166,8 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
     dp_rank, tp_rank : the rank described (0: the largest shards, the slowest rank)
     bucket_mb, overlap : data-parallel buckets (default: the config's [parallel])
     accuracy : the step computes accuracy (the class-parallel metrics allreduce)
+    finite_check : the trainer's per-step agreement that the loss is finite (one
+        allreduce max of a float64 over the world, phase "check.finite")
 
     Raises LayoutInfeasible for a layout that leaves a replica without samples, and
     WorkloadError for a config it cannot describe.
@@ -462,9 +467,23 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
         passes, slots = _PASSES["adam"], 2
     opt_ph.append(elem("optimizer.step", passes * params * s, "optimizer"))
 
-    phases = fwd_ph + loss_ph + bwd_ph + dp_ph + opt_ph
+    # ---- the trainer around the step: data in scatter mode, the finite-loss check ----
+    data_cc: list[Collective] = []
+    data_ph: list[Phase] = []
+    if cfg.get("data", {}).get("mode") == "scatter":
+        # root reads the global batch and scatters rows over dp: images stored as uint8
+        x_item = 1 if len(cfg["model"]["input"]) == 3 else s
+        for count, item in ((b * _prod(cfg["model"]["input"]), x_item), (b, 8)):
+            c, ph = comm("", "scatter", count, "dp", "forward", "scatterv", count * item * dp,
+                         itemsize=item)
+            data_cc.append(c); data_ph.append(ph)
+    if finite_check:
+        c, ph = comm("check.finite", "allreduce", 1, "world", "optimizer", itemsize=8)
+        clip_cc.append(c); opt_ph.append(ph)
+
+    phases = data_ph + fwd_ph + loss_ph + bwd_ph + dp_ph + opt_ph
     # trace order: a non-blocking bucket is recorded at its wait, after the backward
-    collectives = fwd_cc + loss_cc + bwd_cc + dp_cc + clip_cc
+    collectives = data_cc + fwd_cc + loss_cc + bwd_cc + dp_cc + clip_cc
     memory = {
         "parameters": params * s,
         "gradients": params * s,       # the bucket buffers themselves (grads are views)

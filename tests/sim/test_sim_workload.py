@@ -2,7 +2,7 @@
 
 The oracle (MPI, 1-4 ranks): for every dp x tp layout of the job, build the model of
 a config with mpifc.models.build_model + DataParallel, run one training step as the
-trainer does, and compare every rank's trace with describe_step() for that rank
+trainer does (mpifc.train.Trainer.train_step and its finite-loss check), and compare every rank's trace with describe_step() for that rank
 (op, communicator, count, bytes, phase; the blocking messages also in order).
 Serial tests: FLOPs equal the built layers' own description, infeasible layouts,
 memory shrinks with tp, buckets, and 16384 ranks in well under a second.
@@ -68,6 +68,7 @@ def _one_step(cfg, grid, B, bucket_mb, overlap):
     from mpifc.models import build_model
     from mpifc.optim import Adam, SGD
     from mpifc.parallel import DataParallel, clip_grad_norm_grid
+    from mpifc.train import _agree_finite
 
     net = build_model(cfg["model"], grid, seed=0, dtype=np.float32)
     dp = DataParallel(net, grid.dp_comm, bucket_mb=bucket_mb, overlap=overlap)
@@ -83,13 +84,14 @@ def _one_step(cfg, grid, B, bucket_mb, overlap):
     trace.reset()
     dp.zero_grad()
     logits = net.forward(x)
-    net.loss.forward(logits, y)
+    loss = net.loss.forward(logits, y)
     net.loss.correct()
     dp.backward(net.loss.backward(grid.dp * len(y) / B))
     dp.synchronize()
     if o["clip_norm"]:
         clip_grad_norm_grid(net.parameters(), o["clip_norm"], grid)
     opt.step()
+    _agree_finite(grid.world, loss)          # the trainer's per-step check
     return trace.events()
 
 
@@ -143,7 +145,8 @@ def test_flops_equal_the_built_layers(name):
             f, _ = D.flops(layer, shape)
             assert by_label[f"{nm}.forward"].flops == f, nm
     assert d.params == sum(p.size for p in net.parameters())
-    assert d.collectives == []                       # 1 rank: no message at all
+    # 1 rank: no layer message, only the trainer's finite-loss check on the world
+    assert [c.phase for c in d.collectives] == ["check.finite"]
 
 
 def test_shapes_layout_and_batch():
@@ -176,7 +179,7 @@ def test_buckets_follow_the_cap_and_overlap():
     blocking = describe_step(cfg, 2, 1, bucket_mb=0.1, overlap=False)
     rb = simulate(blocking.workload, preset("eth25"))
     assert rb.step_s > r.step_s
-    assert describe_step(cfg, 1, 2).collectives[-1].group == "tp"    # dp = 1: no bucket
+    assert all(c.group != "dp" for c in describe_step(cfg, 1, 2).collectives)   # dp = 1: no bucket
 
 
 def test_16384_ranks_fast_and_plannable():
