@@ -56,7 +56,7 @@ def worker(out_dir: str, steps: int, warmup: int) -> None:
     from mpifc.models import build_model
     from mpifc.parallel import DataParallel
     from mpifc.sim.calibrate import calibrate
-    from mpifc.train import build_optimizer
+    from mpifc.train import _agree_finite, build_optimizer
 
     comm = world()
     N = comm.size
@@ -82,12 +82,13 @@ def worker(out_dir: str, steps: int, warmup: int) -> None:
                 if k == warmup:
                     trace.reset()
                 t0 = time.perf_counter()
-                ddp.zero_grad()
-                net.loss.forward(net.forward(x), y)
+                ddp.zero_grad()          # the trainer's step (mpifc.train.Trainer.train_step)
+                loss = net.loss.forward(net.forward(x), y)
                 net.loss.correct()
                 ddp.backward(net.loss.backward(dp * len(y) / B))
                 ddp.synchronize()
                 opt.step()
+                _agree_finite(comm, loss)
                 if k >= warmup:
                     bounds.append((t0, time.perf_counter()))
                     waits.append(ddp.timings["wait"])

@@ -70,7 +70,9 @@ _PASSES = {
     "act_fwd": 6, "act_bwd": 8,              # tanh / sigmoid / gelu / leaky: a few passes
     "bn_fwd": 11, "bn_bwd": 20,              # sums, (x-m)*invstd, *g+b ; stats, 6 passes
     "ln_fwd": 11, "ln_bwd": 20,
-    "pool_fwd": 4, "pool_bwd": 4,            # per window offset, per output element
+    "pool_fwd": 6, "pool_bwd": 5,            # per window offset and output element:
+                                             # compare, masked index store, max ; mask,
+                                             # where, strided store (+ zero fill, copy)
     "dropout_fwd": 4, "dropout_bwd": 2,
     "loss_fwd": 7, "loss_bwd": 5, "metrics": 3,
     "sgd": 10, "sgd_wd": 15, "adam": 32,     # per parameter element, with zero_grad
@@ -369,7 +371,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             out_n = b * xl[0] * Ho * Wo
             f_ph.append(elem(f"{name}.forward", _PASSES["pool_fwd"] * R * S_ * out_n * s, "forward"))
             b_ph.append(elem(f"{name}.backward",
-                             _PASSES["pool_bwd"] * R * S_ * out_n * s + n_in * s, "backward"))
+                             _PASSES["pool_bwd"] * R * S_ * out_n * s + 3 * n_in * s, "backward"))
             keep += out_n
             act = _Act((C, Ho, Wo), act.counts)
 
