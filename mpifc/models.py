@@ -72,6 +72,25 @@ _PRODUCERS = {("linear", "column"), ("conv2d", "out")}     # output split over t
 _CONSUMERS = {("linear", "row"), ("conv2d", "in")}         # take split input
 
 
+class Flatten(nn.Flatten):
+    """:class:`mpifc.nn.Flatten` that also takes an empty batch (a dp rank with no rows
+    in an uneven last batch): the flattened size is computed, not inferred with -1."""
+
+    def forward(self, x):
+        self._shape = x.shape
+        return x.reshape(self.output_shape(x.shape))
+
+    def output_shape(self, input_shape):
+        s = self.start_dim
+        return tuple(input_shape[:s]) + (math.prod(input_shape[s:]),)
+
+    def collectives(self, input_shape):
+        return []
+
+    def flops(self, input_shape):
+        return 0, 0
+
+
 # --------------------------------------------------------------------------- #
 # losses with the trainer's interface
 # --------------------------------------------------------------------------- #
@@ -373,7 +392,7 @@ def build_model(model_cfg: dict, grid, *, seed: int, dtype=np.float32, xp=None) 
             if split is not None:       # (c_r, H, W) -> c_r*H*W features, channel-major
                 per = math.prod(shape[1:])
                 split = tuple(c * per for c in split)
-            layer = nn.Flatten()
+            layer = Flatten()
             shape = (math.prod(shape),)
 
         elif t == "dropout":

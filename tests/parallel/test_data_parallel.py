@@ -247,3 +247,30 @@ def test_backward_twice_without_synchronize_raises(comm):
     with pytest.raises(RuntimeError, match="synchronize"):
         dp.backward(net.loss.backward(1.0))
     dp.synchronize()          # the pending requests of the first backward complete
+
+
+@pytest.mark.mpi(min_size=2)
+def test_rank_without_rows_still_joins(comm):
+    """A global batch smaller than dp: the last rank has no rows, sends its (zero) grads,
+    and every rank ends with the gradient of the whole batch."""
+    grid = grid_of(comm, comm.size, 1)
+    n = comm.size - 1
+    rng = np.random.default_rng(11)
+    x_all, y_all = rng.standard_normal((n, 12)), rng.integers(0, 10, n)
+    counts, displs = balanced_counts(n, grid.dp)
+    sl = slice(displs[grid.dp_rank], displs[grid.dp_rank] + counts[grid.dp_rank])
+    net = build_model(MLP, grid, seed=4, dtype=np.float64)
+    dp = DataParallel(net, grid.dp_comm, bucket_mb=0.0004)
+    x, y = np.ascontiguousarray(x_all[sl]), y_all[sl]
+    dp.zero_grad()
+    net.loss.forward(net.forward(x), y)
+    dp.backward(net.loss.backward(grid.dp * len(y) / n))
+    dp.synchronize()
+    if "self" not in _GRIDS:
+        _GRIDS["self"] = Grid(comm.split(comm.rank, name="self"), 1, 1)
+    ref = build_model(MLP, _GRIDS["self"], seed=4, dtype=np.float64)
+    ref.loss.forward(ref.forward(x_all), y_all)
+    ref.backward(ref.loss.backward(1.0))
+    assert len(y) == (0 if grid.dp_rank == comm.size - 1 else 1)
+    for (name, p), (_, q) in zip(net.named_parameters(), ref.named_parameters()):
+        assert rel(p.grad, q.grad) <= 1e-12, name
