@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from mpifc.comm import Grid, balanced_counts, trace, world
+from mpifc.comm import Grid, balanced_counts, trace
 from mpifc.comm.collect import sync_clock, write_trace
 from mpifc.sim.cluster import Cluster, ComputeRates, LinkModel
 from mpifc.sim.engine import simulate
