@@ -175,7 +175,9 @@ def main() -> None:
     cores = cores_available()
     t_all = time.perf_counter()
     points = []
+    loads = []
     for N in (int(v) for v in a.ranks.split(",")):
+        loads.append(os.getloadavg()[0])           # other jobs on these cores, before ours
         secs = launch(N, out, a.steps, a.warmup)
         with open(os.path.join(out, f"measured-{N}.json")) as f:
             measured = json.load(f)
@@ -228,6 +230,11 @@ def main() -> None:
             print(f"  {name:<11} N={N}: {' < '.join(meas)} | {' < '.join(pred)}  "
                   f"{'preserved' if ok else 'NOT preserved'}")
     print(f"ranking preserved everywhere: {'yes' if ok_all else 'no'}")
+    busy = max(loads)
+    print(f"1-min load average before each job: {', '.join(f'{l:.1f}' for l in loads)} "
+          f"({cores} cores)" + ("  -- the machine was BUSY with other work: these numbers "
+                                "measure the contention, re-run on a quiet machine"
+                                if busy > 0.5 * cores else ""))
     print(f"total {time.perf_counter() - t_all:.0f} s; data in {out}")
 
 
