@@ -218,8 +218,10 @@ class DataParallel:
         dp.backward(loss.backward(scale))
         dp.synchronize()               # before clipping or the optimizer step
 
-    Gradient accumulation: backward calls inside ``with dp.no_sync():`` send nothing;
-    the next backward outside it reduces the accumulated sum.
+    Gradient accumulation: backward calls inside ``with dp.no_sync():`` send no
+    gradient message; the next backward outside it reduces the accumulated sum.
+    (A SyncBatchNorm in the model still allreduces its batch statistics over dp in
+    every micro-batch: that is its forward/backward math, not gradient sync.)
 
     Attributes
     ----------
