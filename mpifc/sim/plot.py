@@ -7,6 +7,11 @@ with the ideal linear scaling from the first point. Both axes logarithmic.
 from __future__ import annotations
 
 
+def _pos(x: float) -> float:
+    """A value for a log axis: zero (or rounding residue) is left out (NaN)."""
+    return x if x > 1e-9 else float("nan")
+
+
 class PlotUnavailable(RuntimeError):
     """matplotlib is not installed (the message says how to get it)."""
 
@@ -28,8 +33,8 @@ def plot_scaling(rows: list[dict], path: str, title: str = "") -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     a.plot(P, [r.step_s for r in rep], "o-", label="step")
     a.plot(P, [r.compute_s for r in rep], "s--", label="compute")
-    a.plot(P, [max(r.exposed_comm_s, 1e-12) for r in rep], "^--", label="exposed comm")
-    a.plot(P, [max(r.overlapped_comm_s, 1e-12) for r in rep], "v:", label="overlapped comm")
+    a.plot(P, [_pos(r.exposed_comm_s) for r in rep], "^--", label="exposed comm")
+    a.plot(P, [_pos(r.overlapped_comm_s) for r in rep], "v:", label="overlapped comm")
     a.set_xscale("log", base=2)
     a.set_yscale("log")
     a.set_xlabel("ranks")
