@@ -456,7 +456,7 @@ def batchnorm_stats(x):
     count = x.size // x.shape[1]
     if x.ndim >= 3:
         # (N, C, H*W): a batched dot over the contiguous H*W axis is one fast pass
-        x3 = x.reshape(x.shape[0], x.shape[1], -1)
+        x3 = x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))   # 0 rows work too
         s = x3.sum(axis=(0, 2))
         ss = xp.einsum("ncl,ncl->c", x3, x3)
     else:
@@ -544,7 +544,7 @@ def batchnorm_backward_stats(dy, cache):
     xp = get_array_module(dy)
     xhat = cache[0]
     if dy.ndim >= 3:
-        d3 = dy.reshape(dy.shape[0], dy.shape[1], -1)
+        d3 = dy.reshape(dy.shape[0], dy.shape[1], math.prod(dy.shape[2:]))
         x3 = xhat.reshape(d3.shape)
         return d3.sum(axis=(0, 2)), xp.einsum("ncl,ncl->c", d3, x3)
     return dy.sum(axis=0), xp.einsum("nc,nc->c", dy, xhat)

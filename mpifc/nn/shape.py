@@ -1,6 +1,8 @@
 """Shape-only layers (no arithmetic)."""
 from __future__ import annotations
 
+import math
+
 from mpifc.nn.module import Module
 
 
@@ -13,7 +15,7 @@ class Flatten(Module):
 
     def forward(self, x):
         self._shape = x.shape
-        return x.reshape(x.shape[: self.start_dim] + (-1,))
+        return x.reshape(x.shape[: self.start_dim] + (math.prod(x.shape[self.start_dim:]),))  # 0 rows work
 
     def backward(self, dy):
         return dy.reshape(self._shape)

@@ -260,3 +260,31 @@ def test_presets_build_and_name_parameters():
         assert net.forward(x).shape == (2, classes)
     with pytest.raises(ValueError, match="model expects input"):
         net.forward(np.zeros((2, 1, 8, 8), np.float32))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_cnn_with_empty_data_rank_matches_one_rank(comm):
+    """A global batch of 1 over dp = P: every rank but one has 0 rows (BN, flatten, loss)."""
+    cfg = MODELS["cnn"]
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, *cfg["input"]))
+    y = np.array([3])
+    sg = self_grid(comm)
+    ref = build_model(cfg, sg, seed=7, dtype=np.float64)
+    ref_dp = DataParallel(ref, sg.dp_comm)
+    ref_dp.zero_grad()
+    ref.loss.forward(ref.forward(x), y)
+    ref_dp.backward(ref.loss.backward(1.0))
+    ref_dp.synchronize()
+    grid = grid_of(comm, comm.size, 1)
+    net = build_model(cfg, grid, seed=7, dtype=np.float64)
+    dp = DataParallel(net, grid.dp_comm)
+    mine = slice(0, 1) if grid.dp_rank == 0 else slice(0, 0)
+    dp.zero_grad()
+    net.loss.forward(net.forward(np.ascontiguousarray(x[mine])), y[mine])
+    dp.backward(net.loss.backward(grid.dp * len(y[mine]) / 1))
+    dp.synchronize()
+    want = dict(ref.named_parameters())
+    bad = [n for n, p in net.named_parameters()
+           if not np.allclose(p.grad, want[n].grad, rtol=1e-10, atol=1e-12)]
+    assert not bad, bad
