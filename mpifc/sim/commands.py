@@ -77,6 +77,9 @@ def add_simulate(sub) -> None:
     s.add_argument("--plan", action="store_true", help="rank every dp x tp layout of each count")
     s.add_argument("--mem-cap", type=float, default=None,
                    help="memory per rank in GiB for --plan (default: the cluster's, if any)")
+    s.add_argument("--cores-per-node", type=int, default=None,
+                   help="cores of a node, when its ranks outnumber them (oversubscription): "
+                        "each rank's compute rates are scaled by cores / ranks per node")
     s.add_argument("--no-overlap", action="store_true",
                    help="data-parallel buckets block instead of hiding behind backward")
     s.add_argument("--replay", default=None, metavar="TRACE_DIR",
@@ -105,6 +108,37 @@ def load_cluster(spec: str):
         return preset(spec)
     _fail(f"--cluster {spec!r} is neither a file nor a network preset "
           f"({', '.join(preset_names())})")
+
+
+def share_cores(cluster, cores_per_node: int):
+    """The cluster with its ranks sharing ``cores_per_node`` cores (oversubscription).
+
+    When a node runs more ranks than it has cores, MPI ranks that wait busy-poll, so
+    every rank stays runnable and each gets cores / ranks of a core: every compute
+    rate (and GEMM / conv curve) is multiplied by cores_per_node / ranks_per_node.
+    Calibrated compute rates do not contain this even when measured with the same
+    ranks: a medianed per-call timing runs within one scheduler time slice. The
+    links and measured collective tables are kept as calibrated (measured with the
+    ranks sharing the cores, they hold the slower hand-offs). Returns the cluster
+    unchanged when the node has enough cores.
+    """
+    from dataclasses import replace
+
+    rpn = cluster.ranks_per_node
+    if cores_per_node < 1:
+        _fail(f"--cores-per-node must be >= 1, got {cores_per_node}")
+    if rpn <= cores_per_node:
+        return cluster
+    f = cores_per_node / rpn
+    c = cluster.compute
+    comp = replace(c, gemm_gflops=c.gemm_gflops * f, conv_gflops=c.conv_gflops * f,
+                   elementwise_gbps=c.elementwise_gbps * f,
+                   gemm_curve=[(x, r * f) for x, r in c.gemm_curve],
+                   conv_curve=[(x, r * f) for x, r in c.conv_curve])
+    note = (f"{rpn} ranks share {cores_per_node} cores per node: compute rates x "
+            f"{cores_per_node}/{rpn} (mpifc simulate --cores-per-node)")
+    return replace(cluster, compute=comp, reduction_Bps=cluster.reduction_Bps * f,
+                   notes=(cluster.notes + "\n" + note).strip())
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -225,6 +259,8 @@ def cmd_simulate(args) -> None:
     except ConfigError as e:
         _fail(str(e))
     cluster = load_cluster(args.cluster)
+    if args.cores_per_node is not None:
+        cluster = share_cores(cluster, args.cores_per_node)
     overlap = False if args.no_overlap else None
     if args.batch is not None and args.batch_per_rank is not None:
         _fail("give --batch (global) or --batch-per-rank, not both")

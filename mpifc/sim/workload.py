@@ -331,6 +331,12 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                 f_ph.append(compute(f"{name}.forward", f, "conv", "forward"))
                 new = _Act((K, Ho, Wo))
             b_ph.append(compute(f"{name}.backward", f * (2 if in_grad else 1), "conv", "backward"))
+            # beside its GEMMs (the conv rate, measured on the forward, covers im2col):
+            # dy to (K, M) layout, and with the input gradient col2im's strided adds
+            col = Cl * R * S_ * b * Ho * Wo
+            b_ph.append(elem(f"{name}.backward.layout",
+                             (2 * b * Kl * Ho * Wo + (2 * col + 2 * b * Cl * H * W if in_grad else 0))
+                             * s, "backward"))
             b_ph += post
             lp = [Kl * Cl * R * S_] + ([Kl] if bias else [])
             keep += Cl * R * S_ * b * Ho * Wo * s        # the im2col columns
