@@ -145,3 +145,19 @@ def test_calibrate_under_mpiexec(tmp_path):
     c = load(out)
     assert c.ranks_per_node * c.nodes == 2 and c.measured
     assert f"wrote {out}" in p.stdout and p.stdout.count("wrote") == 1     # rank 0 only
+
+
+def test_cores_shared_by_more_ranks(capsys):
+    from mpifc.sim.commands import load_cluster, share_cores
+
+    cl = load_cluster("eth25")                             # 32 ranks per node
+    half = share_cores(cl, cl.ranks_per_node // 2)
+    assert half.compute.seconds("gemm", 1e8) == pytest.approx(2 * cl.compute.seconds("gemm", 1e8))
+    assert half.compute.seconds("elementwise", 0, 1e6) == pytest.approx(
+        2 * cl.compute.seconds("elementwise", 0, 1e6))
+    assert share_cores(cl, 64) is cl                        # enough cores: unchanged
+    base = run(capsys, "simulate", "digits-mlp", "--cluster", "eth25", "--ranks", "8")
+    shared = run(capsys, "simulate", "digits-mlp", "--cluster", "eth25", "--ranks", "8",
+                 "--cores-per-node", "16")
+    comp = [l.split()[2] for l in (base.splitlines()[2], shared.splitlines()[2])]
+    assert float(comp[1].rstrip("ms")) == pytest.approx(2 * float(comp[0].rstrip("ms")), rel=0.01)
