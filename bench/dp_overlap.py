@@ -41,6 +41,8 @@ p.add_argument("--buckets", default="25,2", help="bucket sizes in MiB, comma-sep
 p.add_argument("--steps", type=int, default=5)
 p.add_argument("--repeats", type=int, default=5)
 p.add_argument("--batch", type=int, default=256, help="rows per rank")
+p.add_argument("--min-buckets", type=int, default=None,
+               help="DataParallel min_buckets (default: the library's)")
 p.add_argument("--interval", type=float, default=5e-4, help="progress thread's sleep between tests (s)")
 args = p.parse_args()
 if args.quick:
@@ -89,12 +91,14 @@ class Run:
 dp_grid = Grid(comm, dp=2, tp=1)
 self_grid = Grid(comm.split(comm.rank, name="self"), 1, 1)
 buckets = [float(b) for b in args.buckets.split(",")]
+mb_kw = {} if args.min_buckets is None else {"min_buckets": args.min_buckets}
 runs = {}
 for bmb in buckets:
-    runs[("blocking", bmb)] = Run(dp_grid, B, 1, bucket_mb=bmb, overlap=False)
+    runs[("blocking", bmb)] = Run(dp_grid, B, 1, bucket_mb=bmb, overlap=False, **mb_kw)
     runs[("overlap", bmb)] = Run(dp_grid, B, 1, bucket_mb=bmb, overlap=True,
-                                 progress_interval=args.interval)
-    runs[("overlap-noprog", bmb)] = Run(dp_grid, B, 1, bucket_mb=bmb, overlap=True, progress=False)
+                                 progress_interval=args.interval, **mb_kw)
+    runs[("overlap-noprog", bmb)] = Run(dp_grid, B, 1, bucket_mb=bmb, overlap=True, progress=False,
+                                        **mb_kw)
 runs[("1 rank 1 thread", None)] = Run(self_grid, 2 * B, 1, active=comm.rank == 0)
 runs[("1 rank 2 threads", None)] = Run(self_grid, 2 * B, 2, active=comm.rank == 0)
 

@@ -127,13 +127,29 @@ def linear_backward(dy, x, W, need_dx=True, need_db=True):
     dW : (F, D)
     db : (F,) or None when ``need_db`` is False
     """
-    rows = math.prod(dy.shape[:-1])          # explicit: an empty shard (D = 0) must work
-    dy2 = dy.reshape(rows, dy.shape[-1])
-    x2 = x.reshape(rows, x.shape[-1])
     dx = (dy @ W) if need_dx else None
-    dW = dy2.T @ x2
-    db = dy2.sum(axis=0) if need_db else None
+    dW = linear_backward_weight(dy, x)
+    db = linear_backward_bias(dy) if need_db else None
     return dx, dW, db
+
+
+def _rows2(a):
+    rows = math.prod(a.shape[:-1])          # explicit: an empty shard (D = 0) must work
+    return a.reshape(rows, a.shape[-1])
+
+
+def linear_backward_weight(dy, x, r0=0, r1=None):
+    """Rows ``r0:r1`` of dW: ``dW[r0:r1] = dy[:, r0:r1].T @ x`` -> (r1 - r0, D).
+
+    Output row f of dW needs only column f of dy, so a layer can compute dW a row
+    block at a time (and a data-parallel allreduce can start on finished blocks).
+    """
+    return _rows2(dy)[:, r0:r1].T @ _rows2(x)
+
+
+def linear_backward_bias(dy, r0=0, r1=None):
+    """Entries ``r0:r1`` of db: ``dy[:, r0:r1].sum(0)`` -> (r1 - r0,)."""
+    return _rows2(dy)[:, r0:r1].sum(axis=0)
 
 
 # --------------------------------------------------------------------------- #

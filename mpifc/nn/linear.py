@@ -46,13 +46,13 @@ class Linear(Module):
 
     def backward(self, dy):
         """dy : (N, F) -> dx : (N, D) (None when ``input_grad`` is False)."""
-        dx, dW, db = F.linear_backward(dy, self._x, self.weight.data, need_dx=self.input_grad,
-                                       need_db=self.bias is not None)
-        self.weight.grad += dW
+        x, self._x = self._x, None
+        # db, then dW a row block at a time (Parameter.accumulate_rows: each finished
+        # block may start its data-parallel allreduce), then dx, which hides the last one
         if self.bias is not None:
-            self.bias.grad += db
-        self._x = None
-        return dx
+            self.bias.accumulate_rows(lambda r0, r1: F.linear_backward_bias(dy, r0, r1))
+        self.weight.accumulate_rows(lambda r0, r1: F.linear_backward_weight(dy, x, r0, r1))
+        return (dy @ self.weight.data) if self.input_grad else None
 
     def __repr__(self):
         return f"Linear({self.in_features}, {self.out_features}, bias={self.bias is not None})"

@@ -46,12 +46,21 @@ class Parameter:
 
     ``sharding`` is None for a replicated (unsharded) parameter; the parallel
     layers fill it in. ``data`` holds only this rank's shard.
+
+    Row blocks: a layer that can compute its gradient a block of rows (axis 0) at a
+    time does so through :meth:`accumulate_rows`, which follows ``grad_rows`` (row
+    boundaries ``(0, r1, ..., rows)``; None: one block) and calls
+    ``on_grad_rows(param, i)`` after block ``i`` is in ``grad``. DataParallel sets
+    both, so the allreduce of a block's bucket starts while the layer computes the
+    next block; without it a layer computes its gradient in one block, as before.
     """
 
     data: object
     name: str = ""
     sharding: Sharding | None = None
     grad: object = field(default=None)
+    grad_rows: tuple | None = field(default=None, repr=False)
+    on_grad_rows: object = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.grad is None:
@@ -68,6 +77,23 @@ class Parameter:
 
     def zero_grad(self) -> None:
         self.grad[...] = 0
+
+    def row_blocks(self) -> list[tuple[int, int]]:
+        """The (r0, r1) row ranges of :meth:`accumulate_rows`, in order."""
+        b = self.grad_rows or (0, self.shape[0] if self.data.ndim else 1)
+        return list(zip(b[:-1], b[1:]))
+
+    def accumulate_rows(self, block) -> None:
+        """``grad[r0:r1] += block(r0, r1)`` for every row block, announcing each one.
+
+        ``block(r0, r1)`` returns the gradient rows r0..r1 of this step (the layer's
+        math); a 0-d parameter is one block (0, 1) taking the whole gradient.
+        """
+        g = self.grad if self.data.ndim else self.grad.reshape(1)
+        for i, (r0, r1) in enumerate(self.row_blocks()):
+            g[r0:r1] += block(r0, r1)
+            if self.on_grad_rows is not None:
+                self.on_grad_rows(self, i)
 
 
 class Module:

@@ -12,15 +12,22 @@ data parallel  none     (bucketed, overlapped) allreduce of gradients over dp gr
 ============== ======== ==========================================================
 
 Plan (built once, in :class:`DataParallel`): the parameters, in reverse order (the
-order backward produces their gradients), are packed into fusion buffers of at most
-``bucket_mb`` (a larger single tensor gets a bucket of its own; dtypes never mix).
-Each ``Parameter.grad`` becomes a view into its bucket's buffer, so layers
-accumulate straight into the buffer (``grad += dW``) and the allreduce runs on it
-in place: no packing copies, and no second copy of the gradients in memory.
+order backward produces their gradients), are laid out back to back in one flat
+store per dtype and cut into buckets of ``bucket_mb`` (at most total / ``min_buckets``),
+filled to the cap: a parameter that does not fit is cut at a row boundary (axis 0)
+and spans several buckets. Each ``Parameter.grad`` is a view into the store and each
+bucket's buffer a slice of it, so layers accumulate straight into the buffers and
+the allreduce runs on them in place: no packing copies, no second copy of the
+gradients. A parameter's row blocks (one per bucket it spans) become its
+``grad_rows``: a layer that computes its gradient a row block at a time (Linear and
+the parallel linears: ``dW[r0:r1] = dy[:, r0:r1].T @ x``) announces each block.
 
-Step: backward walks ``model.layers`` in reverse; when the last gradient of a
-bucket is ready, ``iallreduce`` starts on it (overlap) while the earlier layers
-keep computing; ``synchronize`` waits for every request. The mean comes from
+Step: backward walks ``model.layers`` in reverse; a bucket's ``iallreduce`` starts
+(overlap) as soon as all its pieces are final: a row block announced by its layer,
+or the end of the layer's backward for the rest. So a large first-layer weight,
+whose gradient backward finishes last, no longer waits whole: its first buckets
+travel while the layer computes its later rows. Buckets start in index order (the
+buffer order). ``synchronize`` waits for every request. The mean comes from
 scaling the incoming logits gradient by 1/P (backward is linear in it). MPICH
 advances a non-blocking collective only inside MPI calls, so a small helper
 thread calls ``MPI_Test`` on the pending requests while the main thread computes
@@ -47,32 +54,36 @@ from mpifc.parallel.describe import Collective
 
 _perf = time.perf_counter
 
+#: a model whose gradients fit in fewer buckets than this is still cut in this many
+#: (see :class:`DataParallel`, ``min_buckets``)
+MIN_BUCKETS = 4
+
 
 # --------------------------------------------------------------------------- #
 # the bucket plan
 # --------------------------------------------------------------------------- #
 class Bucket:
-    """One fusion buffer: ``params`` (reverse model order) laid out back to back in ``buffer``.
+    """One fusion buffer: ``pieces`` (reverse model order) laid out back to back in ``buffer``.
 
     index    bucket number (0 = filled first in backward = the last layers)
-    params   the Parameters whose gradients are views into ``buffer``
-    offsets  start of each parameter's gradient in ``buffer`` (elements)
-    buffer   1-D gradient array (numel elements of ``dtype``)
+    pieces   (param, i, r0, r1): row block ``i`` (rows r0..r1 on axis 0) of a parameter's
+             gradient; a parameter larger than the room left is cut at row boundaries
+             and spans several consecutive buckets
+    params   the Parameters with a piece here, in order
+    buffer   1-D slice of the plan's flat gradient store (numel elements of ``dtype``);
+             consecutive buckets of one dtype are adjacent slices of one store, so a
+             parameter spanning buckets is still one contiguous view
     """
 
-    def __init__(self, index, params, dtype, xp):
+    def __init__(self, index, pieces, dtype):
         self.index = index
-        self.params = list(params)
+        self.pieces = list(pieces)
+        self.params = list({id(p): p for p, *_ in self.pieces}.values())
         self.dtype = np.dtype(dtype)
-        self.offsets = []
-        n = 0
-        for p in self.params:
-            self.offsets.append(n)
-            n += p.size
-        self.numel = n
-        self.buffer = xp.zeros(n, dtype=self.dtype)
+        self.numel = sum(_row_numel(p) * (r1 - r0) for p, _, r0, r1 in self.pieces)
+        self.buffer = None
         self.request = None
-        self.pending = len(self.params)
+        self.pending = len(self.pieces)
 
     @property
     def nbytes(self) -> int:
@@ -82,37 +93,101 @@ class Bucket:
     def phase(self) -> str:
         return f"dp.grad_bucket{self.index}"
 
-    def adopt_grads(self) -> None:
-        """Make every ``p.grad`` a view of this buffer, keeping its current values."""
-        for p, off in zip(self.params, self.offsets):
-            view = self.buffer[off: off + p.size].reshape(p.shape)
-            view[...] = p.grad
-            p.grad = view
+
+def _rows(p) -> int:
+    """Rows of a parameter on axis 0 (a 0-d parameter is one row)."""
+    return int(p.shape[0]) if p.data.ndim else 1
 
 
-def plan_buckets(params, bucket_mb: float, xp=None) -> list[Bucket]:
-    """Group ``params`` (already in reverse order) into buckets of at most ``bucket_mb``.
+def _row_numel(p) -> int:
+    return p.size // _rows(p) if _rows(p) else 0
 
-    A bucket closes before a parameter that would make it exceed the cap, or that
-    has another dtype; a parameter larger than the cap gets a bucket of its own.
-    ``bucket_mb <= 0`` puts every parameter in a bucket of its own.
+
+def plan_buckets(params, bucket_mb: float, xp=None, min_buckets: int = 1) -> list[Bucket]:
+    """Cut ``params`` (already in reverse order) into buckets of at most ``bucket_mb`` MiB.
+
+    Buckets fill up to the cap: a parameter that does not fit in the room left is
+    cut at a row boundary (axis 0), its first rows closing the bucket and the rest
+    going on into the next ones, so buckets hold the cap (rounded down to whole rows;
+    a single row larger than the cap gets a bucket of its own). A dtype change closes
+    a bucket. ``bucket_mb <= 0`` puts every parameter, whole, in a bucket of its own.
+    ``min_buckets`` > 1 lowers the cap to ceil(total bytes / min_buckets), so that a
+    model smaller than the cap is still cut in that many buckets (see DataParallel).
+
+    Then every ``p.grad`` becomes a view of the buckets' flat store (keeping its
+    values) and ``p.grad_rows`` the row boundaries of its pieces (one piece per bucket
+    it spans), the blocks in which a layer computes it (``Parameter.accumulate_rows``).
     """
+    params = list(params)
     cap = int(bucket_mb * 2**20)
-    buckets, cur, cur_bytes = [], [], 0
+    if cap > 0 and min_buckets > 1:
+        total = sum(int(p.grad.nbytes) for p in params)
+        cap = max(1, min(cap, -(-total // int(min_buckets))))
+    groups, cur, cur_b = [], [], 0
+
+    def close():
+        nonlocal cur, cur_b
+        if cur:
+            groups.append(cur)
+        cur, cur_b = [], 0
+
     for p in params:
-        nb = int(p.grad.nbytes)
-        if cur and (cur_bytes + nb > cap or p.grad.dtype != cur[0].grad.dtype):
-            buckets.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append(p)
-        cur_bytes += nb
-    if cur:
-        buckets.append(cur)
-    out = []
-    for i, ps in enumerate(buckets):
-        bxp = xp if xp is not None else get_array_module(ps[0].grad)
-        out.append(Bucket(i, ps, ps[0].grad.dtype, bxp))
-    return out
+        if cur and p.grad.dtype != cur[0][0].grad.dtype:
+            close()
+        R = _rows(p)
+        row_b = _row_numel(p) * p.grad.dtype.itemsize
+        if cap <= 0 or row_b == 0:                   # whole (own bucket, or empty)
+            if cap <= 0:
+                close()
+            cur.append([p, 0, 0, R])
+            if cap <= 0:
+                close()
+            continue
+        r = 0
+        while r < R:
+            take = min(R - r, (cap - cur_b) // row_b)
+            if take <= 0:
+                if cur:
+                    close()
+                    continue
+                take = 1                             # one row larger than the cap
+            cur.append([p, 0, r, r + take])
+            cur_b += take * row_b
+            r += take
+    close()
+    # block index of every piece within its parameter, and the parameter's row boundaries
+    bounds: dict[int, list] = {}
+    for g in groups:
+        for pc in g:
+            b = bounds.setdefault(id(pc[0]), [pc[2]])
+            pc[1] = len(b) - 1
+            b.append(pc[3])
+    buckets = [Bucket(i, [tuple(pc) for pc in g], g[0][0].grad.dtype) for i, g in enumerate(groups)]
+    # one flat store per run of buckets of one dtype; grads are views into it
+    i = 0
+    while i < len(buckets):
+        j = i
+        while j + 1 < len(buckets) and buckets[j + 1].dtype == buckets[i].dtype:
+            j += 1
+        run = buckets[i: j + 1]
+        bxp = xp if xp is not None else get_array_module(run[0].pieces[0][0].grad)
+        store = bxp.zeros(sum(b.numel for b in run), dtype=run[0].dtype)
+        off, start = 0, {}
+        for b in run:
+            b.buffer = store[off: off + b.numel]
+            for p, k, r0, r1 in b.pieces:
+                if k == 0:
+                    start[id(p)] = off
+                off += _row_numel(p) * (r1 - r0)
+        for b in run:
+            for p, k, *_ in b.pieces:
+                if k == 0:
+                    view = store[start[id(p)]: start[id(p)] + p.size].reshape(p.shape)
+                    view[...] = p.grad
+                    p.grad = view
+                    p.grad_rows = tuple(bounds[id(p)])
+        i = j + 1
+    return buckets
 
 
 def backward_layers(model) -> list:
@@ -204,7 +279,15 @@ class DataParallel:
         ``parameters()``; a model without ``.layers`` runs its own ``backward`` and
         then reduces every bucket (no overlap)
     group : Communicator of the data-parallel ranks (``grid.dp_comm``)
-    bucket_mb : fusion buffer cap in MiB (2**20 bytes); default 25
+    bucket_mb : fusion buffer cap in MiB (2**20 bytes); default 25, as PyTorch DDP: large
+        enough that per-message costs vanish against the bytes on a network
+    min_buckets : cut the gradients in at least this many buckets (the cap becomes at
+        most ceil(total bytes / min_buckets)); default :data:`MIN_BUCKETS`. A model
+        smaller than one ``bucket_mb`` would otherwise be one bucket that can start only
+        when backward ends, hiding nothing; with k buckets the last (exposed) one is
+        about 1/k of the bytes for k - 1 extra messages (PyTorch DDP addresses the same
+        start-up gap with a small first bucket; here the gap is at the end, where the
+        first layer's gradient is finished). 1: the plain cap
     overlap : True: iallreduce each bucket as soon as it is full, during backward;
         False: one blocking allreduce per bucket after backward
     progress : with ``overlap``, drive the pending requests from a helper thread
@@ -231,15 +314,25 @@ class DataParallel:
         communication), ``blocking`` (the blocking allreduces)
     """
 
-    def __init__(self, model, group, bucket_mb=25.0, overlap=True, *, progress=True,
-                 progress_interval=5e-4):
+    def __init__(self, model, group, bucket_mb=25.0, overlap=True, *, min_buckets=MIN_BUCKETS,
+                 progress=True, progress_interval=5e-4):
         self.model, self.group = model, group
         self.bucket_mb, self.overlap = float(bucket_mb), bool(overlap)
+        self.min_buckets = int(min_buckets)
         self.params = unique_parameters(model)
-        self.buckets = plan_buckets(list(reversed(self.params)), self.bucket_mb)
+        self.buckets = plan_buckets(list(reversed(self.params)), self.bucket_mb,
+                                    min_buckets=self.min_buckets)
+        # block i of parameter p lives in bucket _piece_bucket[id(p)][i]
+        self._piece_bucket: dict[int, list] = {}
         for b in self.buckets:
-            b.adopt_grads()
-        self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
+            for p, i, _, _ in b.pieces:
+                self._piece_bucket.setdefault(id(p), []).append(b)
+        for p in self.params:
+            p.on_grad_rows = self._rows_done
+            if group.size == 1:      # nothing to start early: one GEMM, the serial result
+                p.grad_rows = None
+        self._armed = False          # launching during backward (synchronised overlap step)
+        self._done: set = set()      # (id(p), block) announced in this backward
         self._sync = True
         self._launched: list[Bucket] = []
         self._progress = (_Progress(progress_interval) if (progress and overlap and group.size > 1)
@@ -291,8 +384,13 @@ class DataParallel:
                                "call synchronize() before the next synchronised backward")
         self.timings = {"post": 0.0, "wait": 0.0, "blocking": 0.0}
         for b in self.buckets:
-            b.pending = len(b.params)
-        self._run_backward(dlogits, self._layer_done if self.overlap else None)
+            b.pending = len(b.pieces)
+        self._done = set()
+        self._armed = self.overlap and getattr(self.model, "layers", None) is not None
+        try:
+            self._run_backward(dlogits, self._layer_done if self._armed else None)
+        finally:
+            self._armed = False
         # buckets whose parameters no layer in the backward walk owns, or every bucket
         # in the blocking mode and for a model without layers
         for b in self.buckets:
@@ -309,15 +407,26 @@ class DataParallel:
             if on_layer is not None:
                 on_layer(layer)
 
+    def _rows_done(self, p, i) -> None:
+        """Block ``i`` of ``p``'s gradient is final (``Parameter.on_grad_rows``): start its
+        bucket if that was the bucket's last missing piece."""
+        if not self._armed or (id(p), i) in self._done:
+            return
+        buckets = self._piece_bucket.get(id(p))
+        if buckets is None:
+            return
+        self._done.add((id(p), i))
+        b = buckets[i]
+        b.pending -= 1
+        if b.pending == 0:
+            self._reduce(b)
+
     def _layer_done(self, layer) -> None:
-        """The gradients of ``layer``'s parameters are final: start full buckets."""
-        for p in layer.parameters():
-            b = self._bucket_of.get(id(p))
-            if b is None:
-                continue
-            b.pending -= 1
-            if b.pending == 0:
-                self._reduce(b)
+        """``layer``'s gradients are final: its blocks not announced yet are done, in
+        buffer order (parameters reversed, rows ascending), so buckets start in index order."""
+        for p in reversed(layer.parameters()):
+            for i in range(len(self._piece_bucket.get(id(p), ()))):
+                self._rows_done(p, i)
 
     def _reduce(self, b: Bucket) -> None:
         self._launched.append(b)

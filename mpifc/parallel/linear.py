@@ -90,12 +90,12 @@ class ColumnParallelLinear(ParallelModule):
             # adjoint of the allgather: every rank holds the full (replicated) dy; keep my block
             off = sum(self.out_counts[: self.group.rank])
             dy = take_axis(dy, -1, off, off + self.F_r)
-        dx, dW, db = F.linear_backward(dy, self._x, self.weight.data, need_dx=self.input_grad,
-                                       need_db=self.bias is not None)
-        self.weight.grad += dW
+        x, self._x = self._x, None
+        # db, dW in row blocks (each may start its data-parallel allreduce), then dx
         if self.bias is not None:
-            self.bias.grad += db
-        self._x = None
+            self.bias.accumulate_rows(lambda r0, r1: F.linear_backward_bias(dy, r0, r1))
+        self.weight.accumulate_rows(lambda r0, r1: F.linear_backward_weight(dy, x, r0, r1))
+        dx = (dy @ self.weight.data) if self.input_grad else None
         if dx is not None:
             # each rank's dx is the contribution of its output features: sum them
             with self.phase("backward"):
@@ -202,12 +202,12 @@ class RowParallelLinear(ParallelModule):
 
     def backward(self, dy):
         """dy : (N, F) replicated -> dx : (N, D_r), or (N, D) when the input was not sharded."""
-        dx, dW, db = F.linear_backward(dy, self._x, self.weight.data, need_dx=self.input_grad,
-                                       need_db=self.bias is not None)
-        self.weight.grad += dW
+        x, self._x = self._x, None
+        # db (dy is replicated, so the same on every rank), dW in row blocks, then dx
         if self.bias is not None:
-            self.bias.grad += db      # dy is replicated, so db is the same on every rank
-        self._x = None
+            self.bias.accumulate_rows(lambda r0, r1: F.linear_backward_bias(dy, r0, r1))
+        self.weight.accumulate_rows(lambda r0, r1: F.linear_backward_weight(dy, x, r0, r1))
+        dx = (dy @ self.weight.data) if self.input_grad else None
         if dx is not None and not self.input_is_sharded:
             with self.phase("backward"):
                 dx = allgather_axis1(self.group, dx, self.in_counts)

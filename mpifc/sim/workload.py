@@ -26,9 +26,11 @@ clipping, optimizer), so the messages listed here are exactly those of a real st
     class-split logits   fwd allreduce max (b), allreduce sums (2b); accuracy: allreduce
                          min (b, int64); whole logits: a local loss, no message
     data parallel     iallreduce over dp of each gradient bucket (reverse parameter
-                      order, <= bucket_mb MiB), started once the layer that completes it
-                      has run its backward (overlappable); blocking mode: allreduce
-                      after the backward; nothing on dp = 1
+                      order, filled to bucket_mb MiB or total/min_buckets, a parameter
+                      cut at row boundaries), started once its last piece is final: a
+                      linear layer's dW row block, else the end of the layer's backward
+                      (overlappable); blocking mode: allreduce after the backward;
+                      nothing on dp = 1
     clipping, tp > 1  allreduce over tp of one float64
     trainer           allreduce over the world of one float64 (the loss is finite on
                       every rank); data.mode = "scatter": scatter(v) of the batch rows
@@ -58,6 +60,7 @@ import numpy as np
 
 from mpifc.comm.counts import balanced_counts
 from mpifc.nn import functional as F
+from mpifc.parallel.data import MIN_BUCKETS
 from mpifc.parallel.describe import Collective
 from mpifc.sim.engine import Phase, Workload
 from mpifc.sim.planner import LayoutInfeasible
@@ -154,7 +157,8 @@ def _has_params(spec: dict) -> bool:
 def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = None,
                   local_batch: int | None = None, dp_rank: int = 0, tp_rank: int = 0,
                   bucket_mb: float | None = None, overlap: bool | None = None,
-                  accuracy: bool = True, finite_check: bool = True) -> StepDescription:
+                  min_buckets: int = MIN_BUCKETS, accuracy: bool = True,
+                  finite_check: bool = True) -> StepDescription:
     """The analytic step of ``cfg`` (a dict from :func:`mpifc.config.load_config`) on one
     rank of a dp x tp layout, as the trainer runs it: forward, class-parallel loss
     and accuracy, backward with data-parallel buckets, clipping, optimizer.
@@ -167,6 +171,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
     local_batch : rows per dp replica instead (weak scaling: global = local * dp)
     dp_rank, tp_rank : the rank described (0: the largest shards, the slowest rank)
     bucket_mb, overlap : data-parallel buckets (default: the config's [parallel])
+    min_buckets : DataParallel's ``min_buckets`` (the cap is at most total / min_buckets)
     accuracy : the step computes accuracy (the class-parallel metrics allreduce)
     finite_check : the trainer's per-step agreement that the loss is finite (one
         allreduce max of a float64 over the world, phase "check.finite")
@@ -188,7 +193,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                                f"samples (give a larger batch, or a per-replica batch)")
     b = balanced_counts(B, dp)[0][dp_rank]
     par = cfg["parallel"]
-    cap = float(par.get("bucket_mb", 25.0) if bucket_mb is None else bucket_mb) * 2 ** 20
+    cap = int(float(par.get("bucket_mb", 25.0) if bucket_mb is None else bucket_mb) * 2 ** 20)
     overlap = bool(par.get("overlap", True) if overlap is None else overlap)
 
     layers = [dict(l) for l in cfg["model"]["layers"]]
@@ -198,7 +203,8 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
 
     fwd_ph: list[Phase] = []
     fwd_cc: list[Collective] = []
-    blocks: list[tuple] = []        # per layer run in backward: (phases, collectives, params)
+    blocks: list[tuple] = []        # per layer run in backward: (phases, collectives, params,
+                                    # their rows on axis 0, index of the dW-in-row-blocks phase)
     names: list[str] = []
     counter: dict[str, int] = {}
     param_sizes: list[int] = []     # local parameter sizes, in parameters() order
@@ -231,6 +237,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
         xl = act.local(r)
         n_in = b * _prod(xl)
         f_ph, f_cc, b_ph, b_cc, lp = [], [], [], [], []
+        rows, w_at = None, None         # rows of lp (default: 1-d), phase of dW in row blocks
         if t in ("linear", "conv2d") and act.counts is not None and (t, sh) not in _CONSUMERS:
             raise WorkloadError(f"{where} gets a split input")
 
@@ -275,12 +282,16 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                 new = _Act((Fo,))
             if bias:
                 f_ph.append(elem(f"{name}.forward.bias", _PASSES["bias_fwd"] * b * Fl * s, "forward"))
-            b_ph.append(compute(f"{name}.backward", 2 * b * Din * Fl * (2 if in_grad else 1),
-                                "gemm", "backward"))
+            # as Linear.backward: db, dW in row blocks (a bucket may start after each), dx
             if bias:
                 b_ph.append(elem(f"{name}.backward.db", _PASSES["bias_bwd"] * b * Fl * s, "backward"))
+            w_at = len(b_ph)
+            b_ph.append(compute(f"{name}.backward", 2 * b * Din * Fl, "gemm", "backward"))
+            if in_grad:
+                b_ph.append(compute(f"{name}.backward.dx", 2 * b * Din * Fl, "gemm", "backward"))
             b_ph += post
             lp = [Fl * Din] + ([Fl] if bias else [])
+            rows = [Fl] * len(lp)
             keep += b * Din * s
             act = new
 
@@ -339,6 +350,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                              * s, "backward"))
             b_ph += post
             lp = [Kl * Cl * R * S_] + ([Kl] if bias else [])
+            rows = [Kl] * len(lp)
             keep += Cl * R * S_ * b * Ho * Wo * s        # the im2col columns
             act = new
 
@@ -394,7 +406,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
         fwd_ph += f_ph
         fwd_cc += f_cc
         if i >= first_param:
-            blocks.append((b_ph, b_cc, lp))
+            blocks.append((b_ph, b_cc, lp, rows or list(lp), w_at))
         param_sizes += lp
         peak = max(peak, b * _prod(act.local(r)) * s)
 
@@ -417,41 +429,81 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
 
     # ---- backward, launching data-parallel buckets (mpifc.parallel.data.plan_buckets) ----
     params = sum(param_sizes)
-    rev = [(li, j, n) for li, (_, _, lp) in enumerate(blocks) for j, n in enumerate(lp)][::-1]
-    bucket_of: dict[tuple, int] = {}
-    numel: list[int] = []
-    cur_b = 0.0
-    for li, j, n in rev:
-        if not numel or cur_b + n * s > cap:
-            numel.append(0)
-            cur_b = 0.0
-        numel[-1] += n
-        cur_b += n * s
-        bucket_of[(li, j)] = len(numel) - 1
-    pending = [0] * len(numel)
-    for k in bucket_of.values():
-        pending[k] += 1
+    if cap > 0 and min_buckets > 1:
+        cap = max(1, min(cap, -(-params * s // int(min_buckets))))
+    rev = [(li, j, n, blocks[li][3][j]) for li in range(len(blocks))
+           for j, n in enumerate(blocks[li][2])][::-1]
+    groups: list[list] = []          # per bucket: pieces (li, j, r0, r1, elements per row)
+    cur: list = []
+    cur_b = 0
+    for li, j, n, R in rev:
+        row_n = n // R if R else 0
+        if cap <= 0 or row_n == 0:                   # whole (own bucket, or empty)
+            if cap <= 0 and cur:
+                groups.append(cur); cur, cur_b = [], 0
+            cur.append((li, j, 0, R, row_n))
+            if cap <= 0:
+                groups.append(cur); cur, cur_b = [], 0
+            continue
+        r0 = 0
+        while r0 < R:
+            take = min(R - r0, (cap - cur_b) // (row_n * s))
+            if take <= 0:
+                if cur:
+                    groups.append(cur); cur, cur_b = [], 0
+                    continue
+                take = 1                             # one row larger than the cap
+            cur.append((li, j, r0, r0 + take, row_n))
+            cur_b += take * row_n * s
+            r0 += take
+    if cur:
+        groups.append(cur)
+    numel = [sum((r1 - r0) * rn for _, _, r0, r1, rn in g) for g in groups]
+    pending = [len(g) for g in groups]
+    pieces: dict[tuple, list] = {}   # (li, j) -> [(bucket, r0, r1)] in row order
+    for k, g in enumerate(groups):
+        for li, j, r0, r1, _ in g:
+            pieces.setdefault((li, j), []).append((k, r0, r1))
     dp_cc: list[Collective] = []
     dp_ph: list[Phase] = []
     bwd_ph: list[Phase] = []
     bwd_cc: list[Collective] = []
+
+    def piece_done(k):
+        """A piece of bucket k is final: start the bucket once all its pieces are."""
+        pending[k] -= 1
+        if pending[k] or not numel[k] or dp == 1:
+            return
+        c = Collective(f"dp.grad_bucket{k}", "iallreduce" if overlap else "allreduce",
+                       "dp", numel[k], s)
+        dp_cc.append(c)
+        ph = Phase("comm", f"dp.grad_bucket{k}.allreduce", op="allreduce", group="dp",
+                   bytes=float(c.bytes), overlappable=overlap, stage="backward")
+        (bwd_ph if overlap else dp_ph).append(ph)
+
     for li in reversed(range(len(blocks))):
-        ph_list, cc, lp = blocks[li]
-        bwd_ph += ph_list
+        ph_list, cc, lp, rows, w_at = blocks[li]
         bwd_cc += cc
-        # the layer's gradients are final: start every bucket they complete, in the
-        # order of its parameters (DataParallel._layer_done)
-        for j in range(len(lp)):
-            k = bucket_of[(li, j)]
-            pending[k] -= 1
-            if pending[k] or not numel[k] or dp == 1:
-                continue
-            c = Collective(f"dp.grad_bucket{k}", "iallreduce" if overlap else "allreduce",
-                           "dp", numel[k], s)
-            dp_cc.append(c)
-            ph = Phase("comm", f"dp.grad_bucket{k}.allreduce", op="allreduce", group="dp",
-                       bytes=float(c.bytes), overlappable=overlap, stage="backward")
-            (bwd_ph if overlap else dp_ph).append(ph)
+        if w_at is None:
+            bwd_ph += ph_list
+        else:
+            # a linear layer (Parameter.accumulate_rows): db, then dW a row block per
+            # piece, each piece final after its block, then dx and the rest
+            bwd_ph += ph_list[:w_at]
+            for j in reversed(range(1, len(lp))):
+                for k, _, _ in pieces.pop((li, j)):
+                    piece_done(k)
+            w = ph_list[w_at]
+            for k, r0, r1 in pieces.pop((li, 0)):
+                bwd_ph.append(Phase("compute", w.label, flops=w.flops * (r1 - r0) / max(rows[0], 1),
+                                    op_kind=w.op_kind, stage=w.stage))
+                piece_done(k)
+            bwd_ph += ph_list[w_at + 1:]
+        # the layer's gradients are final: the rest of its pieces, in buffer order
+        # (parameters reversed, rows ascending: DataParallel._layer_done)
+        for j in reversed(range(len(lp))):
+            for k, _, _ in pieces.pop((li, j), []):
+                piece_done(k)
     if not overlap:      # the blocking mode reduces every bucket after backward, in order
         order = sorted(range(len(dp_cc)), key=lambda i: int(dp_cc[i].phase[len("dp.grad_bucket"):]))
         dp_cc, dp_ph = [dp_cc[i] for i in order], [dp_ph[i] for i in order]

@@ -221,3 +221,34 @@ def test_bad_shapes_fail_loudly(xp):
         nn.BatchNorm2d(3, xp=xp).forward(xp.ones((2, 4, 2, 2), dtype=np.float32))
     with pytest.raises(ValueError):
         nn.Linear(3, 2, dtype=np.float16)
+
+
+def test_linear_row_blocks_equal_one_block_and_announce_in_order(xp):
+    """dW computed a row block at a time (Parameter.grad_rows, as DataParallel sets it)
+    equals the one-block dW; every block is announced once it is in grad, db first."""
+    rng = np.random.default_rng(7)
+    x, dy = xp.asarray(rng.standard_normal((6, 5, 9))), xp.asarray(rng.standard_normal((6, 5, 11)))
+    ref = nn.Linear(9, 11, seed=3, dtype=np.float64, xp=xp)
+    ref.forward(x)
+    dx_ref = ref.backward(dy)
+    lin = nn.Linear(9, 11, seed=3, dtype=np.float64, xp=xp)
+    seen = []
+
+    def announce(p, i):
+        r0, r1 = p.row_blocks()[i]
+        assert not (p.grad[r1:] != 0).any()             # later blocks not computed yet
+        seen.append((p.name, i))
+    lin.weight.grad_rows, lin.bias.grad_rows = (0, 1, 4, 4, 10, 11), (0, 6, 11)
+    lin.weight.on_grad_rows = lin.bias.on_grad_rows = announce
+    lin.forward(x)
+    dx = lin.backward(dy)
+    assert seen == [("bias", 0), ("bias", 1)] + [("weight", i) for i in range(5)]
+    for name, a, b in (("dx", dx, dx_ref), ("weight", lin.weight.grad, ref.weight.grad),
+                       ("bias", lin.bias.grad, ref.bias.grad)):
+        e = float(xp.abs(a - b).max())
+        print(f"row blocks vs one block {name}: OK, maxdiff = {e:.3e}")
+        assert e <= 1e-12 * float(xp.abs(b).max()), (name, e)
+    # the finite-difference check through the blocked path
+    for p in lin.parameters():
+        p.on_grad_rows = None
+    assert layer_gradcheck(lin, xp.asarray(rng.standard_normal((4, 9))), "linear-blocks ") <= TOL

@@ -59,35 +59,89 @@ def gradient_step(net, dp, grid, x, y):
 
 
 @pytest.mark.mpi(min_size=1)
-@pytest.mark.parametrize("bucket_mb", [0.0, 0.0004, 0.002, 25.0])
-def test_buckets_respect_cap_and_hold_the_grads(comm, bucket_mb):
+@pytest.mark.parametrize("bucket_mb,min_buckets", [(0.0, 4), (0.0004, 1), (0.002, 1), (25.0, 1), (25.0, 4)])
+def test_buckets_respect_cap_and_hold_the_grads(comm, bucket_mb, min_buckets):
     for dp_, tp_ in layouts(comm.size):
         grid = grid_of(comm, dp_, tp_)
         net = build_model(MLP, grid, seed=1, dtype=np.float64)
         params = net.parameters()
-        dp = DataParallel(net, grid.dp_comm, bucket_mb=bucket_mb)
-        cap = bucket_mb * 2**20
-        flat = [p for b in dp.buckets for p in b.params]
-        assert [id(p) for p in flat] == [id(p) for p in reversed(params)]     # reverse order, once each
+        dp = DataParallel(net, grid.dp_comm, bucket_mb=bucket_mb, min_buckets=min_buckets)
+        total = sum(p.grad.nbytes for p in params)
+        cap = min(bucket_mb * 2**20, -(-total // min_buckets))
+        # the pieces, bucket after bucket, are the parameters in reverse order, each
+        # cut in ascending row blocks that match its grad_rows
+        flat = [(p, i, r0, r1) for b in dp.buckets for p, i, r0, r1 in b.pieces]
+        whole = []
+        for p, i, r0, r1 in flat:
+            if i == 0:
+                whole.append(p)
+            if dp_ > 1:         # a one-rank group computes every gradient in one block
+                assert (r0, r1) == p.row_blocks()[i]
+        assert [id(p) for p in whole] == [id(p) for p in reversed(params)]     # reverse order, once each
+        row_b = {id(p): p.grad.nbytes // max(p.shape[0], 1) for p in params}
         for b in dp.buckets:
-            assert b.nbytes <= cap or len(b.params) == 1, (bucket_mb, b.nbytes, len(b.params))
-            for p, off in zip(b.params, b.offsets):
-                assert np.shares_memory(p.grad, b.buffer) and p.grad.shape == p.data.shape
-                assert p.grad.base is b.buffer or p.grad.base is b.buffer.base
-        # a bucket closes only when the next parameter would overflow it
-        for b, nxt in zip(dp.buckets, dp.buckets[1:]):
-            assert b.nbytes + nxt.params[0].grad.nbytes > cap
-        if bucket_mb == 0.0:
+            one_row = len(b.pieces) == 1 and b.pieces[0][3] - b.pieces[0][2] == 1
+            assert b.nbytes <= cap or one_row or (bucket_mb == 0 and len(b.params) == 1), \
+                (bucket_mb, b.nbytes, b.pieces)
+            off = 0
+            for p, i, r0, r1 in b.pieces:      # grads are views of the bucket buffers
+                n = p.grad[r0:r1].size
+                assert np.shares_memory(p.grad[r0:r1], b.buffer[off: off + n]) or n == 0
+                p.grad[r0:r1] = 1.0 + off
+                assert (b.buffer[off: off + n] == 1.0 + off).all()
+                off += n
+            assert off == b.numel
+        dp.zero_grad()
+        # a bucket closes only when the next row would overflow it
+        if bucket_mb > 0:
+            for b, nxt in zip(dp.buckets, dp.buckets[1:]):
+                assert b.nbytes + row_b[id(nxt.pieces[0][0])] > cap
+        else:
             assert len(dp.buckets) == len(params)
-        if bucket_mb == 25.0:
+        if bucket_mb == 25.0 and min_buckets == 1:
             assert len(dp.buckets) == 1
+        if bucket_mb == 25.0 and min_buckets == 4:
+            assert 4 <= len(dp.buckets) <= 5
         # the trace of a step: one message per non-empty bucket, of the bucket's size
         x, y = my_rows(grid)
         trace.reset()
         gradient_step(net, dp, grid, x, y)
         ev = [e for e in trace.events() if e["phase"].startswith("dp.grad")]
         want = [(b.phase, b.numel, b.nbytes) for b in dp.buckets if b.numel] if dp_ > 1 else []
-        assert sorted((e["phase"], e["count"], e["bytes"]) for e in ev) == sorted(want)
+        assert [(e["phase"], e["count"], e["bytes"]) for e in ev] == want
+
+
+@pytest.mark.mpi(min_size=2)
+def test_buckets_start_in_order_while_the_weight_gradient_is_computed(comm):
+    """A weight cut over several buckets: each bucket starts as soon as its rows are in,
+    before the layer computes its later row blocks; buckets start in index order."""
+    grid = grid_of(comm, comm.size, 1)
+    net = build_model(MLP, grid, seed=1, dtype=np.float64)
+    w = net.layers[0].weight                                   # (20, 12): 1920 bytes
+    dp = DataParallel(net, grid.dp_comm, bucket_mb=500 / 2**20, min_buckets=1)
+    spans = [b.index for b in dp.buckets if any(p is w for p, *_ in b.pieces)]
+    assert len(spans) >= 3 and len(w.row_blocks()) == len(spans)
+    started = []
+    reduce = dp._reduce
+
+    def spy(b):
+        done = int((np.abs(w.grad).sum(axis=1) != 0).sum())    # rows of fc1's dW computed
+        started.append((b.index, done))
+        reduce(b)
+    dp._reduce = spy
+    x, y = my_rows(grid)
+    gradient_step(net, dp, grid, x, y)
+    assert [i for i, _ in started] == list(range(len(dp.buckets)))
+    for i, done in started:
+        if i in spans[:-1]:                                    # not the last block of fc1
+            assert done < w.shape[0], (i, done, started)
+    # the same gradients as without row blocks (one bucket), to 1e-12
+    ref = build_model(MLP, grid, seed=1, dtype=np.float64)
+    gradient_step(ref, DataParallel(ref, grid.dp_comm, bucket_mb=25.0, min_buckets=1), grid, x, y)
+    for n, g in grads(ref).items():
+        e = rel(grads(net)[n], g)
+        print(f"row-block buckets vs one bucket {n}: maxdiff = {e:.3e}")
+        assert e <= 1e-12, (n, e)
 
 
 def test_plan_buckets_separates_dtypes():
@@ -97,6 +151,7 @@ def test_plan_buckets_separates_dtypes():
           Parameter(np.zeros(4, np.float64), "c"), Parameter(np.zeros(2, np.float32), "d")]
     bs = plan_buckets(ps, 1.0)
     assert [[p.name for p in b.params] for b in bs] == [["a", "b"], ["c"], ["d"]]
+    assert bs[0].buffer.base is not None and bs[0].buffer.base is not bs[1].buffer.base
     assert [b.dtype for b in bs] == [np.float32, np.float64, np.float32]
 
 
