@@ -56,7 +56,7 @@ _perf = time.perf_counter
 
 #: a model whose gradients fit in fewer buckets than this is still cut in this many
 #: (see :class:`DataParallel`, ``min_buckets``)
-MIN_BUCKETS = 4
+MIN_BUCKETS = 8
 
 
 # --------------------------------------------------------------------------- #
