@@ -512,8 +512,6 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
     o = cfg["optim"]
     opt_ph: list[Phase] = []
     clip_cc: list[Collective] = []
-    if dp > 1:
-        opt_ph.append(elem("dp.average", 2 * params * s, "optimizer"))   # buffer /= P
     if o.get("clip_norm"):
         opt_ph.append(elem("clip.norm", 2 * params * s, "optimizer"))
         if tp > 1:
