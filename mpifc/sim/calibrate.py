@@ -169,26 +169,75 @@ def _measure_group(g, op: str, sizes, trials: int, quick: bool):
 
 
 # ---------------------------------------------------------------------------- compute
-def _median_time(fn, reps: int) -> float:
+def _median_time(fn, reps: int, inner: int = 1) -> float:
+    """Median over ``reps`` trials of the time of one call, each trial ``inner`` calls."""
     fn()
     ts = []
     for _ in range(reps):
         t0 = _perf()
-        fn()
-        ts.append(_perf() - t0)
+        for _ in range(inner):
+            fn()
+        ts.append((_perf() - t0) / inner)
     return statistics.median(ts)
 
 
-def _compute_rates(comm, quick: bool):
-    """(gemm curve, conv curve or None, elementwise GB/s, reduction B/s), slowest rank."""
+def _call_mix():
+    """Trivial calls of the kinds the layers, losses and optimizers make on small arrays
+    (a ufunc into a buffer, an allocating ufunc, a reduction, a view, a slice store, an
+    allocation): their mean time is the per-call cost ``call_s``."""
+    a = np.ones(4, dtype=np.float32)
+    b = np.ones(4, dtype=np.float32)
+    c = np.empty(4, dtype=np.float32)
+    m = np.ones((2, 2), dtype=np.float32)
+    return [lambda: np.maximum(a, 0, out=c), lambda: a * b, lambda: m.sum(axis=0),
+            lambda: m.reshape(4), lambda: c.__setitem__(slice(0, 2), b[:2]),
+            lambda: np.zeros(4, dtype=np.float32)]
+
+
+#: element counts of the element-wise curve (float32: 1 KiB .. 4 MiB arrays)
+ELEMENTWISE_ELEMS = (256, 1024, 4096, 16384, 65536, 262144, 1 << 20)
+
+
+def _compute_rates(comm, quick: bool) -> dict:
+    """Local rates, each the slowest rank's (all ranks measure at once, as in training):
+    GEMM and conv curves, the element-wise curve, streaming element-wise and sum rates,
+    the per-call cost and the per-row cost of strided passes."""
     rng = np.random.default_rng(comm.rank)
     reps = 3 if quick else 5
+    local = []                                   # seconds, in a fixed order
+
+    # per-call cost: the mean of a mix of trivial calls, 200 back to back per trial
+    mix = _call_mix()
+    t_call = [_median_time(f, reps, 200) for f in mix]
+    local += t_call
+
+    # element-wise kernel (ReLU-like: read + write) over array sizes
+    ew = []
+    for n in ELEMENTWISE_ELEMS:
+        x = np.ones(n, dtype=np.float32)
+        y = np.empty_like(x)
+        ew.append(_median_time(lambda: np.maximum(x, 0, out=y), reps, max(1, (1 << 20) // n)))
+    local += ew
+
+    # strided passes: 16384 rows of 4 elements, (a) every other element (a pooling
+    # window), (b) the first 4 of 8 (an im2col offset); vs the same bytes contiguous
+    rows_n = 16384
+    src = np.ones((rows_n, 8), dtype=np.float32)
+    dst = np.empty((rows_n, 4), dtype=np.float32)
+    flat_src = np.ones(rows_n * 4, dtype=np.float32)
+    flat_dst = dst.reshape(-1)
+    t_str = [_median_time(lambda: np.copyto(dst, src[:, ::2]), reps, 4),
+             _median_time(lambda: np.copyto(dst, src[:, :4]), reps, 4),
+             _median_time(lambda: np.copyto(flat_dst, flat_src), reps, 4)]
+    local += t_str
+
     gemm = []
-    for m in ((64, 128, 256) if quick else (64, 128, 256, 512)):
+    for m in ((32, 64, 128, 256) if quick else (32, 64, 128, 256, 512)):
         a = rng.standard_normal((m, m), dtype=np.float32)
         b = rng.standard_normal((m, m), dtype=np.float32)
-        t = _median_time(lambda: a @ b, reps)
+        t = _median_time(lambda: a @ b, reps, max(1, 64 // m * 4))
         gemm.append((2.0 * m ** 3, t))
+    local += [t for _, t in gemm]
     conv = []
     try:
         from mpifc.nn.functional import conv2d_forward
@@ -200,18 +249,37 @@ def _compute_rates(comm, quick: bool):
             w = rng.standard_normal((K, C, 3, 3), dtype=np.float32)
             t = _median_time(lambda: conv2d_forward(x, w, None, 1, 1), reps)
             conv.append((2.0 * N * K * C * 9 * H * H, t))
+    local += [t for _, t in conv]
     big = np.ones(1 << 20, dtype=np.float32)                  # 4 MiB
     other = np.ones_like(big)
-    t_elem = _median_time(lambda: np.maximum(big, 0, out=other), reps)
-    t_red = _median_time(lambda: np.add(big, other, out=big), reps)
-    local = [t for _, t in gemm] + [t for _, t in conv] + [t_elem, t_red]
-    worst = comm.allreduce(np.asarray(local, dtype=np.float64), op="max")
+    local.append(_median_time(lambda: np.add(big, other, out=big), reps))
+
+    worst = list(comm.allreduce(np.asarray(local, dtype=np.float64), op="max"))
+    k = len(mix)
+    call_s = float(np.mean(worst[:k]))
+    ew_t = worst[k:k + len(ELEMENTWISE_ELEMS)]
+    k += len(ELEMENTWISE_ELEMS)
+    s_pool, s_col, s_flat = worst[k:k + 3]
+    k += 3
     ng, nc = len(gemm), len(conv)
-    gemm_curve = [(f, f / t / 1e9) for (f, _), t in zip(gemm, worst[:ng])]
-    conv_curve = [(f, f / t / 1e9) for (f, _), t in zip(conv, worst[ng:ng + nc])] or None
-    elementwise_gbps = 2 * big.nbytes / worst[-2] / 1e9      # read + write
-    reduction_Bps = big.nbytes / worst[-1]                   # bytes of one operand
-    return gemm_curve, conv_curve, elementwise_gbps, reduction_Bps
+    g_t, c_t, t_red = worst[k:k + ng], worst[k + ng:k + ng + nc], worst[-1]
+
+    def net(t):          # a call's time less the per-call cost (never below 10 % of it)
+        return max(t - call_s, 0.1 * t)
+
+    # (bytes per call, GB/s) with read + write; times made non-decreasing in size first
+    ew_t = lower_envelope(ew_t)
+    elementwise_curve = [(8.0 * n, 8.0 * n / net(t) / 1e9) for n, t in zip(ELEMENTWISE_ELEMS, ew_t)]
+    row_s = max(0.5 * (s_pool + s_col) - s_flat, 0.0) / rows_n
+    return {
+        "gemm_curve": [(f, f / net(t) / 1e9) for (f, _), t in zip(gemm, g_t)],
+        "conv_curve": [(f, f / t / 1e9) for (f, _), t in zip(conv, c_t)] or None,
+        "elementwise_gbps": elementwise_curve[-1][1],
+        "elementwise_curve": elementwise_curve,
+        "reduction_Bps": big.nbytes / t_red,                  # bytes of one operand
+        "call_s": call_s,
+        "row_s": row_s,
+    }
 
 
 # ---------------------------------------------------------------------------- driver
@@ -296,26 +364,33 @@ def calibrate(out: str | os.PathLike | None = None, *, quick: bool = False,
         measured = comm.bcast_obj(measured if comm.rank == 0 else None)
 
         # local rates
-        gemm_curve, conv_curve, elem_gbps, red_Bps = _compute_rates(comm, quick)
-        if conv_curve is None:
-            conv_curve = gemm_curve
+        rates = _compute_rates(comm, quick)
+        if rates["conv_curve"] is None:
+            rates["conv_curve"] = rates["gemm_curve"]
             notes.append("mpifc.nn.functional.conv2d_forward not available: conv rate = GEMM rate")
         else:
             notes.append("conv rate measured with mpifc.nn.functional.conv2d_forward (im2col + GEMM)")
-        gemm_curve, conv_curve, elem_gbps, red_Bps = comm.bcast_obj(
-            (gemm_curve, conv_curve, elem_gbps, red_Bps) if comm.rank == 0 else None)
-        say(f"GEMM {gemm_curve[-1][1]:.1f} GFLOP/s, conv {conv_curve[-1][1]:.1f} GFLOP/s, "
-            f"elementwise {elem_gbps:.2f} GB/s, sum {red_Bps / 1e9:.2f} GB/s")
+        rates = comm.bcast_obj(rates if comm.rank == 0 else None)
+        say(f"GEMM {rates['gemm_curve'][-1][1]:.1f} GFLOP/s, conv {rates['conv_curve'][-1][1]:.1f} "
+            f"GFLOP/s, elementwise {rates['elementwise_gbps']:.2f} GB/s "
+            f"({rates['elementwise_curve'][0][1]:.2f} GB/s at {rates['elementwise_curve'][0][0]:.0f} B), "
+            f"sum {rates['reduction_Bps'] / 1e9:.2f} GB/s, call {rates['call_s'] * 1e6:.2f} us, "
+            f"strided row {rates['row_s'] * 1e9:.1f} ns")
+        # rank 0's clock for the note: a time that rounds differently per rank would
+        # make the ranks' descriptions differ
+        elapsed = comm.bcast_obj(_perf() - t_start if comm.rank == 0 else None)
 
-    elapsed = _perf() - t_start
     notes.append(f"calibration took {elapsed:.1f} s" + (" (quick mode)" if quick else ""))
     cluster = Cluster(
         name=name or (hosts[0] if len(hosts) == 1 else f"{hosts[0]}+{len(hosts) - 1}"),
         nodes=len(hosts), ranks_per_node=rpn, intra=intra_link, inter=inter_link,
-        reduction_Bps=red_Bps,
-        compute=ComputeRates(gemm_gflops=gemm_curve[-1][1], conv_gflops=conv_curve[-1][1],
-                             elementwise_gbps=elem_gbps, gemm_curve=gemm_curve,
-                             conv_curve=conv_curve),
+        reduction_Bps=rates["reduction_Bps"],
+        compute=ComputeRates(gemm_gflops=rates["gemm_curve"][-1][1],
+                             conv_gflops=rates["conv_curve"][-1][1],
+                             elementwise_gbps=rates["elementwise_gbps"],
+                             gemm_curve=rates["gemm_curve"], conv_curve=rates["conv_curve"],
+                             elementwise_curve=rates["elementwise_curve"],
+                             call_s=rates["call_s"], row_s=rates["row_s"]),
         thresholds=Thresholds(), measured=measured,
         hosts=[(h, c) for h, c in zip(hosts, counts)],
         source="mpifc calibrate", notes="\n".join(notes))

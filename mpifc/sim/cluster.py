@@ -114,10 +114,20 @@ class ComputeRates:
     """Sustained compute rates of one rank.
 
     gemm_gflops / conv_gflops: GFLOP/s of matrix products and convolutions;
-    elementwise_gbps: GB/s of memory-bound element-wise kernels (bytes read + written).
+    elementwise_gbps: GB/s of memory-bound element-wise kernels (bytes read + written)
+    on arrays far larger than the caches.
     gemm_curve / conv_curve (optional): measured ``(flops, gflops)`` points; where
     present the rate of a phase is interpolated in log(flops) (clamped at the ends),
     because small products run far below the large-matrix rate.
+    elementwise_curve (optional): measured ``(bytes per call, GB/s)`` points of an
+    element-wise kernel, net of the per-call cost: small arrays live in the caches and
+    stream faster than ``elementwise_gbps``. Used for a phase that says how many calls
+    it makes (its bytes / calls is the size of one call), interpolated in log(bytes).
+    call_s: seconds of one NumPy / Python call beyond its bytes or FLOPs (argument
+    parsing, dispatch, allocation): a phase of ``calls`` calls pays ``calls * call_s``.
+    row_s: seconds per innermost row of a strided pass (NumPy's iterator restarts its
+    inner loop on every row of a view whose rows are not contiguous with each other,
+    e.g. a pooling window or an im2col offset with rows of a few elements).
     """
 
     gemm_gflops: float = 10.0
@@ -125,32 +135,53 @@ class ComputeRates:
     elementwise_gbps: float = 5.0
     gemm_curve: list[tuple[float, float]] = field(default_factory=list)
     conv_curve: list[tuple[float, float]] = field(default_factory=list)
+    elementwise_curve: list[tuple[float, float]] = field(default_factory=list)
+    call_s: float = 0.0
+    row_s: float = 0.0
 
     def __post_init__(self):
         for name in ("gemm_gflops", "conv_gflops", "elementwise_gbps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"compute rate {name} must be > 0")
-        for name in ("gemm_curve", "conv_curve"):
+        for name in ("call_s", "row_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"compute {name} must be >= 0")
+            setattr(self, name, float(getattr(self, name)))
+        for name in ("gemm_curve", "conv_curve", "elementwise_curve"):
             pts = sorted((float(f), float(r)) for f, r in getattr(self, name))
             if any(f <= 0 or r <= 0 for f, r in pts):
-                raise ValueError(f"{name}: flops and GFLOP/s must be > 0")
+                raise ValueError(f"{name}: sizes and rates must be > 0")
             setattr(self, name, pts)
 
     @staticmethod
-    def _rate(curve, default, flops):
-        if not curve or flops <= 0:
+    def _rate(curve, default, x):
+        if not curve or x <= 0:
             return default
         xs = np.log([f for f, _ in curve])
-        return float(np.interp(math.log(flops), xs, [r for _, r in curve]))
+        return float(np.interp(math.log(x), xs, [r for _, r in curve]))
 
-    def seconds(self, op_kind: str, flops: float = 0.0, nbytes: float = 0.0) -> float:
-        """Time of one compute phase: flops / rate, or bytes / rate for element-wise."""
+    def elementwise_rate(self, bytes_per_call: float) -> float:
+        """GB/s of an element-wise call moving ``bytes_per_call`` bytes (the curve, else
+        the streaming rate)."""
+        return self._rate(self.elementwise_curve, self.elementwise_gbps, bytes_per_call)
+
+    def seconds(self, op_kind: str, flops: float = 0.0, nbytes: float = 0.0,
+                calls: float = 0.0, rows: float = 0.0) -> float:
+        """Time of one compute phase.
+
+        gemm / conv:  calls * call_s + flops / rate(flops)
+        elementwise:  calls * call_s + rows * row_s + bytes / rate(bytes / calls)
+        A phase without calls uses the streaming rate ``elementwise_gbps`` (the size
+        of one call is unknown) and pays no per-call cost, as before these terms.
+        """
+        over = calls * self.call_s
         if op_kind == "gemm":
-            return flops / (self._rate(self.gemm_curve, self.gemm_gflops, flops) * 1e9)
+            return over + flops / (self._rate(self.gemm_curve, self.gemm_gflops, flops) * 1e9)
         if op_kind == "conv":
-            return flops / (self._rate(self.conv_curve, self.conv_gflops, flops) * 1e9)
+            return over + flops / (self._rate(self.conv_curve, self.conv_gflops, flops) * 1e9)
         if op_kind == "elementwise":
-            return nbytes / (self.elementwise_gbps * 1e9)
+            rate = self.elementwise_rate(nbytes / calls) if calls > 0 else self.elementwise_gbps
+            return over + rows * self.row_s + nbytes / (rate * 1e9)
         raise ValueError(f"unknown compute op_kind {op_kind!r}; expected gemm, conv or elementwise")
 
 

@@ -134,7 +134,9 @@ def share_cores(cluster, cores_per_node: int):
     comp = replace(c, gemm_gflops=c.gemm_gflops * f, conv_gflops=c.conv_gflops * f,
                    elementwise_gbps=c.elementwise_gbps * f,
                    gemm_curve=[(x, r * f) for x, r in c.gemm_curve],
-                   conv_curve=[(x, r * f) for x, r in c.conv_curve])
+                   conv_curve=[(x, r * f) for x, r in c.conv_curve],
+                   elementwise_curve=[(x, r * f) for x, r in c.elementwise_curve],
+                   call_s=c.call_s / f, row_s=c.row_s / f)
     note = (f"{rpn} ranks share {cores_per_node} cores per node: compute rates x "
             f"{cores_per_node}/{rpn} (mpifc simulate --cores-per-node)")
     return replace(cluster, compute=comp, reduction_Bps=cluster.reduction_Bps * f,

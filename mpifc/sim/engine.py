@@ -53,6 +53,10 @@ class Phase:
     overlappable comm: may run behind later compute (DP gradient buckets)
     stage        "forward" | "backward" | "optimizer" | "other"
     repeat       the phase happens this many times in a row (e.g. per micro-batch)
+    calls        compute: NumPy / Python calls the phase makes (each costs the
+                 cluster's ``call_s``; for element-wise work bytes / calls is the size
+                 of one call, which picks the rate on ``elementwise_curve``)
+    rows         compute: innermost rows of its strided passes (each costs ``row_s``)
     """
 
     kind: str
@@ -65,6 +69,8 @@ class Phase:
     overlappable: bool = False
     stage: str = "forward"
     repeat: int = 1
+    calls: float = 0.0
+    rows: float = 0.0
 
     def __post_init__(self):
         where = f"phase {self.label!r}"
@@ -72,8 +78,8 @@ class Phase:
             raise ValueError(f"{where}: kind {self.kind!r} is not one of {PHASE_KINDS}")
         if self.stage not in STAGES:
             raise ValueError(f"{where}: stage {self.stage!r} is not one of {STAGES}")
-        if self.bytes < 0 or self.flops < 0 or self.repeat < 0:
-            raise ValueError(f"{where}: bytes, flops and repeat must be >= 0")
+        if min(self.bytes, self.flops, self.repeat, self.calls, self.rows) < 0:
+            raise ValueError(f"{where}: bytes, flops, repeat, calls and rows must be >= 0")
         if self.kind == "comm":
             base = ALIASES.get(self.op, self.op)
             if base not in ALGORITHMS:
@@ -245,7 +251,8 @@ def simulate(workload: Workload, cluster: Cluster, dp: int | None = None,
             main = max(main, side)
             waited_for_optimizer = True
         if ph.kind == "compute":
-            d = cluster.compute.seconds(ph.op_kind, ph.flops, ph.bytes) * ph.repeat
+            d = cluster.compute.seconds(ph.op_kind, ph.flops, ph.bytes, ph.calls,
+                                        ph.rows) * ph.repeat
             compute_by_kind[ph.op_kind] += d
             times.append(PhaseTime(ph.label, "compute", ph.op_kind, "self", d, ph.op_kind,
                                    main, False))

@@ -65,21 +65,125 @@ from mpifc.parallel.describe import Collective
 from mpifc.sim.engine import Phase, Workload
 from mpifc.sim.planner import LayoutInfeasible
 
-# Bytes moved per element (in units of the itemsize s, reads + writes) by the NumPy
-# code of each element-wise kernel; counted from mpifc.nn.functional and mpifc.optim.
+# Element-wise work is priced from what the NumPy code does (mpifc.nn.functional,
+# mpifc.nn, mpifc.parallel, mpifc.optim, DataParallel and the trainer's step): bytes
+# moved (reads + writes), calls (each NumPy operation, and one per layer method the
+# step dispatches to) and rows (innermost rows of a strided pass). ``_PASSES`` are bytes
+# per element in units of the itemsize s; ``_CALLS`` are the calls of one kernel.
 _PASSES = {
     "bias_fwd": 2, "bias_bwd": 1,            # y += b ; db = dy.sum(0)
     "relu_fwd": 3.25, "relu_bwd": 2.25,      # max(x,0), mask=y>0 (1 byte) ; dy*mask
     "act_fwd": 6, "act_bwd": 8,              # tanh / sigmoid / gelu / leaky: a few passes
-    "bn_fwd": 11, "bn_bwd": 20,              # sums, (x-m)*invstd, *g+b ; stats, 6 passes
+    "bn_fwd": 11, "bn_bwd": 12,              # sum, einsum (2), (x-m), *invstd, *g, +b ;
+                                             # sum, einsum (2), dy*a, dx-=c, xhat*c, dx-=
     "ln_fwd": 11, "ln_bwd": 20,
-    "pool_fwd": 6, "pool_bwd": 5,            # per window offset and output element:
-                                             # compare, masked index store, max ; mask,
-                                             # where, strided store (+ zero fill, copy)
-    "dropout_fwd": 4, "dropout_bwd": 2,
     "loss_fwd": 7, "loss_bwd": 5, "metrics": 3,
-    "sgd": 10, "sgd_wd": 15, "adam": 32,     # per parameter element, with zero_grad
+    "grad_acc": 3,                           # grad[...] += block (read both, write)
 }
+_CALLS = {
+    "linear_fwd": 2, "linear_dw": 3, "linear_dx": 1, "gemm": 2,
+    "bias_fwd": 1, "bias_bwd": 4, "grad_acc": 2,      # += and the row-block callback
+    "relu_fwd": 3, "relu_bwd": 2,                     # with the layer dispatch
+    "act_fwd": {"leakyrelu": 4, "gelu": 9, "tanh": 2, "sigmoid": 4},
+    "act_bwd": {"leakyrelu": 3, "gelu": 11, "tanh": 4, "sigmoid": 4},
+    "bn_fwd": 22, "bn_bwd": 14, "bn_sync_fwd": 6, "bn_sync_bwd": 4,
+    "flatten": 2,
+    "loss_fwd": 24, "loss_bwd": 10, "metrics": 5,
+    "ploss_fwd": 20, "ploss_bwd": 8, "pmetrics": 10,
+    "bucket_post": 4,                        # trace phase, iallreduce, progress thread
+    "step": 12,                              # the trainer's step around the layers
+}
+
+
+def _pad_cost(N, C, H, W, pads, s):
+    """(bytes, calls, rows) of functional._pad: fill the border, copy the interior."""
+    (t, b), (l, r) = pads
+    if t == b == l == r == 0:
+        return 0.0, 0, 0
+    Hp, Wp = H + t + b, W + l + r
+    sides = sum(1 for v in (t, b, l, r) if v)
+    return float((2 * N * C * H * W + N * C * (Hp * Wp - H * W)) * s), 2 + sides, N * C * H
+
+
+def im2col_cost(N, C, H, W, R, S, Ho, Wo, pads, s):
+    """(bytes, calls, rows) of functional.im2col: pad, then one strided copy of
+    (C, N, Ho, Wo) per kernel offset (rows of Wo elements)."""
+    pb, pc, pr = _pad_cost(N, C, H, W, pads, s)
+    return (pb + R * S * 2.0 * C * N * Ho * Wo * s, pc + 3 + 3 * R * S,
+            pr + R * S * C * N * Ho)
+
+
+def col2im_cost(N, C, H, W, R, S, Ho, Wo, pads, s):
+    """(bytes, calls, rows) of functional.col2im: zero the padded (C, N, Hp, Wp) sum,
+    one strided += per kernel offset, then the cropped transposed copy to NCHW."""
+    (t, b), (l, r) = pads
+    Hp, Wp = H + t + b, W + l + r
+    padded = bool(t or b or l or r)
+    nbytes = (C * N * Hp * Wp + R * S * 3.0 * C * N * Ho * Wo + 2.0 * N * C * H * W) * s
+    rows = R * S * C * N * Ho + (N * C * H if padded else N * C)
+    return nbytes, 6 + 3 * R * S, rows
+
+
+def maxpool_cost(N, C, H, W, R, S, sh, sw, pads, Ho, Wo, s):
+    """((fwd bytes, calls, rows), (bwd bytes, calls, rows)) of maxpool2d_forward/backward.
+
+    Forward, per output element: the first offset copies the window (a strided read);
+    each further offset compares (v > y), stores the offset where better (1-byte mask
+    and index) and takes the maximum; v is a strided view (rows of Wo). Backward: zero
+    dx, then per offset idx == k, where(mask, dy, 0) and a strided store (+= when
+    windows overlap); a padded input is cropped with a copy.
+    """
+    out, n_in = N * C * Ho * Wo, N * C * H * W
+    rows = N * C * Ho
+    k = R * S
+    pb, pc, pr = _pad_cost(N, C, H, W, pads, s)
+    idx = 1 if k < 256 else 4
+    fwd = (pb + out * idx + 2.0 * out * s + (k - 1) * out * (5.0 * s + 3),
+           pc + 4 + 2 * k + 3 * (k - 1), pr + rows * (1 + 2 * (k - 1)))
+    overlap = sh < R or sw < S
+    store = 3 if overlap else 2
+    (t, b), (l, r) = pads
+    padded = bool(t or b or l or r)
+    Hp, Wp = H + t + b, W + l + r
+    bwd = (N * C * Hp * Wp * s + k * out * (2.0 * idx + 1 + 2 * s + store * s)
+           + (2.0 * n_in * s if padded else 0), 3 + 4 * k + (1 if padded else 0),
+           k * rows + (N * C * H if padded else 0))
+    return fwd, bwd
+
+
+def avgpool_cost(N, C, H, W, R, S, sh, sw, pads, Ho, Wo, s):
+    """As :func:`maxpool_cost` for avgpool2d: a strided copy, then a strided add per
+    offset, a scale; backward scales dy, zeroes dx and adds it back per offset."""
+    out, n_in = N * C * Ho * Wo, N * C * H * W
+    rows = N * C * Ho
+    k = R * S
+    pb, pc, pr = _pad_cost(N, C, H, W, pads, s)
+    (t, b), (l, r) = pads
+    padded = bool(t or b or l or r)
+    Hp, Wp = H + t + b, W + l + r
+    fwd = (pb + 2.0 * out * s + (k - 1) * 3.0 * out * s + 2.0 * out * s,
+           pc + 5 + 2 * k, pr + rows * k)
+    bwd = (2.0 * out * s + N * C * Hp * Wp * s + k * 3.0 * out * s
+           + (2.0 * n_in * s if padded else 0), 5 + 2 * k + (1 if padded else 0),
+           k * rows + (N * C * H if padded else 0))
+    return fwd, bwd
+
+
+def optimizer_cost(o: dict) -> tuple[float, int, int]:
+    """(bytes per parameter element in units of s, calls per parameter tensor, state
+    slots) of one optimizer step (mpifc.optim), as the trainer builds it."""
+    wd = bool(o.get("weight_decay"))
+    if o["name"] == "sgd":
+        mom = bool(o.get("momentum"))
+        # g = grad + wd*p ; b *= m ; b += g ; p -= lr*g ; plus the method's own calls
+        return 5 + (5 if mom else 0) + (5 if wd else 0), 5 + (2 if mom else 0) + (2 if wd else 0), \
+            (1 if mom else 0)
+    # m *= b1 ; m += (1-b1) g ; v *= b2 ; v += (1-b2) g*g ; sqrt ; * ; += eps ; m/denom ;
+    # lr/bc1 * ; p -= ; plus _update, two _slot lookups and the backend lookup
+    decoupled = o["name"] == "adamw"
+    extra = (2, 1) if (wd and decoupled) else (5, 2) if wd else (0, 0)
+    return 31 + extra[0], 16 + extra[1], 2
+
 
 ELEMENTWISE = {"relu", "leakyrelu", "gelu", "tanh", "sigmoid", "dropout"}
 POOLS = {"maxpool2d", "avgpool2d"}
@@ -217,11 +321,16 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                    bytes=float(c.bytes if sim_bytes is None else sim_bytes), stage=stage)
         return c, ph
 
-    def compute(label, flops, kind, stage):
-        return Phase("compute", label, flops=float(flops), op_kind=kind, stage=stage)
+    def compute(label, flops, kind, stage, calls=_CALLS["gemm"]):
+        return Phase("compute", label, flops=float(flops), op_kind=kind, stage=stage,
+                     calls=float(calls))
 
-    def elem(label, nbytes, stage):
-        return Phase("compute", label, bytes=float(nbytes), op_kind="elementwise", stage=stage)
+    def elem(label, nbytes, stage, calls=1, rows=0):
+        return Phase("compute", label, bytes=float(nbytes), op_kind="elementwise", stage=stage,
+                     calls=float(calls), rows=float(rows))
+
+    def elem3(label, cost, stage):
+        return elem(label, cost[0], stage, cost[1], cost[2])
 
     for i, spec in enumerate(layers):
         t = spec.get("type")
@@ -246,12 +355,21 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                 raise WorkloadError(f"{where}: input {act.shape} is not a vector; add a flatten")
             D, Fo = act.shape[0], int(spec["out"])
             bias = bool(spec.get("bias", True))
+            gathered = False
             if sh == "column":
                 oc = balanced_counts(Fo, tp)[0]
                 Din, Fl, Fout = D, oc[r], oc[r]
                 keep_split = _keeps_split(layers, i, tp)
-                f_ph.append(compute(f"{name}.forward", 2 * b * D * Fl, "gemm", "forward"))
+                f_ph.append(compute(f"{name}.forward", 2 * b * D * Fl, "gemm", "forward",
+                                    _CALLS["linear_fwd"]))
+                if bias:
+                    f_ph.append(elem(f"{name}.forward.bias", _PASSES["bias_fwd"] * b * Fl * s,
+                                     "forward", _CALLS["bias_fwd"], b))
                 if not keep_split:
+                    # allgather_axis1: feature axis to the front and back (two copies)
+                    gathered = True
+                    f_ph.append(elem(f"{name}.forward.gather", 2 * b * (Fl + Fo) * s, "forward",
+                                     6, Fl + Fo))
                     c, ph = comm(f"{name}.forward", "allgather", b * Fl, "tp", "forward",
                                  "allgatherv", b * Fo * s)
                     f_cc.append(c); f_ph.append(ph)
@@ -266,29 +384,47 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                 split_in = act.counts is not None
                 ic = act.counts if split_in else balanced_counts(D, tp)[0]
                 Din, Fl, Fout = ic[r], Fo, Fo
-                f_ph.append(compute(f"{name}.forward", 2 * b * Din * Fo, "gemm", "forward"))
+                if not split_in:        # take_axis: a copy of this rank's input block
+                    f_ph.append(elem(f"{name}.forward.take", 2 * b * Din * s, "forward", 3, b))
+                f_ph.append(compute(f"{name}.forward", 2 * b * Din * Fo, "gemm", "forward",
+                                    _CALLS["linear_fwd"]))
                 c, ph = comm(f"{name}.forward", "allreduce", b * Fo, "tp", "forward")
                 f_cc.append(c); f_ph.append(ph)
+                if bias:                # once, after the reduce
+                    f_ph.append(elem(f"{name}.forward.bias", _PASSES["bias_fwd"] * b * Fo * s,
+                                     "forward", _CALLS["bias_fwd"], b))
                 post = []
                 if in_grad and not split_in:
+                    f_gather = elem(f"{name}.backward.gather", 2 * b * (Din + D) * s, "backward",
+                                    6, Din + D)
                     c, ph = comm(f"{name}.backward", "allgather", b * Din, "tp", "backward",
                                  "allgatherv", b * D * s)
-                    b_cc.append(c); post.append(ph)
+                    b_cc.append(c); post += [f_gather, ph]
                 new = _Act((Fo,))
             else:
                 Din, Fl, Fout = D, Fo, Fo
-                f_ph.append(compute(f"{name}.forward", 2 * b * D * Fo, "gemm", "forward"))
+                f_ph.append(compute(f"{name}.forward", 2 * b * D * Fo, "gemm", "forward",
+                                    _CALLS["linear_fwd"]))
+                if bias:
+                    f_ph.append(elem(f"{name}.forward.bias", _PASSES["bias_fwd"] * b * Fl * s,
+                                     "forward", _CALLS["bias_fwd"], b))
                 post = []
                 new = _Act((Fo,))
-            if bias:
-                f_ph.append(elem(f"{name}.forward.bias", _PASSES["bias_fwd"] * b * Fl * s, "forward"))
             # as Linear.backward: db, dW in row blocks (a bucket may start after each), dx
+            if gathered:                # adjoint of the gather: a copy of my block of dy
+                b_ph.append(elem(f"{name}.backward.take", 2 * b * Fl * s, "backward", 3, b))
             if bias:
-                b_ph.append(elem(f"{name}.backward.db", _PASSES["bias_bwd"] * b * Fl * s, "backward"))
+                b_ph.append(elem(f"{name}.backward.db",
+                                 _PASSES["bias_bwd"] * b * Fl * s + _PASSES["grad_acc"] * Fl * s,
+                                 "backward", _CALLS["bias_bwd"], b))
             w_at = len(b_ph)
-            b_ph.append(compute(f"{name}.backward", 2 * b * Din * Fl, "gemm", "backward"))
+            b_ph.append(compute(f"{name}.backward", 2 * b * Din * Fl, "gemm", "backward",
+                                _CALLS["linear_dw"]))
+            b_ph.append(elem(f"{name}.backward.dW_acc", _PASSES["grad_acc"] * Fl * Din * s,
+                             "backward", _CALLS["grad_acc"]))
             if in_grad:
-                b_ph.append(compute(f"{name}.backward.dx", 2 * b * Din * Fl, "gemm", "backward"))
+                b_ph.append(compute(f"{name}.backward.dx", 2 * b * Din * Fl, "gemm", "backward",
+                                    _CALLS["linear_dx"]))
             b_ph += post
             lp = [Fl * Din] + ([Fl] if bias else [])
             rows = [Fl] * len(lp)
@@ -302,23 +438,22 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             K = int(spec["out"])
             R, S_ = F._pair(spec["kernel"])
             st, dl = F._pair(spec.get("stride", 1)), F._pair(spec.get("dilation", 1))
-            (pt, pb), (pl, pr) = F.normalize_padding(spec.get("padding", 0))
+            pads = F.normalize_padding(spec.get("padding", 0))
+            (pt, pb), (pl, pr) = pads
             Ho = F.conv_output_size(H, R, st[0], pt, pb, dl[0])
             Wo = F.conv_output_size(W, S_, st[1], pl, pr, dl[1])
             if Ho <= 0 or Wo <= 0:
                 raise WorkloadError(f"{where}: input {H}x{W} too small for kernel {R}x{S_}")
             bias = bool(spec.get("bias", True))
             post = []
+            pre_f, after_f = [], []     # element-wise work before the GEMM / after the message
+            gathered = False
             if sh == "out":
                 oc = balanced_counts(K, tp)[0]
                 Cl, Kl = C, oc[r]
                 keep_split = _keeps_split(layers, i, tp)
-                f = 2 * b * Kl * Ho * Wo * C * R * S_
-                f_ph.append(compute(f"{name}.forward", f, "conv", "forward"))
                 if not keep_split:
-                    c, ph = comm(f"{name}.forward", "allgather", b * Kl * Ho * Wo, "tp", "forward",
-                                 "allgatherv", b * K * Ho * Wo * s)
-                    f_cc.append(c); f_ph.append(ph)
+                    gathered = True
                 if in_grad:
                     c, ph = comm(f"{name}.backward", "allreduce", b * C * H * W, "tp", "backward")
                     b_cc.append(c); post.append(ph)
@@ -327,27 +462,56 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                 split_in = act.counts is not None
                 ic = act.counts if split_in else balanced_counts(C, tp)[0]
                 Cl, Kl = ic[r], K
-                f = 2 * b * K * Ho * Wo * Cl * R * S_
-                f_ph.append(compute(f"{name}.forward", f, "conv", "forward"))
-                c, ph = comm(f"{name}.forward", "allreduce", b * K * Ho * Wo, "tp", "forward")
-                f_cc.append(c); f_ph.append(ph)
+                if not split_in:        # take_axis: a copy of this rank's channel block
+                    pre_f.append(elem(f"{name}.forward.take", 2 * b * Cl * H * W * s, "forward",
+                                      3, b * Cl))
+                if bias:                # after the reduce: y += bias (broadcast over H, W)
+                    after_f.append(elem(f"{name}.forward.bias", 2 * b * K * Ho * Wo * s,
+                                        "forward", 2, b * K))
                 if in_grad and not split_in:
                     c, ph = comm(f"{name}.backward", "allgather", b * Cl * H * W, "tp", "backward",
                                  "allgatherv", b * C * H * W * s)
-                    b_cc.append(c); post.append(ph)
+                    b_cc.append(c)
+                    post += [elem(f"{name}.backward.gather", 2 * b * (Cl + C) * H * W * s,
+                                  "backward", 6, b * (Cl + C)), ph]
                 new = _Act((K, Ho, Wo))
             else:
                 Cl, Kl = C, K
-                f = 2 * b * K * Ho * Wo * C * R * S_
-                f_ph.append(compute(f"{name}.forward", f, "conv", "forward"))
                 new = _Act((K, Ho, Wo))
-            b_ph.append(compute(f"{name}.backward", f * (2 if in_grad else 1), "conv", "backward"))
-            # beside its GEMMs (the conv rate, measured on the forward, covers im2col):
-            # dy to (K, M) layout, and with the input gradient col2im's strided adds
-            col = Cl * R * S_ * b * Ho * Wo
-            b_ph.append(elem(f"{name}.backward.layout",
-                             (2 * b * Kl * Ho * Wo + (2 * col + 2 * b * Cl * H * W if in_grad else 0))
-                             * s, "backward"))
+            # conv2d_forward: im2col (C_r R S, b Ho Wo), one GEMM, the (K, b, Ho, Wo) ->
+            # NCHW copy (with the bias add on an out-channel or serial conv)
+            M = b * Ho * Wo
+            f = 2 * b * Kl * Ho * Wo * Cl * R * S_
+            f_ph += pre_f
+            f_ph.append(elem3(f"{name}.forward.im2col",
+                              im2col_cost(b, Cl, H, W, R, S_, Ho, Wo, pads, s), "forward"))
+            f_ph.append(compute(f"{name}.forward", f, "gemm", "forward", 3))
+            f_ph.append(elem(f"{name}.forward.out", 2 * b * Kl * Ho * Wo * s, "forward", 5, b * Kl))
+            if gathered:
+                f_ph.append(elem(f"{name}.forward.gather", 2 * b * (Kl + K) * Ho * Wo * s,
+                                 "forward", 6, b * (Kl + K)))
+                c, ph = comm(f"{name}.forward", "allgather", b * Kl * Ho * Wo, "tp", "forward",
+                             "allgatherv", b * K * Ho * Wo * s)
+                f_cc.append(c); f_ph.append(ph)
+            if sh == "in":
+                c, ph = comm(f"{name}.forward", "allreduce", b * K * Ho * Wo, "tp", "forward")
+                f_cc.append(c); f_ph.append(ph)
+            f_ph += after_f
+            # conv2d_backward: (for a gathered output, my block of dy), dy to (K, M), db,
+            # dW = dy col^T, with the input gradient dcol = W^T dy and col2im; then the
+            # gradients accumulate into the buffers
+            if gathered:
+                b_ph.append(elem(f"{name}.backward.take", 2 * M * Kl * s, "backward", 3, b * Kl))
+            b_ph.append(elem(f"{name}.backward.dy", (2.0 + (1 if bias else 0)) * M * Kl * s,
+                             "backward", 4 + (1 if bias else 0), b * Kl))
+            b_ph.append(compute(f"{name}.backward", f, "gemm", "backward"))
+            if in_grad:
+                b_ph.append(compute(f"{name}.backward.dx", f, "gemm", "backward"))
+                b_ph.append(elem3(f"{name}.backward.col2im",
+                                  col2im_cost(b, Cl, H, W, R, S_, Ho, Wo, pads, s), "backward"))
+            b_ph.append(elem(f"{name}.backward.grad_acc",
+                             _PASSES["grad_acc"] * (Kl * Cl * R * S_ + (Kl if bias else 0)) * s,
+                             "backward", 1 + (1 if bias else 0)))
             b_ph += post
             lp = [Kl * Cl * R * S_] + ([Kl] if bias else [])
             rows = [Kl] * len(lp)
@@ -358,8 +522,14 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             if len(act.shape) != (3 if t == "batchnorm2d" else 1):
                 raise WorkloadError(f"{where}: input {act.shape} does not fit {t}")
             c_loc = xl[0]
-            f_ph.append(elem(f"{name}.forward", _PASSES["bn_fwd"] * n_in * s, "forward"))
-            b_ph.append(elem(f"{name}.backward", _PASSES["bn_bwd"] * n_in * s, "backward"))
+            # per-channel broadcasts and reductions run a row per (sample, channel) of
+            # a 4-d input, a row per sample of a 2-d one
+            bc_rows = b * c_loc if t == "batchnorm2d" else b
+            sync = 1 if dp > 1 else 0
+            f_ph.append(elem(f"{name}.forward", _PASSES["bn_fwd"] * n_in * s, "forward",
+                             _CALLS["bn_fwd"] + sync * _CALLS["bn_sync_fwd"], 6 * bc_rows))
+            b_ph.append(elem(f"{name}.backward", _PASSES["bn_bwd"] * n_in * s, "backward",
+                             _CALLS["bn_bwd"] + sync * _CALLS["bn_sync_bwd"], 5 * bc_rows))
             if dp > 1:       # SyncBatchNorm over the data group
                 c, ph = comm(f"{name}.forward", "allreduce", 2 * c_loc + 2, "dp", "forward")
                 f_cc.append(c); f_ph.insert(1, ph)
@@ -370,9 +540,20 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             keep += n_in * s
 
         elif t in ELEMENTWISE:
-            k = "relu" if t == "relu" else ("dropout" if t == "dropout" else "act")
-            f_ph.append(elem(f"{name}.forward", _PASSES[f"{k}_fwd"] * n_in * s, "forward"))
-            b_ph.append(elem(f"{name}.backward", _PASSES[f"{k}_bwd"] * n_in * s, "backward"))
+            if t == "relu":
+                f_ph.append(elem(f"{name}.forward", _PASSES["relu_fwd"] * n_in * s, "forward",
+                                 _CALLS["relu_fwd"]))
+                b_ph.append(elem(f"{name}.backward", _PASSES["relu_bwd"] * n_in * s, "backward",
+                                 _CALLS["relu_bwd"]))
+            elif t == "dropout":
+                # rng.random, >= p, astype, * 1/(1-p), x * mask ; dy * mask
+                f_ph.append(elem(f"{name}.forward", (9.0 * s + 2) * n_in, "forward", 6))
+                b_ph.append(elem(f"{name}.backward", 3.0 * n_in * s, "backward", 2))
+            else:
+                f_ph.append(elem(f"{name}.forward", _PASSES["act_fwd"] * n_in * s, "forward",
+                                 _CALLS["act_fwd"][t]))
+                b_ph.append(elem(f"{name}.backward", _PASSES["act_bwd"] * n_in * s, "backward",
+                                 _CALLS["act_bwd"][t]))
             keep += n_in * (1 if t in ("relu", "dropout", "leakyrelu") else s)
 
         elif t in POOLS:
@@ -381,24 +562,30 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             C, H, W = act.shape
             R, S_ = F._pair(spec["kernel"])
             st = F._pair(spec.get("stride", (R, S_)))
-            (pt, pb), (pl, pr) = F.normalize_padding(spec.get("padding", 0))
+            pads = F.normalize_padding(spec.get("padding", 0))
+            (pt, pb), (pl, pr) = pads
             Ho = F.conv_output_size(H, R, st[0], pt, pb)
             Wo = F.conv_output_size(W, S_, st[1], pl, pr)
             if Ho <= 0 or Wo <= 0:
                 raise WorkloadError(f"{where}: input {H}x{W} too small for pool {R}x{S_}")
             out_n = b * xl[0] * Ho * Wo
-            f_ph.append(elem(f"{name}.forward", _PASSES["pool_fwd"] * R * S_ * out_n * s, "forward"))
-            b_ph.append(elem(f"{name}.backward",
-                             _PASSES["pool_bwd"] * R * S_ * out_n * s + 3 * n_in * s, "backward"))
+            cost = maxpool_cost if t == "maxpool2d" else avgpool_cost
+            fc, bc = cost(b, xl[0], H, W, R, S_, st[0], st[1], pads, Ho, Wo, s)
+            f_ph.append(elem3(f"{name}.forward", fc, "forward"))
+            b_ph.append(elem3(f"{name}.backward", bc, "backward"))
             keep += out_n
             act = _Act((C, Ho, Wo), act.counts)
 
         elif t == "globalavgpool2d":
-            f_ph.append(elem(f"{name}.forward", n_in * s, "forward"))
-            b_ph.append(elem(f"{name}.backward", n_in * s, "backward"))
+            # mean over (H, W): a row per (sample, channel); backward: scale, broadcast copy
+            f_ph.append(elem(f"{name}.forward", n_in * s, "forward", 2, b * xl[0]))
+            b_ph.append(elem(f"{name}.backward", n_in * s + 2 * b * xl[0] * s, "backward", 4,
+                             b * xl[0]))
             act = _Act((act.shape[0],), act.counts)
 
-        else:   # flatten: (c_r, H, W) -> c_r*H*W features, channel-major
+        else:   # flatten: (c_r, H, W) -> c_r*H*W features, channel-major (a view)
+            f_ph.append(elem(f"{name}.forward", 0, "forward", _CALLS["flatten"]))
+            b_ph.append(elem(f"{name}.backward", 0, "backward", _CALLS["flatten"]))
             per = _prod(act.shape[1:])
             act = _Act((_prod(act.shape),),
                        None if act.counts is None else tuple(c * per for c in act.counts))
@@ -415,17 +602,22 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
         raise WorkloadError(f"the model's output {act.shape} is not a vector of class scores")
     Ql = act.local(r)[0]
     loss_cc: list[Collective] = []
-    loss_ph = [elem("loss.forward", _PASSES["loss_fwd"] * b * Ql * s, "forward")]
+    par_loss = act.counts is not None
+    lc = ("ploss_fwd", "pmetrics", "ploss_bwd") if par_loss else ("loss_fwd", "metrics", "loss_bwd")
+    loss_ph = [elem("loss.forward", _PASSES["loss_fwd"] * b * Ql * s, "forward", _CALLS[lc[0]], b)]
     if act.counts is not None:
         for count in (b, 2 * b):
             c, ph = comm("loss.forward", "allreduce", count, "tp", "forward")
             loss_cc.append(c); loss_ph.append(ph)
     if accuracy:
-        loss_ph.append(elem("loss.metrics", _PASSES["metrics"] * b * Ql * s, "forward"))
+        loss_ph.append(elem("loss.metrics", _PASSES["metrics"] * b * Ql * s, "forward",
+                            _CALLS[lc[1]]))
         if act.counts is not None:
             c, ph = comm("loss.metrics", "allreduce", b, "tp", "forward", itemsize=8)
             loss_cc.append(c); loss_ph.append(ph)
-    loss_ph.append(elem("loss.backward", _PASSES["loss_bwd"] * b * Ql * s, "backward"))
+    # the loss gradient, and DataParallel's 1/P scaling of it (dp > 1)
+    loss_ph.append(elem("loss.backward", (_PASSES["loss_bwd"] + (2 if dp > 1 else 0)) * b * Ql * s,
+                        "backward", _CALLS[lc[2]] + (1 if dp > 1 else 0), b))
 
     # ---- backward, launching data-parallel buckets (mpifc.parallel.data.plan_buckets) ----
     params = sum(param_sizes)
@@ -477,6 +669,8 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
         c = Collective(f"dp.grad_bucket{k}", "iallreduce" if overlap else "allreduce",
                        "dp", numel[k], s)
         dp_cc.append(c)
+        if overlap:      # posting it: the trace phase, iallreduce, the progress thread
+            bwd_ph.append(elem(f"dp.grad_bucket{k}.post", 0, "backward", _CALLS["bucket_post"]))
         ph = Phase("comm", f"dp.grad_bucket{k}.allreduce", op="allreduce", group="dp",
                    bytes=float(c.bytes), overlappable=overlap, stage="backward")
         (bwd_ph if overlap else dp_ph).append(ph)
@@ -493,12 +687,15 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             for j in reversed(range(1, len(lp))):
                 for k, _, _ in pieces.pop((li, j)):
                     piece_done(k)
-            w = ph_list[w_at]
+            w, acc = ph_list[w_at], ph_list[w_at + 1]
             for k, r0, r1 in pieces.pop((li, 0)):
-                bwd_ph.append(Phase("compute", w.label, flops=w.flops * (r1 - r0) / max(rows[0], 1),
-                                    op_kind=w.op_kind, stage=w.stage))
+                frac = (r1 - r0) / max(rows[0], 1)
+                bwd_ph.append(Phase("compute", w.label, flops=w.flops * frac, op_kind=w.op_kind,
+                                    stage=w.stage, calls=w.calls))
+                bwd_ph.append(Phase("compute", acc.label, bytes=acc.bytes * frac,
+                                    op_kind=acc.op_kind, stage=acc.stage, calls=acc.calls))
                 piece_done(k)
-            bwd_ph += ph_list[w_at + 1:]
+            bwd_ph += ph_list[w_at + 2:]
         # the layer's gradients are final: the rest of its pieces, in buffer order
         # (parameters reversed, rows ascending: DataParallel._layer_done)
         for j in reversed(range(len(lp))):
@@ -509,21 +706,23 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
         dp_cc, dp_ph = [dp_cc[i] for i in order], [dp_ph[i] for i in order]
 
     # ---- clipping and optimizer (element-wise over the local parameters) ----
+    # one phase per parameter tensor: the optimizer's calls run on each tensor, so a
+    # call's size (which picks the element-wise rate) is the tensor's
     o = cfg["optim"]
     opt_ph: list[Phase] = []
     clip_cc: list[Collective] = []
+    n_tensors = len(param_sizes)
     if o.get("clip_norm"):
-        opt_ph.append(elem("clip.norm", 2 * params * s, "optimizer"))
+        # per tensor: reshape, dot, float ; then every gradient *= coef (when clipped)
+        opt_ph.append(elem("clip.norm", params * s, "optimizer", 3 * n_tensors))
         if tp > 1:
             c, ph = comm("clip.norm", "allreduce", 1, "tp", "optimizer", itemsize=8)
             clip_cc.append(c); opt_ph.append(ph)
-            opt_ph.append(elem("clip.scale", 2 * params * s, "optimizer"))
-    if o["name"] == "sgd":
-        passes = _PASSES["sgd_wd"] if o.get("weight_decay") else _PASSES["sgd"]
-        slots = 1 if o.get("momentum") else 0
-    else:
-        passes, slots = _PASSES["adam"], 2
-    opt_ph.append(elem("optimizer.step", passes * params * s, "optimizer"))
+        opt_ph.append(elem("clip.scale", 2 * params * s, "optimizer", n_tensors))
+    passes, per_tensor, slots = optimizer_cost(o)
+    opt_ph.append(elem("optimizer.step", 0, "optimizer", 1))
+    for k, n in enumerate(param_sizes):
+        opt_ph.append(elem(f"optimizer.step.{k}", passes * n * s, "optimizer", per_tensor))
 
     # ---- the trainer around the step: data in scatter mode, the finite-loss check ----
     data_cc: list[Collective] = []
@@ -539,7 +738,11 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
         c, ph = comm("check.finite", "allreduce", 1, "world", "optimizer", itemsize=8)
         clip_cc.append(c); opt_ph.append(ph)
 
-    phases = data_ph + fwd_ph + loss_ph + bwd_ph + dp_ph + opt_ph
+    # the trainer's step around the layers (zero_grad of every bucket buffer, the calls
+    # into forward, loss, backward, synchronize, step and the finite-loss check)
+    step_ph = [elem("step.zero_grad", params * s, "forward", len(groups)),
+               elem("step.calls", 0, "forward", _CALLS["step"])]
+    phases = data_ph + step_ph + fwd_ph + loss_ph + bwd_ph + dp_ph + opt_ph
     # trace order: a non-blocking bucket is recorded at its wait, after the backward
     collectives = data_cc + fwd_cc + loss_cc + bwd_cc + dp_cc + clip_cc
     memory = {

@@ -25,6 +25,11 @@ def _check_common(c, comm):
     assert c.compute.gemm_gflops > 0 and c.compute.conv_gflops > 0
     assert c.compute.elementwise_gbps > 0 and c.reduction_Bps > 0
     assert c.compute.gemm_curve and c.compute.conv_curve
+    # the per-call cost of a trivial NumPy call (sub-microsecond .. 1 ms), the strided-row
+    # cost, and the element-wise rate over array sizes (its largest size is the streaming rate)
+    assert 1e-8 < c.compute.call_s < 1e-3 and c.compute.row_s >= 0
+    assert len(c.compute.elementwise_curve) >= 4
+    assert c.compute.elementwise_curve[-1][1] == c.compute.elementwise_gbps
     assert "calibration took" in c.notes
     # every rank got the same description
     assert all(t == c.to_toml() for t in comm.allgather_obj(c.to_toml()))

@@ -1,0 +1,122 @@
+"""The compute model's cost terms by hand: per-call cost, size-dependent element-wise
+rate, strided rows; the kernel costs the analytic workload counts from the NumPy code
+(im2col, col2im, pooling, optimizers); calls carried through the engine."""
+import pytest
+
+from mpifc.config import load_config
+from mpifc.sim.cluster import Cluster, ComputeRates, LinkModel, loads
+from mpifc.sim.commands import share_cores
+from mpifc.sim.engine import Phase, Workload, simulate
+from mpifc.sim.workload import (col2im_cost, describe_step, im2col_cost, maxpool_cost,
+                                optimizer_cost)
+
+
+def _rates(**kw):
+    base = dict(gemm_gflops=10.0, elementwise_gbps=10.0,
+                elementwise_curve=[(1e3, 2.0), (1e5, 8.0)], call_s=1e-6, row_s=1e-8)
+    base.update(kw)
+    return ComputeRates(**base)
+
+
+def test_call_row_and_curve_terms_by_hand():
+    r = _rates()
+    # 1e6 B in 100 calls: 1e4 B per call, halfway in log between 1e3 and 1e5 -> 5 GB/s;
+    # 100 calls x 1 us; 1000 rows x 10 ns
+    assert r.seconds("elementwise", nbytes=1e6, calls=100, rows=1000) == pytest.approx(
+        1e6 / 5e9 + 100e-6 + 1000e-8)
+    # below the curve: clamped to its first rate (2 GB/s)
+    assert r.seconds("elementwise", nbytes=1e3, calls=10) == pytest.approx(1e3 / 2e9 + 10e-6)
+    # no calls: the streaming rate, no per-call cost (a replayed gap keeps its length)
+    assert r.seconds("elementwise", nbytes=1e6) == pytest.approx(1e6 / 10e9)
+    # calls only
+    assert r.seconds("elementwise", calls=5) == pytest.approx(5e-6)
+    # a GEMM pays its calls on top of its FLOPs
+    assert r.seconds("gemm", flops=1e9, calls=2) == pytest.approx(0.1 + 2e-6)
+    assert r.elementwise_rate(1e5) == pytest.approx(8.0)
+    with pytest.raises(ValueError, match="call_s"):
+        ComputeRates(call_s=-1.0)
+    with pytest.raises(ValueError, match="elementwise_curve"):
+        ComputeRates(elementwise_curve=[(0.0, 1.0)])
+
+
+def _cluster(rates, rpn=2):
+    return Cluster(name="hand", nodes=1, ranks_per_node=rpn,
+                   intra=LinkModel.constant(0.0, 1e9), inter=LinkModel.constant(0.0, 1e9),
+                   reduction_Bps=1e30, compute=rates)
+
+
+def test_engine_prices_calls_and_rows():
+    rates = ComputeRates(gemm_gflops=1.0, elementwise_gbps=1.0, call_s=1e-6, row_s=1e-8)
+    w = Workload("k", [Phase("compute", "mm", flops=1e6, calls=2),
+                       Phase("compute", "ew", op_kind="elementwise", bytes=1e6, calls=4, rows=100,
+                             repeat=2)],
+                 samples_per_step=1, memory_bytes_per_rank=0, dp=1, tp=1)
+    r = simulate(w, _cluster(rates))
+    assert r.compute_by_kind["gemm"] == pytest.approx(1e-3 + 2e-6)
+    assert r.compute_by_kind["elementwise"] == pytest.approx(2 * (1e-3 + 4e-6 + 1e-6))
+    assert r.step_s == pytest.approx(3e-3 + 2e-6 + 10e-6)
+    with pytest.raises(ValueError, match="calls and rows"):
+        Phase("compute", "x", calls=-1)
+
+
+def test_toml_round_trip_and_shared_cores():
+    c = _cluster(_rates(), rpn=4)
+    assert loads(c.to_toml()) == c
+    s = share_cores(c, 2)                          # 4 ranks on 2 cores: half a core each
+    assert s.compute.call_s == pytest.approx(2e-6) and s.compute.row_s == pytest.approx(2e-8)
+    assert s.compute.elementwise_curve == [(1e3, 1.0), (1e5, 4.0)]
+
+
+def test_im2col_and_col2im_costs_by_hand():
+    pads = ((1, 1), (1, 1))
+    # N=2, C=3, 4x4 input, 3x3 kernel, padding 1 -> 4x4 output, float32
+    # pad: 2*N*C*H*W*s interior copy + border N*C*(36-16)*s; 2 + 4 sides calls; N*C*H rows
+    # im2col: 9 offsets x 2 x (C N Ho Wo) x s; 3 + 3*9 calls; 9 x C*N*Ho rows
+    nb, calls, rows = im2col_cost(2, 3, 4, 4, 3, 3, 4, 4, pads, 4)
+    assert (nb, calls, rows) == (1248 + 6912, 6 + 30, 24 + 216)
+    # col2im: zero (C, N, 6, 6), 9 strided += (3 passes), cropped copy to NCHW
+    nb, calls, rows = col2im_cost(2, 3, 4, 4, 3, 3, 4, 4, pads, 4)
+    assert (nb, calls, rows) == ((216 + 2592 + 192) * 4, 6 + 27, 216 + 24)
+    # no padding: no pad pass; the final copy runs a row per (n, c)
+    assert im2col_cost(2, 3, 4, 4, 3, 3, 2, 2, ((0, 0), (0, 0)), 4) == (9 * 2 * 3 * 2 * 4 * 4, 30, 108)
+    assert col2im_cost(2, 3, 4, 4, 3, 3, 2, 2, ((0, 0), (0, 0)), 4)[2] == 9 * 3 * 2 * 2 + 6
+
+
+def test_maxpool_cost_by_hand():
+    # (2, 3, 4, 4) -> 2x2 windows, stride 2: 24 outputs, rows of Wo = 2 (N*C*Ho = 12 rows)
+    fwd, bwd = maxpool_cost(2, 3, 4, 4, 2, 2, 2, 2, ((0, 0), (0, 0)), 2, 2, 4)
+    # index zeros (1 B) + first window copy (2 s) + 3 offsets x (compare 2s+1, masked store 2,
+    # maximum 3s) per output; calls: zeros, dispatch, geometry, copy + 2 per offset + 3 per
+    # further offset; rows: the copy and 2 strided passes per further offset
+    assert fwd == (24 + 192 + 3 * 24 * 23, 4 + 8 + 9, 12 * 7)
+    # zero dx (n_in s) + 4 offsets x (idx == k: 2, where: 1 + 2s, strided store 2s)
+    assert bwd == (96 * 4 + 4 * 24 * 19, 3 + 16, 4 * 12)
+    # overlapping windows accumulate (+= reads the destination too)
+    _, bwd3 = maxpool_cost(2, 3, 4, 4, 2, 2, 1, 1, ((0, 0), (0, 0)), 3, 3, 4)
+    assert bwd3[0] == 96 * 4 + 4 * 54 * 23
+
+
+def test_optimizer_costs():
+    assert optimizer_cost({"name": "adam"}) == (31, 16, 2)
+    assert optimizer_cost({"name": "adamw", "weight_decay": 0.01}) == (33, 17, 2)
+    assert optimizer_cost({"name": "sgd", "momentum": 0.9, "weight_decay": 1e-4}) == (15, 9, 1)
+    assert optimizer_cost({"name": "sgd"}) == (5, 5, 0)
+
+
+def test_workload_carries_calls():
+    cfg = load_config("digits-mlp")            # adam; 3 linear layers: 6 parameter tensors
+    d = describe_step(cfg, 1, 1, global_batch=64)
+    opt = [p for p in d.workload.phases if p.label.startswith("optimizer.step.")]
+    assert len(opt) == 6 and all(p.calls == 16 for p in opt)
+    assert sum(p.bytes for p in opt) == 31 * d.params * 4
+    assert all(p.calls > 0 for p in d.workload.phases if p.kind == "compute")
+    # dp = 2: each gradient bucket is posted from the main stream (calls, no bytes)
+    d2 = describe_step(cfg, 2, 1, global_batch=64)
+    posts = [p for p in d2.workload.phases if p.label.endswith(".post")]
+    assert len(posts) == sum(1 for c in d2.collectives if c.group == "dp") and posts
+    # the convolution: im2col, GEMM, output copy; rows from its strided passes
+    cnn = describe_step(load_config("digits-cnn"), 1, 1, global_batch=64)
+    labels = [p.label for p in cnn.workload.phases]
+    assert labels.index("conv1.forward.im2col") < labels.index("conv1.forward")
+    assert "conv2.backward.col2im" in labels and "conv1.backward.col2im" not in labels
+    assert sum(p.rows for p in cnn.workload.phases) > 0
