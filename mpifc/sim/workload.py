@@ -689,6 +689,11 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                     piece_done(k)
             w, acc = ph_list[w_at], ph_list[w_at + 1]
             for k, r0, r1 in pieces.pop((li, 0)):
+                if dp == 1:       # a one-rank group computes dW in one block (DataParallel)
+                    if r0 == 0:
+                        bwd_ph += [w, acc]
+                    piece_done(k)
+                    continue
                 frac = (r1 - r0) / max(rows[0], 1)
                 bwd_ph.append(Phase("compute", w.label, flops=w.flops * frac, op_kind=w.op_kind,
                                     stage=w.stage, calls=w.calls))
