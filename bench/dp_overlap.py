@@ -8,6 +8,8 @@ same load):
   blocking       one allreduce per bucket after backward (overlap=False)
   overlap        iallreduce per bucket as soon as it is full, a helper thread
                  testing the requests while backward computes (the default)
+  overlap-poll   the same, the main thread testing the requests between layers and
+                 weight-gradient row blocks instead of a helper thread
   overlap-noprog the same without the helper thread (MPI progresses only inside
                  MPI calls of the main thread)
   1 rank, 1 / 2 threads   the same global batch (512) on rank 0 alone, rank 1 asleep
@@ -99,6 +101,8 @@ for bmb in buckets:
                                  progress_interval=args.interval, **mb_kw)
     runs[("overlap-noprog", bmb)] = Run(dp_grid, B, 1, bucket_mb=bmb, overlap=True, progress=False,
                                         **mb_kw)
+    runs[("overlap-poll", bmb)] = Run(dp_grid, B, 1, bucket_mb=bmb, overlap=True, progress="poll",
+                                      **mb_kw)
 runs[("1 rank 1 thread", None)] = Run(self_grid, 2 * B, 1, active=comm.rank == 0)
 runs[("1 rank 2 threads", None)] = Run(self_grid, 2 * B, 2, active=comm.rank == 0)
 
@@ -130,7 +134,7 @@ if comm.rank == 0:
     best = None
     for bmb in buckets:
         t_block = med_ar(("blocking", bmb))
-        for mode in ("blocking", "overlap", "overlap-noprog"):
+        for mode in ("blocking", "overlap", "overlap-poll", "overlap-noprog"):
             k = (mode, bmb)
             st, ar = med_step(k), med_ar(k)
             hidden = "" if mode == "blocking" else f"{100 * (1 - ar / t_block):.1f}"

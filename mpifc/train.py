@@ -197,6 +197,7 @@ class Trainer:
         self.opt = build_optimizer(cfg, self.model.parameters())
         self.sched = build_schedule(cfg, self.opt, self.loader.steps_per_epoch)
         self.step = 0
+        self.exposed_s = 0.0     # seconds posting and waiting for the overlapped dp allreduce
         if self.rank0 and not quiet:
             print(f"mpifc train {cfg['name']}: {self.comm.size} rank(s) as dp={self.grid.dp} x "
                   f"tp={self.grid.tp}, {self.threads} BLAS thread(s) per rank, "
@@ -230,6 +231,7 @@ class Trainer:
         dlogits = model.loss.backward(self.grid.dp * b / batch.global_size)
         self.dp.backward(dlogits)
         self.dp.synchronize()
+        self.exposed_s += self.dp.timings["post"] + self.dp.timings["wait"]
         clip = self.cfg["optim"]["clip_norm"]
         if clip:
             clip_grad_norm_grid(model.parameters(), clip, self.grid)
@@ -265,7 +267,7 @@ class Trainer:
             bar = Progress(self.rank0 and not self.quiet and sys.stderr.isatty(), steps, first,
                            f"epoch {epoch + 1}/{t['epochs']}")
             tot = np.zeros(3)
-            comm0 = trace.TRACER.busy_seconds()
+            n_events, self.exposed_s = len(trace.TRACER), 0.0
             t0 = time.perf_counter()
             for batch in self.loader:
                 loss_sum, correct = self.train_step(batch)
@@ -286,7 +288,8 @@ class Trainer:
                     break
             bar.close()
             dt = time.perf_counter() - t0
-            s = self._sum_over_dp([*tot, trace.TRACER.busy_seconds() - comm0])
+            # seconds blocked in communication: blocking calls + posting/waiting for iallreduce
+            s = self._sum_over_dp([*tot, trace.TRACER.blocked_seconds(n_events) + self.exposed_s])
             rec = {"epoch": epoch + 1, "step": self.step, "loss": s[0] / max(s[2], 1),
                    "acc": s[1] / max(s[2], 1), "samples_per_s": s[2] / dt, "epoch_s": dt,
                    "comm_s": s[3] / self.grid.dp, "lr": self.opt.lr}

@@ -80,6 +80,14 @@ class Tracer:
         """Total seconds spent inside recorded calls on this rank."""
         return sum(e[8] - e[7] for e in self._events)
 
+    def blocked_seconds(self, start: int = 0) -> float:
+        """Seconds inside blocking calls, from event ``start`` on.
+
+        Non-blocking operations (iallreduce, isend, irecv) are left out: their events
+        span post to completion and overlap the compute done meanwhile; the caller
+        adds the time it spent posting and waiting for them."""
+        return sum(e[8] - e[7] for e in self._events[start:] if e[0][0] != "i")
+
     # --- exports ---
     def summary(self, events: list[dict] | None = None) -> dict[str, dict]:
         """Per-op totals: calls, bytes, seconds and GB/s (bytes / seconds)."""

@@ -84,6 +84,7 @@ class Bucket:
         self.buffer = None
         self.request = None
         self.pending = len(self.pieces)
+        self.tested_done = False
 
     @property
     def nbytes(self) -> int:
@@ -290,8 +291,13 @@ class DataParallel:
         first layer's gradient is finished). 1: the plain cap
     overlap : True: iallreduce each bucket as soon as it is full, during backward;
         False: one blocking allreduce per bucket after backward
-    progress : with ``overlap``, drive the pending requests from a helper thread
-        (see :class:`_Progress`); False leaves them to MPI calls of the main thread
+    progress : with ``overlap``, how the in-flight allreduces move forward (MPICH
+        advances a non-blocking collective only inside MPI calls): "poll" (default)
+        tests them from the main thread after each layer's backward and each
+        weight-gradient row block; True / "thread" from a helper thread
+        (:class:`_Progress`; on ranks that own one core each it competes with the
+        GEMMs and the GIL, and halved the throughput of the small digits-cnn);
+        False leaves them to the next MPI call
     progress_interval : seconds the helper sleeps between tests (5e-4: about 1% of a
         core while requests are pending, measured with bench-style GEMM loops)
 
@@ -315,7 +321,7 @@ class DataParallel:
     """
 
     def __init__(self, model, group, bucket_mb=25.0, overlap=True, *, min_buckets=MIN_BUCKETS,
-                 progress=True, progress_interval=5e-4):
+                 progress="poll", progress_interval=5e-4):
         self.model, self.group = model, group
         self.bucket_mb, self.overlap = float(bucket_mb), bool(overlap)
         self.min_buckets = int(min_buckets)
@@ -335,8 +341,11 @@ class DataParallel:
         self._done: set = set()      # (id(p), block) announced in this backward
         self._sync = True
         self._launched: list[Bucket] = []
-        self._progress = (_Progress(progress_interval) if (progress and overlap and group.size > 1)
-                          else None)
+        if progress not in (True, False, "thread", "poll"):
+            raise ValueError(f"DataParallel: progress must be 'poll', 'thread' or False, got {progress!r}")
+        self._poll = progress == "poll" and overlap and group.size > 1
+        self._progress = (_Progress(progress_interval)
+                          if (progress in (True, "thread") and overlap and group.size > 1) else None)
         self.timings = {"post": 0.0, "wait": 0.0, "blocking": 0.0}
         self.broadcast_state()
 
@@ -385,6 +394,7 @@ class DataParallel:
         self.timings = {"post": 0.0, "wait": 0.0, "blocking": 0.0}
         for b in self.buckets:
             b.pending = len(b.pieces)
+            b.tested_done = False
         self._done = set()
         self._armed = self.overlap and getattr(self.model, "layers", None) is not None
         try:
@@ -420,6 +430,8 @@ class DataParallel:
         b.pending -= 1
         if b.pending == 0:
             self._reduce(b)
+        elif self._poll:
+            self._test_pending()
 
     def _layer_done(self, layer) -> None:
         """``layer``'s gradients are final: its blocks not announced yet are done, in
@@ -427,6 +439,16 @@ class DataParallel:
         for p in reversed(layer.parameters()):
             for i in range(len(self._piece_bucket.get(id(p), ()))):
                 self._rows_done(p, i)
+        if self._poll:
+            self._test_pending()
+
+    def _test_pending(self) -> None:
+        """progress="poll": one MPI_Test per in-flight bucket, from the main thread,
+        between layers and weight-gradient row blocks (MPICH moves a non-blocking
+        collective forward only inside MPI calls)."""
+        for b in self._launched:
+            if b.request is not None and not b.tested_done:
+                b.tested_done = b.request.test()
 
     def _reduce(self, b: Bucket) -> None:
         self._launched.append(b)

@@ -161,13 +161,15 @@ def test_overlap_and_blocking_give_identical_grads(comm):
         grid = grid_of(comm, dp_, tp_)
         x, y = my_rows(grid, seed=2)
         out = {}
-        for mode, kw in {"overlap": dict(overlap=True), "overlap-noprogress": dict(overlap=True, progress=False),
+        for mode, kw in {"overlap": dict(overlap=True),
+                         "overlap-thread": dict(overlap=True, progress="thread"),
+                         "overlap-noprogress": dict(overlap=True, progress=False),
                          "blocking": dict(overlap=False)}.items():
             net = build_model(MLP, grid, seed=5, dtype=np.float64)
             dp = DataParallel(net, grid.dp_comm, bucket_mb=0.0004, **kw)
             gradient_step(net, dp, grid, x, y)
             out[mode] = grads(net)
-        for mode in ("overlap", "overlap-noprogress"):
+        for mode in ("overlap", "overlap-thread", "overlap-noprogress"):
             for n in out["blocking"]:
                 e = rel(out[mode][n], out["blocking"][n])
                 print(f"dp={dp_} tp={tp_} {mode} vs blocking {n}: maxdiff = {e:.3e}")
