@@ -17,7 +17,8 @@ def grad_sq_sum(params):
     return total
 
 
-def clip_grad_norm(params, max_norm, norm_reduce=None, eps=1e-6, error_if_nonfinite=False):
+def clip_grad_norm(params, max_norm, norm_reduce=None, eps=1e-6, error_if_nonfinite=False,
+                   counted=None):
     """Scale all gradients by min(1, max_norm / (norm + eps)); return the norm before clipping.
 
     Parameters
@@ -29,13 +30,16 @@ def clip_grad_norm(params, max_norm, norm_reduce=None, eps=1e-6, error_if_nonfin
         group. The caller counts each replicated tensor once (pass it on one rank only,
         or divide its share), so the completed sum equals the serial one.
     error_if_nonfinite : raise if the norm is nan or inf (else gradients are left alone)
+    counted : the params whose squares this rank adds to the sum (default: all of
+        ``params``); e.g. replicated tensors on one rank of their group only. All of
+        ``params`` are scaled.
 
     Returns
     -------
     total_norm : float, the global norm before clipping
     """
     params = list(params)
-    sq = grad_sq_sum(params)
+    sq = grad_sq_sum(params if counted is None else counted)
     if norm_reduce is not None:
         sq = float(norm_reduce(sq))
     total = math.sqrt(sq) if sq >= 0 else math.nan

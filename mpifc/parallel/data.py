@@ -41,7 +41,6 @@ already the average over one replica).
 """
 from __future__ import annotations
 
-import math
 import threading
 import time
 from contextlib import contextmanager
@@ -50,6 +49,7 @@ import numpy as np
 
 from mpifc.backend import get_array_module
 from mpifc.comm import trace
+from mpifc.optim.clip import clip_grad_norm
 from mpifc.parallel.describe import Collective
 
 _perf = time.perf_counter
@@ -515,24 +515,17 @@ def clip_grad_norm_grid(params, max_norm, grid, eps=1e-6) -> float:
     """
     params = list(params)
     tp_comm = None if grid is None or grid.tp == 1 else grid.tp_comm
-    sq = np.zeros(1, dtype=np.float64)
-    for p in params:
-        sharded = p.sharding is not None and p.sharding.axis is not None
-        if sharded or tp_comm is None or tp_comm.rank == 0:
-            xp = get_array_module(p.grad)
-            g = p.grad.reshape(-1)
-            sq[0] += float(xp.dot(g, g))
-    if tp_comm is not None:
+    counted = [p for p in params if (p.sharding is not None and p.sharding.axis is not None)
+               or tp_comm is None or tp_comm.rank == 0]
+
+    def complete(sq: float) -> float:
+        buf = np.array([sq], dtype=np.float64)
         with trace.phase("clip.norm"):
-            tp_comm.allreduce(sq, out=sq)
-    total = math.sqrt(sq[0])
-    if not math.isfinite(total):
-        return total
-    coef = max_norm / (total + eps)
-    if coef < 1.0:
-        for p in params:
-            p.grad *= coef
-    return total
+            tp_comm.allreduce(buf, out=buf)
+        return float(buf[0])
+
+    return clip_grad_norm(params, max_norm, norm_reduce=complete if tp_comm is not None else None,
+                          eps=eps, counted=counted)
 
 
 def clip_collectives(grid) -> list[Collective]:
