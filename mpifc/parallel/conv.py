@@ -26,7 +26,7 @@ from mpifc.nn._common import place, resolve_dtype, resolve_xp
 from mpifc.nn.module import Parameter, Sharding
 from mpifc.parallel.base import ParallelModule, allgather_axis1, take_axis
 from mpifc.parallel.describe import conv_flops
-from mpifc.parallel.init import shard_counts, sharded_parameter
+from mpifc.parallel.init import input_split, replicated_bias, shard_counts, sharded_parameter
 
 
 class _ConvGeometry(ParallelModule):
@@ -215,23 +215,16 @@ class InChannelParallelConv2d(_ConvGeometry):
         self._setup(in_channels, out_channels, kernel_size, group, stride, padding, dilation,
                     groups, name, dtype, xp)
         self.input_is_sharded = bool(input_is_sharded)
-        if in_counts is None:
-            in_counts = shard_counts(self.in_channels, group)
-        in_counts = tuple(int(c) for c in in_counts)
-        if len(in_counts) != group.size or sum(in_counts) != self.in_channels or min(in_counts) < 0:
-            raise ValueError(f"{name}: in_counts {in_counts} must have {group.size} entries >= 0 "
-                             f"summing to in_channels={self.in_channels}")
-        self.in_counts = in_counts
-        self.C_r = in_counts[group.rank]
-        self.C_off = sum(in_counts[: group.rank])
+        self.in_counts, self.C_r, self.C_off = input_split(name, self.in_channels, group, in_counts,
+                                                           "in_channels")
         rng = I.make_rng(rng, seed) if group.rank == 0 else None
         shape = (self.out_channels, self.in_channels) + self.kernel_size
         self.weight = sharded_parameter(group, "weight", lambda: I.initialize(init, shape, rng, self.dtype),
-                                        shape, 1, in_counts, self.dtype, self.xp)
+                                        shape, 1, self.in_counts, self.dtype, self.xp)
         self._params = [self.weight]
         self.bias = None
         if bias:
-            self.bias = Parameter(place(np.zeros(self.out_channels), self.xp, self.dtype), "bias")
+            self.bias = replicated_bias(self.out_channels, self.xp, self.dtype)
             self._params.append(self.bias)
         self._cache = None
 

@@ -19,6 +19,22 @@ def shard_counts(n: int, group) -> tuple[int, ...]:
     return balanced_counts(int(n), group.size)[0]
 
 
+def input_split(name: str, n: int, group, counts=None, what: str = "in_features"):
+    """(counts, local length, offset) of a layer whose input axis of length ``n`` is split
+    over ``group``: ``counts`` as given (validated: one entry >= 0 per rank, summing to n)
+    or balanced."""
+    counts = shard_counts(n, group) if counts is None else tuple(int(c) for c in counts)
+    if len(counts) != group.size or sum(counts) != n or min(counts) < 0:
+        raise ValueError(f"{name}: in_counts {counts} must have {group.size} entries >= 0 "
+                         f"summing to {what}={n}")
+    return counts, counts[group.rank], sum(counts[: group.rank])
+
+
+def replicated_bias(n: int, xp, dtype):
+    """A zero bias replicated over the group (the serial bias starts at zeros: no message)."""
+    return Parameter(place(np.zeros(n), xp, dtype), "bias")
+
+
 def scatter_shard(group, build_full, global_shape, axis, counts, dtype, xp, root=0):
     """Build the full tensor on ``root`` with ``build_full()`` and scatter(v) it along ``axis``.
 

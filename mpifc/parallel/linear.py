@@ -14,7 +14,7 @@ from mpifc.nn._common import place, resolve_dtype, resolve_xp
 from mpifc.nn.module import Parameter, Sharding
 from mpifc.parallel.base import ParallelModule, allgather_axis1, take_axis
 from mpifc.parallel.describe import linear_flops
-from mpifc.parallel.init import sharded_parameter, shard_counts
+from mpifc.parallel.init import input_split, replicated_bias, sharded_parameter, shard_counts
 
 
 def _zeros_shard(name, n_local, counts, group, dtype, xp, n_global):
@@ -163,23 +163,15 @@ class RowParallelLinear(ParallelModule):
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.group, self.name, self.input_is_sharded = group, name, bool(input_is_sharded)
         self.xp, self.dtype = resolve_xp(xp), resolve_dtype(dtype)
-        if in_counts is None:
-            in_counts = shard_counts(self.in_features, group)
-        in_counts = tuple(int(c) for c in in_counts)
-        if len(in_counts) != group.size or sum(in_counts) != self.in_features:
-            raise ValueError(f"{name}: in_counts {in_counts} must have {group.size} entries summing "
-                             f"to in_features={self.in_features}")
-        self.in_counts = in_counts
-        self.D_r = in_counts[group.rank]
-        self.D_off = sum(in_counts[: group.rank])
+        self.in_counts, self.D_r, self.D_off = input_split(name, self.in_features, group, in_counts)
         rng = I.make_rng(rng, seed) if group.rank == 0 else None
         shape = (self.out_features, self.in_features)
         self.weight = sharded_parameter(group, "weight", lambda: I.initialize(init, shape, rng, self.dtype),
-                                        shape, 1, in_counts, self.dtype, self.xp)
+                                        shape, 1, self.in_counts, self.dtype, self.xp)
         self._params = [self.weight]
         self.bias = None
         if bias:
-            self.bias = Parameter(place(np.zeros(self.out_features), self.xp, self.dtype), "bias")
+            self.bias = replicated_bias(self.out_features, self.xp, self.dtype)
             self._params.append(self.bias)
         self._x = None
 
