@@ -183,13 +183,15 @@ def _median_time(fn, reps: int, inner: int = 1) -> float:
 
 def _call_mix():
     """Trivial calls of the kinds the layers, losses and optimizers make on small arrays
-    (a ufunc into a buffer, an allocating ufunc, a reduction, a view, a slice store, an
-    allocation): their mean time is the per-call cost ``call_s``."""
+    (a ufunc into a buffer, an allocating ufunc, reductions, fancy indexing, a
+    comparison with any(), a view, a slice store, an allocation): their mean time is the per-call cost ``call_s``."""
     a = np.ones(4, dtype=np.float32)
     b = np.ones(4, dtype=np.float32)
     c = np.empty(4, dtype=np.float32)
     m = np.ones((2, 2), dtype=np.float32)
+    idx = np.array([0, 1])
     return [lambda: np.maximum(a, 0, out=c), lambda: a * b, lambda: m.sum(axis=0),
+            lambda: m.max(axis=1, keepdims=True), lambda: m[idx, idx], lambda: (a > 0).any(),
             lambda: m.reshape(4), lambda: c.__setitem__(slice(0, 2), b[:2]),
             lambda: np.zeros(4, dtype=np.float32)]
 
@@ -211,24 +213,24 @@ def _compute_rates(comm, quick: bool) -> dict:
     t_call = [_median_time(f, reps, 200) for f in mix]
     local += t_call
 
-    # element-wise kernel (ReLU-like: read + write) over array sizes
+    # element-wise kernel (a binary ufunc: two reads, one write) over array sizes
     ew = []
     for n in ELEMENTWISE_ELEMS:
         x = np.ones(n, dtype=np.float32)
-        y = np.empty_like(x)
-        ew.append(_median_time(lambda: np.maximum(x, 0, out=y), reps, max(1, (1 << 20) // n)))
+        y = np.ones_like(x)
+        z = np.empty_like(x)
+        ew.append(_median_time(lambda: np.add(x, y, out=z), reps, max(1, (1 << 20) // n)))
     local += ew
 
-    # strided passes: 16384 rows of 4 elements, (a) every other element (a pooling
-    # window), (b) the first 4 of 8 (an im2col offset); vs the same bytes contiguous
+    # strided passes over a 4-d (N, C, H, W) view, 16384 rows of 4 elements: (a) every
+    # other row and column (a pooling window), (b) the first 4 of 8 columns (an im2col
+    # offset); less the same bytes at the element-wise curve's rate
     rows_n = 16384
-    src = np.ones((rows_n, 8), dtype=np.float32)
-    dst = np.empty((rows_n, 4), dtype=np.float32)
-    flat_src = np.ones(rows_n * 4, dtype=np.float32)
-    flat_dst = dst.reshape(-1)
-    t_str = [_median_time(lambda: np.copyto(dst, src[:, ::2]), reps, 4),
-             _median_time(lambda: np.copyto(dst, src[:, :4]), reps, 4),
-             _median_time(lambda: np.copyto(flat_dst, flat_src), reps, 4)]
+    src = np.ones((64, 32, 8, 8), dtype=np.float32)
+    dst_a = np.empty((64, 32, 4, 4), dtype=np.float32)
+    dst_b = np.empty((64, 32, 8, 4), dtype=np.float32)
+    t_str = [_median_time(lambda: np.copyto(dst_a, src[:, :, ::2, ::2]), reps, 4) * 2,
+             _median_time(lambda: np.copyto(dst_b, src[:, :, :, :4]), reps, 4)]
     local += t_str
 
     gemm = []
@@ -259,18 +261,21 @@ def _compute_rates(comm, quick: bool) -> dict:
     call_s = float(np.mean(worst[:k]))
     ew_t = worst[k:k + len(ELEMENTWISE_ELEMS)]
     k += len(ELEMENTWISE_ELEMS)
-    s_pool, s_col, s_flat = worst[k:k + 3]
-    k += 3
+    s_pool, s_col = worst[k:k + 2]
+    k += 2
     ng, nc = len(gemm), len(conv)
     g_t, c_t, t_red = worst[k:k + ng], worst[k + ng:k + ng + nc], worst[-1]
 
     def net(t):          # a call's time less the per-call cost (never below 10 % of it)
         return max(t - call_s, 0.1 * t)
 
-    # (bytes per call, GB/s) with read + write; times made non-decreasing in size first
+    # (bytes per call, GB/s) with two reads + a write; times made non-decreasing in size
     ew_t = lower_envelope(ew_t)
-    elementwise_curve = [(8.0 * n, 8.0 * n / net(t) / 1e9) for n, t in zip(ELEMENTWISE_ELEMS, ew_t)]
-    row_s = max(0.5 * (s_pool + s_col) - s_flat, 0.0) / rows_n
+    elementwise_curve = [(12.0 * n, 12.0 * n / net(t) / 1e9) for n, t in zip(ELEMENTWISE_ELEMS, ew_t)]
+    moved = 2.0 * 4 * rows_n * 4                 # bytes read + written by one strided copy
+    rates = ComputeRates(elementwise_curve=elementwise_curve)
+    flat = 1.5 * call_s + moved / (rates.elementwise_rate(moved / 1.5) * 1e9)
+    row_s = max(0.5 * (s_pool + s_col) - flat, 0.0) / rows_n
     return {
         "gemm_curve": [(f, f / net(t) / 1e9) for (f, _), t in zip(gemm, g_t)],
         "conv_curve": [(f, f / t / 1e9) for (f, _), t in zip(conv, c_t)] or None,
