@@ -169,11 +169,23 @@ def _measure_group(g, op: str, sizes, trials: int, quick: bool):
 
 
 # ---------------------------------------------------------------------------- compute
-def _median_time(fn, reps: int, inner: int = 1) -> float:
-    """Median over ``reps`` trials of the time of one call, each trial ``inner`` calls."""
+#: shortest trial of a local-rate measurement (s): long enough that the ranks, started
+#: together by a barrier, run their kernels at the same time and share the memory
+#: system and the cores' caches as they do in training
+MIN_TRIAL_S = 1e-3
+
+
+def _median_time(fn, reps: int, inner: int = 1, comm=None) -> float:
+    """Median over ``reps`` trials of the time of one call, each trial at least ``inner``
+    calls and at least MIN_TRIAL_S long; with ``comm``, a barrier starts every trial."""
+    t0 = _perf()
     fn()
+    one = max(_perf() - t0, 1e-7)
+    inner = max(inner, int(MIN_TRIAL_S / one) + 1) if comm is not None else inner
     ts = []
     for _ in range(reps):
+        if comm is not None:
+            comm.barrier()
         t0 = _perf()
         for _ in range(inner):
             fn()
@@ -210,16 +222,16 @@ def _compute_rates(comm, quick: bool) -> dict:
 
     # per-call cost: the mean of a mix of trivial calls, 200 back to back per trial
     mix = _call_mix()
-    t_call = [_median_time(f, reps, 200) for f in mix]
+    t_call = [_median_time(f, reps, 200, comm) for f in mix]
     local += t_call
 
     # element-wise kernel (a binary ufunc: two reads, one write) over array sizes
     ew = []
-    for n in ELEMENTWISE_ELEMS:
+    for n in (4,) + ELEMENTWISE_ELEMS:
         x = np.ones(n, dtype=np.float32)
         y = np.ones_like(x)
         z = np.empty_like(x)
-        ew.append(_median_time(lambda: np.add(x, y, out=z), reps, max(1, (1 << 20) // n)))
+        ew.append(_median_time(lambda: np.add(x, y, out=z), reps, max(1, (1 << 20) // n), comm))
     local += ew
 
     # strided passes over a 4-d (N, C, H, W) view, 16384 rows of 4 elements: (a) every
@@ -229,15 +241,16 @@ def _compute_rates(comm, quick: bool) -> dict:
     src = np.ones((64, 32, 8, 8), dtype=np.float32)
     dst_a = np.empty((64, 32, 4, 4), dtype=np.float32)
     dst_b = np.empty((64, 32, 8, 4), dtype=np.float32)
-    t_str = [_median_time(lambda: np.copyto(dst_a, src[:, :, ::2, ::2]), reps, 4) * 2,
-             _median_time(lambda: np.copyto(dst_b, src[:, :, :, :4]), reps, 4)]
+    # a binary ufunc (a strided view and a contiguous array), as pooling and col2im do
+    t_str = [_median_time(lambda: np.add(src[:, :, ::2, ::2], dst_a, out=dst_a), reps, 4, comm) * 2,
+             _median_time(lambda: np.add(src[:, :, :, :4], dst_b, out=dst_b), reps, 4, comm)]
     local += t_str
 
     gemm = []
     for m in ((32, 64, 128, 256) if quick else (32, 64, 128, 256, 512)):
         a = rng.standard_normal((m, m), dtype=np.float32)
         b = rng.standard_normal((m, m), dtype=np.float32)
-        t = _median_time(lambda: a @ b, reps, max(1, 64 // m * 4))
+        t = _median_time(lambda: a @ b, reps, max(1, 64 // m * 4), comm)
         gemm.append((2.0 * m ** 3, t))
     local += [t for _, t in gemm]
     conv = []
@@ -249,18 +262,19 @@ def _compute_rates(comm, quick: bool) -> dict:
         for (N, C, H, K) in ((4, 8, 16, 16), (8, 16, 32, 32)):
             x = rng.standard_normal((N, C, H, H), dtype=np.float32)
             w = rng.standard_normal((K, C, 3, 3), dtype=np.float32)
-            t = _median_time(lambda: conv2d_forward(x, w, None, 1, 1), reps)
+            t = _median_time(lambda: conv2d_forward(x, w, None, 1, 1), reps, 1, comm)
             conv.append((2.0 * N * K * C * 9 * H * H, t))
     local += [t for _, t in conv]
     big = np.ones(1 << 20, dtype=np.float32)                  # 4 MiB
     other = np.ones_like(big)
-    local.append(_median_time(lambda: np.add(big, other, out=big), reps))
+    local.append(_median_time(lambda: np.add(big, other, out=big), reps, 1, comm))
 
     worst = list(comm.allreduce(np.asarray(local, dtype=np.float64), op="max"))
     k = len(mix)
     call_s = float(np.mean(worst[:k]))
-    ew_t = worst[k:k + len(ELEMENTWISE_ELEMS)]
-    k += len(ELEMENTWISE_ELEMS)
+    t_tiny = worst[k]                            # the kernel on 4 elements: its own call cost
+    ew_t = worst[k + 1:k + 1 + len(ELEMENTWISE_ELEMS)]
+    k += 1 + len(ELEMENTWISE_ELEMS)
     s_pool, s_col = worst[k:k + 2]
     k += 2
     ng, nc = len(gemm), len(conv)
@@ -269,12 +283,14 @@ def _compute_rates(comm, quick: bool) -> dict:
     def net(t):          # a call's time less the per-call cost (never below 10 % of it)
         return max(t - call_s, 0.1 * t)
 
-    # (bytes per call, GB/s) with two reads + a write; times made non-decreasing in size
+    # (bytes per call, GB/s) with two reads + a write, net of the kernel's own call
+    # cost (its time on 4 elements); times made non-decreasing in size first
     ew_t = lower_envelope(ew_t)
-    elementwise_curve = [(12.0 * n, 12.0 * n / net(t) / 1e9) for n, t in zip(ELEMENTWISE_ELEMS, ew_t)]
-    moved = 2.0 * 4 * rows_n * 4                 # bytes read + written by one strided copy
+    elementwise_curve = [(12.0 * n, 12.0 * n / max(t - t_tiny, 0.1 * t) / 1e9)
+                         for n, t in zip(ELEMENTWISE_ELEMS, ew_t)]
+    moved = 3.0 * 4 * rows_n * 4                 # bytes of one strided add
     rates = ComputeRates(elementwise_curve=elementwise_curve)
-    flat = 1.5 * call_s + moved / (rates.elementwise_rate(moved / 1.5) * 1e9)
+    flat = t_tiny + moved / (rates.elementwise_rate(moved) * 1e9)
     row_s = max(0.5 * (s_pool + s_col) - flat, 0.0) / rows_n
     return {
         "gemm_curve": [(f, f / net(t) / 1e9) for (f, _), t in zip(gemm, g_t)],
