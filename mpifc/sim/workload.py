@@ -482,11 +482,10 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             # NCHW copy (with the bias add on an out-channel or serial conv)
             M = b * Ho * Wo
             f = 2 * b * Kl * Ho * Wo * Cl * R * S_
+            # the conv rate is calibrated on conv2d_forward itself (im2col, GEMM, output
+            # copy), so the forward is one phase at that rate
             f_ph += pre_f
-            f_ph.append(elem3(f"{name}.forward.im2col",
-                              im2col_cost(b, Cl, H, W, R, S_, Ho, Wo, pads, s), "forward"))
-            f_ph.append(compute(f"{name}.forward", f, "gemm", "forward", 3))
-            f_ph.append(elem(f"{name}.forward.out", 2 * b * Kl * Ho * Wo * s, "forward", 5, b * Kl))
+            f_ph.append(compute(f"{name}.forward", f, "conv", "forward", 1))
             if gathered:
                 f_ph.append(elem(f"{name}.forward.gather", 2 * b * (Kl + K) * Ho * Wo * s,
                                  "forward", 6, b * (Kl + K)))
@@ -504,9 +503,9 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                 b_ph.append(elem(f"{name}.backward.take", 2 * M * Kl * s, "backward", 3, b * Kl))
             b_ph.append(elem(f"{name}.backward.dy", (2.0 + (1 if bias else 0)) * M * Kl * s,
                              "backward", 4 + (1 if bias else 0), b * Kl))
-            b_ph.append(compute(f"{name}.backward", f, "gemm", "backward"))
+            b_ph.append(compute(f"{name}.backward", f, "conv", "backward"))
             if in_grad:
-                b_ph.append(compute(f"{name}.backward.dx", f, "gemm", "backward"))
+                b_ph.append(compute(f"{name}.backward.dx", f, "conv", "backward"))
                 b_ph.append(elem3(f"{name}.backward.col2im",
                                   col2im_cost(b, Cl, H, W, R, S_, Ho, Wo, pads, s), "backward"))
             b_ph.append(elem(f"{name}.backward.grad_acc",
