@@ -235,16 +235,19 @@ class Communicator:
         if type(x) is np.ndarray and not self.debug and op in _HOT_OPS:
             # hot path (host buffers, no debug check): the same steps as below, inlined,
             # so a traced call costs about a microsecond more than the raw mpi4py call
-            if not x.flags.c_contiguous:
-                _check_contiguous(x, "allreduce")
             self._seq += 1
             t0 = _perf()
-            if out is x:
-                self.mpi.Allreduce(MPI.IN_PLACE, x, op=_HOT_OPS[op])
-            else:
-                if out is None:
-                    out = np.empty_like(x)
-                self.mpi.Allreduce(x, out, op=_HOT_OPS[op])
+            try:                       # MPI itself refuses a non-contiguous buffer
+                if out is x:
+                    self.mpi.Allreduce(MPI.IN_PLACE, x, op=_HOT_OPS[op])
+                else:
+                    if out is None:
+                        out = np.empty_like(x)
+                    self.mpi.Allreduce(x, out, op=_HOT_OPS[op])
+            except BufferError:
+                _check_contiguous(x, "allreduce")
+                _check_contiguous(out, "allreduce")
+                raise
             tr = self.tracer
             if tr.enabled:             # Tracer.record, inlined
                 tr._events.append(("allreduce", self.name, self.size, self.rank, x.dtype, x.size,
@@ -300,13 +303,16 @@ class Communicator:
         if (counts is None and type(x) is np.ndarray and not self.debug
                 and (out is None or type(out) is np.ndarray)):
             # hot path: host buffers, equal blocks, no debug check (steps of the general path)
-            if not x.flags.c_contiguous:
-                _check_contiguous(x, "allgather")
             self._seq += 1
             t0 = _perf()
             if out is None:
                 out = np.empty((x.shape[0] * self.size,) + x.shape[1:], dtype=x.dtype)
-            self.mpi.Allgather(x, out)
+            try:                       # MPI itself refuses a non-contiguous buffer
+                self.mpi.Allgather(x, out)
+            except BufferError:
+                _check_contiguous(x, "allgather")
+                _check_contiguous(out, "allgather")
+                raise
             tr = self.tracer
             if tr.enabled:             # Tracer.record, inlined
                 tr._events.append(("allgather", self.name, self.size, self.rank, x.dtype, x.size,
