@@ -3,7 +3,12 @@
 An event is a tuple, cheap to record on the hot path (two ``perf_counter`` reads
 and one list append):
 
-    (op, comm_name, comm_size, rank, dtype, count, nbytes, t0, t1, phase)
+    (op, (comm_name, comm_size, rank), dtype, count, nbytes, t0, t1, phase)
+
+The middle triple is the communicator's identity, built once per communicator.
+``nbytes`` is ``None`` when it is ``count * dtype.itemsize`` (worked out at export),
+and the dtype is a NumPy dtype until export, where it becomes its name. ``events()``
+returns the flat dicts named by ``FIELDS``.
 
 ``phase`` is the label of the innermost ``with trace.phase(...)`` block, e.g.
 ``"fc2.backward"``. Times are seconds from ``time.perf_counter`` on this rank;
@@ -33,9 +38,9 @@ class Tracer:
         self._phases: list[str] = [""]
 
     # --- recording (hot path) ---
-    def record(self, op, comm_name, comm_size, rank, dtype, count, nbytes, t0, t1) -> None:
-        self._events.append((op, comm_name, comm_size, rank, dtype, count, nbytes,
-                             t0, t1, self._phases[-1]))
+    def record(self, op, ident, dtype, count, nbytes, t0, t1) -> None:
+        """Append one event; ``ident`` is ``(comm_name, comm_size, rank)``."""
+        self._events.append((op, ident, dtype, count, nbytes, t0, t1, self._phases[-1]))
 
     @contextmanager
     def phase(self, label: str):
@@ -78,7 +83,7 @@ class Tracer:
 
     def busy_seconds(self) -> float:
         """Total seconds spent inside recorded calls on this rank."""
-        return sum(e[8] - e[7] for e in self._events)
+        return sum(e[6] - e[5] for e in self._events)
 
     def blocked_seconds(self, start: int = 0) -> float:
         """Seconds inside blocking calls, from event ``start`` on.
@@ -86,7 +91,7 @@ class Tracer:
         Non-blocking operations (iallreduce, isend, irecv) are left out: their events
         span post to completion and overlap the compute done meanwhile; the caller
         adds the time it spent posting and waiting for them."""
-        return sum(e[8] - e[7] for e in self._events[start:] if e[0][0] != "i")
+        return sum(e[6] - e[5] for e in self._events[start:] if e[0][0] != "i")
 
     # --- exports ---
     def summary(self, events: list[dict] | None = None) -> dict[str, dict]:
@@ -104,10 +109,16 @@ class Tracer:
 
 
 def _as_dict(e: tuple) -> dict:
-    d = dict(zip(FIELDS, e))
-    dt = d["dtype"]
-    d["dtype"] = dt if isinstance(dt, str) else dt.name    # recorded as a numpy dtype
-    return d
+    op, (comm, comm_size, rank), dt, count, nbytes, t0, t1, phase = e
+    if isinstance(dt, str):                 # "" for calls that carry no array
+        name = dt
+    else:                                   # recorded as a numpy dtype
+        name = dt.name
+        if nbytes is None:
+            nbytes = count * dt.itemsize
+    return {"op": op, "comm": comm, "comm_size": comm_size, "rank": rank, "dtype": name,
+            "count": count, "bytes": 0 if nbytes is None else nbytes, "t0": t0, "t1": t1,
+            "phase": phase}
 
 
 def summarize(events: list[dict]) -> dict[str, dict]:
