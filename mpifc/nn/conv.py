@@ -57,9 +57,9 @@ class Conv2d(Module):
         """dy : (N, K, Ho, Wo) -> dx : (N, C, H, W) (None when ``input_grad`` is False)."""
         dx, dW, db = F.conv2d_backward(dy, self._cache, need_dx=self.input_grad,
                                        need_db=self.bias is not None)
-        self.weight.grad += dW
+        self.weight.add_grad(dW)
         if self.bias is not None:
-            self.bias.grad += db
+            self.bias.add_grad(db)
         self._cache = None
         return dx
 

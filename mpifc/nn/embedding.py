@@ -33,7 +33,7 @@ class Embedding(Module):
         return F.embedding_forward(idx, self.weight.data)
 
     def backward(self, dy):
-        self.weight.grad += F.embedding_backward(dy, self._idx, self.num_embeddings)
+        self.weight.add_grad(F.embedding_backward(dy, self._idx, self.num_embeddings))
         return None
 
 
@@ -81,7 +81,7 @@ class EmbeddingBag(Module):
         return y
 
     def backward(self, dy):
-        self.weight.grad += F.embedding_bag_backward(dy, self._cache)
+        self.weight.add_grad(F.embedding_bag_backward(dy, self._cache))
         self._cache = None
         return None
 

@@ -138,18 +138,20 @@ def _rows2(a):
     return a.reshape(rows, a.shape[-1])
 
 
-def linear_backward_weight(dy, x, r0=0, r1=None):
+def linear_backward_weight(dy, x, r0=0, r1=None, out=None):
     """Rows ``r0:r1`` of dW: ``dW[r0:r1] = dy[:, r0:r1].T @ x`` -> (r1 - r0, D).
 
     Output row f of dW needs only column f of dy, so a layer can compute dW a row
     block at a time (and a data-parallel allreduce can start on finished blocks).
+    ``out``: write the rows there (the GEMM's own output, no temporary).
     """
-    return _rows2(dy)[:, r0:r1].T @ _rows2(x)
+    xp = get_array_module(dy)
+    return xp.matmul(_rows2(dy)[:, r0:r1].T, _rows2(x), out=out)
 
 
-def linear_backward_bias(dy, r0=0, r1=None):
-    """Entries ``r0:r1`` of db: ``dy[:, r0:r1].sum(0)`` -> (r1 - r0,)."""
-    return _rows2(dy)[:, r0:r1].sum(axis=0)
+def linear_backward_bias(dy, r0=0, r1=None, out=None):
+    """Entries ``r0:r1`` of db: ``dy[:, r0:r1].sum(0)`` -> (r1 - r0,); ``out`` as above."""
+    return _rows2(dy)[:, r0:r1].sum(axis=0, out=out)
 
 
 # --------------------------------------------------------------------------- #

@@ -50,8 +50,8 @@ class Linear(Module):
         # db, then dW a row block at a time (Parameter.accumulate_rows: each finished
         # block may start its data-parallel allreduce), then dx, which hides the last one
         if self.bias is not None:
-            self.bias.accumulate_rows(lambda r0, r1: F.linear_backward_bias(dy, r0, r1))
-        self.weight.accumulate_rows(lambda r0, r1: F.linear_backward_weight(dy, x, r0, r1))
+            self.bias.accumulate_rows(lambda r0, r1, out: F.linear_backward_bias(dy, r0, r1, out))
+        self.weight.accumulate_rows(lambda r0, r1, out: F.linear_backward_weight(dy, x, r0, r1, out))
         return (dy @ self.weight.data) if self.input_grad else None
 
     def __repr__(self):

@@ -53,6 +53,11 @@ class Parameter:
     ``on_grad_rows(param, i)`` after block ``i`` is in ``grad``. DataParallel sets
     both, so the allreduce of a block's bucket starts while the layer computes the
     next block; without it a layer computes its gradient in one block, as before.
+
+    ``grad_zero`` is True from :meth:`zero_grad` until the first gradient arrives:
+    :meth:`accumulate_rows` then lets the layer write its blocks straight into
+    ``grad`` (no temporary, no add pass). Layers add other gradients through
+    :meth:`add_grad`, which clears it.
     """
 
     data: object
@@ -61,6 +66,7 @@ class Parameter:
     grad: object = field(default=None)
     grad_rows: tuple | None = field(default=None, repr=False)
     on_grad_rows: object = field(default=None, repr=False)
+    grad_zero: bool = field(default=False, repr=False)
 
     def __post_init__(self):
         if self.grad is None:
@@ -77,6 +83,12 @@ class Parameter:
 
     def zero_grad(self) -> None:
         self.grad[...] = 0
+        self.grad_zero = True
+
+    def add_grad(self, g) -> None:
+        """``grad += g`` (a layer's gradient contribution)."""
+        self.grad += g
+        self.grad_zero = False
 
     def row_blocks(self) -> list[tuple[int, int]]:
         """The (r0, r1) row ranges of :meth:`accumulate_rows`, in order."""
@@ -84,14 +96,20 @@ class Parameter:
         return list(zip(b[:-1], b[1:]))
 
     def accumulate_rows(self, block) -> None:
-        """``grad[r0:r1] += block(r0, r1)`` for every row block, announcing each one.
+        """``grad[r0:r1] += block(r0, r1, None)`` for every row block, announcing each.
 
-        ``block(r0, r1)`` returns the gradient rows r0..r1 of this step (the layer's
-        math); a 0-d parameter is one block (0, 1) taking the whole gradient.
+        ``block(r0, r1, out)`` computes the gradient rows r0..r1 of this step (the
+        layer's math), into ``out`` when that is not None; after :meth:`zero_grad` the
+        rows are written straight into ``grad`` that way. A 0-d parameter is one
+        block (0, 1) taking the whole gradient.
         """
         g = self.grad if self.data.ndim else self.grad.reshape(1)
+        fresh, self.grad_zero = self.grad_zero, False
         for i, (r0, r1) in enumerate(self.row_blocks()):
-            g[r0:r1] += block(r0, r1)
+            if fresh:
+                block(r0, r1, g[r0:r1])
+            else:
+                g[r0:r1] += block(r0, r1, None)
             if self.on_grad_rows is not None:
                 self.on_grad_rows(self, i)
 

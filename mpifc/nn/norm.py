@@ -86,8 +86,8 @@ class _BatchNorm(Module):
             sum_dy, sum_dy_xhat = self.reduce_backward_stats(dbeta, dgamma)
             dx = F.batchnorm_backward_from_stats(dy, cache, sum_dy, sum_dy_xhat, count)
         if self.affine:
-            self.weight.grad += dgamma
-            self.bias.grad += dbeta
+            self.weight.add_grad(dgamma)
+            self.bias.add_grad(dbeta)
         self._cache = None
         return dx
 
@@ -129,7 +129,7 @@ class LayerNorm(Module):
     def backward(self, dy):
         dx, dgamma, dbeta = F.layernorm_backward(dy, self._cache)
         if self.affine:
-            self.weight.grad += dgamma
-            self.bias.grad += dbeta
+            self.weight.add_grad(dgamma)
+            self.bias.add_grad(dbeta)
         self._cache = None
         return dx

@@ -130,9 +130,9 @@ class OutChannelParallelConv2d(_ConvGeometry):
             dy = take_axis(dy, 1, self.K_off, self.K_off + self.K_r)
         dx, dW, db = F.conv2d_backward(dy, self._cache, need_dx=self.input_grad,
                                        need_db=self.bias is not None)
-        self.weight.grad += dW
+        self.weight.add_grad(dW)
         if self.bias is not None:
-            self.bias.grad += db
+            self.bias.add_grad(db)
         self._cache = None
         if dx is not None:
             # every rank's dx comes from its own filters: sum them
@@ -252,9 +252,9 @@ class InChannelParallelConv2d(_ConvGeometry):
         # db from dy (replicated, so the same on every rank); the forward conv had no bias
         dx, dW, db = F.conv2d_backward(dy, self._cache, need_dx=self.input_grad,
                                        need_db=self.bias is not None)
-        self.weight.grad += dW
+        self.weight.add_grad(dW)
         if self.bias is not None:
-            self.bias.grad += db
+            self.bias.add_grad(db)
         self._cache = None
         if dx is not None and not self.input_is_sharded:
             with self.phase("backward"):

@@ -364,6 +364,8 @@ class DataParallel:
     def zero_grad(self) -> None:
         for b in self.buckets:
             b.buffer[...] = 0
+        for p in self.params:         # the layers may now write their gradients in place
+            p.grad_zero = True
 
     @contextmanager
     def no_sync(self):

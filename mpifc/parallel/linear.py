@@ -93,8 +93,8 @@ class ColumnParallelLinear(ParallelModule):
         x, self._x = self._x, None
         # db, dW in row blocks (each may start its data-parallel allreduce), then dx
         if self.bias is not None:
-            self.bias.accumulate_rows(lambda r0, r1: F.linear_backward_bias(dy, r0, r1))
-        self.weight.accumulate_rows(lambda r0, r1: F.linear_backward_weight(dy, x, r0, r1))
+            self.bias.accumulate_rows(lambda r0, r1, out: F.linear_backward_bias(dy, r0, r1, out))
+        self.weight.accumulate_rows(lambda r0, r1, out: F.linear_backward_weight(dy, x, r0, r1, out))
         dx = (dy @ self.weight.data) if self.input_grad else None
         if dx is not None:
             # each rank's dx is the contribution of its output features: sum them
@@ -197,8 +197,8 @@ class RowParallelLinear(ParallelModule):
         x, self._x = self._x, None
         # db (dy is replicated, so the same on every rank), dW in row blocks, then dx
         if self.bias is not None:
-            self.bias.accumulate_rows(lambda r0, r1: F.linear_backward_bias(dy, r0, r1))
-        self.weight.accumulate_rows(lambda r0, r1: F.linear_backward_weight(dy, x, r0, r1))
+            self.bias.accumulate_rows(lambda r0, r1, out: F.linear_backward_bias(dy, r0, r1, out))
+        self.weight.accumulate_rows(lambda r0, r1, out: F.linear_backward_weight(dy, x, r0, r1, out))
         dx = (dy @ self.weight.data) if self.input_grad else None
         if dx is not None and not self.input_is_sharded:
             with self.phase("backward"):

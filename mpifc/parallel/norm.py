@@ -151,8 +151,8 @@ class _SyncBatchNorm(_BatchNorm):
             _, cache, _ = self._cache
             dbeta, dgamma = F.batchnorm_backward_stats(dy, cache)
             if self.affine:
-                self.weight.grad += dgamma
-                self.bias.grad += dbeta
+                self.weight.add_grad(dgamma)
+                self.bias.add_grad(dbeta)
             self._cache = None
             return None
         return super().backward(dy)

@@ -330,9 +330,9 @@ class SpatialParallelConv2d(_SpatialWindow):
                 self.group.allreduce(buf, out=buf)
             dW = buf[:nW].reshape(dW.shape)
             db = buf[nW:] if db is not None else None
-        self.weight.grad += dW
+        self.weight.add_grad(dW)
         if self.bias is not None:
-            self.bias.grad += db
+            self.bias.add_grad(db)
         if dused is None:
             return None
         return self._scatter_halo(dused, ext_shape)

@@ -80,9 +80,13 @@ _PASSES = {
     "loss_fwd": 7, "loss_bwd": 5, "metrics": 3,
     "grad_acc": 3,                           # grad[...] += block (read both, write)
 }
+# A linear layer writes its dW / db blocks straight into the zeroed gradient buffer
+# (Parameter.grad_zero: the GEMM's own output, no += pass); one call remains per block,
+# the row-block callback. Conv and norm layers still add (grad_acc).
 _CALLS = {
     "linear_fwd": 2, "linear_dw": 3, "linear_dx": 1, "gemm": 2,
     "bias_fwd": 1, "bias_bwd": 4, "grad_acc": 2,      # += and the row-block callback
+    "grad_write": 1,                                  # the row-block callback
     "relu_fwd": 3, "relu_bwd": 2,                     # with the layer dispatch
     "act_fwd": {"leakyrelu": 4, "gelu": 9, "tanh": 2, "sigmoid": 4},
     "act_bwd": {"leakyrelu": 3, "gelu": 11, "tanh": 4, "sigmoid": 4},
@@ -414,14 +418,12 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             if gathered:                # adjoint of the gather: a copy of my block of dy
                 b_ph.append(elem(f"{name}.backward.take", 2 * b * Fl * s, "backward", 3, b))
             if bias:
-                b_ph.append(elem(f"{name}.backward.db",
-                                 _PASSES["bias_bwd"] * b * Fl * s + _PASSES["grad_acc"] * Fl * s,
+                b_ph.append(elem(f"{name}.backward.db", _PASSES["bias_bwd"] * b * Fl * s,
                                  "backward", _CALLS["bias_bwd"], b))
             w_at = len(b_ph)
             b_ph.append(compute(f"{name}.backward", 2 * b * Din * Fl, "gemm", "backward",
                                 _CALLS["linear_dw"]))
-            b_ph.append(elem(f"{name}.backward.dW_acc", _PASSES["grad_acc"] * Fl * Din * s,
-                             "backward", _CALLS["grad_acc"]))
+            b_ph.append(elem(f"{name}.backward.dW_done", 0, "backward", _CALLS["grad_write"]))
             if in_grad:
                 b_ph.append(compute(f"{name}.backward.dx", 2 * b * Din * Fl, "gemm", "backward",
                                     _CALLS["linear_dx"]))
