@@ -26,7 +26,7 @@ clipping, optimizer), so the messages listed here are exactly those of a real st
     class-split logits   fwd allreduce max (b), allreduce sums (2b); accuracy: allreduce
                          min (b, int64); whole logits: a local loss, no message
     data parallel     iallreduce over dp of each gradient bucket (reverse parameter
-                      order, filled to bucket_mb MiB or total/min_buckets, a parameter
+                      order, filled to bucket_mb MiB or total/min_buckets (>= 1 MiB), a parameter
                       cut at row boundaries), started once its last piece is final: a
                       linear layer's dW row block, else the end of the layer's backward
                       (overlappable); blocking mode: allreduce after the backward;
@@ -60,7 +60,7 @@ import numpy as np
 
 from mpifc.comm.counts import balanced_counts
 from mpifc.nn import functional as F
-from mpifc.parallel.data import MIN_BUCKETS
+from mpifc.parallel.data import MIN_BUCKETS, bucket_cap
 from mpifc.parallel.describe import Collective
 from mpifc.sim.engine import Phase, Workload
 from mpifc.sim.planner import LayoutInfeasible
@@ -622,8 +622,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
 
     # ---- backward, launching data-parallel buckets (mpifc.parallel.data.plan_buckets) ----
     params = sum(param_sizes)
-    if cap > 0 and min_buckets > 1:
-        cap = max(1, min(cap, -(-params * s // int(min_buckets))))
+    cap = bucket_cap(cap / 2**20, params * s, min_buckets)
     rev = [(li, j, n, blocks[li][3][j]) for li in range(len(blocks))
            for j, n in enumerate(blocks[li][2])][::-1]
     groups: list[list] = []          # per bucket: pieces (li, j, r0, r1, elements per row)

@@ -12,7 +12,8 @@ from mpifc.comm import Grid, balanced_counts, trace
 from mpifc.models import build_model
 from mpifc.nn.module import Module
 from mpifc.parallel import DataParallel
-from mpifc.parallel.data import plan_buckets
+from mpifc.parallel import data as data_mod
+from mpifc.parallel.data import MIN_BUCKET_MB, bucket_cap, plan_buckets
 
 MLP = {"input": [12], "layers": [
     {"type": "linear", "out": 20, "shard": "column"},
@@ -60,7 +61,9 @@ def gradient_step(net, dp, grid, x, y):
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("bucket_mb,min_buckets", [(0.0, 4), (0.0004, 1), (0.002, 1), (25.0, 1), (25.0, 4)])
-def test_buckets_respect_cap_and_hold_the_grads(comm, bucket_mb, min_buckets):
+def test_buckets_respect_cap_and_hold_the_grads(comm, bucket_mb, min_buckets, monkeypatch):
+    # the split logic on a small model: no floor under the min_buckets cut here
+    monkeypatch.setattr(data_mod, "MIN_BUCKET_MB", 0.0)
     for dp_, tp_ in layouts(comm.size):
         grid = grid_of(comm, dp_, tp_)
         net = build_model(MLP, grid, seed=1, dtype=np.float64)
@@ -109,6 +112,17 @@ def test_buckets_respect_cap_and_hold_the_grads(comm, bucket_mb, min_buckets):
         ev = [e for e in trace.events() if e["phase"].startswith("dp.grad")]
         want = [(b.phase, b.numel, b.nbytes) for b in dp.buckets if b.numel] if dp_ > 1 else []
         assert [(e["phase"], e["count"], e["bytes"]) for e in ev] == want
+
+
+def test_bucket_cap_floor():
+    """min_buckets cuts a large model, never below MIN_BUCKET_MB, never above bucket_mb."""
+    mib = 2**20
+    assert bucket_cap(25.0, 80 * mib, 8) == 10 * mib                 # the min_buckets cut
+    assert bucket_cap(25.0, 336 * 1024, 8) == int(MIN_BUCKET_MB * mib)  # a small model: the floor
+    assert bucket_cap(0.5, 336 * 1024, 8) == mib // 2                # the user's cap wins
+    assert bucket_cap(25.0, 80 * mib, 1) == 25 * mib
+    assert bucket_cap(0.0, 80 * mib, 8) == 0                         # one bucket per parameter
+
 
 
 @pytest.mark.mpi(min_size=2)
