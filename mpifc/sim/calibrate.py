@@ -234,6 +234,17 @@ def _compute_rates(comm, quick: bool) -> dict:
         ew.append(_median_time(lambda: np.add(x, y, out=z), reps, max(1, (1 << 20) // n), comm))
     local += ew
 
+    # the layers' own element-wise kernels: the ReLU forward + backward pair, which the
+    # workload prices as relu_fwd + relu_bwd passes in 3 calls (maximum, compare, multiply)
+    from mpifc.nn.functional import relu_backward, relu_forward
+    kern = []
+    for n in (4,) + ELEMENTWISE_ELEMS:
+        x = rng.standard_normal(n, dtype=np.float32)
+        dy = np.ones_like(x)
+        kern.append(_median_time(lambda: relu_backward(dy, relu_forward(x)[1]), reps,
+                                 max(1, (1 << 20) // n), comm))
+    local += kern
+
     # strided passes over a 4-d (N, C, H, W) view, 16384 rows of 4 elements: (a) every
     # other row and column (a pooling window), (b) the first 4 of 8 columns (an im2col
     # offset); less the same bytes at the element-wise curve's rate
@@ -275,6 +286,8 @@ def _compute_rates(comm, quick: bool) -> dict:
     t_tiny = worst[k]                            # the kernel on 4 elements: its own call cost
     ew_t = worst[k + 1:k + 1 + len(ELEMENTWISE_ELEMS)]
     k += 1 + len(ELEMENTWISE_ELEMS)
+    kern_t = worst[k:k + 1 + len(ELEMENTWISE_ELEMS)]
+    k += 1 + len(ELEMENTWISE_ELEMS)
     s_pool, s_col = worst[k:k + 2]
     k += 2
     ng, nc = len(gemm), len(conv)
@@ -288,6 +301,12 @@ def _compute_rates(comm, quick: bool) -> dict:
     ew_t = lower_envelope(ew_t)
     elementwise_curve = [(12.0 * n, 12.0 * n / max(t - t_tiny, 0.1 * t) / 1e9)
                          for n, t in zip(ELEMENTWISE_ELEMS, ew_t)]
+    # the ReLU pair the same way, its bytes as the workload counts them (3 calls)
+    from mpifc.sim.workload import _PASSES
+    per_elem = (_PASSES["relu_fwd"] + _PASSES["relu_bwd"]) * 4
+    kern_tiny, kern_t = kern_t[0], lower_envelope(kern_t[1:])
+    kernel_curve = [(per_elem * n / 3, per_elem * n / max(t - kern_tiny, 0.1 * t) / 1e9)
+                    for n, t in zip(ELEMENTWISE_ELEMS, kern_t)]
     moved = 3.0 * 4 * rows_n * 4                 # bytes of one strided add
     rates = ComputeRates(elementwise_curve=elementwise_curve)
     flat = t_tiny + moved / (rates.elementwise_rate(moved) * 1e9)
@@ -297,6 +316,7 @@ def _compute_rates(comm, quick: bool) -> dict:
         "conv_curve": [(f, f / t / 1e9) for (f, _), t in zip(conv, c_t)] or None,
         "elementwise_gbps": elementwise_curve[-1][1],
         "elementwise_curve": elementwise_curve,
+        "kernel_curve": kernel_curve,
         "reduction_Bps": big.nbytes / t_red,                  # bytes of one operand
         "call_s": call_s,
         "row_s": row_s,
@@ -394,7 +414,8 @@ def calibrate(out: str | os.PathLike | None = None, *, quick: bool = False,
         rates = comm.bcast_obj(rates if comm.rank == 0 else None)
         say(f"GEMM {rates['gemm_curve'][-1][1]:.1f} GFLOP/s, conv {rates['conv_curve'][-1][1]:.1f} "
             f"GFLOP/s, elementwise {rates['elementwise_gbps']:.2f} GB/s "
-            f"({rates['elementwise_curve'][0][1]:.2f} GB/s at {rates['elementwise_curve'][0][0]:.0f} B), "
+            f"({rates['elementwise_curve'][0][1]:.2f} GB/s at {rates['elementwise_curve'][0][0]:.0f} B; "
+            f"layer kernels {rates['kernel_curve'][-1][1]:.2f} GB/s), "
             f"sum {rates['reduction_Bps'] / 1e9:.2f} GB/s, call {rates['call_s'] * 1e6:.2f} us, "
             f"strided row {rates['row_s'] * 1e9:.1f} ns")
         # rank 0's clock for the note: a time that rounds differently per rank would
@@ -411,6 +432,7 @@ def calibrate(out: str | os.PathLike | None = None, *, quick: bool = False,
                              elementwise_gbps=rates["elementwise_gbps"],
                              gemm_curve=rates["gemm_curve"], conv_curve=rates["conv_curve"],
                              elementwise_curve=rates["elementwise_curve"],
+                             kernel_curve=rates["kernel_curve"],
                              call_s=rates["call_s"], row_s=rates["row_s"]),
         thresholds=Thresholds(), measured=measured,
         hosts=[(h, c) for h, c in zip(hosts, counts)],

@@ -123,6 +123,12 @@ class ComputeRates:
     element-wise kernel, net of the per-call cost: small arrays live in the caches and
     stream faster than ``elementwise_gbps``. Used for a phase that says how many calls
     it makes (its bytes / calls is the size of one call), interpolated in log(bytes).
+    kernel_curve (optional): the same for the layers' own element-wise kernels, measured
+    on the ReLU forward + backward pair (np.maximum, a comparison, a multiply by a bool
+    mask) and priced with the workload's pass counts: these run at under half the rate
+    of a plain add on cached arrays. Used for element-wise phases of the layers (forward,
+    backward, loss); the streaming updates (zero_grad, optimizer, clipping: phases marked
+    ``stream``) keep ``elementwise_curve``.
     call_s: seconds of one NumPy / Python call beyond its bytes or FLOPs (argument
     parsing, dispatch, allocation): a phase of ``calls`` calls pays ``calls * call_s``.
     row_s: seconds per innermost row of a strided pass (NumPy's iterator restarts its
@@ -136,6 +142,7 @@ class ComputeRates:
     gemm_curve: list[tuple[float, float]] = field(default_factory=list)
     conv_curve: list[tuple[float, float]] = field(default_factory=list)
     elementwise_curve: list[tuple[float, float]] = field(default_factory=list)
+    kernel_curve: list[tuple[float, float]] = field(default_factory=list)
     call_s: float = 0.0
     row_s: float = 0.0
 
@@ -147,7 +154,7 @@ class ComputeRates:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"compute {name} must be >= 0")
             setattr(self, name, float(getattr(self, name)))
-        for name in ("gemm_curve", "conv_curve", "elementwise_curve"):
+        for name in ("gemm_curve", "conv_curve", "elementwise_curve", "kernel_curve"):
             pts = sorted((float(f), float(r)) for f, r in getattr(self, name))
             if any(f <= 0 or r <= 0 for f, r in pts):
                 raise ValueError(f"{name}: sizes and rates must be > 0")
@@ -166,13 +173,15 @@ class ComputeRates:
         return self._rate(self.elementwise_curve, self.elementwise_gbps, bytes_per_call)
 
     def seconds(self, op_kind: str, flops: float = 0.0, nbytes: float = 0.0,
-                calls: float = 0.0, rows: float = 0.0) -> float:
+                calls: float = 0.0, rows: float = 0.0, stream: bool = True) -> float:
         """Time of one compute phase.
 
         gemm / conv:  calls * call_s + flops / rate(flops)
         elementwise:  calls * call_s + rows * row_s + bytes / rate(bytes / calls)
-        A phase without calls uses the streaming rate ``elementwise_gbps`` (the size
-        of one call is unknown) and pays no per-call cost, as before these terms.
+        where rate is ``kernel_curve`` for a layer kernel (``stream`` False) when the
+        cluster has one, else ``elementwise_curve``. A phase without calls uses the
+        streaming rate ``elementwise_gbps`` (the size of one call is unknown) and pays
+        no per-call cost, as before these terms.
         """
         over = calls * self.call_s
         if op_kind == "gemm":
@@ -180,7 +189,12 @@ class ComputeRates:
         if op_kind == "conv":
             return over + flops / (self._rate(self.conv_curve, self.conv_gflops, flops) * 1e9)
         if op_kind == "elementwise":
-            rate = self.elementwise_rate(nbytes / calls) if calls > 0 else self.elementwise_gbps
+            if calls <= 0:
+                rate = self.elementwise_gbps
+            elif not stream and self.kernel_curve:
+                rate = self._rate(self.kernel_curve, self.elementwise_gbps, nbytes / calls)
+            else:
+                rate = self.elementwise_rate(nbytes / calls)
             return over + rows * self.row_s + nbytes / (rate * 1e9)
         raise ValueError(f"unknown compute op_kind {op_kind!r}; expected gemm, conv or elementwise")
 

@@ -136,6 +136,7 @@ def share_cores(cluster, cores_per_node: int):
                    gemm_curve=[(x, r * f) for x, r in c.gemm_curve],
                    conv_curve=[(x, r * f) for x, r in c.conv_curve],
                    elementwise_curve=[(x, r * f) for x, r in c.elementwise_curve],
+                   kernel_curve=[(x, r * f) for x, r in c.kernel_curve],
                    call_s=c.call_s / f, row_s=c.row_s / f)
     note = (f"{rpn} ranks share {cores_per_node} cores per node: compute rates x "
             f"{cores_per_node}/{rpn} (mpifc simulate --cores-per-node)")

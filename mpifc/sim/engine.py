@@ -57,6 +57,9 @@ class Phase:
                  cluster's ``call_s``; for element-wise work bytes / calls is the size
                  of one call, which picks the rate on ``elementwise_curve``)
     rows         compute: innermost rows of its strided passes (each costs ``row_s``)
+    stream       compute: an in-place streaming update (zero_grad, optimizer, clipping),
+                 priced on ``elementwise_curve``; False: a layer kernel, priced on the
+                 cluster's ``kernel_curve`` where it has one
     """
 
     kind: str
@@ -71,6 +74,7 @@ class Phase:
     repeat: int = 1
     calls: float = 0.0
     rows: float = 0.0
+    stream: bool = False
 
     def __post_init__(self):
         where = f"phase {self.label!r}"
@@ -252,7 +256,7 @@ def simulate(workload: Workload, cluster: Cluster, dp: int | None = None,
             waited_for_optimizer = True
         if ph.kind == "compute":
             d = cluster.compute.seconds(ph.op_kind, ph.flops, ph.bytes, ph.calls,
-                                        ph.rows) * ph.repeat
+                                        ph.rows, ph.stream) * ph.repeat
             compute_by_kind[ph.op_kind] += d
             times.append(PhaseTime(ph.label, "compute", ph.op_kind, "self", d, ph.op_kind,
                                    main, False))

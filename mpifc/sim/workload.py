@@ -329,9 +329,9 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
         return Phase("compute", label, flops=float(flops), op_kind=kind, stage=stage,
                      calls=float(calls))
 
-    def elem(label, nbytes, stage, calls=1, rows=0):
+    def elem(label, nbytes, stage, calls=1, rows=0, stream=False):
         return Phase("compute", label, bytes=float(nbytes), op_kind="elementwise", stage=stage,
-                     calls=float(calls), rows=float(rows))
+                     calls=float(calls), rows=float(rows), stream=stream)
 
     def elem3(label, cost, stage):
         return elem(label, cost[0], stage, cost[1], cost[2])
@@ -719,15 +719,16 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
     n_tensors = len(param_sizes)
     if o.get("clip_norm"):
         # per tensor: reshape, dot, float ; then every gradient *= coef (when clipped)
-        opt_ph.append(elem("clip.norm", params * s, "optimizer", 3 * n_tensors))
+        opt_ph.append(elem("clip.norm", params * s, "optimizer", 3 * n_tensors, stream=True))
         if tp > 1:
             c, ph = comm("clip.norm", "allreduce", 1, "tp", "optimizer", itemsize=8)
             clip_cc.append(c); opt_ph.append(ph)
-        opt_ph.append(elem("clip.scale", 2 * params * s, "optimizer", n_tensors))
+        opt_ph.append(elem("clip.scale", 2 * params * s, "optimizer", n_tensors, stream=True))
     passes, per_tensor, slots = optimizer_cost(o)
     opt_ph.append(elem("optimizer.step", 0, "optimizer", 1))
     for k, n in enumerate(param_sizes):
-        opt_ph.append(elem(f"optimizer.step.{k}", passes * n * s, "optimizer", per_tensor))
+        opt_ph.append(elem(f"optimizer.step.{k}", passes * n * s, "optimizer", per_tensor,
+                           stream=True))
 
     # ---- the trainer around the step: data in scatter mode, the finite-loss check ----
     data_cc: list[Collective] = []
@@ -745,7 +746,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
 
     # the trainer's step around the layers (zero_grad of every bucket buffer, the calls
     # into forward, loss, backward, synchronize, step and the finite-loss check)
-    step_ph = [elem("step.zero_grad", params * s, "forward", len(groups)),
+    step_ph = [elem("step.zero_grad", params * s, "forward", len(groups), stream=True),
                elem("step.calls", 0, "forward", _CALLS["step"])]
     phases = data_ph + step_ph + fwd_ph + loss_ph + bwd_ph + dp_ph + opt_ph
     # trace order: a non-blocking bucket is recorded at its wait, after the backward

@@ -30,6 +30,7 @@ def _check_common(c, comm):
     assert 1e-8 < c.compute.call_s < 1e-3 and c.compute.row_s >= 0
     assert len(c.compute.elementwise_curve) >= 4
     assert c.compute.elementwise_curve[-1][1] == c.compute.elementwise_gbps
+    assert len(c.compute.kernel_curve) == len(c.compute.elementwise_curve)  # the ReLU pair
     assert "calibration took" in c.notes
     # every rank got the same description
     assert all(t == c.to_toml() for t in comm.allgather_obj(c.to_toml()))

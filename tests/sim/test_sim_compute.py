@@ -39,6 +39,24 @@ def test_call_row_and_curve_terms_by_hand():
         ComputeRates(elementwise_curve=[(0.0, 1.0)])
 
 
+def test_layer_kernels_use_the_kernel_curve():
+    r = _rates(kernel_curve=[(1e3, 1.0), (1e5, 4.0)])
+    # a layer kernel (stream=False): 1e4 B per call is halfway in log -> 2.5 GB/s
+    assert r.seconds("elementwise", nbytes=1e6, calls=100, stream=False) == pytest.approx(
+        1e6 / 2.5e9 + 100e-6)
+    # a streaming update keeps the element-wise curve (5 GB/s there)
+    assert r.seconds("elementwise", nbytes=1e6, calls=100, stream=True) == pytest.approx(
+        1e6 / 5e9 + 100e-6)
+    # no kernel curve: layer kernels fall back to the element-wise curve
+    assert _rates().seconds("elementwise", nbytes=1e6, calls=100, stream=False) == pytest.approx(
+        1e6 / 5e9 + 100e-6)
+    # the engine passes the phase's flag; the workload marks only updates as streaming
+    w = describe_step(load_config("digits-mlp"), 1, 1, global_batch=64).workload
+    streams = {ph.label.split(".")[0] for ph in w.phases if ph.kind == "compute" and ph.stream}
+    assert streams == {"step", "optimizer"}
+    assert any(ph.op_kind == "elementwise" and not ph.stream for ph in w.phases)
+
+
 def _cluster(rates, rpn=2):
     return Cluster(name="hand", nodes=1, ranks_per_node=rpn,
                    intra=LinkModel.constant(0.0, 1e9), inter=LinkModel.constant(0.0, 1e9),
@@ -62,9 +80,12 @@ def test_engine_prices_calls_and_rows():
 def test_toml_round_trip_and_shared_cores():
     c = _cluster(_rates(), rpn=4)
     assert loads(c.to_toml()) == c
+    k = _cluster(_rates(kernel_curve=[(1e3, 0.5), (1e5, 2.0)]))
+    assert loads(k.to_toml()) == k
     s = share_cores(c, 2)                          # 4 ranks on 2 cores: half a core each
     assert s.compute.call_s == pytest.approx(2e-6) and s.compute.row_s == pytest.approx(2e-8)
     assert s.compute.elementwise_curve == [(1e3, 1.0), (1e5, 4.0)]
+    assert share_cores(k, 1).compute.kernel_curve == [(1e3, 0.25), (1e5, 1.0)]
 
 
 def test_im2col_and_col2im_costs_by_hand():
