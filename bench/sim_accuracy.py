@@ -240,9 +240,11 @@ def main() -> None:
 
     abs_all = [abs(e) for e in step_err]
     inside = [abs(err(rep.step_s, m["step"])) for m, rep, _ in points if m["N"] <= cores]
+    within = (f"median {statistics.median(inside):.1f} %, worst {max(inside):.1f} %" if inside
+              else "no such point measured")
     print(f"\nstep time |error|: median {statistics.median(abs_all):.1f} %, worst "
           f"{max(abs_all):.1f} % over all {len(abs_all)} points; within the cores "
-          f"(N <= {cores}): median {statistics.median(inside):.1f} %, worst {max(inside):.1f} %")
+          f"(N <= {cores}): {within}")
     print("layout ranking by step time (measured | predicted), per model and N:")
     ok_all = True
     for name in MODELS:
