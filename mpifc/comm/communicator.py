@@ -246,7 +246,8 @@ class Communicator:
         """Element-wise reduction over all ranks; ``out=x`` reduces in place.
 
         op: "sum", "max", "min", "prod", or "mean" (sum then divide by size)."""
-        if type(x) is _ndarray and self._fast and (type(out) is _ndarray or out is None):
+        if (type(x) is _ndarray and self._fast and op in _HOT_OPS
+                and (type(out) is _ndarray or out is None)):
             # hot path (host buffers, no debug check): the steps below, inlined, so that a
             # traced call costs a few hundred nanoseconds more than the raw mpi4py call
             t0 = _perf()
@@ -261,14 +262,11 @@ class Communicator:
                 _check_contiguous(x, "allreduce")
                 _check_contiguous(out, "allreduce")
                 raise
-            except KeyError:           # "mean" or a bad name: the general path says which
-                pass
-            else:
-                tr = self.tracer
-                if tr.enabled:         # Tracer.record, inlined
-                    tr._events.append(("allreduce", self._ident, x.dtype, x.size, None,
-                                       t0, _perf(), tr._phases[-1]))
-                return out
+            tr = self.tracer
+            if tr.enabled:             # Tracer.record, inlined
+                tr._events.append(("allreduce", self._ident, x.dtype, x.size, None,
+                                   t0, _perf(), tr._phases[-1]))
+            return out
         _check_contiguous(x, "allreduce")
         self._check("allreduce", x.dtype, -1, x.size)
         t0 = _perf()
@@ -316,7 +314,8 @@ class Communicator:
 
         counts: rows per rank (uneven: Allgatherv); None means x.shape[0] everywhere.
         Adjoint: ``reduce_scatter`` with the same counts."""
-        if counts is None and type(x) is _ndarray and self._fast and (type(out) is _ndarray or out is None):
+        if (counts is None and type(x) is _ndarray and self._fast
+                and (type(out) is _ndarray or out is None)):
             # hot path: host buffers, equal blocks, no debug check (steps of the general path)
             t0 = _perf()
             if out is None:
