@@ -133,9 +133,10 @@ def maxpool_cost(N, C, H, W, R, S, sh, sw, pads, Ho, Wo, s):
 
     Forward, per output element: the first offset copies the window (a strided read);
     each further offset compares (v > y), stores the offset where better (1-byte mask
-    and index) and takes the maximum; v is a strided view (rows of Wo). Backward: zero
-    dx, then per offset idx == k, where(mask, dy, 0) and a strided store (+= when
-    windows overlap); a padded input is cropped with a copy.
+    and index, putmask) and takes the maximum; v is a strided view (rows of Wo).
+    Backward: zero dx, then per offset idx == k and dy * mask multiplied straight into
+    the strided window (or into a temporary then += when windows overlap); a padded
+    input is cropped with a copy.
     """
     out, n_in = N * C * Ho * Wo, N * C * H * W
     rows = N * C * Ho
@@ -145,12 +146,14 @@ def maxpool_cost(N, C, H, W, R, S, sh, sw, pads, Ho, Wo, s):
     fwd = (pb + out * idx + 2.0 * out * s + (k - 1) * out * (5.0 * s + 3),
            pc + 4 + 2 * k + 3 * (k - 1), pr + rows * (1 + 2 * (k - 1)))
     overlap = sh < R or sw < S
-    store = 3 if overlap else 2
+    # idx == k (read idx, write the mask), then dy * mask: into the window (read dy and
+    # the mask, write dx) or, overlapping, into a temporary that += adds (3 s more)
+    per_out = idx + 2 + (5 * s if overlap else 2 * s)
     (t, b), (l, r) = pads
     padded = bool(t or b or l or r)
     Hp, Wp = H + t + b, W + l + r
-    bwd = (N * C * Hp * Wp * s + k * out * (2.0 * idx + 1 + 2 * s + store * s)
-           + (2.0 * n_in * s if padded else 0), 3 + 4 * k + (1 if padded else 0),
+    bwd = (N * C * Hp * Wp * s + k * out * per_out
+           + (2.0 * n_in * s if padded else 0), 3 + (4 if overlap else 3) * k + (1 if padded else 0),
            k * rows + (N * C * H if padded else 0))
     return fwd, bwd
 
