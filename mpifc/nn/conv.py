@@ -9,6 +9,16 @@ from mpifc.nn._common import place, resolve_dtype, resolve_xp
 from mpifc.nn.module import Module, Parameter
 
 
+def conv_param_backward(dy, cache, weight, bias, need_dx):
+    """``F.conv2d_backward`` with dW (and db) added to ``weight`` (and ``bias``): the
+    gradient step every convolution layer shares. Returns dx (None without ``need_dx``)."""
+    dx, dW, db = F.conv2d_backward(dy, cache, need_dx=need_dx, need_db=bias is not None)
+    weight.add_grad(dW)
+    if bias is not None:
+        bias.add_grad(db)
+    return dx
+
+
 class Conv2d(Module):
     """Convolution (cross-correlation) via im2col + one GEMM, forward and backward.
 
@@ -55,11 +65,7 @@ class Conv2d(Module):
 
     def backward(self, dy):
         """dy : (N, K, Ho, Wo) -> dx : (N, C, H, W) (None when ``input_grad`` is False)."""
-        dx, dW, db = F.conv2d_backward(dy, self._cache, need_dx=self.input_grad,
-                                       need_db=self.bias is not None)
-        self.weight.add_grad(dW)
-        if self.bias is not None:
-            self.bias.add_grad(db)
+        dx = conv_param_backward(dy, self._cache, self.weight, self.bias, self.input_grad)
         self._cache = None
         return dx
 

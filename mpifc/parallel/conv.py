@@ -23,6 +23,7 @@ import numpy as np
 from mpifc.nn import functional as F
 from mpifc.nn import init as I
 from mpifc.nn._common import place, resolve_dtype, resolve_xp
+from mpifc.nn.conv import conv_param_backward
 from mpifc.nn.module import Parameter, Sharding
 from mpifc.parallel.base import ParallelModule, allgather_axis1, take_axis
 from mpifc.parallel.describe import conv_flops
@@ -128,11 +129,7 @@ class OutChannelParallelConv2d(_ConvGeometry):
         if self.gather_output:
             # adjoint of the allgather: dy is replicated, keep my block of channels
             dy = take_axis(dy, 1, self.K_off, self.K_off + self.K_r)
-        dx, dW, db = F.conv2d_backward(dy, self._cache, need_dx=self.input_grad,
-                                       need_db=self.bias is not None)
-        self.weight.add_grad(dW)
-        if self.bias is not None:
-            self.bias.add_grad(db)
+        dx = conv_param_backward(dy, self._cache, self.weight, self.bias, self.input_grad)
         self._cache = None
         if dx is not None:
             # every rank's dx comes from its own filters: sum them
@@ -250,11 +247,7 @@ class InChannelParallelConv2d(_ConvGeometry):
     def backward(self, dy):
         """dy : (N, K, Ho, Wo) replicated -> dx : (N, C_r, H, W), or (N, C, H, W) if not sharded."""
         # db from dy (replicated, so the same on every rank); the forward conv had no bias
-        dx, dW, db = F.conv2d_backward(dy, self._cache, need_dx=self.input_grad,
-                                       need_db=self.bias is not None)
-        self.weight.add_grad(dW)
-        if self.bias is not None:
-            self.bias.add_grad(db)
+        dx = conv_param_backward(dy, self._cache, self.weight, self.bias, self.input_grad)
         self._cache = None
         if dx is not None and not self.input_is_sharded:
             with self.phase("backward"):
