@@ -8,9 +8,13 @@ prints its traceback prefixed with its rank and calls ``MPI_Abort``, which makes
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 
 from mpi4py import MPI
+
+#: seconds between printing the failure and MPI_Abort (output forwarding)
+ABORT_GRACE_S = 0.3
 
 
 def _hook(exc_type, exc, tb):
@@ -25,6 +29,10 @@ def _hook(exc_type, exc, tb):
                      "aborting the job\n")
     sys.stderr.flush()
     sys.stdout.flush()
+    # MPI_Abort tears the job down at once; output still in the launcher's pipes can be
+    # lost with it (MPICH's hydra dropped both ranks' messages in about 1 run of 6 when
+    # two ranks failed together). Give the launcher a moment to forward this message.
+    time.sleep(ABORT_GRACE_S)
     MPI.COMM_WORLD.Abort(1)
 
 
