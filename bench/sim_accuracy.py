@@ -2,16 +2,17 @@
 
     python bench/sim_accuracy.py [--ranks 1,2,3,4] [--steps 15] [--out DIR]
 
-For each rank count N it launches one ``mpiexec -n N`` job that
-  1. calibrates this machine with N ranks (``mpifc calibrate --quick``), and
-  2. runs real training steps of the digits MLP and the digits classifier (the
-     digits-mlp and digits-cnn presets, built with mpifc.models.build_model and
-     DataParallel, global batch 64 of random digits-shaped data) under every
-     dp x tp layout of N ranks: DP (N x 1), TP (1 x N) and DP x TP where N allows;
-     3 warm-up steps, then 30 timed steps in 5 blocks, the layouts taking turns
-     block by block (a burst of load from elsewhere hits them alike); per step the
-     time of the slowest rank and the time blocked in each kind of message (trace
-     events; the data-parallel wait from DataParallel); medians over the steps.
+For each rank count N it launches one ``mpiexec -n N`` job that runs real training
+steps of the digits MLP and the digits classifier (the digits-mlp and digits-cnn
+presets, built with mpifc.models.build_model and DataParallel, global batch 64 of
+random digits-shaped data) under every dp x tp layout of N ranks: DP (N x 1), TP
+(1 x N) and DP x TP where N allows; 3 warm-up steps, then 30 timed steps in 5 blocks,
+the layouts taking turns block by block, and before each block one quick calibration
+round of this machine with the N ranks (``mpifc calibrate --quick``); the cluster is
+the median of the rounds (mpifc.sim.cluster.median_of). So a burst of load from
+elsewhere hits the layouts and the calibration alike instead of one of them. Per step
+the time of the slowest rank and the time blocked in each kind of message (trace
+events; the data-parallel wait from DataParallel); medians over the steps.
 Then it predicts every point with the analytic workload (mpifc.sim.workload) on the
 cluster calibrated with the same N and prints predicted vs measured step, compute and
 exposed communication with their errors, the median |error| and the worst of the
@@ -61,11 +62,11 @@ def worker(out_dir: str, steps: int, warmup: int, blocks: int) -> None:
     from mpifc.models import build_model
     from mpifc.parallel import DataParallel
     from mpifc.sim.calibrate import calibrate
+    from mpifc.sim.cluster import median_of
     from mpifc.train import _agree_finite, build_optimizer
 
     comm = world()
     N = comm.size
-    calibrate(os.path.join(out_dir, f"cluster-{N}.toml"), quick=True)
     grids = {(dp, tp): Grid(comm, dp, tp) for dp, tp in layouts(N)}
     setups = []
     for name in MODELS:
@@ -120,13 +121,19 @@ def worker(out_dir: str, steps: int, warmup: int, blocks: int) -> None:
 
     for st in setups:
         run(st, warmup, False)
-    # the layouts take turns, block by block: a burst of load from elsewhere hits
-    # them all alike instead of one of them
+    # the layouts take turns, block by block, and a calibration round runs before each
+    # block: a burst of load from elsewhere hits the measured steps and the calibration
+    # alike, instead of one of them (the cluster is the median of the rounds)
     per_block = max(steps // blocks, 1)
+    rounds = []
     for _ in range(blocks):
+        rounds.append(calibrate(None, quick=True))
         for st in setups:
             run(st, per_block, True)
     trace.reset()
+    cluster = median_of(rounds)
+    if comm.rank == 0:
+        cluster.save(os.path.join(out_dir, f"cluster-{N}.toml"))
 
     results = []
     for st in setups:

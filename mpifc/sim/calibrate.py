@@ -14,6 +14,9 @@ are those of the same uppercase mpi4py buffer calls the trainer makes):
     reduce, alltoall) over message sizes and group sizes 2..P, each group being the
     first g world ranks (a sub-communicator) -> MeasuredTable entries, which the cost
     model prefers to its closed forms, so the library's real switch points are used;
+  * with 2 or more ranks, the overlap efficiency: how much of a 1 MiB iallreduce
+    (or max_bytes if smaller) hides behind compute when posted the way DataParallel
+    posts a gradient bucket (:func:`_overlap_efficiency`);
   * local rates on every rank at once (as in training): float32 GEMM at a few sizes,
     convolution through mpifc.nn.functional.conv2d_forward (im2col + GEMM) when that
     module is present, else the GEMM rate stands in for conv (said in the notes),
@@ -35,7 +38,7 @@ import numpy as np
 
 from mpifc.comm import processor_name, trace, world
 from mpifc.sim.cluster import (Cluster, ComputeRates, LinkModel, MeasuredTable, Thresholds,
-                               preset)
+                               median_of, preset)
 
 _perf = time.perf_counter
 
@@ -166,6 +169,58 @@ def _measure_group(g, op: str, sizes, trials: int, quick: bool):
         local.append(row)
     worst = g.allreduce(np.asarray(local, dtype=np.float64), op="max")
     return actual, lower_envelope(float(np.median(r)) for r in worst)
+
+
+# ---------------------------------------------------------------------------- overlap
+def _overlap_efficiency(comm, nbytes: int, trials: int) -> float:
+    """Share of a non-blocking allreduce's time hidden behind compute (0..1).
+
+    As DataParallel runs a bucket: post the iallreduce, compute for twice its blocking
+    time in 4 chunks with an MPI_Test between them (its "poll" progress), then wait.
+    hidden = (compute alone + blocking allreduce - that whole sequence) / blocking
+    allreduce, each the slowest rank's time and the median over trials. The compute is
+    a fixed count of small GEMMs (fine-grained, so no chunk overshoots its share)."""
+    x = np.ones(max(nbytes // 4, 1), dtype=np.float32)
+    a = np.ones((32, 32), dtype=np.float32)
+
+    def timed(fn):
+        out = []
+        for _ in range(trials):
+            comm.barrier()
+            t0 = _perf()
+            fn()
+            out.append(_perf() - t0)
+        return out
+
+    t_block = timed(lambda: comm.allreduce(x, out=x))
+    t0 = _perf()
+    for _ in range(50):
+        a @ a
+    per_gemm = max((_perf() - t0) / 50, 1e-8)
+    blk = float(np.median(comm.allreduce(np.asarray(t_block), op="max")))
+    n = max(int(2 * blk / 4 / per_gemm), 1)
+    n = int(comm.allreduce(np.array([n]), op="max")[0])      # the same work on every rank
+
+    def work():
+        for _ in range(n):
+            a @ a
+
+    def chunks(req=None):
+        for _ in range(4):
+            work()
+            if req is not None:
+                req.test()
+
+    def overlapped():
+        req = comm.iallreduce(x, out=x)
+        chunks(req)
+        req.wait()
+
+    t_comp = timed(chunks)
+    t_both = timed(overlapped)
+    worst = comm.allreduce(np.asarray([t_block, t_comp, t_both]), op="max")
+    blk, comp, both = (float(np.median(r)) for r in worst)
+    return min(max((comp + blk - both) / blk, 0.0), 1.0)
 
 
 # ---------------------------------------------------------------------------- compute
@@ -331,7 +386,7 @@ def _compute_rates(comm, quick: bool) -> dict:
 # ---------------------------------------------------------------------------- driver
 def calibrate(out: str | os.PathLike | None = None, *, quick: bool = False,
               max_bytes: int | None = None, ops=COLLECTIVES, inter_preset: str | None = None,
-              name: str | None = None, log=None) -> Cluster:
+              name: str | None = None, rounds: int = 1, log=None) -> Cluster:
     """Measure this job's machines; every rank calls it and gets the same Cluster.
 
     out           TOML path written by rank 0 (None: do not write)
@@ -341,10 +396,35 @@ def calibrate(out: str | os.PathLike | None = None, *, quick: bool = False,
     inter_preset  when the job runs on one node, the inter-node link is taken from this
                   network preset (default: a copy of the measured intra-node link,
                   which says nothing about a network; the notes say so)
+    rounds        measure everything this many times, one round after the other, and
+                  keep the median of each figure (:func:`mpifc.sim.cluster.median_of`):
+                  steadier where other work comes and goes (shared or virtual machines)
     log           callable(str) for progress lines (rank 0 only), e.g. print
     """
+    if rounds < 1:
+        raise ValueError(f"calibrate: rounds must be >= 1 (got {rounds})")
     comm = world()
     say = (log if (log is not None and comm.rank == 0) else (lambda s: None))
+    t_start = _perf()
+    got = []
+    for k in range(rounds):
+        if rounds > 1:
+            say(f"round {k + 1} of {rounds}")
+        got.append(_calibrate_once(comm, quick, max_bytes, ops, inter_preset, name, say))
+    cluster = median_of(got) if rounds > 1 else got[0]
+    # rank 0's clock for the note: a time that rounds differently per rank would
+    # make the ranks' descriptions differ
+    elapsed = comm.bcast_obj(_perf() - t_start if comm.rank == 0 else None)
+    cluster.notes += (f"\ncalibration took {elapsed:.1f} s" + (" (quick mode)" if quick else "")
+                      + (f"; the median of {rounds} rounds" if rounds > 1 else ""))
+    if out is not None and comm.rank == 0:
+        cluster.save(out)
+    comm.barrier()
+    return cluster
+
+
+def _calibrate_once(comm, quick, max_bytes, ops, inter_preset, name, say) -> Cluster:
+    """One round of every measurement (see :func:`calibrate`), on every rank."""
     t_start = _perf()
     with trace.disabled():
         node_of, hosts = _node_layout(comm)
@@ -408,6 +488,17 @@ def calibrate(out: str | os.PathLike | None = None, *, quick: bool = False,
             comm.barrier()
             say(f"collectives on {g_size} ranks measured ({_perf() - t_start:.1f}s)")
         measured = comm.bcast_obj(measured if comm.rank == 0 else None)
+        if P > 1:
+            ov_bytes = min(1 << 20, max_bytes)
+            # every rank computes the same figure (medians of the slowest rank's times)
+            overlap = _overlap_efficiency(comm, ov_bytes, trials * 3)
+            notes.append(f"overlap efficiency {overlap:.2f}: the share of a {ov_bytes} B "
+                         "iallreduce hidden behind compute (posted, then 4 compute chunks "
+                         "with an MPI_Test between them, then wait)")
+            say(f"overlap efficiency {overlap:.2f} ({ov_bytes} B iallreduce)")
+        else:
+            overlap = 1.0
+            notes.append("one rank: overlap efficiency not measured (1.0, nothing to overlap)")
 
         # local rates
         rates = _compute_rates(comm, quick)
@@ -423,11 +514,6 @@ def calibrate(out: str | os.PathLike | None = None, *, quick: bool = False,
             f"layer kernels {rates['kernel_curve'][-1][1]:.2f} GB/s), "
             f"sum {rates['reduction_Bps'] / 1e9:.2f} GB/s, call {rates['call_s'] * 1e6:.2f} us, "
             f"strided row {rates['row_s'] * 1e9:.1f} ns")
-        # rank 0's clock for the note: a time that rounds differently per rank would
-        # make the ranks' descriptions differ
-        elapsed = comm.bcast_obj(_perf() - t_start if comm.rank == 0 else None)
-
-    notes.append(f"calibration took {elapsed:.1f} s" + (" (quick mode)" if quick else ""))
     cluster = Cluster(
         name=name or (hosts[0] if len(hosts) == 1 else f"{hosts[0]}+{len(hosts) - 1}"),
         nodes=len(hosts), ranks_per_node=rpn, intra=intra_link, inter=inter_link,
@@ -441,8 +527,5 @@ def calibrate(out: str | os.PathLike | None = None, *, quick: bool = False,
                              call_s=rates["call_s"], row_s=rates["row_s"]),
         thresholds=Thresholds(), measured=measured,
         hosts=[(h, c) for h, c in zip(hosts, counts)],
-        source="mpifc calibrate", notes="\n".join(notes))
-    if out is not None and comm.rank == 0:
-        cluster.save(out)
-    comm.barrier()
+        source="mpifc calibrate", notes="\n".join(notes), overlap_efficiency=overlap)
     return cluster

@@ -276,6 +276,12 @@ class Cluster:
     ``reduction_Bps`` is the rate of a local element-wise sum (bytes of one operand
     per second), so gamma = 1 / reduction_Bps. ``memory_per_rank_bytes`` (optional) is
     the default memory cap for the layout planner.
+
+    ``overlap_efficiency`` (0..1) is the share of a non-blocking collective's time that
+    runs while the rank computes. 1: it is all hidden (a NIC or a progress engine moves
+    the data; the default of hand-written clusters and presets). 0: the rank's own core
+    does the work inside its MPI_Test / MPI_Wait calls, so posting early hides nothing
+    (shared-memory MPI on busy cores: what ``mpifc calibrate`` measured on one node here).
     """
 
     name: str
@@ -291,8 +297,13 @@ class Cluster:
     hosts: list[tuple[str, int]] = field(default_factory=list)
     source: str = ""
     notes: str = ""
+    overlap_efficiency: float = 1.0
 
     def __post_init__(self):
+        self.overlap_efficiency = float(self.overlap_efficiency)
+        if not 0.0 <= self.overlap_efficiency <= 1.0:
+            raise ValueError(f"cluster {self.name!r}: overlap_efficiency must be in [0, 1] "
+                             f"(got {self.overlap_efficiency})")
         if self.nodes < 1 or self.ranks_per_node < 1:
             raise ValueError(f"cluster {self.name!r}: nodes and ranks_per_node must be >= 1 "
                              f"(got {self.nodes}, {self.ranks_per_node})")
@@ -324,7 +335,8 @@ class Cluster:
         out += [f"name = {_tq(self.name)}", f"source = {_tq(self.source)}",
                 f"notes = {_tq(self.notes)}",
                 f"nodes = {self.nodes}", f"ranks_per_node = {self.ranks_per_node}",
-                f"reduction_Bps = {_tf(self.reduction_Bps)}"]
+                f"reduction_Bps = {_tf(self.reduction_Bps)}",
+                f"overlap_efficiency = {_tf(self.overlap_efficiency)}"]
         if self.memory_per_rank_bytes is not None:
             out.append(f"memory_per_rank_bytes = {_tf(self.memory_per_rank_bytes)}")
         for key, link in (("intra", self.intra), ("inter", self.inter)):
@@ -365,6 +377,64 @@ class Cluster:
         tmp.replace(path)
 
 
+def median_of(clusters) -> Cluster:
+    """One cluster from several calibrations of the same machine: the median of every
+    measured figure (link latencies and bandwidths, the reduction rate, each point of
+    the compute curves, the per-call and per-row costs, each measured collective time,
+    the overlap efficiency).
+
+    Repeated calibrations spread over time give a figure that one burst of load from
+    elsewhere (a busy neighbour on a shared or virtual machine) cannot move. They must
+    measure the same things (same mode and sizes); names, hosts, thresholds and notes
+    come from the first. For an odd count the median of a rate is the rate of the
+    median time, so it does not matter which of the two is kept.
+    """
+    cs = list(clusters)
+    if not cs:
+        raise ValueError("median_of needs at least one cluster")
+    first = cs[0]
+
+    def same(what, key):
+        vals = [key(c) for c in cs]
+        if any(v != vals[0] for v in vals[1:]):
+            raise ValueError(f"median_of: the calibrations differ in {what} "
+                             f"({vals[0]!r} vs {next(v for v in vals if v != vals[0])!r}); "
+                             "only repeats of the same calibration can be merged")
+
+    def med(xs):
+        return float(np.median(np.asarray(xs, dtype=float)))
+
+    same("layout", lambda c: (c.nodes, c.ranks_per_node))
+    links = {}
+    for key in ("intra", "inter"):
+        same(f"{key} link sizes", lambda c: [b for b, _, _ in getattr(c, key).points])
+        pts = [getattr(c, key).points for c in cs]
+        links[key] = LinkModel([(b, med([p[i][1] for p in pts]), med([p[i][2] for p in pts]))
+                                for i, (b, _, _) in enumerate(pts[0])])
+    rates = {}
+    for f in fields(ComputeRates):
+        v = getattr(first.compute, f.name)
+        if isinstance(v, list):
+            same(f"compute {f.name} sizes", lambda c: [x for x, _ in getattr(c.compute, f.name)])
+            curves = [getattr(c.compute, f.name) for c in cs]
+            rates[f.name] = [(x, med([cv[i][1] for cv in curves])) for i, (x, _) in enumerate(v)]
+        else:
+            rates[f.name] = med([getattr(c.compute, f.name) for c in cs])
+    key_of = lambda t: (t.op, t.group_size, t.nodes, tuple(t.bytes))   # noqa: E731
+    same("measured collective tables", lambda c: [key_of(t) for t in c.measured])
+    measured = [MeasuredTable(t.op, t.group_size, t.nodes, t.bytes,
+                              [med([c.measured[k].seconds[i] for c in cs])
+                               for i in range(len(t.bytes))])
+                for k, t in enumerate(first.measured)]
+    return Cluster(name=first.name, nodes=first.nodes, ranks_per_node=first.ranks_per_node,
+                   intra=links["intra"], inter=links["inter"],
+                   reduction_Bps=med([c.reduction_Bps for c in cs]),
+                   compute=ComputeRates(**rates), thresholds=first.thresholds,
+                   measured=measured, memory_per_rank_bytes=first.memory_per_rank_bytes,
+                   hosts=list(first.hosts), source=first.source, notes=first.notes,
+                   overlap_efficiency=med([c.overlap_efficiency for c in cs]))
+
+
 def _tf(x: float) -> str:
     """A TOML number: integers stay integers, floats use repr (valid TOML, round-trips)."""
     if isinstance(x, bool):
@@ -385,6 +455,7 @@ def _tq(s: str) -> str:
 
 
 _TOP_KEYS = {"name", "source", "notes", "nodes", "ranks_per_node", "reduction_Bps",
+             "overlap_efficiency",
              "memory_per_rank_bytes", "intra", "inter", "compute", "thresholds", "hosts",
              "measured"}
 
@@ -428,6 +499,7 @@ def loads(text: str, *, where: str = "<string>") -> Cluster:
             hosts=[(h["name"], int(h["slots"])) for h in d.get("hosts", [])],
             source=d.get("source", ""),
             notes=d.get("notes", ""),
+            overlap_efficiency=float(d.get("overlap_efficiency", 1.0)),
         )
     except KeyError as e:
         raise ValueError(f"{where}: missing key {e.args[0]!r}") from None

@@ -35,6 +35,9 @@ def add_calibrate(sub) -> None:
                    help="on one node: take the inter-node link from this network preset "
                         "(default: a copy of the measured intra-node link, noted in the file)")
     c.add_argument("--name", default=None, help="cluster name (default: the host name)")
+    c.add_argument("--rounds", type=int, default=1,
+                   help="measure everything this many times and keep the median of each "
+                        "figure: steadier on a shared or virtual machine (default %(default)s)")
     c.set_defaults(func=cmd_calibrate)
 
 
@@ -44,7 +47,8 @@ def cmd_calibrate(args) -> None:
 
     comm = world()
     c = calibrate(args.out, quick=args.quick, max_bytes=args.max_bytes,
-                  inter_preset=args.inter_preset, name=args.name, log=print)
+                  inter_preset=args.inter_preset, name=args.name, rounds=args.rounds,
+                  log=print)
     if comm.rank == 0:
         took = next((l for l in c.notes.splitlines() if l.startswith("calibration took")), "")
         print(f"wrote {args.out}: {c.nodes} node(s) x {c.ranks_per_node} ranks, "

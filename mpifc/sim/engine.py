@@ -15,7 +15,10 @@ Schedule: two streams. Compute and blocking communication run in order on the ma
 stream. An ``overlappable`` communication phase (the data-parallel gradient allreduce
 of a bucket) goes to a second stream: it starts when the main stream has reached it
 and the previous overlappable phase has finished, so it hides behind the backward
-compute that follows it, never more. The first "optimizer" phase, and the end of the
+compute that follows it, never more. Only the cluster's ``overlap_efficiency`` share
+of it goes there: the rest is paid on the main stream where it is posted (a
+shared-memory MPI without a progress engine does the copies and sums on the rank's
+own core, inside MPI_Test / MPI_Wait). The first "optimizer" phase, and the end of the
 step, wait for the second stream. Exposed communication = step time - compute time;
 overlapped = total communication - exposed.
 """
@@ -268,9 +271,18 @@ def simulate(workload: Workload, cluster: Cluster, dp: int | None = None,
         d = c.seconds * ph.repeat
         comm_by_op[ph.op] = comm_by_op.get(ph.op, 0.0) + d
         if ph.overlappable and overlap:
-            start = max(main, side)
-            side = start + d
-            times.append(PhaseTime(ph.label, "comm", ph.op, ph.group, d, c.algorithm, start, True))
+            # the share the machine cannot hide is paid on the main stream (the rank's
+            # core does it inside its MPI calls); the rest runs beside the compute
+            f = cluster.overlap_efficiency
+            if f < 1.0:
+                times.append(PhaseTime(ph.label + ".unhidden", "comm", ph.op, ph.group,
+                                       (1.0 - f) * d, c.algorithm, main, False))
+                main += (1.0 - f) * d
+            if f > 0.0:
+                start = max(main, side)
+                side = start + f * d
+                times.append(PhaseTime(ph.label, "comm", ph.op, ph.group, f * d, c.algorithm,
+                                       start, True))
         else:
             times.append(PhaseTime(ph.label, "comm", ph.op, ph.group, d, c.algorithm, main, False))
             main += d

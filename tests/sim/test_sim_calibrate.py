@@ -38,8 +38,10 @@ def _check_common(c, comm):
 
 @pytest.mark.skipif(world().size != 1, reason="single-rank calibration (plain pytest run)")
 def test_calibrate_single_rank(tmp_path):
-    c = calibrate(tmp_path / "one.toml", quick=True)
+    c = calibrate(tmp_path / "one.toml", quick=True, rounds=2)
     _check_common(c, world())
+    assert "the median of 2 rounds" in c.notes
+    assert c.overlap_efficiency == 1.0 and "overlap efficiency not measured" in c.notes
     assert (c.nodes, c.ranks_per_node, c.measured) == (1, 1, [])
     assert "no link measured" in c.notes
     assert load(tmp_path / "one.toml") == c
@@ -51,6 +53,7 @@ def test_calibrate_quick_multi_rank(tmp_path_factory):
     path = _shared_tmp(comm, tmp_path_factory)
     c = calibrate(path, quick=True)
     _check_common(c, comm)
+    assert 0.0 <= c.overlap_efficiency <= 1.0 and "overlap efficiency" in c.notes
     P = comm.size
     assert sum(s for _, s in c.hosts) == P and c.nodes == len(c.hosts)
     # one table per measured op and group size 2..P, times positive and non-decreasing

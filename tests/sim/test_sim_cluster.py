@@ -3,8 +3,10 @@ import math
 
 import pytest
 
+from dataclasses import replace
+
 from mpifc.sim.cluster import (Cluster, ComputeRates, LinkModel, MeasuredTable, Thresholds,
-                               from_hostfile, load, loads, parse_hostfile, preset,
+                               from_hostfile, load, loads, median_of, parse_hostfile, preset,
                                preset_names)
 
 
@@ -21,7 +23,7 @@ def _cluster():
         measured=[MeasuredTable("allreduce", 2, 1, [8, 1024, 65536], [1e-5, 2e-5, 1e-3]),
                   MeasuredTable("bcast", 4, 2, [8.0, 64.0], [3e-6, 4e-6])],
         memory_per_rank_bytes=2.5e9, hosts=[("n1", 4), ("n2", 4), ("n3", 2)],
-        source="unit test", notes="two lines\nwith a \\ backslash")
+        source="unit test", notes="two lines\nwith a \\ backslash", overlap_efficiency=0.25)
 
 
 def test_toml_round_trip(tmp_path):
@@ -31,6 +33,51 @@ def test_toml_round_trip(tmp_path):
     c.save(path)
     assert load(path) == c
     assert not (tmp_path / "c.toml.tmp").exists()
+
+
+def test_overlap_efficiency_is_a_share():
+    assert "overlap_efficiency = 0.25" in _cluster().to_toml()
+    assert preset(preset_names()[0]).overlap_efficiency == 1.0       # not measured: all hidden
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="overlap_efficiency must be in"):
+            replace(_cluster(), overlap_efficiency=bad)
+
+
+def _scaled(c, k):
+    """c with every measured time multiplied by k (rates divided by k)."""
+    cr = c.compute
+    return replace(
+        c, intra=LinkModel([(b, l * k, bw / k) for b, l, bw in c.intra.points]),
+        inter=LinkModel([(b, l * k, bw / k) for b, l, bw in c.inter.points]),
+        reduction_Bps=c.reduction_Bps / k,
+        compute=replace(cr, gemm_gflops=cr.gemm_gflops / k,
+                        gemm_curve=[(f, r / k) for f, r in cr.gemm_curve], call_s=1e-6 * k),
+        measured=[replace(t, seconds=[x * k for x in t.seconds]) for t in c.measured],
+        overlap_efficiency=min(0.2 * k, 1.0))
+
+
+def test_median_of_takes_each_figure_from_the_middle_round():
+    c = _cluster()
+    m = median_of([_scaled(c, 3.0), _scaled(c, 1.0), _scaled(c, 2.0)])
+    assert m == _scaled(c, 2.0)
+    assert median_of([c]) == c
+    # figures move independently: the median is per figure, not per round
+    a, b = _scaled(c, 1.0), _scaled(c, 2.0)
+    odd = replace(_scaled(c, 3.0), reduction_Bps=c.reduction_Bps * 10)
+    m = median_of([a, b, odd])
+    assert m.reduction_Bps == pytest.approx(c.reduction_Bps)       # 1/2, 1, 10 -> 1
+    assert m.compute.call_s == pytest.approx(2e-6)
+
+
+def test_median_of_refuses_different_calibrations():
+    c = _cluster()
+    other = replace(c, intra=LinkModel([(0, 4e-7, 1e9), (4096, 1.5e-6, 6.5e9)]))
+    with pytest.raises(ValueError, match="differ in intra link sizes"):
+        median_of([c, other])
+    with pytest.raises(ValueError, match="differ in measured collective tables"):
+        median_of([c, replace(c, measured=c.measured[:1])])
+    with pytest.raises(ValueError, match="at least one"):
+        median_of([])
 
 
 def test_toml_errors():

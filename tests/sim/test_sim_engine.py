@@ -48,6 +48,23 @@ def test_overlap_schedule_by_hand():
     assert (r.exposed_comm_s, r.overlapped_comm_s) == pytest.approx((3.0, 0.0))
 
 
+def test_overlap_efficiency_pays_the_unhidden_share_on_the_main_stream():
+    from dataclasses import replace
+    # none hidden: every allreduce runs where it is posted, 1 + 1 + 1.5 + 1 + 1.5 + 1
+    r = simulate(_dp_workload(), replace(_cluster(), overlap_efficiency=0.0))
+    assert r.step_s == pytest.approx(7.0)
+    assert r.comm_by_op == {"allreduce": pytest.approx(3.0)}
+    assert r.exposed_comm_s == pytest.approx(3.0) and r.overlapped_comm_s == pytest.approx(0.0)
+    # half hidden: main fwd 0-1, bwd.l2 1-2, ar.l2 unhidden 2-2.75 (side 2.75-3.5),
+    # bwd.l1 2.75-3.75, ar.l1 unhidden 3.75-4.5 (side 4.5-5.25), adam waits: 5.25-6.25
+    r = simulate(_dp_workload(), replace(_cluster(), overlap_efficiency=0.5))
+    assert r.step_s == pytest.approx(6.25)
+    assert r.comm_by_op == {"allreduce": pytest.approx(3.0)}
+    assert r.overlapped_comm_s == pytest.approx(0.75)
+    assert [p.label for p in r.phases if p.kind == "comm" and not p.overlapped] == [
+        "allreduce.l2.unhidden", "allreduce.l1.unhidden"]
+
+
 def test_compute_kinds_and_repeat():
     w = Workload("k", [Phase("compute", "conv", op_kind="conv", flops=1e9, repeat=3),
                        Phase("compute", "relu", op_kind="elementwise", bytes=5e8),
