@@ -28,6 +28,22 @@ from dataclasses import dataclass
 FIELDS = ("op", "comm", "comm_size", "rank", "dtype", "count", "bytes", "t0", "t1", "phase")
 
 
+class _Phase:
+    """``with trace.phase(label):`` (see :meth:`Tracer.phase`)."""
+
+    __slots__ = ("_stack", "_label")
+
+    def __init__(self, stack: list, label: str):
+        self._stack, self._label = stack, label
+
+    def __enter__(self):
+        self._stack.append(self._label)
+
+    def __exit__(self, *exc):
+        self._stack.pop()
+        return False
+
+
 @dataclass
 class Tracer:
     enabled: bool = True
@@ -42,14 +58,13 @@ class Tracer:
         """Append one event; ``ident`` is ``(comm_name, comm_size, rank)``."""
         self._events.append((op, ident, dtype, count, nbytes, t0, t1, self._phases[-1]))
 
-    @contextmanager
-    def phase(self, label: str):
-        """Label every event recorded inside the block with ``label``."""
-        self._phases.append(label)
-        try:
-            yield
-        finally:
-            self._phases.pop()
+    def phase(self, label: str) -> "_Phase":
+        """Label every event recorded inside the block with ``label``.
+
+        A small class rather than ``@contextmanager``: the layers enter one per
+        forward / backward, and a generator-based one cost 2.2 us per block against 0.49 us
+        for this one (hot, on the 2-core development machine)."""
+        return _Phase(self._phases, label)
 
     @property
     def current_phase(self) -> str:

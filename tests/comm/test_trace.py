@@ -23,6 +23,19 @@ def test_one_event_per_call_with_phase(comm):
     assert all(e["t1"] >= e["t0"] for e in ev)
 
 
+def test_phases_nest_and_unwind_on_error():
+    assert trace.current_phase == ""
+    with trace.phase("outer"):
+        with trace.phase("inner"):
+            assert trace.current_phase == "inner"
+        assert trace.current_phase == "outer"
+        with pytest.raises(KeyError):
+            with trace.phase("failing"):
+                raise KeyError("x")              # the exception passes through
+        assert trace.current_phase == "outer"
+    assert trace.current_phase == ""
+
+
 @pytest.mark.mpi(min_size=1)
 def test_disabled_records_nothing(comm):
     with trace.disabled():
