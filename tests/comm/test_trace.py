@@ -24,16 +24,16 @@ def test_one_event_per_call_with_phase(comm):
 
 
 def test_phases_nest_and_unwind_on_error():
-    assert trace.current_phase == ""
+    assert trace.TRACER.current_phase == ""
     with trace.phase("outer"):
         with trace.phase("inner"):
-            assert trace.current_phase == "inner"
-        assert trace.current_phase == "outer"
+            assert trace.TRACER.current_phase == "inner"
+        assert trace.TRACER.current_phase == "outer"
         with pytest.raises(KeyError):
             with trace.phase("failing"):
                 raise KeyError("x")              # the exception passes through
-        assert trace.current_phase == "outer"
-    assert trace.current_phase == ""
+        assert trace.TRACER.current_phase == "outer"
+    assert trace.TRACER.current_phase == ""
 
 
 @pytest.mark.mpi(min_size=1)
