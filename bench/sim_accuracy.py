@@ -6,13 +6,21 @@ For each rank count N it launches one ``mpiexec -n N`` job that runs real traini
 steps of the digits MLP and the digits classifier (the digits-mlp and digits-cnn
 presets, built with mpifc.models.build_model and DataParallel, global batch 64 of
 random digits-shaped data) under every dp x tp layout of N ranks: DP (N x 1), TP
-(1 x N) and DP x TP where N allows; 3 warm-up steps, then 30 timed steps in 5 blocks,
+(1 x N) and DP x TP where N allows; 3 warm-up steps, then 60 timed steps in 10 blocks,
 the layouts taking turns block by block, and before each block one quick calibration
-round of this machine with the N ranks (``mpifc calibrate --quick``); the cluster is
-the median of the rounds (mpifc.sim.cluster.median_of). So a burst of load from
-elsewhere hits the layouts and the calibration alike instead of one of them. Per step
-the time of the slowest rank and the time blocked in each kind of message (trace
-events; the data-parallel wait from DataParallel); medians over the steps.
+round of this machine with the N ranks (``calibrate(quick=True, rounds=10,
+between_rounds=...)``: links and collectives the median of the rounds, compute rates
+the fastest of each local measurement over all of them). So calibration and steps
+sample the same stretch of time. Per step the time of the slowest rank and the time
+blocked in each kind of message (trace events; the data-parallel wait from
+DataParallel).
+
+Which steps: this virtual machine runs at two speeds in turns (the same Python code
+took 1.35 us or 2.2 us per call, in stretches of 0.5 s to several seconds, from other
+tenants). The simulator describes the machine without that load (calibration keeps
+the fastest sweep of every local measurement), so the measured figures are medians
+over the fastest tenth of the steps (FASTEST), the way timeit reports the best of
+its repeats; the median of all steps is printed beside them, with its error.
 Then it predicts every point with the analytic workload (mpifc.sim.workload) on the
 cluster calibrated with the same N and prints predicted vs measured step, compute and
 exposed communication with their errors, the median |error| and the worst of the
@@ -46,6 +54,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("digits-mlp", "digits-cnn")
 B = 64
+#: the measured figures are medians over this fastest share of the steps
+FASTEST = 0.1
 _LAUNCHER = ("PMI_", "PMIX_", "HYDRA_", "HYDI_", "MPIR_", "MPI_LOCAL", "OMPI_")
 
 
@@ -62,7 +72,6 @@ def worker(out_dir: str, steps: int, warmup: int, blocks: int) -> None:
     from mpifc.models import build_model
     from mpifc.parallel import DataParallel
     from mpifc.sim.calibrate import calibrate
-    from mpifc.sim.cluster import median_of
     from mpifc.train import _agree_finite, build_optimizer
 
     comm = world()
@@ -125,13 +134,12 @@ def worker(out_dir: str, steps: int, warmup: int, blocks: int) -> None:
     # block: a burst of load from elsewhere hits the measured steps and the calibration
     # alike, instead of one of them (the cluster is the median of the rounds)
     per_block = max(steps // blocks, 1)
-    rounds = []
-    for _ in range(blocks):
-        rounds.append(calibrate(None, quick=True))
+
+    def block(k):
         for st in setups:
             run(st, per_block, True)
+    cluster = calibrate(None, quick=True, rounds=blocks, between_rounds=block)
     trace.reset()
-    cluster = median_of(rounds)
     if comm.rank == 0:
         cluster.save(os.path.join(out_dir, f"cluster-{N}.toml"))
 
@@ -142,14 +150,18 @@ def worker(out_dir: str, steps: int, warmup: int, blocks: int) -> None:
             continue
         n = len(st["step"])
         step = [max(r["step"][k] for r in every) for k in range(n)]
+        # the fastest tenth of the steps (see the module's docstring: the machine's
+        # speed comes and goes with other tenants; calibration keeps its fast state too)
+        fast = sorted(range(n), key=step.__getitem__)[:max(3, round(n * FASTEST))]
         keys = sorted({key for r in every for d in r["blocked"] for key in d})
         per = {key: statistics.median(statistics.fmean(r["blocked"][k].get(key, 0.0)
-                                                       for r in every) for k in range(n))
+                                                       for r in every) for k in fast)
                for key in keys}
         comm_tot = statistics.median(statistics.fmean(sum(r["blocked"][k].values())
-                                                      for r in every) for k in range(n))
+                                                      for r in every) for k in fast)
         results.append({"model": st["model"], "N": N, "dp": st["dp"], "tp": st["tp"],
-                        "step": statistics.median(step), "comm": comm_tot, "per_op": per})
+                        "step": statistics.median(step[k] for k in fast),
+                        "step_all": statistics.median(step), "comm": comm_tot, "per_op": per})
     if comm.rank == 0:
         with open(os.path.join(out_dir, f"measured-{N}.json"), "w") as f:
             json.dump(results, f)
@@ -189,8 +201,8 @@ def err(p, m):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", default="1,2,3,4")
-    ap.add_argument("--steps", type=int, default=30, help="timed steps per point")
-    ap.add_argument("--blocks", type=int, default=5,
+    ap.add_argument("--steps", type=int, default=60, help="timed steps per point")
+    ap.add_argument("--blocks", type=int, default=10,
                     help="the layouts of a job take turns in this many blocks of steps")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None)
@@ -222,19 +234,23 @@ def main() -> None:
         print(f"{N} rank(s): calibrated and measured in {secs:.1f} s", flush=True)
 
     print(f"\nsimulator accuracy on this machine ({cores} cores; one BLAS thread per rank; "
-          f"global batch {B}; medians of {a.steps} steps after {a.warmup} warm-up)")
+          f"global batch {B}; {a.steps} steps after {a.warmup} warm-up: medians over the "
+          f"fastest {FASTEST:.0%} of the steps, and the median of all steps)")
     print(f"{'model':<11}{'N':>3} {'dp x tp':>8} {'':>7}{'step meas':>11}{'pred':>9}{'err':>8}"
-          f"{'compute m':>11}{'pred':>9}{'err':>8}{'comm m':>9}{'pred':>9}")
-    step_err = []
+          f"{'compute m':>11}{'pred':>9}{'err':>8}{'comm m':>9}{'pred':>9}"
+          f"{'all steps':>11}{'err':>8}")
+    step_err, all_err = [], []
     for m, rep, comm in points:
         over = "OVERSUB" if m["N"] > cores else ""
         m_comp = m["step"] - m["comm"]
         e = err(rep.step_s, m["step"])
         step_err.append(e)
+        all_err.append(err(rep.step_s, m["step_all"]))
         print(f"{m['model']:<11}{m['N']:>3} {str(m['dp']) + 'x' + str(m['tp']):>8} {over:>7}"
               f"{m['step'] * 1e3:>9.2f}ms{rep.step_s * 1e3:>7.2f}ms{e:>+7.1f}%"
               f"{m_comp * 1e3:>9.2f}ms{rep.compute_s * 1e3:>7.2f}ms{err(rep.compute_s, m_comp):>+7.1f}%"
-              f"{m['comm'] * 1e3:>7.2f}ms{rep.exposed_comm_s * 1e3:>7.2f}ms")
+              f"{m['comm'] * 1e3:>7.2f}ms{rep.exposed_comm_s * 1e3:>7.2f}ms"
+              f"{m['step_all'] * 1e3:>9.2f}ms{all_err[-1]:>+7.1f}%")
     print("\nper kind of message, measured time blocked per step vs predicted (ms):")
     for m, rep, comm in points:
         if m["N"] == 1:
@@ -245,13 +261,15 @@ def main() -> None:
             parts.append(f"{k} {(mk or 0) * 1e3:.3f}/{comm.get(k.replace(' wait', ''), 0) * 1e3:.3f}")
         print(f"  {m['model']:<11}{m['N']:>2} {m['dp']}x{m['tp']:<3} " + ", ".join(parts))
 
-    abs_all = [abs(e) for e in step_err]
-    inside = [abs(err(rep.step_s, m["step"])) for m, rep, _ in points if m["N"] <= cores]
-    within = (f"median {statistics.median(inside):.1f} %, worst {max(inside):.1f} %" if inside
-              else "no such point measured")
-    print(f"\nstep time |error|: median {statistics.median(abs_all):.1f} %, worst "
-          f"{max(abs_all):.1f} % over all {len(abs_all)} points; within the cores "
-          f"(N <= {cores}): {within}")
+    for what, errs in ((f"fastest {FASTEST:.0%}", step_err), ("all steps (median)", all_err)):
+        abs_all = [abs(e) for e in errs]
+        inside = [abs(e) for e, (m, _, _) in zip(errs, points) if m["N"] <= cores]
+        within = (f"median {statistics.median(inside):.1f} %, worst {max(inside):.1f} %"
+                  if inside else "no such point measured")
+        print(f"\nstep time |error|, {what}: median {statistics.median(abs_all):.1f} %, worst "
+              f"{max(abs_all):.1f} % over all {len(abs_all)} points; within the cores "
+              f"(N <= {cores}): {within}", end="")
+    print()
     print("layout ranking by step time (measured | predicted), per model and N:")
     ok_all = True
     for name in MODELS:

@@ -129,6 +129,14 @@ class ComputeRates:
     of a plain add on cached arrays. Used for element-wise phases of the layers (forward,
     backward, loss); the streaming updates (zero_grad, optimizer, clipping: phases marked
     ``stream``) keep ``elementwise_curve``.
+    gemm_aspect_curve (optional): measured ``(aspect, efficiency)`` points of thin
+    products. The aspect of an (m x k) @ (k x n) product is its smallest dimension over
+    the side of the cube of the same volume, min(m, k, n) / (m k n)^(1/3): 1 for a
+    square, small for a batch of 8 rows through a 512-wide layer. The efficiency is the
+    rate of such a product over ``gemm_curve``'s rate at the same FLOPs (BLAS tiles and
+    packing are sized for wide operands): a gemm phase with an aspect runs at
+    rate(flops) * efficiency(aspect), interpolated in log(aspect), 1 at aspect >= 1 and
+    clamped below the smallest measured aspect.
     call_s: seconds of one NumPy / Python call beyond its bytes or FLOPs (argument
     parsing, dispatch, allocation): a phase of ``calls`` calls pays ``calls * call_s``.
     row_s: seconds per innermost row of a strided pass (NumPy's iterator restarts its
@@ -143,6 +151,7 @@ class ComputeRates:
     conv_curve: list[tuple[float, float]] = field(default_factory=list)
     elementwise_curve: list[tuple[float, float]] = field(default_factory=list)
     kernel_curve: list[tuple[float, float]] = field(default_factory=list)
+    gemm_aspect_curve: list[tuple[float, float]] = field(default_factory=list)
     call_s: float = 0.0
     row_s: float = 0.0
 
@@ -154,7 +163,8 @@ class ComputeRates:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"compute {name} must be >= 0")
             setattr(self, name, float(getattr(self, name)))
-        for name in ("gemm_curve", "conv_curve", "elementwise_curve", "kernel_curve"):
+        for name in ("gemm_curve", "conv_curve", "elementwise_curve", "kernel_curve",
+                     "gemm_aspect_curve"):
             pts = sorted((float(f), float(r)) for f, r in getattr(self, name))
             if any(f <= 0 or r <= 0 for f, r in pts):
                 raise ValueError(f"{name}: sizes and rates must be > 0")
@@ -172,11 +182,21 @@ class ComputeRates:
         the streaming rate)."""
         return self._rate(self.elementwise_curve, self.elementwise_gbps, bytes_per_call)
 
+    def aspect_efficiency(self, aspect: float) -> float:
+        """Share of ``gemm_curve``'s rate a product of this aspect reaches (1 without a
+        measured curve, and for aspect >= 1)."""
+        if not self.gemm_aspect_curve or aspect >= 1.0:
+            return 1.0
+        pts = self.gemm_aspect_curve + [(1.0, 1.0)]
+        return self._rate(pts, 1.0, max(aspect, 1e-6))
+
     def seconds(self, op_kind: str, flops: float = 0.0, nbytes: float = 0.0,
-                calls: float = 0.0, rows: float = 0.0, stream: bool = True) -> float:
+                calls: float = 0.0, rows: float = 0.0, stream: bool = True,
+                aspect: float = 1.0) -> float:
         """Time of one compute phase.
 
-        gemm / conv:  calls * call_s + flops / rate(flops)
+        gemm:         calls * call_s + flops / (rate(flops) * efficiency(aspect))
+        conv:         calls * call_s + flops / rate(flops)
         elementwise:  calls * call_s + rows * row_s + bytes / rate(bytes / calls)
         where rate is ``kernel_curve`` for a layer kernel (``stream`` False) when the
         cluster has one, else ``elementwise_curve``. A phase without calls uses the
@@ -185,7 +205,8 @@ class ComputeRates:
         """
         over = calls * self.call_s
         if op_kind == "gemm":
-            return over + flops / (self._rate(self.gemm_curve, self.gemm_gflops, flops) * 1e9)
+            rate = self._rate(self.gemm_curve, self.gemm_gflops, flops)
+            return over + flops / (rate * self.aspect_efficiency(aspect) * 1e9)
         if op_kind == "conv":
             return over + flops / (self._rate(self.conv_curve, self.conv_gflops, flops) * 1e9)
         if op_kind == "elementwise":
@@ -277,11 +298,13 @@ class Cluster:
     per second), so gamma = 1 / reduction_Bps. ``memory_per_rank_bytes`` (optional) is
     the default memory cap for the layout planner.
 
-    ``overlap_efficiency`` (0..1) is the share of a non-blocking collective's time that
+    ``overlap_efficiency`` (-1..1) is the share of a non-blocking collective's time that
     runs while the rank computes. 1: it is all hidden (a NIC or a progress engine moves
     the data; the default of hand-written clusters and presets). 0: the rank's own core
     does the work inside its MPI_Test / MPI_Wait calls, so posting early hides nothing
-    (shared-memory MPI on busy cores: what ``mpifc calibrate`` measured on one node here).
+    (shared-memory MPI on busy cores). Below 0: posting, testing and waiting cost the
+    rank more than the blocking call would (-0.5: half as much again), as ``mpifc
+    calibrate`` measured on one node here with MPICH.
     """
 
     name: str
@@ -301,8 +324,8 @@ class Cluster:
 
     def __post_init__(self):
         self.overlap_efficiency = float(self.overlap_efficiency)
-        if not 0.0 <= self.overlap_efficiency <= 1.0:
-            raise ValueError(f"cluster {self.name!r}: overlap_efficiency must be in [0, 1] "
+        if not -1.0 <= self.overlap_efficiency <= 1.0:
+            raise ValueError(f"cluster {self.name!r}: overlap_efficiency must be in [-1, 1] "
                              f"(got {self.overlap_efficiency})")
         if self.nodes < 1 or self.ranks_per_node < 1:
             raise ValueError(f"cluster {self.name!r}: nodes and ranks_per_node must be >= 1 "

@@ -18,7 +18,8 @@ and the previous overlappable phase has finished, so it hides behind the backwar
 compute that follows it, never more. Only the cluster's ``overlap_efficiency`` share
 of it goes there: the rest is paid on the main stream where it is posted (a
 shared-memory MPI without a progress engine does the copies and sums on the rank's
-own core, inside MPI_Test / MPI_Wait). The first "optimizer" phase, and the end of the
+own core, inside MPI_Test / MPI_Wait; a negative share means those calls cost more
+than the blocking collective). The first "optimizer" phase, and the end of the
 step, wait for the second stream. Exposed communication = step time - compute time;
 overlapped = total communication - exposed.
 """
@@ -63,6 +64,8 @@ class Phase:
     stream       compute: an in-place streaming update (zero_grad, optimizer, clipping),
                  priced on ``elementwise_curve``; False: a layer kernel, priced on the
                  cluster's ``kernel_curve`` where it has one
+    aspect       compute, gemm: min(m, k, n) / (m k n)^(1/3) of its products (1: square;
+                 see ComputeRates.gemm_aspect_curve)
     """
 
     kind: str
@@ -78,6 +81,7 @@ class Phase:
     calls: float = 0.0
     rows: float = 0.0
     stream: bool = False
+    aspect: float = 1.0
 
     def __post_init__(self):
         where = f"phase {self.label!r}"
@@ -87,6 +91,8 @@ class Phase:
             raise ValueError(f"{where}: stage {self.stage!r} is not one of {STAGES}")
         if min(self.bytes, self.flops, self.repeat, self.calls, self.rows) < 0:
             raise ValueError(f"{where}: bytes, flops, repeat, calls and rows must be >= 0")
+        if not 0 < self.aspect <= 1:
+            raise ValueError(f"{where}: aspect must be in (0, 1], got {self.aspect}")
         if self.kind == "comm":
             base = ALIASES.get(self.op, self.op)
             if base not in ALGORITHMS:
@@ -259,7 +265,7 @@ def simulate(workload: Workload, cluster: Cluster, dp: int | None = None,
             waited_for_optimizer = True
         if ph.kind == "compute":
             d = cluster.compute.seconds(ph.op_kind, ph.flops, ph.bytes, ph.calls,
-                                        ph.rows, ph.stream) * ph.repeat
+                                        ph.rows, ph.stream, ph.aspect) * ph.repeat
             compute_by_kind[ph.op_kind] += d
             times.append(PhaseTime(ph.label, "compute", ph.op_kind, "self", d, ph.op_kind,
                                    main, False))

@@ -245,6 +245,13 @@ class StepDescription:
     names: list[str] = field(default_factory=list)
 
 
+def gemm_aspect(m: int, k: int, n: int) -> float:
+    """min(m, k, n) / (m k n)^(1/3) of an (m x k) @ (k x n) product: 1 for a square one,
+    small for a thin one (see ComputeRates.gemm_aspect_curve)."""
+    m, k, n = (max(int(v), 1) for v in (m, k, n))
+    return min(1.0, min(m, k, n) / (m * k * n) ** (1.0 / 3.0))
+
+
 def _prod(xs) -> int:
     return int(math.prod(xs))
 
@@ -328,9 +335,9 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                    bytes=float(c.bytes if sim_bytes is None else sim_bytes), stage=stage)
         return c, ph
 
-    def compute(label, flops, kind, stage, calls=_CALLS["gemm"]):
+    def compute(label, flops, kind, stage, calls=_CALLS["gemm"], dims=None):
         return Phase("compute", label, flops=float(flops), op_kind=kind, stage=stage,
-                     calls=float(calls))
+                     calls=float(calls), aspect=gemm_aspect(*dims) if dims else 1.0)
 
     def elem(label, nbytes, stage, calls=1, rows=0, stream=False):
         return Phase("compute", label, bytes=float(nbytes), op_kind="elementwise", stage=stage,
@@ -368,7 +375,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                 Din, Fl, Fout = D, oc[r], oc[r]
                 keep_split = _keeps_split(layers, i, tp)
                 f_ph.append(compute(f"{name}.forward", 2 * b * D * Fl, "gemm", "forward",
-                                    _CALLS["linear_fwd"]))
+                                    _CALLS["linear_fwd"], (b, D, Fl)))
                 if bias:
                     f_ph.append(elem(f"{name}.forward.bias", _PASSES["bias_fwd"] * b * Fl * s,
                                      "forward", _CALLS["bias_fwd"], b))
@@ -394,7 +401,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                 if not split_in:        # take_axis: a copy of this rank's input block
                     f_ph.append(elem(f"{name}.forward.take", 2 * b * Din * s, "forward", 3, b))
                 f_ph.append(compute(f"{name}.forward", 2 * b * Din * Fo, "gemm", "forward",
-                                    _CALLS["linear_fwd"]))
+                                    _CALLS["linear_fwd"], (b, Din, Fo)))
                 c, ph = comm(f"{name}.forward", "allreduce", b * Fo, "tp", "forward")
                 f_cc.append(c); f_ph.append(ph)
                 if bias:                # once, after the reduce
@@ -411,7 +418,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             else:
                 Din, Fl, Fout = D, Fo, Fo
                 f_ph.append(compute(f"{name}.forward", 2 * b * D * Fo, "gemm", "forward",
-                                    _CALLS["linear_fwd"]))
+                                    _CALLS["linear_fwd"], (b, D, Fo)))
                 if bias:
                     f_ph.append(elem(f"{name}.forward.bias", _PASSES["bias_fwd"] * b * Fl * s,
                                      "forward", _CALLS["bias_fwd"], b))
@@ -424,12 +431,13 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                 b_ph.append(elem(f"{name}.backward.db", _PASSES["bias_bwd"] * b * Fl * s,
                                  "backward", _CALLS["bias_bwd"], b))
             w_at = len(b_ph)
+            # dW = dy^T x: (Fl x b) @ (b x Din); dx = dy W: (b x Fl) @ (Fl x Din)
             b_ph.append(compute(f"{name}.backward", 2 * b * Din * Fl, "gemm", "backward",
-                                _CALLS["linear_dw"]))
+                                _CALLS["linear_dw"], (Fl, b, Din)))
             b_ph.append(elem(f"{name}.backward.dW_done", 0, "backward", _CALLS["grad_write"]))
             if in_grad:
                 b_ph.append(compute(f"{name}.backward.dx", 2 * b * Din * Fl, "gemm", "backward",
-                                    _CALLS["linear_dx"]))
+                                    _CALLS["linear_dx"], (b, Fl, Din)))
             b_ph += post
             lp = [Fl * Din] + ([Fl] if bias else [])
             rows = [Fl] * len(lp)

@@ -38,7 +38,8 @@ def test_toml_round_trip(tmp_path):
 def test_overlap_efficiency_is_a_share():
     assert "overlap_efficiency = 0.25" in _cluster().to_toml()
     assert preset(preset_names()[0]).overlap_efficiency == 1.0       # not measured: all hidden
-    for bad in (-0.1, 1.5):
+    assert replace(_cluster(), overlap_efficiency=-0.5).overlap_efficiency == -0.5
+    for bad in (-1.1, 1.5):
         with pytest.raises(ValueError, match="overlap_efficiency must be in"):
             replace(_cluster(), overlap_efficiency=bad)
 

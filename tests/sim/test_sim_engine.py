@@ -63,6 +63,10 @@ def test_overlap_efficiency_pays_the_unhidden_share_on_the_main_stream():
     assert r.overlapped_comm_s == pytest.approx(0.75)
     assert [p.label for p in r.phases if p.kind == "comm" and not p.overlapped] == [
         "allreduce.l2.unhidden", "allreduce.l1.unhidden"]
+    # below zero: posting and waiting cost half as much again, 1 + 1 + 2.25 + 1 + 2.25 + 1
+    r = simulate(_dp_workload(), replace(_cluster(), overlap_efficiency=-0.5))
+    assert r.step_s == pytest.approx(8.5)
+    assert r.exposed_comm_s == pytest.approx(4.5) and r.overlapped_comm_s == pytest.approx(0.0)
 
 
 def test_compute_kinds_and_repeat():
