@@ -92,12 +92,12 @@ def worker(out_dir: str, steps: int, warmup: int, blocks: int) -> None:
             sl = slice(displs[grid.dp_rank], displs[grid.dp_rank] + counts[grid.dp_rank])
             setups.append({"model": name, "dp": dp, "tp": tp, "net": net, "ddp": ddp, "opt": opt,
                            "x": np.ascontiguousarray(x[sl]), "y": y[sl], "step": [],
-                           "blocked": []})
+                           "blocked": [], "stages": []})
 
     def run(st, n, record):
         """n training steps as the trainer runs them (Trainer.train_step + its check)."""
         net, ddp, opt, x, y, dp = st["net"], st["ddp"], st["opt"], st["x"], st["y"], st["dp"]
-        bounds, waits = [], []
+        bounds, waits, stages = [], [], []
         trace.reset()
         comm.barrier()
         for _ in range(n):
@@ -105,11 +105,14 @@ def worker(out_dir: str, steps: int, warmup: int, blocks: int) -> None:
             ddp.zero_grad()
             loss = net.loss.forward(net.forward(x), y)
             net.loss.correct()
+            t1 = time.perf_counter()
             ddp.backward(net.loss.backward(dp * len(y) / B))
             ddp.synchronize()
+            t2 = time.perf_counter()
             opt.step()
             _agree_finite(comm, loss)
             bounds.append((t0, time.perf_counter()))
+            stages.append((t1 - t0, t2 - t1, bounds[-1][1] - t2))
             waits.append(ddp.timings["wait"])
         if not record:
             return
@@ -126,6 +129,7 @@ def worker(out_dir: str, steps: int, warmup: int, blocks: int) -> None:
             if w > 0:
                 blocked[k]["allreduce(dp) wait"] = w
         st["step"] += [b - a for a, b in bounds]
+        st["stages"] += stages
         st["blocked"] += blocked
 
     for st in setups:
@@ -138,14 +142,17 @@ def worker(out_dir: str, steps: int, warmup: int, blocks: int) -> None:
     def block(k):
         for st in setups:
             run(st, per_block, True)
-    cluster = calibrate(None, quick=True, rounds=blocks, between_rounds=block)
+    # messages up to 1 MiB: the tables then cover every message of these models (the
+    # 64 KiB activations of the tensor-parallel layers, the 340 KB gradient bucket)
+    cluster = calibrate(None, quick=True, max_bytes=1 << 20, rounds=blocks, between_rounds=block)
     trace.reset()
     if comm.rank == 0:
         cluster.save(os.path.join(out_dir, f"cluster-{N}.toml"))
 
     results = []
     for st in setups:
-        every = comm.gather_obj({"step": st["step"], "blocked": st["blocked"]})
+        every = comm.gather_obj({"step": st["step"], "blocked": st["blocked"],
+                                 "stages": st["stages"]})
         if comm.rank != 0:
             continue
         n = len(st["step"])
@@ -159,9 +166,12 @@ def worker(out_dir: str, steps: int, warmup: int, blocks: int) -> None:
                for key in keys}
         comm_tot = statistics.median(statistics.fmean(sum(r["blocked"][k].values())
                                                       for r in every) for k in fast)
+        stage = [statistics.median(statistics.fmean(r["stages"][k][j] for r in every)
+                                   for k in fast) for j in range(3)]
         results.append({"model": st["model"], "N": N, "dp": st["dp"], "tp": st["tp"],
                         "step": statistics.median(step[k] for k in fast),
-                        "step_all": statistics.median(step), "comm": comm_tot, "per_op": per})
+                        "step_all": statistics.median(step), "comm": comm_tot, "per_op": per,
+                        "stages": stage})
     if comm.rank == 0:
         with open(os.path.join(out_dir, f"measured-{N}.json"), "w") as f:
             json.dump(results, f)
@@ -190,7 +200,17 @@ def predict(point: dict, cluster):
     from mpifc.sim.workload import describe_step
 
     cfg = load_config(point["model"])
-    rep = simulate(describe_step(cfg, point["dp"], point["tp"], global_batch=B).workload, cluster)
+    w = describe_step(cfg, point["dp"], point["tp"], global_batch=B).workload
+    rep = simulate(w, cluster)
+    # the stages as the worker times them: forward (to the loss and its metrics),
+    # backward (to the end of the gradient sync), optimizer (with the finiteness check)
+    stage_of = {ph.label: ph.stage for ph in w.phases}
+    starts = {}
+    for pt in rep.phases:
+        starts.setdefault(stage_of.get(pt.label.removesuffix(".unhidden")), pt.start)
+    b0 = starts.get("backward", rep.step_s)
+    o0 = starts.get("optimizer", rep.step_s)
+    rep.stages = (b0, o0 - b0, rep.step_s - o0)
     return rep, _comm_breakdown(rep)
 
 
@@ -251,6 +271,13 @@ def main() -> None:
               f"{m_comp * 1e3:>9.2f}ms{rep.compute_s * 1e3:>7.2f}ms{err(rep.compute_s, m_comp):>+7.1f}%"
               f"{m['comm'] * 1e3:>7.2f}ms{rep.exposed_comm_s * 1e3:>7.2f}ms"
               f"{m['step_all'] * 1e3:>9.2f}ms{all_err[-1]:>+7.1f}%")
+    print("\nper stage, measured vs predicted (ms; forward: to the loss and its metrics, "
+          "backward: to the end of the gradient sync, optimizer: with the finiteness check):")
+    for m, rep, _ in points:
+        print(f"  {m['model']:<11}{m['N']:>2} {m['dp']}x{m['tp']:<3} " + ", ".join(
+            f"{name} {mv * 1e3:.3f}/{pv * 1e3:.3f} ({err(pv, mv):+.0f}%)"
+            for name, mv, pv in zip(("forward", "backward", "optimizer"), m["stages"],
+                                    rep.stages)))
     print("\nper kind of message, measured time blocked per step vs predicted (ms):")
     for m, rep, comm in points:
         if m["N"] == 1:

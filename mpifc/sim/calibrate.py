@@ -151,8 +151,34 @@ def _run_collective(g, op: str, nbytes: int) -> tuple[int, callable]:
     raise ValueError(f"calibrate cannot measure {op!r}")
 
 
+#: bytes swept between two timed collective calls (twice a 1 MiB L2; see _between_calls)
+BETWEEN_BYTES = 2 << 20
+
+
+def _between_calls():
+    """Work run (untimed) before each timed collective call, as a training step runs
+    its layers between two collectives: one touch per cache line of BETWEEN_BYTES and
+    the call mix once, so the call finds the data and code caches as a step leaves them."""
+    junk = np.zeros(BETWEEN_BYTES // 4, dtype=np.float32)
+    mix = _call_mix()
+
+    def work():
+        junk[::16] += 1.0
+        for f in mix:
+            f()
+    return work
+
+
 def _measure_group(g, op: str, sizes, trials: int, quick: bool):
-    """Median over trials of the max over ranks of one call's time, per size."""
+    """Median over trials of the max over ranks of one call's time, per size.
+
+    Each call is timed alone, after :func:`_between_calls` work and with no barrier in
+    between (a barrier would warm up the very paths the call takes): the time of a
+    collective inside a training step, where it finds its buffers and MPI's own state
+    out of the caches and the ranks arrive a little apart. Back-to-back calls measured
+    2-5 us less for small messages and 8-15 us less at 64 KiB - 512 KiB on 2 ranks
+    here, and in-step calls about twice their back-to-back time."""
+    work = _between_calls()
     actual, local = [], []
     for n in sizes:
         nb, call = _run_collective(g, op, n)
@@ -161,10 +187,13 @@ def _measure_group(g, op: str, sizes, trials: int, quick: bool):
         row = []
         for _ in range(trials):
             g.barrier()
-            t0 = _perf()
+            total = 0.0
             for _ in range(k):
+                work()
+                t0 = _perf()
                 call()
-            row.append((_perf() - t0) / k)
+                total += _perf() - t0
+            row.append(total / k)
         actual.append(nb)
         local.append(row)
     worst = g.allreduce(np.asarray(local, dtype=np.float64), op="max")
@@ -566,6 +595,13 @@ def _calibrate_once(comm, quick, max_bytes, ops, inter_preset, name, say, best=N
         coll_sizes = _sizes(8, max_bytes, 16 if quick else 8)
         ops = tuple(ops) if not quick else tuple(o for o in ops if o in
                                                 ("allreduce", "allgather", "reduce_scatter", "bcast"))
+        # a 1-rank communicator: the call's own cost (wrapper, MPI's checks, the copy),
+        # which a step pays for a collective over a group of one (e.g. the trainer's
+        # finiteness check at 1 rank); every rank measures at once, as in training
+        solo = comm.split(comm.rank, name="calib1")
+        nb, secs = _measure_group(solo, "allreduce", coll_sizes, trials, quick)
+        secs = list(comm.allreduce(np.asarray(secs, dtype=np.float64), op="max"))
+        measured.append(MeasuredTable("allreduce", 1, 1, nb, secs))
         for g_size in range(2, P + 1):
             member = comm.rank < g_size
             sub = comm.split(0 if member else 1, key=comm.rank, name=f"calib{g_size}")

@@ -392,6 +392,9 @@ class CostModel:
     phase (they split the node's inter-node bandwidth); the engine computes it from
     the layout.
 
+    p = 1: nothing moves; the measured 1-rank table (the call's own cost, which
+    ``mpifc calibrate`` measures for allreduce) when the cluster has one, else 0.
+
     Order of preference:
       1. a measured table for (op, p, m) that covers n      -> interpolated (log-log)
       2. m > 1, q > 1, op in HIERARCHICAL_OPS, hierarchy on -> intra-node phase, leaders'
@@ -416,7 +419,9 @@ class CostModel:
              nodes: int | None = None, nic_share: float = 1.0) -> Cost:
         p = int(p)
         if p <= 1 or op == "self":
-            return Cost(0.0, "none", "closed-form")
+            # a group of one moves nothing; a calibrated cluster knows the call's own cost
+            one = self._measured(op, ALIASES.get(op, op), nbytes, 1, 1) if p == 1 else None
+            return Cost(one, "measured", "measured") if one else Cost(0.0, "none", "closed-form")
         if nbytes < 0:
             raise ValueError(f"{op}: negative message size {nbytes}")
         rpn = self.cluster.ranks_per_node

@@ -9,6 +9,7 @@ from mpifc.comm import world
 from mpifc.sim.calibrate import calibrate, lower_envelope
 from mpifc.sim.cluster import load
 from mpifc.sim.collectives import CostModel
+from mpifc.sim.workload import gemm_aspect
 
 
 def test_lower_envelope():
@@ -31,6 +32,10 @@ def _check_common(c, comm):
     assert len(c.compute.elementwise_curve) >= 4
     assert c.compute.elementwise_curve[-1][1] == c.compute.elementwise_gbps
     assert len(c.compute.kernel_curve) == len(c.compute.elementwise_curve)  # the ReLU pair
+    # thin products: one point per thin dimension of quick mode (4, 16, 64 of 256)
+    assert [a for a, _ in c.compute.gemm_aspect_curve] == pytest.approx(
+        [gemm_aspect(d, 256, 256) for d in (4, 16, 64)])
+    assert all(0 < e <= 1 for _, e in c.compute.gemm_aspect_curve)
     assert "calibration took" in c.notes
     # every rank got the same description
     assert all(t == c.to_toml() for t in comm.allgather_obj(c.to_toml()))
@@ -42,7 +47,13 @@ def test_calibrate_single_rank(tmp_path):
     _check_common(c, world())
     assert "the median of 2 rounds" in c.notes
     assert c.overlap_efficiency == 1.0 and "overlap efficiency not measured" in c.notes
-    assert (c.nodes, c.ranks_per_node, c.measured) == (1, 1, [])
+    assert (c.nodes, c.ranks_per_node) == (1, 1)
+    # the one table: an allreduce on a 1-rank communicator, the call's own cost, which
+    # the cost model charges a group of one (the trainer's finiteness check at 1 rank)
+    [t] = c.measured
+    assert (t.op, t.group_size, t.nodes) == ("allreduce", 1, 1) and min(t.seconds) > 0
+    assert CostModel(c).time("allreduce", 8, 1) == pytest.approx(t(8))
+    assert CostModel(c).time("allgather", 8, 1) == 0.0          # not measured: free
     assert "no link measured" in c.notes
     assert load(tmp_path / "one.toml") == c
 
@@ -61,6 +72,7 @@ def test_calibrate_quick_multi_rank(tmp_path_factory):
     for g in range(2, P + 1):
         for op in ("allreduce", "allgather", "reduce_scatter", "bcast"):
             assert (op, g) in keys
+    assert ("allreduce", 1) in keys              # the call's own cost on a group of one
     for t in c.measured:
         assert all(s > 0 for s in t.seconds)
         assert list(np.diff(t.seconds) >= 0).count(False) == 0

@@ -1,14 +1,16 @@
 """The compute model's cost terms by hand: per-call cost, size-dependent element-wise
 rate, strided rows; the kernel costs the analytic workload counts from the NumPy code
 (im2col, col2im, pooling, optimizers); calls carried through the engine."""
+import math
+
 import pytest
 
 from mpifc.config import load_config
 from mpifc.sim.cluster import Cluster, ComputeRates, LinkModel, loads
 from mpifc.sim.commands import share_cores
 from mpifc.sim.engine import Phase, Workload, simulate
-from mpifc.sim.workload import (col2im_cost, describe_step, im2col_cost, maxpool_cost,
-                                optimizer_cost)
+from mpifc.sim.workload import (col2im_cost, describe_step, gemm_aspect, im2col_cost,
+                                maxpool_cost, optimizer_cost)
 
 
 def _rates(**kw):
@@ -37,6 +39,29 @@ def test_call_row_and_curve_terms_by_hand():
         ComputeRates(call_s=-1.0)
     with pytest.raises(ValueError, match="elementwise_curve"):
         ComputeRates(elementwise_curve=[(0.0, 1.0)])
+
+
+def test_thin_products_by_aspect():
+    assert gemm_aspect(128, 128, 128) == pytest.approx(1.0)
+    assert gemm_aspect(32, 256, 256) == pytest.approx(32 / 128)      # (32 * 256^2)^(1/3) = 128
+    assert gemm_aspect(256, 32, 256) == gemm_aspect(256, 256, 32) == gemm_aspect(32, 256, 256)
+    r = _rates(gemm_aspect_curve=[(0.1, 0.5), (0.4, 0.8)])
+    # 0.2 is halfway in log between 0.1 and 0.4: 0.65; 0.7 lies between 0.4 and the
+    # implicit (1, 1): 0.8 + 0.2 * ln(1.75) / ln(2.5); clamped below; 1 at aspect >= 1
+    assert r.aspect_efficiency(0.2) == pytest.approx(0.65)
+    assert r.aspect_efficiency(0.7) == pytest.approx(0.8 + 0.2 * math.log(1.75) / math.log(2.5))
+    assert r.aspect_efficiency(0.01) == pytest.approx(0.5)
+    assert r.aspect_efficiency(1.0) == 1.0 and _rates().aspect_efficiency(0.1) == 1.0
+    # 1e9 flops at 10 GFLOP/s, 2 calls of 1 us: 0.1 s square, 0.1 / 0.65 s at aspect 0.2
+    assert r.seconds("gemm", flops=1e9, calls=2, aspect=0.2) == pytest.approx(2e-6 + 0.1 / 0.65)
+    assert r.seconds("gemm", flops=1e9, calls=2) == pytest.approx(2e-6 + 0.1)
+    # the workload gives each linear GEMM the aspect of (batch, in, out)
+    cfg = load_config("digits-mlp")
+    w = describe_step(cfg, 1, 1, global_batch=32).workload
+    asp = {p.label: p.aspect for p in w.phases if p.op_kind == "gemm" and p.flops}
+    assert asp["fc2.forward"] == asp["fc2.backward"] == asp["fc2.backward.dx"] == pytest.approx(
+        gemm_aspect(32, 256, 256))
+    assert asp["fc3.forward"] == pytest.approx(gemm_aspect(32, 256, 10))
 
 
 def test_layer_kernels_use_the_kernel_curve():
