@@ -9,16 +9,16 @@ random digits-shaped data) under every dp x tp layout of N ranks: DP (N x 1), TP
 (1 x N) and DP x TP where N allows; 3 warm-up steps, then 60 timed steps in 10 blocks,
 the layouts taking turns block by block, and before each block one quick calibration
 round of this machine with the N ranks (``calibrate(quick=True, rounds=10,
-between_rounds=...)``: links and collectives the median of the rounds, compute rates
-the fastest of each local measurement over all of them). So calibration and steps
-sample the same stretch of time. Per step the time of the slowest rank and the time
+between_rounds=...)``: the fastest of the rounds, figure by figure). So calibration and
+steps sample the same stretch of time. Per step the time of the slowest rank and the time
 blocked in each kind of message (trace events; the data-parallel wait from
 DataParallel).
 
 Which steps: this virtual machine runs at two speeds in turns (the same Python code
 took 1.35 us or 2.2 us per call, in stretches of 0.5 s to several seconds, from other
 tenants). The simulator describes the machine without that load (calibration keeps
-the fastest sweep of every local measurement), so the measured figures are medians
+the fastest round of every figure and the fastest sweep of every local measurement),
+so the measured figures are medians
 over the fastest tenth of the steps (FASTEST), the way timeit reports the best of
 its repeats; the median of all steps is printed beside them, with its error.
 Then it predicts every point with the analytic workload (mpifc.sim.workload) on the
@@ -135,8 +135,8 @@ def worker(out_dir: str, steps: int, warmup: int, blocks: int) -> None:
     for st in setups:
         run(st, warmup, False)
     # the layouts take turns, block by block, and a calibration round runs before each
-    # block: a burst of load from elsewhere hits the measured steps and the calibration
-    # alike, instead of one of them (the cluster is the median of the rounds)
+    # block: calibration and steps sample the same stretch of time (the cluster is the
+    # fastest of the rounds, as the measured figures are the fastest steps)
     per_block = max(steps // blocks, 1)
 
     def block(k):

@@ -38,7 +38,7 @@ import numpy as np
 
 from mpifc.comm import processor_name, trace, world
 from mpifc.sim.cluster import (Cluster, ComputeRates, LinkModel, MeasuredTable, Thresholds,
-                               median_of, preset)
+                               fastest_of, preset)
 
 _perf = time.perf_counter
 
@@ -498,12 +498,12 @@ def calibrate(out: str | os.PathLike | None = None, *, quick: bool = False,
     inter_preset  when the job runs on one node, the inter-node link is taken from this
                   network preset (default: a copy of the measured intra-node link,
                   which says nothing about a network; the notes say so)
-    rounds        measure everything this many times, one round after the other:
-                  links and collectives keep the median of each figure
-                  (:func:`mpifc.sim.cluster.median_of`), compute rates the fastest time
-                  of each local measurement over all rounds (see
-                  :func:`_sweep_local_times`); steadier where other work comes and goes
-                  (shared or virtual machines)
+    rounds        measure everything this many times, one round after the other, and
+                  keep the fastest: of each link and collective figure
+                  (:func:`mpifc.sim.cluster.fastest_of`), of each local measurement
+                  before the compute rates are derived (:func:`_sweep_local_times`).
+                  For machines whose speed comes and goes with other work (shared or
+                  virtual machines): the result describes the machine without it
     between_rounds  callable(k) every rank runs after round k (0 .. rounds - 1): work
                   to interleave with the rounds, e.g. the steps a benchmark measures,
                   so that the calibration samples the same stretch of time as they do
@@ -522,16 +522,16 @@ def calibrate(out: str | os.PathLike | None = None, *, quick: bool = False,
         got.append(c)
         if between_rounds is not None:
             between_rounds(k)
-    cluster = median_of(got) if rounds > 1 else got[0]
+    cluster = fastest_of(got) if rounds > 1 else got[0]
     # the last round's rates come from the fastest time of every local measurement
-    # over all the rounds (see _sweep_local_times): not a median
+    # over all the rounds (see _sweep_local_times), before any figure was derived
     cluster.compute = got[-1].compute
     # rank 0's clock for the note: a time that rounds differently per rank would
     # make the ranks' descriptions differ
     elapsed = comm.bcast_obj(_perf() - t_start if comm.rank == 0 else None)
     cluster.notes += (f"\ncalibration took {elapsed:.1f} s" + (" (quick mode)" if quick else "")
-                      + (f"; links and collectives: the median of {rounds} rounds; compute "
-                         "rates: the fastest of each local measurement over all the rounds"
+                      + (f"; the fastest of {rounds} rounds (links and collectives: of "
+                         "each figure; compute rates: of each local measurement)"
                          if rounds > 1 else ""))
     if out is not None and comm.rank == 0:
         cluster.save(out)

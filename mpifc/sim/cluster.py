@@ -412,50 +412,75 @@ def median_of(clusters) -> Cluster:
     come from the first. For an odd count the median of a rate is the rate of the
     median time, so it does not matter which of the two is kept.
     """
+    return _combine(clusters, "median_of", _median, _median)
+
+
+def fastest_of(clusters) -> Cluster:
+    """One cluster from several calibrations of the same machine: the fastest value of
+    every measured figure (the least latency, time and per-call cost, the most bandwidth
+    and rate), and the median overlap efficiency (a share, not a speed).
+
+    For a machine whose speed comes and goes with other tenants' work (a virtual
+    machine): the fastest round of each figure describes it without that load, the
+    way timeit reports the best of its repeats. Same rules as :func:`median_of`."""
+    return _combine(clusters, "fastest_of", min, max)
+
+
+def _median(xs) -> float:
+    return float(np.median(np.asarray(xs, dtype=float)))
+
+
+def _combine(clusters, name, pick_time, pick_rate) -> Cluster:
+    """Merge calibrations figure by figure: ``pick_time`` over times (latencies, per-call
+    costs, collective times), ``pick_rate`` over rates (bandwidths, compute rates)."""
     cs = list(clusters)
     if not cs:
-        raise ValueError("median_of needs at least one cluster")
+        raise ValueError(f"{name} needs at least one cluster")
     first = cs[0]
 
     def same(what, key):
         vals = [key(c) for c in cs]
         if any(v != vals[0] for v in vals[1:]):
-            raise ValueError(f"median_of: the calibrations differ in {what} "
+            raise ValueError(f"{name}: the calibrations differ in {what} "
                              f"({vals[0]!r} vs {next(v for v in vals if v != vals[0])!r}); "
                              "only repeats of the same calibration can be merged")
 
-    def med(xs):
-        return float(np.median(np.asarray(xs, dtype=float)))
+    def t(xs):
+        return float(pick_time([float(x) for x in xs]))
+
+    def r(xs):
+        return float(pick_rate([float(x) for x in xs]))
 
     same("layout", lambda c: (c.nodes, c.ranks_per_node))
     links = {}
     for key in ("intra", "inter"):
         same(f"{key} link sizes", lambda c: [b for b, _, _ in getattr(c, key).points])
         pts = [getattr(c, key).points for c in cs]
-        links[key] = LinkModel([(b, med([p[i][1] for p in pts]), med([p[i][2] for p in pts]))
+        links[key] = LinkModel([(b, t([p[i][1] for p in pts]), r([p[i][2] for p in pts]))
                                 for i, (b, _, _) in enumerate(pts[0])])
     rates = {}
     for f in fields(ComputeRates):
         v = getattr(first.compute, f.name)
+        pick = t if f.name.endswith("_s") else r            # call_s, row_s are times
         if isinstance(v, list):
             same(f"compute {f.name} sizes", lambda c: [x for x, _ in getattr(c.compute, f.name)])
             curves = [getattr(c.compute, f.name) for c in cs]
-            rates[f.name] = [(x, med([cv[i][1] for cv in curves])) for i, (x, _) in enumerate(v)]
+            rates[f.name] = [(x, pick([cv[i][1] for cv in curves])) for i, (x, _) in enumerate(v)]
         else:
-            rates[f.name] = med([getattr(c.compute, f.name) for c in cs])
-    key_of = lambda t: (t.op, t.group_size, t.nodes, tuple(t.bytes))   # noqa: E731
-    same("measured collective tables", lambda c: [key_of(t) for t in c.measured])
-    measured = [MeasuredTable(t.op, t.group_size, t.nodes, t.bytes,
-                              [med([c.measured[k].seconds[i] for c in cs])
-                               for i in range(len(t.bytes))])
-                for k, t in enumerate(first.measured)]
+            rates[f.name] = pick([getattr(c.compute, f.name) for c in cs])
+    key_of = lambda c: (c.op, c.group_size, c.nodes, tuple(c.bytes))   # noqa: E731
+    same("measured collective tables", lambda c: [key_of(m) for m in c.measured])
+    measured = [MeasuredTable(m.op, m.group_size, m.nodes, m.bytes,
+                              [t([c.measured[k].seconds[i] for c in cs])
+                               for i in range(len(m.bytes))])
+                for k, m in enumerate(first.measured)]
     return Cluster(name=first.name, nodes=first.nodes, ranks_per_node=first.ranks_per_node,
                    intra=links["intra"], inter=links["inter"],
-                   reduction_Bps=med([c.reduction_Bps for c in cs]),
+                   reduction_Bps=r([c.reduction_Bps for c in cs]),
                    compute=ComputeRates(**rates), thresholds=first.thresholds,
                    measured=measured, memory_per_rank_bytes=first.memory_per_rank_bytes,
                    hosts=list(first.hosts), source=first.source, notes=first.notes,
-                   overlap_efficiency=med([c.overlap_efficiency for c in cs]))
+                   overlap_efficiency=_median([c.overlap_efficiency for c in cs]))
 
 
 def _tf(x: float) -> str:

@@ -36,8 +36,9 @@ def add_calibrate(sub) -> None:
                         "(default: a copy of the measured intra-node link, noted in the file)")
     c.add_argument("--name", default=None, help="cluster name (default: the host name)")
     c.add_argument("--rounds", type=int, default=1,
-                   help="measure everything this many times and keep the median of each "
-                        "figure: steadier on a shared or virtual machine (default %(default)s)")
+                   help="measure everything this many times and keep the fastest of each "
+                        "figure: the machine without other tenants' load, on a shared or "
+                        "virtual machine (default %(default)s)")
     c.set_defaults(func=cmd_calibrate)
 
 

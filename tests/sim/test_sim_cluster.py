@@ -6,7 +6,7 @@ import pytest
 from dataclasses import replace
 
 from mpifc.sim.cluster import (Cluster, ComputeRates, LinkModel, MeasuredTable, Thresholds,
-                               from_hostfile, load, loads, median_of, parse_hostfile, preset,
+                               fastest_of, from_hostfile, load, loads, median_of, parse_hostfile, preset,
                                preset_names)
 
 
@@ -68,6 +68,19 @@ def test_median_of_takes_each_figure_from_the_middle_round():
     m = median_of([a, b, odd])
     assert m.reduction_Bps == pytest.approx(c.reduction_Bps)       # 1/2, 1, 10 -> 1
     assert m.compute.call_s == pytest.approx(2e-6)
+
+
+def test_fastest_of_takes_each_figure_from_its_fastest_round():
+    c = _cluster()
+    rounds = [_scaled(c, 3.0), _scaled(c, 1.0), _scaled(c, 2.0)]
+    # every time from k = 1, every rate too; the overlap share is the median (0.2 k)
+    assert fastest_of(rounds) == replace(_scaled(c, 1.0), overlap_efficiency=0.4)
+    odd = replace(_scaled(c, 3.0), reduction_Bps=c.reduction_Bps * 10)
+    m = fastest_of([_scaled(c, 2.0), odd])
+    assert m.reduction_Bps == pytest.approx(c.reduction_Bps * 10)  # figures move independently
+    assert m.compute.call_s == pytest.approx(2e-6)
+    with pytest.raises(ValueError, match="fastest_of: the calibrations differ"):
+        fastest_of([c, replace(c, measured=c.measured[:1])])
 
 
 def test_median_of_refuses_different_calibrations():
