@@ -293,6 +293,24 @@ def _call_mix():
             lambda: np.zeros(4, dtype=np.float32)]
 
 
+def _reduce_mix(rng):
+    """Small reductions and indexing on a (64, 5) batch of class scores, the calls a
+    loss and its metrics make (a max and an argmax along an axis, a sum, a mean, exp
+    of a broadcast difference, a comparison pair, nonzero, fancy indexing in and out,
+    np.full, any along an axis): their mean time is ``reduce_call_s``."""
+    z = rng.standard_normal((64, 5), dtype=np.float32)
+    t = np.arange(64) % 5
+    m = z.max(axis=1)
+    hit = z == m[:, None]
+    rows = np.arange(0, 64, 2)
+    out = np.zeros(64, dtype=np.float32)
+    return [lambda: z.max(axis=1), lambda: np.argmax(hit, axis=1), lambda: z.sum(axis=1),
+            lambda: z.mean(), lambda: np.exp(z - m[:, None]), lambda: (t >= 0) & (t < 5),
+            lambda: np.nonzero(t)[0], lambda: z[rows, t[rows]],
+            lambda: out.__setitem__(rows, z[rows, 0]), lambda: np.full(64, 5, dtype=np.int64),
+            lambda: hit.any(axis=1)]
+
+
 #: element counts of the element-wise curve (float32: 1 KiB .. 4 MiB arrays)
 ELEMENTWISE_ELEMS = (256, 1024, 4096, 16384, 65536, 262144, 1 << 20)
 
@@ -329,6 +347,13 @@ def _local_times(comm, quick: bool, rng) -> tuple[list, dict]:
         for f in mix:
             f()
     local.append(_median_time(run_mix, reps, 200, comm) / len(mix))
+    # small reductions and indexing, as a loss and its metrics make them
+    rmix = _reduce_mix(rng)
+
+    def run_rmix():
+        for f in rmix:
+            f()
+    local.append(_median_time(run_rmix, reps, 50, comm) / len(rmix))
 
     # element-wise kernel (a binary ufunc: two reads, one write) over array sizes
     ew = []
@@ -354,8 +379,8 @@ def _local_times(comm, quick: bool, rng) -> tuple[list, dict]:
     # other row and column (a pooling window), (b) the first 4 of 8 columns (an im2col
     # offset); less the same bytes at the element-wise curve's rate
     src = np.ones((64, 32, 8, 8), dtype=np.float32)
-    dst_a = np.empty((64, 32, 4, 4), dtype=np.float32)
-    dst_b = np.empty((64, 32, 8, 4), dtype=np.float32)
+    dst_a = np.zeros((64, 32, 4, 4), dtype=np.float32)   # zeros: no NaN or denormal garbage
+    dst_b = np.zeros((64, 32, 8, 4), dtype=np.float32)
     # a binary ufunc (a strided view and a contiguous array), as pooling and col2im do
     t_str = [_median_time(lambda: np.add(src[:, :, ::2, ::2], dst_a, out=dst_a), reps, 4, comm) * 2,
              _median_time(lambda: np.add(src[:, :, :, :4], dst_b, out=dst_b), reps, 4, comm)]
@@ -428,8 +453,8 @@ def _derive_rates(comm, local, what: dict) -> dict:
     curve, streaming element-wise and sum rates, the per-call cost and the per-row cost
     of strided passes."""
     worst = list(comm.allreduce(np.asarray(local, dtype=np.float64), op="max"))
-    k = 1
-    call_s = float(worst[0])
+    k = 2
+    call_s, reduce_call_s = float(worst[0]), float(worst[1])
     t_tiny = worst[k]                            # the kernel on 4 elements: its own call cost
     ew_t = worst[k + 1:k + 1 + len(ELEMENTWISE_ELEMS)]
     k += 1 + len(ELEMENTWISE_ELEMS)
@@ -482,6 +507,7 @@ def _derive_rates(comm, local, what: dict) -> dict:
         "kernel_curve": kernel_curve,
         "reduction_Bps": 4.0 * REDUCTION_ELEMS / t_red,        # bytes of one operand
         "call_s": call_s,
+        "reduce_call_s": reduce_call_s,
         "row_s": row_s,
     }
 
@@ -653,7 +679,8 @@ def _calibrate_once(comm, quick, max_bytes, ops, inter_preset, name, say, best=N
                              elementwise_curve=rates["elementwise_curve"],
                              kernel_curve=rates["kernel_curve"],
                              gemm_aspect_curve=rates["gemm_aspect_curve"],
-                             call_s=rates["call_s"], row_s=rates["row_s"]),
+                             call_s=rates["call_s"], row_s=rates["row_s"],
+                             reduce_call_s=rates["reduce_call_s"]),
         thresholds=Thresholds(), measured=measured,
         hosts=[(h, c) for h, c in zip(hosts, counts)],
         source="mpifc calibrate", notes="\n".join(notes), overlap_efficiency=overlap)

@@ -139,6 +139,10 @@ class ComputeRates:
     clamped below the smallest measured aspect.
     call_s: seconds of one NumPy / Python call beyond its bytes or FLOPs (argument
     parsing, dispatch, allocation): a phase of ``calls`` calls pays ``calls * call_s``.
+    reduce_call_s (optional): seconds of one small reduction or indexing call (a max or
+    argmax along an axis, a mean, nonzero, fancy indexing, np.full) on a few hundred
+    elements, the calls a loss and its metrics make: two to four times ``call_s``
+    here. A phase's ``reduce_calls`` pay it (``call_s`` where it is 0).
     row_s: seconds per innermost row of a strided pass (NumPy's iterator restarts its
     inner loop on every row of a view whose rows are not contiguous with each other,
     e.g. a pooling window or an im2col offset with rows of a few elements).
@@ -154,12 +158,13 @@ class ComputeRates:
     gemm_aspect_curve: list[tuple[float, float]] = field(default_factory=list)
     call_s: float = 0.0
     row_s: float = 0.0
+    reduce_call_s: float = 0.0
 
     def __post_init__(self):
         for name in ("gemm_gflops", "conv_gflops", "elementwise_gbps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"compute rate {name} must be > 0")
-        for name in ("call_s", "row_s"):
+        for name in ("call_s", "row_s", "reduce_call_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"compute {name} must be >= 0")
             setattr(self, name, float(getattr(self, name)))
@@ -192,18 +197,20 @@ class ComputeRates:
 
     def seconds(self, op_kind: str, flops: float = 0.0, nbytes: float = 0.0,
                 calls: float = 0.0, rows: float = 0.0, stream: bool = True,
-                aspect: float = 1.0) -> float:
+                aspect: float = 1.0, reduce_calls: float = 0.0) -> float:
         """Time of one compute phase.
 
-        gemm:         calls * call_s + flops / (rate(flops) * efficiency(aspect))
-        conv:         calls * call_s + flops / rate(flops)
-        elementwise:  calls * call_s + rows * row_s + bytes / rate(bytes / calls)
-        where rate is ``kernel_curve`` for a layer kernel (``stream`` False) when the
+        gemm:         over + flops / (rate(flops) * efficiency(aspect))
+        conv:         over + flops / rate(flops)
+        elementwise:  over + rows * row_s + bytes / rate(bytes / (calls + reduce_calls))
+        over = calls * call_s + reduce_calls * reduce_call_s (call_s where that is 0);
+        rate is ``kernel_curve`` for a layer kernel (``stream`` False) when the
         cluster has one, else ``elementwise_curve``. A phase without calls uses the
         streaming rate ``elementwise_gbps`` (the size of one call is unknown) and pays
         no per-call cost, as before these terms.
         """
-        over = calls * self.call_s
+        over = calls * self.call_s + reduce_calls * (self.reduce_call_s or self.call_s)
+        calls = calls + reduce_calls
         if op_kind == "gemm":
             rate = self._rate(self.gemm_curve, self.gemm_gflops, flops)
             return over + flops / (rate * self.aspect_efficiency(aspect) * 1e9)

@@ -66,6 +66,8 @@ class Phase:
                  cluster's ``kernel_curve`` where it has one
     aspect       compute, gemm: min(m, k, n) / (m k n)^(1/3) of its products (1: square;
                  see ComputeRates.gemm_aspect_curve)
+    reduce_calls compute: small reduction / indexing calls (a loss and its metrics), each
+                 at the cluster's ``reduce_call_s``
     """
 
     kind: str
@@ -82,6 +84,7 @@ class Phase:
     rows: float = 0.0
     stream: bool = False
     aspect: float = 1.0
+    reduce_calls: float = 0.0
 
     def __post_init__(self):
         where = f"phase {self.label!r}"
@@ -89,8 +92,9 @@ class Phase:
             raise ValueError(f"{where}: kind {self.kind!r} is not one of {PHASE_KINDS}")
         if self.stage not in STAGES:
             raise ValueError(f"{where}: stage {self.stage!r} is not one of {STAGES}")
-        if min(self.bytes, self.flops, self.repeat, self.calls, self.rows) < 0:
-            raise ValueError(f"{where}: bytes, flops, repeat, calls and rows must be >= 0")
+        if min(self.bytes, self.flops, self.repeat, self.calls, self.rows, self.reduce_calls) < 0:
+            raise ValueError(f"{where}: bytes, flops, repeat, calls, reduce_calls and rows "
+                             "must be >= 0")
         if not 0 < self.aspect <= 1:
             raise ValueError(f"{where}: aspect must be in (0, 1], got {self.aspect}")
         if self.kind == "comm":
@@ -265,7 +269,8 @@ def simulate(workload: Workload, cluster: Cluster, dp: int | None = None,
             waited_for_optimizer = True
         if ph.kind == "compute":
             d = cluster.compute.seconds(ph.op_kind, ph.flops, ph.bytes, ph.calls,
-                                        ph.rows, ph.stream, ph.aspect) * ph.repeat
+                                        ph.rows, ph.stream, ph.aspect,
+                                        ph.reduce_calls) * ph.repeat
             compute_by_kind[ph.op_kind] += d
             times.append(PhaseTime(ph.label, "compute", ph.op_kind, "self", d, ph.op_kind,
                                    main, False))

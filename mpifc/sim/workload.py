@@ -339,9 +339,10 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
         return Phase("compute", label, flops=float(flops), op_kind=kind, stage=stage,
                      calls=float(calls), aspect=gemm_aspect(*dims) if dims else 1.0)
 
-    def elem(label, nbytes, stage, calls=1, rows=0, stream=False):
+    def elem(label, nbytes, stage, calls=1, rows=0, stream=False, reduce_calls=0):
         return Phase("compute", label, bytes=float(nbytes), op_kind="elementwise", stage=stage,
-                     calls=float(calls), rows=float(rows), stream=stream)
+                     calls=float(calls), rows=float(rows), stream=stream,
+                     reduce_calls=float(reduce_calls))
 
     def elem3(label, cost, stage):
         return elem(label, cost[0], stage, cost[1], cost[2])
@@ -616,20 +617,23 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
     loss_cc: list[Collective] = []
     par_loss = act.counts is not None
     lc = ("ploss_fwd", "pmetrics", "ploss_bwd") if par_loss else ("loss_fwd", "metrics", "loss_bwd")
-    loss_ph = [elem("loss.forward", _PASSES["loss_fwd"] * b * Ql * s, "forward", _CALLS[lc[0]], b)]
+    # the loss and its metrics are small reductions and fancy indexing on (b, Ql):
+    # priced as reduction calls (ComputeRates.reduce_call_s)
+    loss_ph = [elem("loss.forward", _PASSES["loss_fwd"] * b * Ql * s, "forward", 0, b,
+                    reduce_calls=_CALLS[lc[0]])]
     if act.counts is not None:
         for count in (b, 2 * b):
             c, ph = comm("loss.forward", "allreduce", count, "tp", "forward")
             loss_cc.append(c); loss_ph.append(ph)
     if accuracy:
-        loss_ph.append(elem("loss.metrics", _PASSES["metrics"] * b * Ql * s, "forward",
-                            _CALLS[lc[1]]))
+        loss_ph.append(elem("loss.metrics", _PASSES["metrics"] * b * Ql * s, "forward", 0,
+                            reduce_calls=_CALLS[lc[1]]))
         if act.counts is not None:
             c, ph = comm("loss.metrics", "allreduce", b, "tp", "forward", itemsize=8)
             loss_cc.append(c); loss_ph.append(ph)
     # the loss gradient, and DataParallel's 1/P scaling of it (dp > 1)
     loss_ph.append(elem("loss.backward", (_PASSES["loss_bwd"] + (2 if dp > 1 else 0)) * b * Ql * s,
-                        "backward", _CALLS[lc[2]] + (1 if dp > 1 else 0), b))
+                        "backward", 1 if dp > 1 else 0, b, reduce_calls=_CALLS[lc[2]]))
 
     # ---- backward, launching data-parallel buckets (mpifc.parallel.data.plan_buckets) ----
     params = sum(param_sizes)

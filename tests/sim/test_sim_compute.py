@@ -155,7 +155,17 @@ def test_workload_carries_calls():
     opt = [p for p in d.workload.phases if p.label.startswith("optimizer.step.")]
     assert len(opt) == 6 and all(p.calls == 16 for p in opt)
     assert sum(p.bytes for p in opt) == 31 * d.params * 4
-    assert all(p.calls > 0 for p in d.workload.phases if p.kind == "compute")
+    assert all(p.calls + p.reduce_calls > 0 for p in d.workload.phases if p.kind == "compute")
+    # the loss and its metrics: reduction / indexing calls (ComputeRates.reduce_call_s)
+    loss = {p.label: p for p in d.workload.phases if p.label.startswith("loss.")}
+    assert set(loss) == {"loss.forward", "loss.metrics", "loss.backward"}
+    assert all(p.reduce_calls > 0 and p.calls == 0 for p in loss.values())
+    r = _rates(reduce_call_s=4e-6)
+    ph = loss["loss.metrics"]
+    assert r.seconds("elementwise", nbytes=ph.bytes, reduce_calls=ph.reduce_calls,
+                     stream=False) == pytest.approx(
+        ph.reduce_calls * 4e-6 + ph.bytes / (r.elementwise_rate(ph.bytes / ph.reduce_calls) * 1e9))
+    assert _rates().seconds("elementwise", reduce_calls=3) == pytest.approx(3e-6)   # call_s
     # dp = 2: each gradient bucket is posted from the main stream (calls, no bytes)
     d2 = describe_step(cfg, 2, 1, global_batch=64)
     posts = [p for p in d2.workload.phases if p.label.endswith(".post")]
