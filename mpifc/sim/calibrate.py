@@ -14,19 +14,24 @@ are those of the same uppercase mpi4py buffer calls the trainer makes):
     reduce, alltoall) over message sizes and group sizes 2..P, each group being the
     first g world ranks (a sub-communicator) -> MeasuredTable entries, which the cost
     model prefers to its closed forms, so the library's real switch points are used;
+    and allreduce on a 1-rank communicator (the call's own cost, for groups of one);
   * with 2 or more ranks, the overlap efficiency: how much of a 1 MiB iallreduce
     (or max_bytes if smaller) hides behind compute when posted the way DataParallel
     posts a gradient bucket (:func:`_overlap_efficiency`);
-  * local rates on every rank at once (as in training): float32 GEMM at a few sizes,
-    convolution through mpifc.nn.functional.conv2d_forward (im2col + GEMM) when that
-    module is present, else the GEMM rate stands in for conv (said in the notes),
-    element-wise (ReLU-like) bandwidth, and the rate of a local sum (gamma).
+  * local rates on every rank at once (as in training): float32 GEMM at a few sizes
+    and thin products (the aspect curve), convolution through
+    mpifc.nn.functional.conv2d_forward (im2col + GEMM) when that module is present,
+    else the GEMM rate stands in for conv (said in the notes), element-wise and
+    layer-kernel bandwidth over sizes, the per-call costs (trivial calls, small
+    reductions), strided rows, and the rate of a local sum (gamma); each the slowest
+    rank's time in the fastest of several sweeps (:func:`_sweep_local_times`).
 
-Timing: after a short warm-up, per trial a barrier, then k back-to-back calls timed
-on every rank; the trial time is the maximum over ranks (one allreduce at the end of
-a series), and the result is the median over trials. Times are then made
-non-decreasing in message size (:func:`lower_envelope`: noise only adds time). Ranks
-outside a measured group wait at the next world barrier.
+Collective timing: after a short warm-up, per trial a barrier, then k calls, each
+after untimed cache-evicting work and timed alone on every rank (as a step calls
+them, :func:`_measure_group`); the trial time is the maximum over ranks (one
+allreduce at the end of a series), and the result is the median over trials. Times
+are then made non-decreasing in message size (:func:`lower_envelope`: noise only
+adds time). Ranks outside a measured group wait at the next world barrier.
 """
 from __future__ import annotations
 
@@ -315,8 +320,8 @@ def _reduce_mix(rng):
 ELEMENTWISE_ELEMS = (256, 1024, 4096, 16384, 65536, 262144, 1 << 20)
 
 
-#: sweeps of the local measurements per calibration round, (quick, full): about 0.5 s
-#: and 1.5 s on one core here (see :func:`_compute_rates`)
+#: sweeps of the local measurements per calibration round, (quick, full): about 0.6 s
+#: and 2.5 s on one core here (see :func:`_sweep_local_times`)
 SWEEPS = (4, 8)
 #: rows of 4 elements in each strided pass (a (64, 32, 8, 8) array's (64, 32, 8) rows / 2)
 STRIDED_ROWS = 16384
