@@ -5,7 +5,7 @@
 For each rank count N it launches one ``mpiexec -n N`` job that runs real training
 steps of the digits MLP and the digits classifier (the digits-mlp and digits-cnn
 presets, built with mpifc.models.build_model and DataParallel, global batch 64 of
-random digits-shaped data) under every dp x tp layout of N ranks: DP (N x 1), TP
+random digits-shaped data, 8 batches in turn) under every dp x tp layout of N ranks: DP (N x 1), TP
 (1 x N) and DP x TP where N allows; 3 warm-up steps, then 60 timed steps in 10 blocks,
 the layouts taking turns block by block, and before each block one quick calibration
 round of this machine with the N ranks (``calibrate(quick=True, rounds=10,
@@ -56,6 +56,8 @@ MODELS = ("digits-mlp", "digits-cnn")
 B = 64
 #: the measured figures are medians over this fastest share of the steps
 FASTEST = 0.1
+#: different batches each layout steps through in turn
+BATCHES = 8
 _LAUNCHER = ("PMI_", "PMIX_", "HYDRA_", "HYDI_", "MPIR_", "MPI_LOCAL", "OMPI_")
 
 
@@ -85,22 +87,27 @@ def worker(out_dir: str, steps: int, warmup: int, blocks: int) -> None:
             ddp = DataParallel(net, grid.dp_comm, bucket_mb=cfg["parallel"]["bucket_mb"],
                                overlap=cfg["parallel"]["overlap"])
             opt = build_optimizer(cfg, net.named_parameters())
+            # BATCHES different batches in turn, as training sees new data every step
+            # (one batch over and over lets the branch predictor learn its max-pool masks)
             rng = np.random.default_rng(0)
-            x = rng.standard_normal((B, *cfg["model"]["input"])).astype(np.float32)
-            y = rng.integers(0, 10, B)
             counts, displs = balanced_counts(B, dp)
             sl = slice(displs[grid.dp_rank], displs[grid.dp_rank] + counts[grid.dp_rank])
+            data = []
+            for _ in range(BATCHES):
+                x = rng.standard_normal((B, *cfg["model"]["input"])).astype(np.float32)
+                y = rng.integers(0, 10, B)
+                data.append((np.ascontiguousarray(x[sl]), y[sl]))
             setups.append({"model": name, "dp": dp, "tp": tp, "net": net, "ddp": ddp, "opt": opt,
-                           "x": np.ascontiguousarray(x[sl]), "y": y[sl], "step": [],
-                           "blocked": [], "stages": []})
+                           "data": data, "step": [], "blocked": [], "stages": []})
 
     def run(st, n, record):
         """n training steps as the trainer runs them (Trainer.train_step + its check)."""
-        net, ddp, opt, x, y, dp = st["net"], st["ddp"], st["opt"], st["x"], st["y"], st["dp"]
+        net, ddp, opt, dp = st["net"], st["ddp"], st["opt"], st["dp"]
         bounds, waits, stages = [], [], []
         trace.reset()
         comm.barrier()
-        for _ in range(n):
+        for i in range(n):
+            x, y = st["data"][i % BATCHES]
             t0 = time.perf_counter()
             ddp.zero_grad()
             loss = net.loss.forward(net.forward(x), y)

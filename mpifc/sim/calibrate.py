@@ -327,6 +327,8 @@ SWEEPS = (4, 8)
 STRIDED_ROWS = 16384
 #: float32 elements of the streaming add that gives the reduction rate (4 MiB)
 REDUCTION_ELEMS = 1 << 20
+#: elements of each masked store timed for ComputeRates.masked_s
+MASKED_ELEMS = 32768
 #: the two wide dimensions of the thin products (ComputeRates.gemm_aspect_curve)
 GEMM_THIN_SIDE = 256
 
@@ -359,6 +361,15 @@ def _local_times(comm, quick: bool, rng) -> tuple[list, dict]:
         for f in rmix:
             f()
     local.append(_median_time(run_rmix, reps, 50, comm) / len(rmix))
+    # masked stores with data-dependent masks (max pooling's argmax): 16 random masks in
+    # turn, so that the branch predictor cannot learn one (it did, within ~32K elements)
+    masks = [rng.random(MASKED_ELEMS) > 0.5 for _ in range(16)]
+    dest = np.zeros(MASKED_ELEMS, dtype=np.uint8)
+    turn = iter(range(1 << 62))
+
+    def masked_store():
+        np.putmask(dest, masks[next(turn) % 16], 3)
+    local.append(_median_time(masked_store, reps, 16, comm) / MASKED_ELEMS)
 
     # element-wise kernel (a binary ufunc: two reads, one write) over array sizes
     ew = []
@@ -458,8 +469,8 @@ def _derive_rates(comm, local, what: dict) -> dict:
     curve, streaming element-wise and sum rates, the per-call cost and the per-row cost
     of strided passes."""
     worst = list(comm.allreduce(np.asarray(local, dtype=np.float64), op="max"))
-    k = 2
-    call_s, reduce_call_s = float(worst[0]), float(worst[1])
+    k = 3
+    call_s, reduce_call_s, masked_s = float(worst[0]), float(worst[1]), float(worst[2])
     t_tiny = worst[k]                            # the kernel on 4 elements: its own call cost
     ew_t = worst[k + 1:k + 1 + len(ELEMENTWISE_ELEMS)]
     k += 1 + len(ELEMENTWISE_ELEMS)
@@ -513,6 +524,7 @@ def _derive_rates(comm, local, what: dict) -> dict:
         "reduction_Bps": 4.0 * REDUCTION_ELEMS / t_red,        # bytes of one operand
         "call_s": call_s,
         "reduce_call_s": reduce_call_s,
+        "masked_s": masked_s,
         "row_s": row_s,
     }
 
@@ -685,7 +697,8 @@ def _calibrate_once(comm, quick, max_bytes, ops, inter_preset, name, say, best=N
                              kernel_curve=rates["kernel_curve"],
                              gemm_aspect_curve=rates["gemm_aspect_curve"],
                              call_s=rates["call_s"], row_s=rates["row_s"],
-                             reduce_call_s=rates["reduce_call_s"]),
+                             reduce_call_s=rates["reduce_call_s"],
+                             masked_s=rates["masked_s"]),
         thresholds=Thresholds(), measured=measured,
         hosts=[(h, c) for h, c in zip(hosts, counts)],
         source="mpifc calibrate", notes="\n".join(notes), overlap_efficiency=overlap)

@@ -143,6 +143,11 @@ class ComputeRates:
     argmax along an axis, a mean, nonzero, fancy indexing, np.full) on a few hundred
     elements, the calls a loss and its metrics make: two to four times ``call_s``
     here. A phase's ``reduce_calls`` pay it (``call_s`` where it is 0).
+    masked_s (optional): seconds per element of a masked store whose mask follows the
+    data (``np.putmask``, the max-pool argmax): the store is a branch per element, and
+    a data-dependent mask mispredicts about half of them (5.4 ns per element here
+    with fresh masks, 1.6-1.7 ns with a mask the branch predictor has learned).
+    A phase's ``masked`` elements pay it.
     row_s: seconds per innermost row of a strided pass (NumPy's iterator restarts its
     inner loop on every row of a view whose rows are not contiguous with each other,
     e.g. a pooling window or an im2col offset with rows of a few elements).
@@ -159,12 +164,13 @@ class ComputeRates:
     call_s: float = 0.0
     row_s: float = 0.0
     reduce_call_s: float = 0.0
+    masked_s: float = 0.0
 
     def __post_init__(self):
         for name in ("gemm_gflops", "conv_gflops", "elementwise_gbps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"compute rate {name} must be > 0")
-        for name in ("call_s", "row_s", "reduce_call_s"):
+        for name in ("call_s", "row_s", "reduce_call_s", "masked_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"compute {name} must be >= 0")
             setattr(self, name, float(getattr(self, name)))
@@ -197,12 +203,14 @@ class ComputeRates:
 
     def seconds(self, op_kind: str, flops: float = 0.0, nbytes: float = 0.0,
                 calls: float = 0.0, rows: float = 0.0, stream: bool = True,
-                aspect: float = 1.0, reduce_calls: float = 0.0) -> float:
+                aspect: float = 1.0, reduce_calls: float = 0.0,
+                masked: float = 0.0) -> float:
         """Time of one compute phase.
 
         gemm:         over + flops / (rate(flops) * efficiency(aspect))
         conv:         over + flops / rate(flops)
-        elementwise:  over + rows * row_s + bytes / rate(bytes / (calls + reduce_calls))
+        elementwise:  over + rows * row_s + masked * masked_s
+                      + bytes / rate(bytes / (calls + reduce_calls))
         over = calls * call_s + reduce_calls * reduce_call_s (call_s where that is 0);
         rate is ``kernel_curve`` for a layer kernel (``stream`` False) when the
         cluster has one, else ``elementwise_curve``. A phase without calls uses the
@@ -223,7 +231,7 @@ class ComputeRates:
                 rate = self._rate(self.kernel_curve, self.elementwise_gbps, nbytes / calls)
             else:
                 rate = self.elementwise_rate(nbytes / calls)
-            return over + rows * self.row_s + nbytes / (rate * 1e9)
+            return over + rows * self.row_s + masked * self.masked_s + nbytes / (rate * 1e9)
         raise ValueError(f"unknown compute op_kind {op_kind!r}; expected gemm, conv or elementwise")
 
 

@@ -142,7 +142,8 @@ def share_cores(cluster, cores_per_node: int):
                    conv_curve=[(x, r * f) for x, r in c.conv_curve],
                    elementwise_curve=[(x, r * f) for x, r in c.elementwise_curve],
                    kernel_curve=[(x, r * f) for x, r in c.kernel_curve],
-                   call_s=c.call_s / f, row_s=c.row_s / f, reduce_call_s=c.reduce_call_s / f)
+                   call_s=c.call_s / f, row_s=c.row_s / f, reduce_call_s=c.reduce_call_s / f,
+                   masked_s=c.masked_s / f)
     note = (f"{rpn} ranks share {cores_per_node} cores per node: compute rates x "
             f"{cores_per_node}/{rpn} (mpifc simulate --cores-per-node)")
     return replace(cluster, compute=comp, reduction_Bps=cluster.reduction_Bps * f,

@@ -68,6 +68,8 @@ class Phase:
                  see ComputeRates.gemm_aspect_curve)
     reduce_calls compute: small reduction / indexing calls (a loss and its metrics), each
                  at the cluster's ``reduce_call_s``
+    masked       compute: elements of masked stores with a data-dependent mask (max-pool
+                 forward), each at the cluster's ``masked_s``
     """
 
     kind: str
@@ -85,6 +87,7 @@ class Phase:
     stream: bool = False
     aspect: float = 1.0
     reduce_calls: float = 0.0
+    masked: float = 0.0
 
     def __post_init__(self):
         where = f"phase {self.label!r}"
@@ -92,9 +95,10 @@ class Phase:
             raise ValueError(f"{where}: kind {self.kind!r} is not one of {PHASE_KINDS}")
         if self.stage not in STAGES:
             raise ValueError(f"{where}: stage {self.stage!r} is not one of {STAGES}")
-        if min(self.bytes, self.flops, self.repeat, self.calls, self.rows, self.reduce_calls) < 0:
-            raise ValueError(f"{where}: bytes, flops, repeat, calls, reduce_calls and rows "
-                             "must be >= 0")
+        if min(self.bytes, self.flops, self.repeat, self.calls, self.rows, self.reduce_calls,
+               self.masked) < 0:
+            raise ValueError(f"{where}: bytes, flops, repeat, calls, reduce_calls, rows and "
+                             "masked must be >= 0")
         if not 0 < self.aspect <= 1:
             raise ValueError(f"{where}: aspect must be in (0, 1], got {self.aspect}")
         if self.kind == "comm":
@@ -270,7 +274,7 @@ def simulate(workload: Workload, cluster: Cluster, dp: int | None = None,
         if ph.kind == "compute":
             d = cluster.compute.seconds(ph.op_kind, ph.flops, ph.bytes, ph.calls,
                                         ph.rows, ph.stream, ph.aspect,
-                                        ph.reduce_calls) * ph.repeat
+                                        ph.reduce_calls, ph.masked) * ph.repeat
             compute_by_kind[ph.op_kind] += d
             times.append(PhaseTime(ph.label, "compute", ph.op_kind, "self", d, ph.op_kind,
                                    main, False))

@@ -339,10 +339,10 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
         return Phase("compute", label, flops=float(flops), op_kind=kind, stage=stage,
                      calls=float(calls), aspect=gemm_aspect(*dims) if dims else 1.0)
 
-    def elem(label, nbytes, stage, calls=1, rows=0, stream=False, reduce_calls=0):
+    def elem(label, nbytes, stage, calls=1, rows=0, stream=False, reduce_calls=0, masked=0):
         return Phase("compute", label, bytes=float(nbytes), op_kind="elementwise", stage=stage,
                      calls=float(calls), rows=float(rows), stream=stream,
-                     reduce_calls=float(reduce_calls))
+                     reduce_calls=float(reduce_calls), masked=float(masked))
 
     def elem3(label, cost, stage):
         return elem(label, cost[0], stage, cost[1], cost[2])
@@ -584,7 +584,10 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             out_n = b * xl[0] * Ho * Wo
             cost = maxpool_cost if t == "maxpool2d" else avgpool_cost
             fc, bc = cost(b, xl[0], H, W, R, S_, st[0], st[1], pads, Ho, Wo, s)
-            f_ph.append(elem3(f"{name}.forward", fc, "forward"))
+            # max pooling stores the argmax offset with np.putmask once per further
+            # window offset: a data-dependent branch per output element
+            masked = (R * S_ - 1) * out_n if t == "maxpool2d" else 0
+            f_ph.append(elem(f"{name}.forward", fc[0], "forward", fc[1], fc[2], masked=masked))
             b_ph.append(elem3(f"{name}.backward", bc, "backward"))
             keep += out_n
             act = _Act((C, Ho, Wo), act.counts)

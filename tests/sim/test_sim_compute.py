@@ -98,7 +98,7 @@ def test_engine_prices_calls_and_rows():
     assert r.compute_by_kind["gemm"] == pytest.approx(1e-3 + 2e-6)
     assert r.compute_by_kind["elementwise"] == pytest.approx(2 * (1e-3 + 4e-6 + 1e-6))
     assert r.step_s == pytest.approx(3e-3 + 2e-6 + 10e-6)
-    with pytest.raises(ValueError, match="calls and rows"):
+    with pytest.raises(ValueError, match="rows and masked must be >= 0"):
         Phase("compute", "x", calls=-1)
 
 
@@ -140,6 +140,21 @@ def test_maxpool_cost_by_hand():
     # overlapping windows go through a temporary and += (reads the destination too)
     _, bwd3 = maxpool_cost(2, 3, 4, 4, 2, 2, 1, 1, ((0, 0), (0, 0)), 3, 3, 4)
     assert bwd3[0] == 96 * 4 + 4 * 54 * 23 and bwd3[1] == 3 + 16
+
+
+def test_masked_stores_of_max_pooling():
+    # digits-cnn: pool1 (64, 32, 8, 8) -> 4x4 outputs, 3 further offsets of the 2x2 window
+    # store the argmax with np.putmask: 3 x 64 x 32 x 16 masked elements; pool2 likewise
+    by = {p.label: p for p in describe_step(load_config("digits-cnn"), 1, 1,
+                                            global_batch=64).workload.phases}
+    assert by["pool1.forward"].masked == 3 * 64 * 32 * 16
+    assert by["pool2.forward"].masked == 3 * 64 * 64 * 4
+    assert by["pool1.backward"].masked == 0 and by["relu1.forward"].masked == 0
+    r = _rates(masked_s=5e-9)
+    ph = by["pool1.forward"]
+    args = dict(nbytes=ph.bytes, calls=ph.calls, rows=ph.rows, stream=False)
+    assert r.seconds("elementwise", masked=ph.masked, **args) == pytest.approx(
+        r.seconds("elementwise", **args) + ph.masked * 5e-9)
 
 
 def test_optimizer_costs():
