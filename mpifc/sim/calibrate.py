@@ -35,6 +35,7 @@ adds time). Ranks outside a measured group wait at the next world barrier.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import time
@@ -165,12 +166,11 @@ def _between_calls():
     its layers between two collectives: one touch per cache line of BETWEEN_BYTES and
     the call mix once, so the call finds the data and code caches as a step leaves them."""
     junk = np.zeros(BETWEEN_BYTES // 4, dtype=np.float32)
-    mix = _call_mix()
+    mix = _in_turn(_call_mix())
 
     def work():
         junk[::16] += 1.0
-        for f in mix:
-            f()
+        mix()
     return work
 
 
@@ -283,6 +283,14 @@ def _median_time(fn, reps: int, inner: int = 1, comm=None) -> float:
     return statistics.median(ts)
 
 
+def _in_turn(calls):
+    """One call that makes each of ``calls`` once, in order."""
+    def run():
+        for f in calls:
+            f()
+    return run
+
+
 def _call_mix():
     """Trivial calls of the kinds the layers, losses and optimizers make on small arrays
     (a ufunc into a buffer, an allocating ufunc, reductions, fancy indexing, a
@@ -350,25 +358,18 @@ def _local_times(comm, quick: bool, rng) -> tuple[list, dict]:
     # warm branch predictors and caches that a training step does not give)
     mix = _call_mix()
 
-    def run_mix():
-        for f in mix:
-            f()
-    local.append(_median_time(run_mix, reps, 200, comm) / len(mix))
+    local.append(_median_time(_in_turn(mix), reps, 200, comm) / len(mix))
     # small reductions and indexing, as a loss and its metrics make them
     rmix = _reduce_mix(rng)
-
-    def run_rmix():
-        for f in rmix:
-            f()
-    local.append(_median_time(run_rmix, reps, 50, comm) / len(rmix))
+    local.append(_median_time(_in_turn(rmix), reps, 50, comm) / len(rmix))
     # masked stores with data-dependent masks (max pooling's argmax): 16 random masks in
     # turn, so that the branch predictor cannot learn one (it did, within ~32K elements)
     masks = [rng.random(MASKED_ELEMS) > 0.5 for _ in range(16)]
     dest = np.zeros(MASKED_ELEMS, dtype=np.uint8)
-    turn = iter(range(1 << 62))
+    turn = itertools.cycle(masks)
 
     def masked_store():
-        np.putmask(dest, masks[next(turn) % 16], 3)
+        np.putmask(dest, next(turn), 3)
     local.append(_median_time(masked_store, reps, 16, comm) / MASKED_ELEMS)
 
     # element-wise kernel (a binary ufunc: two reads, one write) over array sizes
