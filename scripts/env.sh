@@ -1,16 +1,39 @@
 # Sourced by the scripts: a local virtual environment with mpifc installed from this checkout.
-# MPIFC_VENV overrides the location; MPIFC_EXTRAS the pip extras (default: test).
+#   MPIFC_VENV      the environment's location (default: .venv in the checkout)
+#   MPIFC_EXTRAS    pip extras to install (default: what the calling script needs, plus
+#                   `mpich` -- the embedded MPI wheel -- unless a site MPI's mpiexec is
+#                   already on PATH: a site MPI never gets a second mpiexec beside it)
+#   MPIFC_REINSTALL=1  install again even when everything imports
+# The calling script sets MPIFC_NEED: "run" (mpifc and MPI) or "test" (also pytest-mpi).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${MPIFC_VENV:-$ROOT/.venv}"
+NEED="${MPIFC_NEED:-run}"
+site_mpiexec="$(command -v mpiexec || true)"
+case "$site_mpiexec" in "$VENV"/*) site_mpiexec="" ;; esac
+if [ -z "${MPIFC_EXTRAS+x}" ]; then
+  MPIFC_EXTRAS=""
+  [ "$NEED" = test ] && MPIFC_EXTRAS="test"
+  if [ -z "$site_mpiexec" ]; then
+    MPIFC_EXTRAS="${MPIFC_EXTRAS:+$MPIFC_EXTRAS,}mpich"
+  fi
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   echo "mpifc: creating virtual environment $VENV" >&2
   python3 -m venv "$VENV"
 fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
-if ! python -c "import mpifc, mpi4py, h5py, pytest_mpi" 2>/dev/null || [ "${MPIFC_REINSTALL:-0}" = 1 ]; then
-  echo "mpifc: installing mpifc[${MPIFC_EXTRAS:-test}] into $VENV" >&2
-  python -m pip install -q --disable-pip-version-check -e "$ROOT[${MPIFC_EXTRAS:-test}]"
+modules="mpifc, mpi4py, h5py"
+[ "$NEED" = test ] && modules="$modules, pytest_mpi"
+if ! python -c "import $modules" 2>/dev/null || ! command -v mpiexec >/dev/null \
+   || [ "${MPIFC_REINSTALL:-0}" = 1 ]; then
+  spec="$ROOT${MPIFC_EXTRAS:+[$MPIFC_EXTRAS]}"
+  echo "mpifc: installing $spec into $VENV" >&2
+  python -m pip install -q --disable-pip-version-check -e "$spec"
+fi
+if ! command -v mpiexec >/dev/null; then
+  echo "mpifc: no mpiexec on PATH: load your site MPI (module load ...) or set MPIFC_EXTRAS=mpich" >&2
+  exit 1
 fi
 cd "$ROOT"

@@ -61,7 +61,9 @@ def test_slurm_srun_script(tmp_path):
                  {"SLURM_CPUS_PER_TASK": "4", "SLURM_SUBMIT_DIR": str(tmp_path),
                   "SLURM_JOB_ID": "77"})
     assert calls[0].startswith("srun --ntasks=1 --nodes=1 mpifc data prepare digits")
-    assert calls[1].startswith("srun --mpi=pmix --cpu-bind=cores mpifc train digits-cnn "
+    # srun does not inherit --cpus-per-task since Slurm 22.05: the script passes it again
+    assert calls[1].startswith("srun --mpi=pmix --cpus-per-task=4 --cpu-bind=cores mpifc train "
+                               "digits-cnn "
                                "--set parallel.tp=2 --set train.out=runs/digits-cnn-77")
     assert all(c.endswith("OMP_NUM_THREADS=4") for c in calls)
 
