@@ -221,8 +221,8 @@ class Trainer:
                   f"data {self.data_path}", flush=True)
 
     def _note(self, line: str) -> None:
-        """A change to what the config asked for: one line on rank 0 (stderr, even --quiet)."""
-        if self.rank0:
+        """A change to what the config asked for: one line on rank 0 (stderr; not --quiet)."""
+        if self.rank0 and not self.quiet:
             print(f"mpifc train: note: {line}", file=sys.stderr, flush=True)
 
     # --- metrics ---
@@ -391,12 +391,11 @@ class Trainer:
 
         from mpifc.config import DEFAULTS
 
-        new, old = self.cfg["optim"]["lr"], None
-        try:
-            old = float(tomllib.loads(info.get("config") or "").get("optim", {})
-                        .get("lr", DEFAULTS["optim"]["lr"])) if info.get("config") else None
-        except (tomllib.TOMLDecodeError, TypeError, ValueError):
-            old = None
+        new, old, stored = self.cfg["optim"]["lr"], None, info.get("config")
+        try:       # the lr the checkpoint's run was configured with (None: not known)
+            old = float(tomllib.loads(stored).get("optim", {}).get("lr", DEFAULTS["optim"]["lr"]))
+        except (tomllib.TOMLDecodeError, TypeError, ValueError, AttributeError):
+            pass
         changed = old is not None and old != new
         sched = self.sched[1] if self.sched is not None else None
         if sched is not None and hasattr(sched, "current_lr"):

@@ -13,15 +13,16 @@ from mpifc.config import load_config
 
 def test_short_cifar_run_is_not_stopped_by_the_warmup(tmp_path):
     """cifar-cnn warms up for 50 steps; 1 epoch of 128-sample batches is 32 steps."""
-    p = subprocess.run([sys.executable, "-m", "mpifc", "train", "cifar-cnn", "--quiet",
+    p = subprocess.run([sys.executable, "-m", "mpifc", "train", "cifar-cnn",
                         "--set", "train.epochs=1", "--set", "train.batch_size=128",
                         "--set", "train.max_steps=2", "--set", "train.trace=false",
                         "--set", f"data.dir={tmp_path}/data", "--out", str(tmp_path / "run")],
                        capture_output=True, text=True, timeout=300, env=child_env())
     assert p.returncode == 0, p.stderr
-    assert p.stderr.strip() == (
+    assert p.stderr.splitlines() == [
         "mpifc train: note: schedule.warmup_steps = 50 is not shorter than the run (1 epoch(s) "
-        "x 32 steps = 32 steps): warm-up shortened to 3 steps, a tenth of the run")
+        "x 32 steps = 32 steps): warm-up shortened to 3 steps, a tenth of the run"]
+    assert "stopped mid-epoch" in p.stdout
     assert os.path.exists(tmp_path / "run" / "checkpoints" / "ckpt-000002.h5")
 
 
