@@ -237,15 +237,16 @@ class Net(Module):
 # building
 # --------------------------------------------------------------------------- #
 def _is_int(v, lo) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo
 
 
 def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+            and math.isfinite(v))
 
 
 def _int_or_pair(lo):
-    return lambda v: _is_int(v, lo) or (isinstance(v, list) and len(v) == 2
+    return lambda v: _is_int(v, lo) or (isinstance(v, (list, tuple)) and len(v) == 2
                                         and all(_is_int(x, lo) for x in v))
 
 
@@ -256,9 +257,9 @@ LAYER_KEYS = {
     "stride": ("an integer >= 1 or a list of 2", _int_or_pair(1)),
     "dilation": ("an integer >= 1 or a list of 2", _int_or_pair(1)),
     "padding": ("an integer >= 0, a list of 2, or [[top, bottom], [left, right]]",
-                lambda v: _int_or_pair(0)(v) or (isinstance(v, list) and len(v) == 2
-                                                 and all(_int_or_pair(0)(x) and isinstance(x, list)
-                                                         for x in v))),
+                lambda v: _int_or_pair(0)(v) or (isinstance(v, (list, tuple)) and len(v) == 2
+                                                 and all(isinstance(x, (list, tuple))
+                                                         and _int_or_pair(0)(x) for x in v))),
     "bias": ("true or false", lambda v: isinstance(v, bool)),
     "init": (f"one of {', '.join(INITS)}", lambda v: isinstance(v, str) and v in INITS),
     "eps": ("a number > 0", lambda v: _is_num(v) and v > 0),
@@ -276,7 +277,7 @@ def validate_layers(specs) -> None:
     Called by :func:`mpifc.config.validate` at load and by :func:`build_model`.
     Shapes are checked when the model is built (they need the input and the grid).
     """
-    if not isinstance(specs, list):
+    if not isinstance(specs, (list, tuple)):
         raise ConfigError(f"model.layers must be a list of tables, got {type(specs).__name__}")
     if not specs:
         raise ConfigError("model.layers is empty")
