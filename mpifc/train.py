@@ -358,10 +358,12 @@ class Trainer:
         from mpifc.checkpoint import latest_checkpoint, load, set_rng_state
 
         path = path or self.ckpt_dir
-        if os.path.isdir(path):
-            found = self.comm.bcast_obj(latest_checkpoint(path) if self.rank0 else None)
-            if found is None:
-                return None
+        # rank 0 decides for all: a directory only some ranks see must not split them
+        is_dir, found = self.comm.bcast_obj(
+            (os.path.isdir(path), latest_checkpoint(path) if os.path.isdir(path) else None)
+            if self.rank0 else None)
+        if is_dir and found is None:
+            return None
         info = load(path, self.model, self.opt, self.grid)
         self.loader.load_state_dict(info["data_position"])
         extra = info.get("extra") or {}

@@ -65,3 +65,25 @@ def test_bad_value_under_mpiexec_is_one_line_from_rank0(tmp_path):
     assert p.returncode != 0
     assert p.stderr.strip() == ("mpifc train: --set optim.momentum=abc: optim.momentum must be a "
                                 "number in [0, 1), got 'abc'"), p.stderr
+
+
+def test_resume_directory_seen_by_rank0_only_gives_every_rank_the_same_error(tmp_path):
+    """Rank 0 decides whether --resume names a directory; before, the ranks split (rank 0 in
+    a bcast, the others in the load) and failed with a garbled 'refusing to load: u'."""
+    import subprocess
+
+    a, b = tmp_path / "node-a", tmp_path / "node-b"
+    a.mkdir(), b.mkdir()
+    base = [sys.executable, "-m", "mpifc", "train", "digits-mlp", *TINY,
+            "--set", f"data.dir={tmp_path}/data"]
+    p = subprocess.run([*base, "--out", str(a / "run")], capture_output=True, text=True,
+                       timeout=120, env=child_env())
+    assert p.returncode == 0, p.stderr
+    p = _mpmd(tmp_path, a, b, "digits-mlp", *TINY[:-1], "--set", f"data.dir={tmp_path}/data",
+              "--out", str(tmp_path / "out"), "--resume", "run/checkpoints", timeout=60)
+    assert p.returncode != 0
+    failed = [line for line in p.stderr.splitlines() if line.startswith("mpifc: rank")]
+    assert failed, p.stderr
+    assert all("refusing to load run/checkpoints/ckpt-000002.h5: rank 1" in line or
+               "refusing to load run/checkpoints/ckpt-000002.h5: ranks 1" in line
+               for line in failed), p.stderr
