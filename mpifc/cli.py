@@ -74,12 +74,16 @@ def _cmd_inspect(args):
 
 
 def _config_or_exit(source, overrides, cmd):
-    from mpifc.config import ConfigError, load_config
+    """The config every rank agrees on (rank 0 reads it); on a mistake, one line from
+    rank 0 and a non-zero exit on every rank -- a file that only some ranks see included."""
+    from mpifc.comm import world
+    from mpifc.config import ConfigError, load_config_agreed
 
+    comm = world()
     try:
-        return load_config(source, overrides)
+        return load_config_agreed(source, overrides, comm)
     except ConfigError as e:
-        raise SystemExit(f"mpifc {cmd}: {e}")
+        raise SystemExit(f"mpifc {cmd}: {e}" if comm.rank == 0 else 1)
 
 
 def _cmd_train(args):
@@ -87,8 +91,11 @@ def _cmd_train(args):
 
     cfg = _config_or_exit(args.config, args.set, "train")
     if args.print_config:
+        from mpifc.comm import world
         from mpifc.config import to_toml
-        print(to_toml(cfg), end="")
+
+        if world().rank == 0:
+            print(to_toml(cfg), end="")
         return
     train(cfg, quiet=args.quiet, resume=args.resume, out=args.out)
 

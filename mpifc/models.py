@@ -45,6 +45,7 @@ import numpy as np
 from mpifc import nn
 from mpifc.config import ConfigError
 from mpifc.nn import functional as F
+from mpifc.nn.init import _BY_NAME as INITS
 from mpifc.nn.module import Module
 from mpifc.parallel import describe as D
 from mpifc.parallel.data import backward_layers
@@ -235,32 +236,83 @@ class Net(Module):
 # --------------------------------------------------------------------------- #
 # building
 # --------------------------------------------------------------------------- #
-def _validate(specs, input_shape):
+def _is_int(v, lo) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= lo
+
+
+def _is_num(v) -> bool:
+    return (isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+            and math.isfinite(v))
+
+
+def _int_or_pair(lo):
+    return lambda v: _is_int(v, lo) or (isinstance(v, (list, tuple)) and len(v) == 2
+                                        and all(_is_int(x, lo) for x in v))
+
+
+# key -> (what it must be, check); the keys each type takes are in LAYERS
+LAYER_KEYS = {
+    "out": ("an integer >= 1", lambda v: _is_int(v, 1)),
+    "kernel": ("an integer >= 1 or a list of 2", _int_or_pair(1)),
+    "stride": ("an integer >= 1 or a list of 2", _int_or_pair(1)),
+    "dilation": ("an integer >= 1 or a list of 2", _int_or_pair(1)),
+    "padding": ("an integer >= 0, a list of 2, or [[top, bottom], [left, right]]",
+                lambda v: _int_or_pair(0)(v) or (isinstance(v, (list, tuple)) and len(v) == 2
+                                                 and all(isinstance(x, (list, tuple))
+                                                         and _int_or_pair(0)(x) for x in v))),
+    "bias": ("true or false", lambda v: isinstance(v, bool)),
+    "init": (f"one of {', '.join(INITS)}", lambda v: isinstance(v, str) and v in INITS),
+    "eps": ("a number > 0", lambda v: _is_num(v) and v > 0),
+    "momentum": ("a number in [0, 1]", lambda v: _is_num(v) and 0 <= v <= 1),
+    "slope": ("a number", _is_num),
+    "p": ("a number in [0, 1)", lambda v: _is_num(v) and 0 <= v < 1),
+}
+_REQUIRED = {"linear": ("out",), "conv2d": ("out", "kernel"), "maxpool2d": ("kernel",),
+             "avgpool2d": ("kernel",)}
+
+
+def validate_layers(specs) -> None:
+    """Check a ``[model] layers`` value: raise ConfigError naming ``model.layers[i]``.
+
+    Called by :func:`mpifc.config.validate` at load and by :func:`build_model`.
+    Shapes are checked when the model is built (they need the input and the grid).
+    """
+    if not isinstance(specs, (list, tuple)):
+        raise ConfigError(f"model.layers must be a list of tables, got {type(specs).__name__}")
     if not specs:
         raise ConfigError("model.layers is empty")
-    if not input_shape or any(int(s) < 1 for s in input_shape):
-        raise ConfigError(f"model.input must be a list of positive sizes, got {input_shape}")
     for i, s in enumerate(specs):
         if not isinstance(s, dict) or "type" not in s:
-            raise ConfigError(f"model.layers[{i}] must be a table with a 'type'")
+            raise ConfigError(f"model.layers[{i}] must be a table with a 'type' "
+                              f"({{type = \"linear\", ...}}), got {s!r}")
         t = s["type"]
-        if t not in LAYERS:
-            raise ConfigError(f"model.layers[{i}]: unknown type {t!r}; known: {sorted(LAYERS)}")
+        if not isinstance(t, str) or t not in LAYERS:
+            raise ConfigError(f"model.layers[{i}]: unknown type {t!r}; known: "
+                              f"{', '.join(sorted(LAYERS))}")
         extra = set(s) - {"type"} - LAYERS[t][1]
         if extra:
             raise ConfigError(f"model.layers[{i}] ({t}): unknown keys {sorted(extra)}; "
                               f"allowed: {sorted(LAYERS[t][1])}")
-        if t in ("linear", "conv2d") and not (isinstance(s.get("out"), int) and s["out"] >= 1):
-            raise ConfigError(f"model.layers[{i}] ({t}): 'out' must be an integer >= 1")
-        if t in ("conv2d", "maxpool2d", "avgpool2d") and "kernel" not in s:
-            raise ConfigError(f"model.layers[{i}] ({t}): 'kernel' is required")
-        if t in SHARDS and s.get("shard", "none") not in SHARDS[t]:
-            raise ConfigError(f"model.layers[{i}] ({t}): shard {s.get('shard')!r} must be one of "
-                              f"{list(SHARDS[t])}")
+        for k in _REQUIRED.get(t, ()):
+            if k not in s:
+                raise ConfigError(f"model.layers[{i}] ({t}): '{k}' is required")
+        for k, v in s.items():
+            want, ok = (f"one of {', '.join(SHARDS[t])}", lambda v: v in SHARDS[t]) \
+                if k == "shard" else LAYER_KEYS.get(k, (None, None))
+            if ok is not None and not ok(v):
+                raise ConfigError(f"model.layers[{i}] ({t}): '{k}' must be {want}, got {v!r}")
     lin = [i for i, s in enumerate(specs) if s["type"] in ("linear", "conv2d")]
     if not lin or specs[lin[-1]]["type"] != "linear":
         raise ConfigError("model.layers: the last layer with parameters must be a linear layer "
                           "(its 'out' is the number of classes)")
+
+
+def _validate(specs, input_shape):
+    validate_layers(specs)
+    if not isinstance(input_shape, (list, tuple)) or not input_shape or \
+            not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 1
+                    for s in input_shape):
+        raise ConfigError(f"model.input must be a list of positive sizes, got {input_shape}")
 
 
 def _keeps_split(specs, i, tp) -> bool:
@@ -284,9 +336,9 @@ def build_model(model_cfg: dict, grid, *, seed: int, dtype=np.float32, xp=None) 
     tensor group). dp ranks get identical replicas from the seed; a
     :class:`~mpifc.parallel.DataParallel` built on the model bcasts them anyway.
     """
-    specs = [dict(s) for s in model_cfg.get("layers", [])]
-    input_shape = tuple(int(s) for s in model_cfg.get("input", []))
-    _validate(specs, input_shape)
+    _validate(model_cfg.get("layers", []), model_cfg.get("input", []))
+    specs = [dict(s) for s in model_cfg["layers"]]
+    input_shape = tuple(int(s) for s in model_cfg["input"])
     tp, dp = grid.tp, grid.dp
     tpc, dpc = grid.tp_comm, grid.dp_comm
     dtype = np.dtype(dtype)

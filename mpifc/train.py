@@ -92,26 +92,41 @@ def build_optimizer(cfg: dict, params):
                weight_decay=o["weight_decay"])
 
 
-def build_schedule(cfg: dict, opt, steps_per_epoch: int):
-    """The LR schedule and when it steps: ("step" | "epoch" | "metric", schedule) or None."""
+def build_schedule(cfg: dict, opt, steps_per_epoch: int, note=None):
+    """The LR schedule and when it steps: ("step" | "epoch" | "metric", schedule) or None.
+
+    ``schedule.min_lr`` is the floor of every schedule. The cosine spans
+    ``train.epochs`` (``train.max_steps`` only cuts the run, so a cut run resumed
+    continues the same curve); a warm-up not shorter than that span is shortened to a
+    tenth of it, and ``note`` (a callable taking one line) is told.
+    """
     from mpifc import optim
 
     s = cfg["schedule"]
     if s["name"] == "step":
-        return "epoch", optim.StepLR(opt, step_size=s["step_size"], gamma=s["gamma"])
+        return "epoch", optim.StepLR(opt, step_size=s["step_size"], gamma=s["gamma"],
+                                     min_lr=s["min_lr"])
     if s["name"] == "cosine":
-        total = cfg["train"]["epochs"] * steps_per_epoch
-        return "step", optim.CosineWarmup(opt, warmup_steps=s["warmup_steps"], total_steps=total,
+        epochs = cfg["train"]["epochs"]
+        total = epochs * steps_per_epoch
+        warmup = s["warmup_steps"]
+        if warmup >= total:
+            warmup = total // 10
+            if note is not None:
+                note(f"schedule.warmup_steps = {s['warmup_steps']} is not shorter than the run "
+                     f"({epochs} epoch(s) x {steps_per_epoch} steps = {total} steps): warm-up "
+                     f"shortened to {warmup} steps, a tenth of the run")
+        return "step", optim.CosineWarmup(opt, warmup_steps=warmup, total_steps=total,
                                           min_lr=s["min_lr"])
     if s["name"] == "plateau":
         return "metric", optim.ReduceLROnPlateau(opt, mode="min", factor=s["factor"],
-                                                 patience=s["patience"])
+                                                 patience=s["patience"], min_lr=s["min_lr"])
     return None
 
 
 def schedule_state(sched) -> dict:
-    """A schedule's counters (everything but its optimizer), JSON-able."""
-    return {k: v for k, v in vars(sched).items() if k != "opt"}
+    """A schedule's position (its counters; the settings come from the config), JSON-able."""
+    return sched.state_dict()
 
 
 class Progress:
@@ -195,7 +210,8 @@ class Trainer:
                                 f"model's last layer has {self.model.num_classes} outputs")
         self.dp = DataParallel(self.model, dc, bucket_mb=p["bucket_mb"], overlap=p["overlap"])
         self.opt = build_optimizer(cfg, self.model.parameters())
-        self.sched = build_schedule(cfg, self.opt, self.loader.steps_per_epoch)
+        self.sched = build_schedule(cfg, self.opt, self.loader.steps_per_epoch,
+                                    note=self._note)
         self.step = 0
         self.exposed_s = 0.0     # seconds posting and waiting for the overlapped dp allreduce
         if self.rank0 and not quiet:
@@ -203,6 +219,11 @@ class Trainer:
                   f"tp={self.grid.tp}, {self.threads} BLAS thread(s) per rank, "
                   f"{self.loader.steps_per_epoch} steps/epoch of {t['batch_size']} samples, "
                   f"data {self.data_path}", flush=True)
+
+    def _note(self, line: str) -> None:
+        """A change to what the config asked for: one line on rank 0 (stderr; not --quiet)."""
+        if self.rank0 and not self.quiet:
+            print(f"mpifc train: note: {line}", file=sys.stderr, flush=True)
 
     # --- metrics ---
     def log(self, record: dict) -> None:
@@ -337,16 +358,18 @@ class Trainer:
         from mpifc.checkpoint import latest_checkpoint, load, set_rng_state
 
         path = path or self.ckpt_dir
-        if os.path.isdir(path):
-            found = self.comm.bcast_obj(latest_checkpoint(path) if self.rank0 else None)
-            if found is None:
-                return None
+        # rank 0 decides for all: a directory only some ranks see must not split them
+        is_dir, found = self.comm.bcast_obj(
+            (os.path.isdir(path), latest_checkpoint(path) if os.path.isdir(path) else None)
+            if self.rank0 else None)
+        if is_dir and found is None:
+            return None
         info = load(path, self.model, self.opt, self.grid)
         self.loader.load_state_dict(info["data_position"])
         extra = info.get("extra") or {}
         self.step = int(extra.get("step", info["step"]))
         if self.sched is not None and "schedule" in extra:
-            vars(self.sched[1]).update(extra["schedule"])
+            self.sched[1].load_state_dict(extra["schedule"])
         if info.get("rng_states"):
             for name, gen in generators(self.model).items():
                 if name in info["rng_states"]:
@@ -355,7 +378,36 @@ class Trainer:
             lay = info["layout"]
             print(f"resumed from {info['path']} (step {self.step}, saved as dp={lay['dp']} x "
                   f"tp={lay['tp']})", flush=True)
+        self._resume_lr(info)
         return info
+
+    def _resume_lr(self, info: dict) -> None:
+        """The lr to continue with: the checkpoint's, unless this run's optim.lr differs
+        from the one the checkpoint's run was configured with -- then this run's wins.
+
+        Step and cosine schedules give the lr of their position from this run's settings
+        (the same as the checkpoint's lr when nothing changed); plateau and no schedule
+        start from the new optim.lr.
+        """
+        import tomllib
+
+        from mpifc.config import DEFAULTS
+
+        new, old, stored = self.cfg["optim"]["lr"], None, info.get("config")
+        try:       # the lr the checkpoint's run was configured with (None: not known)
+            old = float(tomllib.loads(stored).get("optim", {}).get("lr", DEFAULTS["optim"]["lr"]))
+        except (tomllib.TOMLDecodeError, TypeError, ValueError, AttributeError):
+            pass
+        changed = old is not None and old != new
+        sched = self.sched[1] if self.sched is not None else None
+        if sched is not None and hasattr(sched, "current_lr"):
+            self.opt.lr = sched.current_lr()
+        elif changed:
+            self.opt.lr = new
+        if changed and self.rank0 and not self.quiet:
+            now = "" if self.opt.lr == new else f"; lr at this point of the schedule {self.opt.lr:.6g}"
+            print(f"optim.lr: {new:g} (from this run's config; the checkpoint had {old:g}){now}",
+                  flush=True)
 
     def finish(self, last: dict) -> dict:
         """Write the trace (if enabled) and print where everything went."""

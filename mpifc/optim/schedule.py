@@ -1,21 +1,50 @@
-"""Learning-rate schedules. They set ``optimizer.lr``; ``base_lr`` is the lr at construction."""
+"""Learning-rate schedules. They set ``optimizer.lr``; ``base_lr`` is the lr at construction.
+
+Every schedule has a floor, ``min_lr``, and splits its state in two: settings (given
+to the constructor, e.g. from a config) and a position (``counters``: what
+``state_dict`` saves and ``load_state_dict`` restores). A resumed run therefore
+continues the saved position under the settings it is given now. Schedules whose lr is
+a function of their position (:class:`StepLR`, :class:`CosineWarmup`) give it with
+``current_lr()``; :class:`ReduceLROnPlateau`'s lr is the optimizer's own.
+"""
 from __future__ import annotations
 
 import math
 
 
-class StepLR:
-    """lr = base_lr * gamma ** (epoch // step_size); call ``step()`` once per epoch."""
+class _Schedule:
+    counters: tuple[str, ...] = ()
 
-    def __init__(self, optimizer, step_size, gamma=0.1):
+    def state_dict(self) -> dict:
+        """The position (JSON-able), not the settings."""
+        return {k: getattr(self, k) for k in self.counters}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a position; keys that are not counters (older checkpoints saved the
+        settings too) are ignored, so the settings stay the ones given now."""
+        for k in self.counters:
+            if k in state:
+                setattr(self, k, type(getattr(self, k))(state[k]))
+
+
+class StepLR(_Schedule):
+    """lr = max(base_lr * gamma ** (epoch // step_size), min_lr); ``step()`` once per epoch."""
+
+    counters = ("epoch",)
+
+    def __init__(self, optimizer, step_size, gamma=0.1, min_lr=0.0):
         if step_size < 1:
             raise ValueError("step_size must be >= 1")
         self.opt, self.step_size, self.gamma = optimizer, int(step_size), float(gamma)
+        self.min_lr = float(min_lr)
         self.base_lr = optimizer.lr
         self.epoch = 0
 
     def lr_at(self, epoch):
-        return self.base_lr * self.gamma ** (epoch // self.step_size)
+        return max(self.base_lr * self.gamma ** (epoch // self.step_size), self.min_lr)
+
+    def current_lr(self):
+        return self.lr_at(self.epoch)
 
     def step(self):
         self.epoch += 1
@@ -23,13 +52,15 @@ class StepLR:
         return self.opt.lr
 
 
-class CosineWarmup:
+class CosineWarmup(_Schedule):
     """Linear warm-up then cosine decay, per optimizer step.
 
     lr(t) = base * (t+1) / warmup                                    for t < warmup
     lr(t) = min_lr + (base - min_lr) * (1 + cos(pi * u)) / 2,  u = (t - warmup) / (total - warmup)
     and min_lr for t >= total. ``lr(0)`` is applied at construction; ``step()`` advances t.
     """
+
+    counters = ("t",)
 
     def __init__(self, optimizer, warmup_steps, total_steps, min_lr=0.0):
         if warmup_steps < 0 or total_steps <= warmup_steps:
@@ -48,13 +79,16 @@ class CosineWarmup:
         u = (t - self.warmup) / (self.total - self.warmup)
         return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * u))
 
+    def current_lr(self):
+        return self.lr_at(self.t)
+
     def step(self):
         self.t += 1
         self.opt.lr = self.lr_at(self.t)
         return self.opt.lr
 
 
-class ReduceLROnPlateau:
+class ReduceLROnPlateau(_Schedule):
     """Multiply lr by ``factor`` when a metric stops improving for ``patience`` epochs.
 
     Same rule as PyTorch: a value improves on ``best`` if (mode "min", threshold_mode
@@ -62,6 +96,8 @@ class ReduceLROnPlateau:
     mirrors it. After a reduction, ``cooldown`` epochs pass before bad epochs count.
     lr never goes below ``min_lr``; changes smaller than ``eps`` are skipped.
     """
+
+    counters = ("best", "num_bad", "cooldown_left")
 
     def __init__(self, optimizer, mode="min", factor=0.1, patience=10, threshold=1e-4,
                  threshold_mode="rel", cooldown=0, min_lr=0.0, eps=1e-8):
