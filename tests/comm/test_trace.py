@@ -81,10 +81,19 @@ def test_merged_chrome_trace_and_summary(comm, mpi_tmp_path):
 
 
 @pytest.mark.mpi(min_size=2)
-def test_gathered_clocks_are_aligned(comm):
+def test_gathered_clocks_are_shifted_by_each_ranks_offset(comm):
+    """Root gets each rank's events on the common clock: local times + that rank's
+    offset (set by sync_clock; here a known one per rank, so nothing depends on how
+    long the ranks took to leave a barrier on a loaded machine)."""
     sync_clock(comm)
+    offset = 1000.0 * (comm.rank + 1)
+    trace.TRACER.clock_offset = offset
     comm.barrier()
+    local = trace.events()[-1]
     per_rank = gather_events(comm)
+    locals_ = comm.gather_obj((local["t0"], local["t1"]))
+    trace.TRACER.clock_offset = 0.0
     if comm.rank == 0:
-        ends = [evs[-1]["t1"] for evs in per_rank]
-        assert max(ends) - min(ends) < 0.5     # same barrier exit, common clock
+        for r, (evs, (t0, t1)) in enumerate(zip(per_rank, locals_)):
+            assert evs[-1]["op"] == "barrier"
+            assert evs[-1]["t0"] == t0 + 1000.0 * (r + 1) and evs[-1]["t1"] == t1 + 1000.0 * (r + 1)
