@@ -19,8 +19,9 @@ or any other stretch of a rank's time; ``with trace.step(k, samples):`` marks
 training step ``k`` (a span named "step" carrying the step number and the global
 batch). The trainer marks every step and its forward / backward / update, and its
 evaluation and checkpoint spans; replay (:mod:`mpifc.sim.replay`) splits a trace
-into steps on these markers. A span costs about one microsecond (two
-``perf_counter`` reads and one list append; ``bench/trace_overhead.py``).
+into steps on these markers. A span costs about twice a ``phase`` block (two
+``perf_counter`` reads and one list append); ``bench/trace_overhead.py`` measures it
+against a training step.
 
 Exports: JSON lines per rank (``write_jsonl``: the call events, then the spans as
 ``{"span": name, "step": k | null, "samples": n | null, "t0", "t1"}``), one merged
@@ -36,6 +37,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+_perf = time.perf_counter
 FIELDS = ("op", "comm", "comm_size", "rank", "dtype", "count", "bytes", "t0", "t1", "phase")
 
 
@@ -58,16 +60,16 @@ class _Phase:
 class _Span:
     """``with trace.span(name):`` / ``with trace.step(k):`` (see :meth:`Tracer.span`)."""
 
-    __slots__ = ("_spans", "_name", "_step", "_samples", "_t0")
+    __slots__ = ("_append", "_name", "_step", "_samples", "_t0")
 
-    def __init__(self, spans: list, name: str, step, samples):
-        self._spans, self._name, self._step, self._samples = spans, name, step, samples
+    def __init__(self, append, name: str, step, samples):
+        self._append, self._name, self._step, self._samples = append, name, step, samples
 
     def __enter__(self):
-        self._t0 = time.perf_counter()
+        self._t0 = _perf()
 
     def __exit__(self, *exc):
-        self._spans.append((self._name, self._step, self._samples, self._t0, time.perf_counter()))
+        self._append((self._name, self._step, self._samples, self._t0, _perf()))
         return False
 
 
@@ -111,7 +113,7 @@ class Tracer:
         """Record the block as a span ``name`` of this rank's time (nothing when disabled).
 
         Recorded when the block ends (a span that raises is recorded too)."""
-        return _Span(self._spans, name, step, samples) if self.enabled else _NO_SPAN
+        return _Span(self._spans.append, name, step, samples) if self.enabled else _NO_SPAN
 
     def step(self, step: int, samples: int | None = None):
         """Mark the block as training step ``step`` (``samples``: its global batch)."""

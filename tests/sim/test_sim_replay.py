@@ -209,6 +209,11 @@ def test_real_training_trace_splits_on_its_step_markers(tmp_path):
     assert [s["samples"] for s in marks].count(64) == 44           # 1437 rows: 22 x 64 + 29
     assert {s.get("span") for s in raw[0]} >= {"step", "forward", "backward", "update", "evaluate",
                                           "checkpoint"}
+    with open(tmp_path / "run" / "trace" / "trace.chrome.json") as f:     # Perfetto shows them
+        x = [e for e in json.load(f)["traceEvents"] if e["ph"] == "X" and e["cat"] == "span"]
+    for w in (0, 1):
+        assert {e["name"] for e in x if e["tid"] == w} >= {"step 2", "forward", "backward",
+                                                            "update", "evaluate", "checkpoint"}
     calls = load_trace(src)
     buckets = {e["phase"] for e in calls[0] if e["op"] == "iallreduce"}
     assert buckets and all(b.startswith("dp.grad") for b in buckets)
