@@ -88,3 +88,17 @@ def test_calibrate_quick_multi_rank(tmp_path_factory):
                   nodes=t.nodes) == pytest.approx(t.seconds[1])
     if comm.rank == 0:
         assert load(path) == c
+
+
+def test_overlap_efficiency_is_explained():
+    """`mpifc calibrate` says what its overlap figure means, a negative one included."""
+    from mpifc.sim.calibrate import overlap_meaning
+
+    assert overlap_meaning(1.0) == "a non-blocking allreduce hides wholly behind compute"
+    assert overlap_meaning(0.42).startswith("42% of a non-blocking allreduce hides")
+    assert overlap_meaning(0.0).startswith("nothing hides")
+    neg = overlap_meaning(-1.0)
+    assert "takes longer than a blocking one here (by 100% of its time" in neg
+    assert "-1 is the floor" in neg
+    assert "models the gradient overlap as a loss" in neg
+    assert "floor" not in overlap_meaning(-0.3) and "by 30% of its time" in overlap_meaning(-0.3)

@@ -140,6 +140,8 @@ def test_calibrate_under_mpiexec(tmp_path):
     c = load(out)
     assert c.ranks_per_node * c.nodes == 2 and c.measured
     assert f"wrote {out}" in p.stdout and p.stdout.count("wrote") == 1     # rank 0 only
+    line = next(l for l in p.stdout.splitlines() if "overlap efficiency" in l)
+    assert any(w in line for w in ("hides", "models the gradient overlap as a loss")), line
 
 
 def test_cores_shared_by_more_ranks(capsys):
