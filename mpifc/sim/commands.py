@@ -45,7 +45,13 @@ def add_calibrate(sub) -> None:
 def cmd_calibrate(args) -> None:
     from mpifc.comm import world
     from mpifc.sim.calibrate import calibrate
+    from mpifc.sim.cluster import ClusterError, preset
 
+    if args.inter_preset:                 # every rank checks it, before measuring anything
+        try:
+            preset(args.inter_preset)
+        except ClusterError as e:
+            raise SystemExit(f"mpifc calibrate: --inter-preset: {e}") from None
     comm = world()
     c = calibrate(args.out, quick=args.quick, max_bytes=args.max_bytes,
                   inter_preset=args.inter_preset, name=args.name, rounds=args.rounds,
@@ -107,12 +113,15 @@ def _fail(msg: str):
 
 def load_cluster(spec: str):
     """A cluster TOML path or a network preset name."""
-    from mpifc.sim.cluster import load, preset, preset_names
+    from mpifc.sim.cluster import ClusterError, load, preset, preset_names
 
-    if os.path.exists(spec):
-        return load(spec)
-    if spec in preset_names():
-        return preset(spec)
+    try:
+        if os.path.exists(spec):
+            return load(spec)
+        if spec in preset_names():
+            return preset(spec)
+    except ClusterError as e:
+        _fail(f"--cluster {e}")
     _fail(f"--cluster {spec!r} is neither a file nor a network preset "
           f"({', '.join(preset_names())})")
 

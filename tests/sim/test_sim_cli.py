@@ -56,6 +56,33 @@ def test_simulate_one_config_at_16384_ranks():
     assert r.ranks == 16384 and r.step_s > r.compute_s > 0    # its speed: bench/sim_speed.py
 
 
+def _seconds(text: str) -> float:
+    for unit, k in (("us", 1e-6), ("ms", 1e-3), ("s", 1.0)):
+        if text.endswith(unit):
+            return float(text[:-len(unit)]) * k
+    return float(text)
+
+
+def test_simulate_batch_is_the_global_batch_as_in_training(capsys):
+    """train.batch_size is the global batch in `mpifc train` (split over dp) and in
+    `mpifc simulate` alike: a step of the digits-mlp preset processes 64 samples at
+    every rank count; --batch-per-rank n gives each dp replica n (n x dp in all)."""
+    out = run(capsys, "simulate", "digits-mlp", "--cluster", "shm-node", "--ranks", "1,2,4")
+    lines = out.splitlines()
+    assert "global batch 64 (train.batch_size)" in lines[0]
+    assert lines[1].split()[-3:] == ["step", "samples/s", "MiB/rank"]
+    rows = [l.split() for l in lines[2:] if l.split() and l.split()[0].isdigit()]
+    assert [r[0] for r in rows] == ["1", "2", "4"]
+    for r in rows:
+        assert _seconds(r[-3]) * float(r[-2]) == pytest.approx(64, rel=1e-2), r
+    out = run(capsys, "simulate", "digits-mlp", "--cluster", "shm-node", "--layout", "2x2",
+              "--batch-per-rank", "32")
+    lines = out.splitlines()
+    assert "32 samples per dp replica (weak scaling)" in lines[0]
+    r = lines[2].split()
+    assert _seconds(r[-3]) * float(r[-2]) == pytest.approx(64, rel=1e-2)   # 32 x dp = 2
+
+
 def test_simulate_plan_and_memory_cap(capsys):
     out = run(capsys, "simulate", "digits-mlp", "--cluster", "eth25", "--ranks", "4",
               "--plan", "--mem-cap", "0.0007")
