@@ -136,7 +136,7 @@ def load_trace(source) -> dict[int, list[dict]]:
         try:
             with open(f) as fh:
                 evs = [json.loads(line) for line in fh if line.strip()]
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ReplayError(f"cannot read trace file {f}: {e}") from None
         if r in out:
             raise ReplayError(f"rank {r} appears in two trace files")

@@ -119,6 +119,10 @@ def test_trace_files_and_errors(tmp_path):
         replay(bad, flat_cluster())
     with pytest.raises(ReplayError, match="no trace files"):
         load_trace(str(tmp_path / "nothing-here"))
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "trace.rank0.jsonl").write_bytes(bytes(range(256)))
+    with pytest.raises(ReplayError, match="cannot read trace file .*trace.rank0.jsonl"):
+        load_trace(str(tmp_path / "bin"))
     with pytest.raises(ReplayError, match="keep the recorded tp"):
         two = {r: [{**e, "comm": "tp"} for e in evs] for r, evs in tr.items()}
         replay_workload(two, flat_cluster(), 3)
