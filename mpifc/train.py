@@ -242,23 +242,26 @@ class Trainer:
         from mpifc.parallel import clip_grad_norm_grid
 
         model, b = self.model, int(batch.y.shape[0])
-        self.dp.zero_grad()
-        logits = model.forward(batch.x)
-        loss = float(model.loss.forward(logits, batch.y))
-        correct = int(model.loss.correct())
-        # The loss is a mean over this rank's b rows and data parallel averages over the
-        # dp ranks; scaling by dp * b / B makes the result the mean over the global batch
-        # (exact for uneven last batches, and a rank with no rows contributes zeros).
-        dlogits = model.loss.backward(self.grid.dp * b / batch.global_size)
-        self.dp.backward(dlogits)
-        self.dp.synchronize()
+        with trace.span("forward"):          # spans: the trace shows compute beside the calls
+            self.dp.zero_grad()
+            logits = model.forward(batch.x)
+            loss = float(model.loss.forward(logits, batch.y))
+            correct = int(model.loss.correct())
+        with trace.span("backward"):
+            # The loss is a mean over this rank's b rows and data parallel averages over the
+            # dp ranks; scaling by dp * b / B makes the result the mean over the global batch
+            # (exact for uneven last batches, and a rank with no rows contributes zeros).
+            dlogits = model.loss.backward(self.grid.dp * b / batch.global_size)
+            self.dp.backward(dlogits)
+            self.dp.synchronize()
         self.exposed_s += self.dp.timings["post"] + self.dp.timings["wait"]
-        clip = self.cfg["optim"]["clip_norm"]
-        if clip:
-            clip_grad_norm_grid(model.parameters(), clip, self.grid)
-        self.opt.step()
-        if self.sched is not None and self.sched[0] == "step":
-            self.sched[1].step()
+        with trace.span("update"):
+            clip = self.cfg["optim"]["clip_norm"]
+            if clip:
+                clip_grad_norm_grid(model.parameters(), clip, self.grid)
+            self.opt.step()
+            if self.sched is not None and self.sched[0] == "step":
+                self.sched[1].step()
         return loss * b, correct
 
     def evaluate(self, loader=None) -> dict:
@@ -291,9 +294,11 @@ class Trainer:
             n_events, self.exposed_s = len(trace.TRACER), 0.0
             t0 = time.perf_counter()
             for batch in self.loader:
-                loss_sum, correct = self.train_step(batch)
+                with trace.step(self.step + 1, batch.global_size):   # replay splits on these
+                    loss_sum, correct = self.train_step(batch)
+                    finite = _agree_finite(self.grid.world, loss_sum)
                 b = int(batch.y.shape[0])
-                if not _agree_finite(self.grid.world, loss_sum):
+                if not finite:
                     raise TrainingError(f"non-finite loss at step {self.step} (epoch {epoch + 1}, "
                                         f"batch {self.loader.position[1]}); lower optim.lr or "
                                         "set optim.clip_norm")
@@ -316,7 +321,8 @@ class Trainer:
                    "comm_s": s[3] / self.grid.dp, "lr": self.opt.lr}
             finished = self.loader.position[1] == 0      # the epoch ran to its end
             if finished:
-                rec.update(self.evaluate())
+                with trace.span("evaluate"):
+                    rec.update(self.evaluate())
                 if self.sched is not None and self.sched[0] == "epoch":
                     self.sched[1].step()
                 elif self.sched is not None and self.sched[0] == "metric":
@@ -332,7 +338,8 @@ class Trainer:
             every = t["checkpoint_every"]
             if every and (stop or (finished and (epoch + 1) % every == 0)
                           or self.loader.position[0] >= t["epochs"]):
-                self.save()
+                with trace.span("checkpoint"):
+                    self.save()
         last["total_s"] = time.perf_counter() - t_start
         return last
 

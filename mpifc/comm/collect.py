@@ -21,9 +21,10 @@ def sync_clock(comm, tracer=TRACER) -> float:
     return tracer.clock_offset
 
 
-def gather_events(comm, root: int = 0, tracer=TRACER):
-    """Root gets a list (one entry per rank) of event dicts on the common clock."""
-    evs = tracer.events()
+def gather_events(comm, root: int = 0, tracer=TRACER, spans: bool = False):
+    """Root gets a list (one entry per rank) of event dicts on the common clock
+    (with ``spans``: the call events, then the span records)."""
+    evs = tracer.events() + (tracer.spans() if spans else [])
     for e in evs:
         e["t0"] += tracer.clock_offset
         e["t1"] += tracer.clock_offset
@@ -34,12 +35,15 @@ def gather_events(comm, root: int = 0, tracer=TRACER):
 def write_trace(comm, outdir, prefix: str = "trace", tracer=TRACER) -> dict | None:
     """Write per-rank JSON lines, one merged Chrome trace and a summary table.
 
+    The JSON lines and the Chrome trace hold the spans too (step markers, compute
+    spans); the summary counts the calls.
+
     Collective over ``comm``. Returns the paths on rank 0, None elsewhere.
     """
     os.makedirs(outdir, exist_ok=True)
     jsonl = os.path.join(outdir, f"{prefix}.rank{comm.rank}.jsonl")
     tracer.write_jsonl(jsonl)
-    per_rank = gather_events(comm, tracer=tracer)
+    per_rank = gather_events(comm, tracer=tracer, spans=True)
     if comm.rank != 0:
         return None
     chrome = os.path.join(outdir, f"{prefix}.chrome.json")

@@ -14,9 +14,21 @@ returns the flat dicts named by ``FIELDS``.
 ``"fc2.backward"``. Times are seconds from ``time.perf_counter`` on this rank;
 exports shift them by the rank's offset to a common epoch (see ``set_clock_offset``).
 
-Exports: JSON lines per rank (``write_jsonl``), one merged Chrome trace with a
-track per rank (``merge_chrome``; loads in Perfetto or chrome://tracing), and a
-per-op summary table (``summary`` / ``format_summary``).
+Spans: ``with trace.span("forward"):`` records one span (name, t0, t1) of compute
+or any other stretch of a rank's time; ``with trace.step(k, samples):`` marks
+training step ``k`` (a span named "step" carrying the step number and the global
+batch). The trainer marks every step and its forward / backward / update, and its
+evaluation and checkpoint spans; replay (:mod:`mpifc.sim.replay`) splits a trace
+into steps on these markers. A span costs about twice a ``phase`` block (two
+``perf_counter`` reads and one list append); ``bench/trace_overhead.py`` measures it
+against a training step.
+
+Exports: JSON lines per rank (``write_jsonl``: the call events, then the spans as
+``{"span": name, "step": k | null, "samples": n | null, "t0", "t1"}``), one merged
+Chrome trace with a track per rank (``merge_chrome``; loads in Perfetto or
+chrome://tracing: calls and spans as complete events on the rank's track,
+non-blocking calls, which overlap the others, on a second track of the rank), and a
+per-op summary table of the calls (``summary`` / ``format_summary``).
 """
 from __future__ import annotations
 
@@ -25,6 +37,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+_perf = time.perf_counter
 FIELDS = ("op", "comm", "comm_size", "rank", "dtype", "count", "bytes", "t0", "t1", "phase")
 
 
@@ -44,6 +57,35 @@ class _Phase:
         return False
 
 
+class _Span:
+    """``with trace.span(name):`` / ``with trace.step(k):`` (see :meth:`Tracer.span`)."""
+
+    __slots__ = ("_append", "_name", "_step", "_samples", "_t0")
+
+    def __init__(self, append, name: str, step, samples):
+        self._append, self._name, self._step, self._samples = append, name, step, samples
+
+    def __enter__(self):
+        self._t0 = _perf()
+
+    def __exit__(self, *exc):
+        self._append((self._name, self._step, self._samples, self._t0, _perf()))
+        return False
+
+
+class _NoSpan:
+    __slots__ = ()
+
+    def __enter__(self):
+        pass
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_SPAN = _NoSpan()
+
+
 @dataclass
 class Tracer:
     enabled: bool = True
@@ -52,6 +94,7 @@ class Tracer:
     def __post_init__(self):
         self._events: list[tuple] = []
         self._phases: list[str] = [""]
+        self._spans: list[tuple] = []       # (name, step, samples, t0, t1)
 
     # --- recording (hot path) ---
     def record(self, op, ident, dtype, count, nbytes, t0, t1) -> None:
@@ -65,6 +108,20 @@ class Tracer:
         forward / backward, and a generator-based one cost 2.2 us per block against 0.49 us
         for this one (hot, on the 2-core development machine)."""
         return _Phase(self._phases, label)
+
+    def span(self, name: str, step: int | None = None, samples: int | None = None):
+        """Record the block as a span ``name`` of this rank's time (nothing when disabled).
+
+        Recorded when the block ends (a span that raises is recorded too)."""
+        return _Span(self._spans.append, name, step, samples) if self.enabled else _NO_SPAN
+
+    def step(self, step: int, samples: int | None = None):
+        """Mark the block as training step ``step`` (``samples``: its global batch)."""
+        return self.span("step", step, samples)
+
+    def spans(self) -> list[dict]:
+        """Recorded spans as dicts (a copy), in the order they ended."""
+        return [_span_dict(s) for s in self._spans]
 
     @property
     def current_phase(self) -> str:
@@ -88,6 +145,7 @@ class Tracer:
 
     def reset(self) -> None:
         self._events.clear()
+        self._spans.clear()
 
     def events(self) -> list[dict]:
         """Recorded events as dicts (a copy), dtypes as names."""
@@ -121,6 +179,31 @@ class Tracer:
                 d["t0"] += self.clock_offset
                 d["t1"] += self.clock_offset
                 f.write(json.dumps(d) + "\n")
+            for sp in self._spans:
+                d = _span_dict(sp)
+                d["t0"] += self.clock_offset
+                d["t1"] += self.clock_offset
+                f.write(json.dumps(d) + "\n")
+
+
+def _span_dict(sp: tuple) -> dict:
+    name, step, samples, t0, t1 = sp
+    return {"span": name, "step": step, "samples": samples, "t0": t0, "t1": t1}
+
+
+def is_span(record: dict) -> bool:
+    """A span record of a trace file (the others are call events)."""
+    return "span" in record
+
+
+def calls_of(records: list[dict]) -> list[dict]:
+    """The call events of a trace file's records (spans left out)."""
+    return [r for r in records if "span" not in r]
+
+
+def spans_of(records: list[dict]) -> list[dict]:
+    """The span records of a trace file's records, by start time."""
+    return sorted((r for r in records if "span" in r), key=lambda r: r["t0"])
 
 
 def _as_dict(e: tuple) -> dict:
@@ -137,8 +220,11 @@ def _as_dict(e: tuple) -> dict:
 
 
 def summarize(events: list[dict]) -> dict[str, dict]:
+    """Per-op totals of the call events (span records are skipped)."""
     out: dict[str, dict] = {}
     for e in events:
+        if "span" in e:
+            continue
         s = out.setdefault(e["op"], {"calls": 0, "bytes": 0, "seconds": 0.0})
         s["calls"] += 1
         s["bytes"] += int(e["bytes"])
@@ -166,33 +252,60 @@ def read_jsonl(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def chrome_events(events: list[dict]) -> list[dict]:
-    """Chrome trace-event objects: one complete ("X") event per call, pid 0, tid = rank.
+def chrome_events(per_rank: list[list[dict]]) -> list[dict]:
+    """Chrome trace-event objects for the records of each rank (list index = world rank).
 
-    Times are in microseconds from the earliest event, so tracks of all ranks line up.
+    pid 0; the track of rank r (tid r) holds its blocking calls and its spans as
+    complete ("X") events, which nest: a step holds its forward / backward / update,
+    and they hold the calls made inside them. A non-blocking call lasts from its
+    post to its completion and overlaps the others, so it goes on a second track of
+    the rank (tid P + r, "rank r non-blocking", shown under rank r). A step span is
+    named "step k".
+    Times are in microseconds from the earliest record, so tracks of all ranks line up.
     """
-    if not events:
+    flat = [r for recs in per_rank for r in recs]
+    if not flat:
         return []
-    t_min = min(e["t0"] for e in events)
-    ranks = sorted({e["rank"] for e in events})
+    t_min = min(r["t0"] for r in flat)
     out = [{"name": "process_name", "ph": "M", "pid": 0, "tid": 0, "args": {"name": "mpifc"}}]
-    for r in ranks:
-        out.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": r, "args": {"name": f"rank {r}"}})
-        out.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": r, "args": {"sort_index": r}})
-    for e in events:
-        out.append({
-            "name": e["op"], "cat": e["phase"] or "comm", "ph": "X", "pid": 0, "tid": e["rank"],
-            "ts": (e["t0"] - t_min) * 1e6, "dur": max(e["t1"] - e["t0"], 0.0) * 1e6,
-            "args": {k: e[k] for k in ("comm", "comm_size", "dtype", "count", "bytes", "phase")},
-        })
+
+    P = len(per_rank)
+
+    def track(tid, name, order):
+        out.append({"name": "thread_name", "ph": "M", "pid": 0, "tid": tid, "args": {"name": name}})
+        out.append({"name": "thread_sort_index", "ph": "M", "pid": 0, "tid": tid,
+                    "args": {"sort_index": order}})
+
+    for w, recs in enumerate(per_rank):
+        if not recs:
+            continue
+        track(w, f"rank {w}", 2 * w)
+        nonblocking = False
+        for r in recs:
+            ts, dur = (r["t0"] - t_min) * 1e6, max(r["t1"] - r["t0"], 0.0) * 1e6
+            if "span" in r:
+                name = r["span"] if r.get("step") is None else f"{r['span']} {r['step']}"
+                args = {k: r[k] for k in ("step", "samples") if r.get(k) is not None}
+                out.append({"name": name, "cat": "span", "ph": "X", "pid": 0, "tid": w,
+                            "ts": ts, "dur": dur, "args": args})
+                continue
+            nb = r["op"].startswith("i")
+            nonblocking |= nb
+            out.append({
+                "name": r["op"], "cat": r["phase"] or "comm", "ph": "X", "pid": 0,
+                "tid": P + w if nb else w, "ts": ts, "dur": dur,
+                "args": {k: r[k] for k in ("comm", "comm_size", "rank", "dtype", "count", "bytes",
+                                           "phase")},
+            })
+        if nonblocking:
+            track(P + w, f"rank {w} non-blocking", 2 * w + 1)
     return out
 
 
-def merge_chrome(per_rank_events: list[list[dict]], path) -> None:
-    """Write one Chrome trace (JSON object format) with a track per rank."""
-    flat = [e for evs in per_rank_events for e in evs]
+def merge_chrome(per_rank_records: list[list[dict]], path) -> None:
+    """Write one Chrome trace (JSON object format) with a track per rank (list index)."""
     with open(path, "w") as f:
-        json.dump({"traceEvents": chrome_events(flat), "displayTimeUnit": "ms"}, f)
+        json.dump({"traceEvents": chrome_events(per_rank_records), "displayTimeUnit": "ms"}, f)
 
 
 # The process-wide tracer. Communicators record into it; ``with trace.phase(...)``
@@ -204,6 +317,9 @@ disable = TRACER.disable
 disabled = TRACER.disabled
 reset = TRACER.reset
 events = TRACER.events
+span = TRACER.span
+step = TRACER.step
+spans = TRACER.spans
 summary = TRACER.summary
 write_jsonl = TRACER.write_jsonl
 

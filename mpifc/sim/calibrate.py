@@ -258,6 +258,20 @@ def _overlap_efficiency(comm, nbytes: int, trials: int) -> float:
     return min(max((comp + blk - both) / blk, -1.0), 1.0)
 
 
+def overlap_meaning(eff: float) -> str:
+    """What an overlap efficiency means, in one line (printed by ``mpifc calibrate``)."""
+    if eff >= 0.995:
+        return "a non-blocking allreduce hides wholly behind compute"
+    if eff > 0.005:
+        return f"{eff:.0%} of a non-blocking allreduce hides behind compute"
+    if eff > -0.005:
+        return "nothing hides: a non-blocking allreduce costs what a blocking one does"
+    clamp = ", at least: -1 is the floor" if eff <= -0.995 else ""
+    return (f"posting and waiting for a non-blocking allreduce takes longer than a blocking "
+            f"one here (by {-eff:.0%} of its time{clamp}), so the simulator models the "
+            "gradient overlap as a loss")
+
+
 # ---------------------------------------------------------------------------- compute
 #: shortest trial of a local-rate measurement (s): long enough that the ranks, started
 #: together by a barrier, run their kernels at the same time and share the memory
@@ -665,8 +679,10 @@ def _calibrate_once(comm, quick, max_bytes, ops, inter_preset, name, say, best=N
             overlap = _overlap_efficiency(comm, ov_bytes, trials * 3)
             notes.append(f"overlap efficiency {overlap:.2f}: the share of a {ov_bytes} B "
                          "iallreduce hidden behind compute (posted, then 4 compute chunks "
-                         "with an MPI_Test between them, then wait)")
-            say(f"overlap efficiency {overlap:.2f} ({ov_bytes} B iallreduce)")
+                         "with an MPI_Test between them, then wait): "
+                         + overlap_meaning(overlap))
+            say(f"overlap efficiency {overlap:.2f} ({ov_bytes} B iallreduce): "
+                + overlap_meaning(overlap))
         else:
             overlap = 1.0
             notes.append("one rank: overlap efficiency not measured (1.0, nothing to overlap)")

@@ -523,57 +523,211 @@ _TOP_KEYS = {"name", "source", "notes", "nodes", "ranks_per_node", "reduction_Bp
              "measured"}
 
 
+class ClusterError(ValueError):
+    """A cluster description (TOML file, preset or hostfile) that cannot be used; the
+    message names the file and the key or line."""
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _count(v, key: str, where: str) -> int:
+    """A positive integer (a float that is a whole number is accepted)."""
+    if not _is_num(v) or v != int(v) or int(v) < 1:
+        raise ClusterError(f"{where}: {key} must be a positive integer, got {v!r}")
+    return int(v)
+
+
+def _rate(v, key: str, where: str, *, low: float = 0.0, strict: bool = True) -> float:
+    if not _is_num(v) or (v <= low if strict else v < low):
+        rel = ">" if strict else ">="
+        raise ClusterError(f"{where}: {key} must be a finite number {rel} {low:g}, got {v!r}")
+    return float(v)
+
+
+def _table(d: dict, key: str, where: str) -> dict:
+    v = d.get(key, {})
+    if not isinstance(v, dict):
+        raise ClusterError(f"{where}: {key} must be a table ([{key}]), got {v!r}")
+    return v
+
+
+def _list(v, key: str, where: str) -> list:
+    if not isinstance(v, list):
+        raise ClusterError(f"{where}: {key} must be a list, got {v!r}")
+    return v
+
+
+def _points(d: dict, link: str, where: str) -> "LinkModel":
+    t = _table(d, link, where)
+    if set(t) - {"points"}:
+        raise ClusterError(f"{where}: unknown [{link}] keys {sorted(set(t) - {'points'})}")
+    if "points" not in t:
+        raise ClusterError(f"{where}: missing key '{link}.points' (a list of [bytes, "
+                           "latency_s, bandwidth_Bps])")
+    pts = []
+    for i, p in enumerate(_list(t["points"], f"{link}.points", where)):
+        if not isinstance(p, list) or len(p) != 3 or not all(_is_num(x) for x in p):
+            raise ClusterError(f"{where}: {link}.points[{i}] must be [bytes, latency_s, "
+                               f"bandwidth_Bps] (3 finite numbers), got {p!r}")
+        pts.append(tuple(p))
+    try:
+        return LinkModel(pts)
+    except ValueError as e:
+        raise ClusterError(f"{where}: {link}.points: {e}") from None
+
+
+def _compute(d: dict, where: str) -> "ComputeRates":
+    comp = _table(d, "compute", where)
+    known = {f.name for f in fields(ComputeRates)}
+    bad = set(comp) - known
+    if bad:
+        raise ClusterError(f"{where}: unknown [compute] keys {sorted(bad)}")
+    kw = {}
+    for k, v in comp.items():
+        if isinstance(v, list):
+            for i, x in enumerate(v):
+                if not isinstance(x, list) or len(x) != 2 or not all(_is_num(y) for y in x):
+                    raise ClusterError(f"{where}: compute.{k}[{i}] must be [size, rate] (2 "
+                                       f"finite numbers), got {x!r}")
+            kw[k] = [tuple(x) for x in v]
+        else:
+            kw[k] = _rate(v, f"compute.{k}", where, strict=False)
+    try:
+        return ComputeRates(**kw)
+    except ValueError as e:
+        raise ClusterError(f"{where}: [compute]: {e}") from None
+
+
+def _thresholds(d: dict, where: str) -> "Thresholds":
+    thr = dict(_table(d, "thresholds", where))
+    algos = thr.pop("algorithms", {})
+    if not isinstance(algos, dict) or not all(isinstance(v, str) for v in algos.values()):
+        raise ClusterError(f"{where}: thresholds.algorithms must be a table of op = "
+                           f"\"algorithm\", got {algos!r}")
+    defaults = {f.name: f.default for f in fields(Thresholds) if f.name != "algorithms"}
+    bad = set(thr) - set(defaults)
+    if bad:
+        raise ClusterError(f"{where}: unknown [thresholds] keys {sorted(bad)}")
+    for k, v in thr.items():
+        if isinstance(defaults[k], bool):
+            if not isinstance(v, bool):
+                raise ClusterError(f"{where}: thresholds.{k} must be true or false, got {v!r}")
+        elif not _is_num(v) or v != int(v) or v < 0:
+            raise ClusterError(f"{where}: thresholds.{k} must be an integer >= 0, got {v!r}")
+        else:
+            thr[k] = int(v)
+    return Thresholds(**thr, algorithms=dict(algos))
+
+
+def _measured(d: dict, where: str) -> list:
+    out = []
+    for i, m in enumerate(_list(d.get("measured", []), "measured", where)):
+        key = f"measured[{i}]"
+        if not isinstance(m, dict):
+            raise ClusterError(f"{where}: {key} must be a table ([[measured]]), got {m!r}")
+        for k in ("op", "group_size", "bytes", "seconds"):
+            if k not in m:
+                raise ClusterError(f"{where}: missing key '{key}.{k}'")
+        if not isinstance(m["op"], str):
+            raise ClusterError(f"{where}: {key}.op must be a string, got {m['op']!r}")
+        for k in ("bytes", "seconds"):
+            if not all(_is_num(x) for x in _list(m[k], f"{key}.{k}", where)):
+                raise ClusterError(f"{where}: {key}.{k} must hold finite numbers, got {m[k]!r}")
+        try:
+            out.append(MeasuredTable(op=m["op"], group_size=_count(m["group_size"],
+                                                                   f"{key}.group_size", where),
+                                     nodes=_count(m.get("nodes", 1), f"{key}.nodes", where),
+                                     bytes=list(m["bytes"]), seconds=list(m["seconds"])))
+        except ClusterError:
+            raise
+        except ValueError as e:
+            raise ClusterError(f"{where}: {key}: {e}") from None
+    return out
+
+
+def _hosts(d: dict, where: str) -> list:
+    out = []
+    for i, h in enumerate(_list(d.get("hosts", []), "hosts", where)):
+        if not isinstance(h, dict) or not isinstance(h.get("name"), str) or "slots" not in h:
+            raise ClusterError(f"{where}: hosts[{i}] must be a table with name (a string) and "
+                               f"slots, got {h!r}")
+        out.append((h["name"], _count(h["slots"], f"hosts[{i}].slots", where)))
+    return out
+
+
 def loads(text: str, *, where: str = "<string>") -> Cluster:
-    """Parse cluster TOML text. Unknown keys are errors (they are usually typos)."""
+    """Parse cluster TOML text, checking every key's type and range.
+
+    Unknown keys are errors (they are usually typos). Raises :class:`ClusterError`
+    naming ``where`` and the key for anything it cannot use."""
     if _toml is None:  # pragma: no cover
         raise RuntimeError("reading TOML needs Python >= 3.11 (tomllib) or the tomli package")
     try:
         d = _toml.loads(text)
     except _toml.TOMLDecodeError as e:
-        raise ValueError(f"{where}: not valid TOML: {e}") from None
+        raise ClusterError(f"{where}: not valid TOML: {e}") from None
     unknown = set(d) - _TOP_KEYS
     if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected some of {sorted(_TOP_KEYS)}")
+        raise ClusterError(f"{where}: unknown keys {sorted(unknown)}; expected some of "
+                           f"{sorted(_TOP_KEYS)}")
+    for k in ("nodes", "ranks_per_node", "reduction_Bps", "intra", "inter"):
+        if k not in d:
+            raise ClusterError(f"{where}: missing key {k!r}")
+    for k in ("name", "source", "notes"):
+        if k in d and not isinstance(d[k], str):
+            raise ClusterError(f"{where}: {k} must be a string, got {d[k]!r}")
+    mem = d.get("memory_per_rank_bytes")
+    ov = d.get("overlap_efficiency", 1.0)
+    if not _is_num(ov) or not -1.0 <= ov <= 1.0:
+        raise ClusterError(f"{where}: overlap_efficiency must be a number in [-1, 1], got {ov!r}")
     try:
-        thr = dict(d.get("thresholds", {}))
-        algos = thr.pop("algorithms", {})
-        bad = set(thr) - {f.name for f in fields(Thresholds)}
-        if bad:
-            raise ValueError(f"unknown [thresholds] keys {sorted(bad)}")
-        comp = d.get("compute", {})
-        bad = set(comp) - {f.name for f in fields(ComputeRates)}
-        if bad:
-            raise ValueError(f"unknown [compute] keys {sorted(bad)}")
         return Cluster(
             name=d.get("name", Path(where).stem),
-            nodes=int(d["nodes"]),
-            ranks_per_node=int(d["ranks_per_node"]),
-            intra=LinkModel([tuple(p) for p in d["intra"]["points"]]),
-            inter=LinkModel([tuple(p) for p in d["inter"]["points"]]),
-            reduction_Bps=float(d["reduction_Bps"]),
-            compute=ComputeRates(**{k: ([tuple(x) for x in v] if isinstance(v, list) else float(v))
-                                    for k, v in comp.items()}),
-            thresholds=Thresholds(**thr, algorithms=dict(algos)),
-            measured=[MeasuredTable(op=m["op"], group_size=int(m["group_size"]),
-                                    nodes=int(m.get("nodes", 1)), bytes=list(m["bytes"]),
-                                    seconds=list(m["seconds"])) for m in d.get("measured", [])],
-            memory_per_rank_bytes=(float(d["memory_per_rank_bytes"])
-                                   if "memory_per_rank_bytes" in d else None),
-            hosts=[(h["name"], int(h["slots"])) for h in d.get("hosts", [])],
+            nodes=_count(d["nodes"], "nodes", where),
+            ranks_per_node=_count(d["ranks_per_node"], "ranks_per_node", where),
+            intra=_points(d, "intra", where),
+            inter=_points(d, "inter", where),
+            reduction_Bps=_rate(d["reduction_Bps"], "reduction_Bps", where),
+            compute=_compute(d, where),
+            thresholds=_thresholds(d, where),
+            measured=_measured(d, where),
+            memory_per_rank_bytes=(None if mem is None
+                                   else _rate(mem, "memory_per_rank_bytes", where)),
+            hosts=_hosts(d, where),
             source=d.get("source", ""),
             notes=d.get("notes", ""),
-            overlap_efficiency=float(d.get("overlap_efficiency", 1.0)),
+            overlap_efficiency=float(ov),
         )
-    except KeyError as e:
-        raise ValueError(f"{where}: missing key {e.args[0]!r}") from None
+    except ClusterError:
+        raise
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise ClusterError(f"{where}: {e}") from None
+
+
+def _read_text(path: Path, what: str) -> str:
+    """A text file's contents; ClusterError naming the file when it is missing, not
+    readable or not text (a binary file)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ClusterError(f"{what} {path} does not exist") from None
+    except OSError as e:
+        raise ClusterError(f"{what} {path}: cannot read it: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ClusterError(f"{what} {path}: not a text file (byte {e.start} is not UTF-8)") from None
+    if "\x00" in text:
+        raise ClusterError(f"{what} {path}: not a text file (it holds NUL bytes)")
+    return text
 
 
 def load(path) -> Cluster:
-    """Read a cluster TOML file."""
+    """Read a cluster TOML file (ClusterError naming the file and key on a bad one)."""
     path = Path(path)
-    return loads(path.read_text(), where=str(path))
+    return loads(_read_text(path, "cluster file"), where=str(path))
 
 
 # --------------------------------------------------------------------------------------
@@ -589,7 +743,7 @@ def preset(name: str) -> Cluster:
     """A shipped preset by name (textbook figures, not measurements: see each file)."""
     f = resources.files("mpifc.sim").joinpath("presets", f"{name}.toml")
     if not f.is_file():
-        raise ValueError(f"no network preset {name!r}; available: {', '.join(preset_names())}")
+        raise ClusterError(f"no network preset {name!r}; available: {', '.join(preset_names())}")
     return loads(f.read_text(), where=f"preset {name}")
 
 
@@ -602,7 +756,7 @@ def parse_hostfile(text: str, *, where: str = "<hostfile>") -> list[tuple[str, i
 
     MPICH (Hydra): ``host`` or ``host:n``. Open MPI: ``host``, ``host slots=n``,
     ``host slots=n max_slots=m`` (slots wins). ``#`` starts a comment; blank lines are
-    skipped; a host listed twice adds up its slots. Raises ValueError naming the line
+    skipped; a host listed twice adds up its slots. Raises ClusterError naming the line
     for anything else.
     """
     hosts: dict[str, int] = {}
@@ -617,7 +771,7 @@ def parse_hostfile(text: str, *, where: str = "<hostfile>") -> list[tuple[str, i
             if m:
                 host, n = m["host"], m["n"]
                 if n is not None and n == "":
-                    raise ValueError(f"{where}:{lineno}: {raw.strip()!r}: empty count after ':'")
+                    raise ClusterError(f"{where}:{lineno}: {raw.strip()!r}: empty count after ':'")
         else:
             if ":" not in toks[0]:
                 host = toks[0]
@@ -625,7 +779,7 @@ def parse_hostfile(text: str, *, where: str = "<hostfile>") -> list[tuple[str, i
                 for tok in toks[1:]:
                     m = _OMPI_SLOTS.match(tok)
                     if not m:
-                        raise ValueError(f"{where}:{lineno}: {raw.strip()!r}: expected 'slots=N' "
+                        raise ClusterError(f"{where}:{lineno}: {raw.strip()!r}: expected 'slots=N' "
                                          f"after the host name, got {tok!r}")
                     if tok.startswith("slots"):
                         slots = m["n"]
@@ -633,18 +787,18 @@ def parse_hostfile(text: str, *, where: str = "<hostfile>") -> list[tuple[str, i
                         max_slots = m["n"]
                 n = slots if slots is not None else max_slots
         if host is None:
-            raise ValueError(f"{where}:{lineno}: {raw.strip()!r} is neither 'host:n' (MPICH) "
+            raise ClusterError(f"{where}:{lineno}: {raw.strip()!r} is neither 'host:n' (MPICH) "
                              "nor 'host slots=n' (Open MPI)")
         if n is None:
             count = 1
         else:
             if not re.fullmatch(r"[0-9]+", n) or int(n) < 1:
-                raise ValueError(f"{where}:{lineno}: {raw.strip()!r}: slot count {n!r} is not "
+                raise ClusterError(f"{where}:{lineno}: {raw.strip()!r}: slot count {n!r} is not "
                                  "a positive integer")
             count = int(n)
         hosts[host] = hosts.get(host, 0) + count
     if not hosts:
-        raise ValueError(f"{where}: no hosts (only comments or blank lines)")
+        raise ClusterError(f"{where}: no hosts (only comments or blank lines)")
     return list(hosts.items())
 
 
@@ -661,9 +815,7 @@ def from_hostfile(path_or_text, network: str | Cluster, *, ranks_per_node: int |
         hosts, hname = parse_hostfile(path_or_text), "<hostfile>"
     else:
         p = Path(path_or_text)
-        if not p.is_file():
-            raise ValueError(f"hostfile {p} does not exist")
-        hosts, hname = parse_hostfile(p.read_text(), where=str(p)), p.name
+        hosts, hname = parse_hostfile(_read_text(p, "hostfile"), where=str(p)), p.name
     base = preset(network) if isinstance(network, str) else network
     rpn = ranks_per_node or max(s for _, s in hosts)
     notes = base.notes

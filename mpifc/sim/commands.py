@@ -45,7 +45,13 @@ def add_calibrate(sub) -> None:
 def cmd_calibrate(args) -> None:
     from mpifc.comm import world
     from mpifc.sim.calibrate import calibrate
+    from mpifc.sim.cluster import ClusterError, preset
 
+    if args.inter_preset:                 # every rank checks it, before measuring anything
+        try:
+            preset(args.inter_preset)
+        except ClusterError as e:
+            raise SystemExit(f"mpifc calibrate: --inter-preset: {e}") from None
     comm = world()
     c = calibrate(args.out, quick=args.quick, max_bytes=args.max_bytes,
                   inter_preset=args.inter_preset, name=args.name, rounds=args.rounds,
@@ -65,9 +71,10 @@ def add_simulate(sub) -> None:
         "cluster (a TOML from `mpifc calibrate`, a hostfile-built TOML, or a network "
         "preset) at each rank count: compute, every collective (by op and group), "
         "exposed and overlapped communication, step time, samples/s, memory per rank.",
-        epilog="batch: by default each rank processes train.batch_size samples per step\n"
-        "(weak scaling: global batch = batch_size x ranks); --batch N fixes the global\n"
-        "batch instead (strong scaling). Layout: tp from --tp (or parallel.tp), dp = the\n"
+        epilog="batch: train.batch_size is the global batch, split over the dp replicas, as\n"
+        "in `mpifc train` (strong scaling); --batch N sets another global batch;\n"
+        "--batch-per-rank n gives each replica n samples (weak scaling: global batch =\n"
+        "n x dp; the tp ranks of a replica share its samples). Layout: tp from --tp (or parallel.tp), dp = the\n"
         "rest; --layout lists explicit DPxTP pairs instead of --ranks; --plan ranks every\n"
         "dp x tp layout of each rank count that fits --mem-cap.")
     s.add_argument("config", help="training config TOML or preset name")
@@ -76,9 +83,10 @@ def add_simulate(sub) -> None:
     s.add_argument("--dp", type=int, default=None, help="data-parallel size (tp = ranks / dp)")
     s.add_argument("--tp", type=int, default=None, help="tensor-parallel size (dp = ranks / tp)")
     s.add_argument("--layout", default=None, help="explicit layouts, e.g. 2x1,4x2 (DPxTP)")
-    s.add_argument("--batch", type=int, default=None, help="global batch (strong scaling)")
+    s.add_argument("--batch", type=int, default=None,
+                   help="global batch per step (default train.batch_size, as in training)")
     s.add_argument("--batch-per-rank", type=int, default=None,
-                   help="samples per rank per step (weak scaling; default train.batch_size)")
+                   help="samples per dp replica per step (weak scaling: global = n x dp)")
     s.add_argument("--plan", action="store_true", help="rank every dp x tp layout of each count")
     s.add_argument("--mem-cap", type=float, default=None,
                    help="memory per rank in GiB for --plan (default: the cluster's, if any)")
@@ -105,12 +113,15 @@ def _fail(msg: str):
 
 def load_cluster(spec: str):
     """A cluster TOML path or a network preset name."""
-    from mpifc.sim.cluster import load, preset, preset_names
+    from mpifc.sim.cluster import ClusterError, load, preset, preset_names
 
-    if os.path.exists(spec):
-        return load(spec)
-    if spec in preset_names():
-        return preset(spec)
+    try:
+        if os.path.exists(spec):
+            return load(spec)
+        if spec in preset_names():
+            return preset(spec)
+    except ClusterError as e:
+        _fail(f"--cluster {e}")
     _fail(f"--cluster {spec!r} is neither a file nor a network preset "
           f"({', '.join(preset_names())})")
 
@@ -186,10 +197,15 @@ def layouts_for(args, cfg) -> list[tuple[int, int, int]]:
     return out
 
 
-def _global_batch(args, cfg, P: int) -> int:
+def _global_batch(args, cfg, dp: int) -> int:
+    """Samples per step over all replicas: train.batch_size is the global batch, the
+    same meaning as in training (split over the dp ranks); --batch-per-rank gives each
+    of the dp replicas its own n."""
     if args.batch is not None:
         return args.batch
-    return (args.batch_per_rank or cfg["train"]["batch_size"]) * P
+    if args.batch_per_rank is not None:
+        return args.batch_per_rank * dp
+    return cfg["train"]["batch_size"]
 
 
 def _comm_breakdown(report) -> dict[str, float]:
@@ -288,13 +304,13 @@ def cmd_simulate(args) -> None:
         print()
 
     def build(P, dp, tp):
-        B = _global_batch(args, cfg, P)
+        B = _global_batch(args, cfg, dp)
         if replay_src is not None:
             from mpifc.sim.replay import ReplayError, recorded_local_batch, replay_workload
 
             if tp != rec.tp:
                 raise LayoutInfeasible(f"a replay keeps the recorded tp={rec.tp}")
-            b0 = (recorded_local_batch(replay_src[0])
+            b0 = (recorded_local_batch(replay_src[0], rec.dp)
                   or math.ceil(cfg["train"]["batch_size"] / rec.dp))
             scale = (B / dp) / b0
             try:
@@ -314,8 +330,9 @@ def cmd_simulate(args) -> None:
         return rep
 
     batch_note = (f"global batch {args.batch}" if args.batch is not None else
-                  f"{args.batch_per_rank or cfg['train']['batch_size']} samples per rank "
-                  "(weak scaling)")
+                  f"{args.batch_per_rank} samples per dp replica (weak scaling)"
+                  if args.batch_per_rank is not None else
+                  f"global batch {cfg['train']['batch_size']} (train.batch_size)")
     src = f"replay of {args.replay}" if args.replay else "analytic workload"
     head = (f"{cfg['name']} on {cluster.name} ({cluster.nodes} node(s) x "
             f"{cluster.ranks_per_node} ranks), {src}, {batch_note}")

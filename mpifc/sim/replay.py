@@ -4,12 +4,21 @@ A run traced by :mod:`mpifc.comm.trace` leaves one JSON-lines file per rank (one
 per communication call: op, communicator name and size, count, bytes, t0, t1, phase,
 on a common clock). Replay turns it into a prediction in three steps.
 
-1. **Steps.** Events carry no step number, but a training step issues the same
-   sequence of calls every time: :func:`find_period` finds the period of the
-   sequence of (op, communicator, count, phase) keys (the shift with the longest run
-   of equal keys) and the steady-state steps it spans. The window is aligned so a
-   step ends with its last non-blocking completion (the data-parallel gradient
-   wait), or, without one, starts at its first forward message.
+1. **Steps.** The trainer marks every step in the trace (a "step" span, with the
+   step's global batch; :func:`mpifc.comm.trace.Tracer.step`). :func:`marked_steps`
+   keeps the calls made inside the marked steps, and of those the steps that issue
+   the most common sequence of (op, communicator, count, phase) keys with the most
+   common batch (an epoch's short last batch, a first step that sets up, differ);
+   everything between steps (evaluation, checkpoints, metrics) is cut out of the
+   rank's timeline, so a step's compute is its own.
+   A trace without step markers (written before the trainer marked steps, or by a
+   program that does not) is split by repetition: a training step issues the same
+   sequence of calls every time, so :func:`find_period` finds the period of the
+   key sequence (the shift with the longest run of equal keys) and the steady-state
+   steps it spans. The window is aligned so a step ends with its last non-blocking
+   completion (the data-parallel gradient wait), or, without one, starts at its
+   first forward message. Anything else that repeats with the steps (an evaluation
+   every epoch) then lands in them: the report says which split it used.
 
 2. **Timeline per rank.** Blocking calls are intervals [t0, t1]. A non-blocking
    ``iallreduce`` is recorded at its ``wait`` with t0 = when it was posted and t1 =
@@ -66,6 +75,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mpifc.comm.trace import calls_of, spans_of
 from mpifc.sim.cluster import Cluster
 from mpifc.sim.collectives import CostModel
 from mpifc.sim.engine import Phase, Workload, group_shape
@@ -110,7 +120,9 @@ def trace_files(source) -> list[str]:
 
 
 def load_trace(source) -> dict[int, list[dict]]:
-    """{world rank: events in recorded order} from :func:`trace_files`.
+    """{world rank: call events} from :func:`trace_files`: with step markers, the calls
+    of the replayable marked steps (:func:`marked_steps`), else every call in recorded
+    order.
 
     An event's ``rank`` field is its rank in the communicator it used, so the world
     rank comes from the file name (``<prefix>.rank<r>.jsonl``, as written by
@@ -124,7 +136,7 @@ def load_trace(source) -> dict[int, list[dict]]:
         try:
             with open(f) as fh:
                 evs = [json.loads(line) for line in fh if line.strip()]
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ReplayError(f"cannot read trace file {f}: {e}") from None
         if r in out:
             raise ReplayError(f"rank {r} appears in two trace files")
@@ -134,7 +146,7 @@ def load_trace(source) -> dict[int, list[dict]]:
                           "(one file per rank of the job)")
     if not any(out.values()):
         raise ReplayError(f"the trace files in {source} hold no events")
-    return out
+    return marked_steps(out)
 
 
 def _key(e: dict) -> tuple:
@@ -142,6 +154,74 @@ def _key(e: dict) -> tuple:
 
 
 # --------------------------------------------------------------------------- steps
+def has_markers(per_rank: dict[int, list[dict]]) -> bool:
+    """True when the events were cut on step markers (each carries its ``step``)."""
+    return any(evs and "step" in evs[0] and "op" in evs[0] for evs in per_rank.values())
+
+
+def marked_steps(per_rank: dict[int, list[dict]]) -> dict[int, list[dict]]:
+    """The calls of the marked steps, on a timeline without what ran between steps.
+
+    ``per_rank`` holds each rank's trace records (calls and spans). Without "step"
+    spans it returns the calls unchanged (replay then splits by repetition). With
+    them: a call belongs to the step span that holds its start; steps are kept when
+    every rank issued, in them, its most common sequence of call keys with the most
+    common batch (steps with another batch or other calls, e.g. an epoch's short
+    last batch, are left out), and each rank's kept steps are laid end to end (the
+    time between two kept steps is cut out, each step keeps its own compute before,
+    between and after its calls). Each returned call is a copy with ``step`` (the
+    step number) and ``samples`` (its global batch) added. Raises ReplayError when
+    fewer than two steps repeat the same calls.
+    """
+    steps = {r: [sp for sp in spans_of(recs) if sp["span"] == "step"]
+             for r, recs in per_rank.items()}
+    calls = {r: calls_of(recs) for r, recs in per_rank.items()}
+    if not any(steps.values()):
+        return calls
+    if not all(steps.values()):
+        missing = sorted(r for r, v in steps.items() if not v)
+        raise ReplayError(f"rank(s) {missing} of the trace have no step markers (the others do)")
+    per_step: dict[int, dict[int, tuple]] = {}     # step -> rank -> (span, call indices)
+    for r, sps in steps.items():
+        evs, j = calls[r], 0
+        order = sorted(range(len(evs)), key=lambda i: float(evs[i]["t0"]))
+        for sp in sps:
+            idx = []
+            while j < len(order) and float(evs[order[j]]["t0"]) < sp["t0"]:
+                j += 1
+            while j < len(order) and float(evs[order[j]]["t0"]) <= sp["t1"]:
+                idx.append(order[j])
+                j += 1
+            per_step.setdefault(int(sp["step"]), {})[r] = (sp, sorted(idx))
+    nranks = len(per_rank)
+
+    def signature(r, sp, idx):
+        return (sp.get("samples"), tuple(_key(calls[r][i]) for i in idx))
+
+    common = {}
+    for r in per_rank:
+        sigs = [signature(r, *per_step[k][r]) for k in per_step if r in per_step[k]]
+        common[r] = max(set(sigs), key=lambda x: (sigs.count(x), -sigs.index(x)))
+    kept = [k for k in sorted(per_step) if len(per_step[k]) == nranks
+            and all(signature(r, *per_step[k][r]) == common[r] for r in per_rank)]
+    if len(kept) < 2:
+        raise ReplayError(f"the trace marks {len(per_step)} step(s) but only {len(kept)} issue "
+                          "the calls most steps do on every rank: record at least 3 steps")
+    out = {}
+    for r in per_rank:
+        now, lst = 0.0, []
+        for k in kept:
+            sp, idx = per_step[k][r]
+            shift = now - sp["t0"]
+            for i in idx:
+                e = calls[r][i]
+                lst.append({**e, "t0": float(e["t0"]) + shift, "t1": float(e["t1"]) + shift,
+                            "step": k, "samples": sp.get("samples")})
+            now = sp["t1"] + shift
+        out[r] = lst
+    return out
+
+
 def find_period(keys: list, min_repeats: int = 2) -> tuple[int, int, int]:
     """(start, period, repeats) of the longest run of a repeating block in ``keys``.
 
@@ -181,9 +261,21 @@ def step_window(events: list[dict], steps: int | None = None) -> tuple[int, int,
     """(first, period, n): record indices [first, first + n * period) hold n whole steps.
 
     The last ``steps`` steps of the steady state (default all of them but the first,
-    which warms up), aligned so a step ends with its last non-blocking completion
-    or starts at its first forward message.
+    which warms up). Events cut on step markers (:func:`marked_steps`) are split there;
+    others are split by repetition, aligned so a step ends with its last non-blocking
+    completion or starts at its first forward message.
     """
+    if events and "step" in events[0]:
+        p = sum(1 for e in events if e["step"] == events[0]["step"])
+        if p == 0 or len(events) % p:
+            raise ReplayError("the marked steps do not hold the same number of calls")
+        first, n = p, len(events) // p - 1     # the first kept step warms up
+        if steps is not None:
+            k = min(int(steps), n)
+            first, n = first + (n - k) * p, k
+        if n < 1:
+            raise ReplayError("the trace holds no whole step after warm-up; record more steps")
+        return first, p, n
     start, p, reps = find_period([_key(e) for e in events])
     block = events[start:start + p]
     off = 0
@@ -268,11 +360,20 @@ class Layout:
     tp: int
 
 
+def _calls(source) -> dict[int, list[dict]]:
+    """{rank: call events} of a trace source (see :func:`replay`)."""
+    if not isinstance(source, dict):
+        return load_trace(source)
+    if any("span" in e for evs in source.values() for e in evs):
+        return marked_steps(source)
+    return source
+
+
 def infer_layout(per_rank: dict[int, list[dict]]) -> Layout:
     P = len(per_rank)
     sizes: dict[str, set] = {}
     for evs in per_rank.values():
-        for e in evs:
+        for e in calls_of(evs):
             sizes.setdefault(e["comm"], set()).add(int(e["comm_size"]))
     for name in ("tp", "dp"):
         if len(sizes.get(name, ())) > 1:
@@ -364,6 +465,8 @@ class ReplayReport:
     period: int
     cluster: str
     ranks: list[RankReplay]
+    markers: bool = False            # steps split on the trainer's step markers
+    samples: int | None = None       # global batch of a replayed step, when marked
 
     def _mean_median(self, attr) -> float:
         return float(np.mean([np.median(getattr(r, attr)) for r in self.ranks]))
@@ -393,14 +496,21 @@ class ReplayReport:
                 for o in ops}
 
     def format(self) -> str:
+        split = ("split on the trainer's step markers" if self.markers else
+                 "split by repetition: the trace has no step markers, so a step may hold "
+                 "evaluation or checkpoint calls")
         lines = [f"replay of a {self.P}-rank run (dp={self.dp} x tp={self.tp}), {self.steps} "
-                 f"step(s) of {self.period} calls, on {self.cluster} (medians over steps)",
+                 f"step(s) of {self.period} calls, on {self.cluster} (medians over steps; "
+                 f"{split})",
                  f"{'':<22}{'measured':>12}{'predicted':>12}{'error':>9}"]
 
-        def row(label, m, p):
+        def row(label, m, p, unit="ms", scale=1e3):
             err = f"{(p - m) / m * 100:+.1f}%" if m > 0 else "-"
-            lines.append(f"{label:<22}{m * 1e3:>10.3f}ms{p * 1e3:>10.3f}ms{err:>9}")
+            lines.append(f"{label:<22}{m * scale:>10.3f}{unit}{p * scale:>10.3f}{unit}{err:>9}")
         row("step time", self.measured_step_s, self.predicted_step_s)
+        if self.samples and self.measured_step_s > 0 and self.predicted_step_s > 0:
+            lines.append(f"{'samples/s':<22}{self.samples / self.measured_step_s:>12.0f}"
+                         f"{self.samples / self.predicted_step_s:>12.0f}")
         row("communication/rank", self.measured_comm_s, self.predicted_comm_s)
         for op, (m, p) in self.by_op().items():
             row(f"  {op}", m, p)
@@ -413,7 +523,7 @@ def replay(source, cluster: Cluster, *, steps: int | None = None,
 
     ``source`` is a trace directory, a glob, a list of files, or {rank: events}.
     """
-    per_rank = source if isinstance(source, dict) else load_trace(source)
+    per_rank = _calls(source)
     lay = infer_layout(per_rank)
     model = model or CostModel(cluster)
     rpn = cluster.ranks_per_node
@@ -524,7 +634,9 @@ def replay(source, cluster: Cluster, *, steps: int | None = None,
         ends = np.concatenate(([t_start[r]], meas_end))
         pends = np.concatenate(([0.0], pred_end[r]))
         out.append(RankReplay(r, meas, pred[r], np.diff(ends), np.diff(pends), meas_op, pred_op[r]))
-    return ReplayReport(lay.P, lay.dp, lay.tp, n, period, cluster.name, out)
+    markers = has_markers(per_rank)
+    samples = per_rank[0][first].get("samples") if markers else None
+    return ReplayReport(lay.P, lay.dp, lay.tp, n, period, cluster.name, out, markers, samples)
 
 
 def _end_before(items: list[Item], first: int) -> float:
@@ -541,9 +653,13 @@ def _end_before(items: list[Item], first: int) -> float:
 
 
 # --------------------------------------------------------------------------- rescaled
-def recorded_local_batch(events: list[dict]) -> int | None:
-    """Rows per replica of the recorded run, read from the class-parallel loss's
-    first allreduce (count = local batch), if the trace has it."""
+def recorded_local_batch(events: list[dict], dp: int = 1) -> int | None:
+    """Rows per replica of the recorded run: the marked steps' global batch / ``dp``
+    (rounded up), else the class-parallel loss's first allreduce (count = local
+    batch), if the trace has either."""
+    marked = next((e["samples"] for e in events if e.get("samples")), None)
+    if marked:
+        return -(-int(marked) // max(int(dp), 1))
     for e in events:
         if e.get("phase") == "loss.forward" and e["op"] == "allreduce":
             return int(e["count"])
@@ -565,7 +681,7 @@ def replay_workload(source, cluster: Cluster, ranks: int | None = None, *,
     run's rows per replica (default: read from the class-parallel loss's messages,
     else 1), for samples per step.
     """
-    per_rank = source if isinstance(source, dict) else load_trace(source)
+    per_rank = _calls(source)
     lay = infer_layout(per_rank)
     P = int(ranks or lay.P)
     if P < 1 or P % lay.tp:
@@ -619,7 +735,7 @@ def replay_workload(source, cluster: Cluster, ranks: int | None = None, *,
             nb = nb / int(e["comm_size"]) * p_new
         phases.append(Phase("comm", f"{label}.{e['op']}", op=op, group=kind, bytes=nb,
                             overlappable=it.kind == "post", stage=stage))
-    local_b = recorded_batch or recorded_local_batch(evs)
+    local_b = recorded_batch or recorded_local_batch(evs, lay.dp)
     samples = int(round((local_b or 1) * batch_scale)) * dp
     return Workload(name=name or f"replay dp={dp} tp={lay.tp}", phases=phases,
                     samples_per_step=max(samples, 1), memory_bytes_per_rank=0.0, dp=dp, tp=lay.tp)

@@ -81,10 +81,85 @@ def test_merged_chrome_trace_and_summary(comm, mpi_tmp_path):
 
 
 @pytest.mark.mpi(min_size=2)
-def test_gathered_clocks_are_aligned(comm):
+def test_gathered_clocks_are_shifted_by_each_ranks_offset(comm):
+    """Root gets each rank's events on the common clock: local times + that rank's
+    offset (set by sync_clock; here a known one per rank, so nothing depends on how
+    long the ranks took to leave a barrier on a loaded machine)."""
     sync_clock(comm)
+    offset = 1000.0 * (comm.rank + 1)
+    trace.TRACER.clock_offset = offset
     comm.barrier()
+    local = trace.events()[-1]
     per_rank = gather_events(comm)
+    locals_ = comm.gather_obj((local["t0"], local["t1"]))
+    trace.TRACER.clock_offset = 0.0
     if comm.rank == 0:
-        ends = [evs[-1]["t1"] for evs in per_rank]
-        assert max(ends) - min(ends) < 0.5     # same barrier exit, common clock
+        for r, (evs, (t0, t1)) in enumerate(zip(per_rank, locals_)):
+            assert evs[-1]["op"] == "barrier"
+            assert evs[-1]["t0"] == t0 + 1000.0 * (r + 1) and evs[-1]["t1"] == t1 + 1000.0 * (r + 1)
+
+
+def test_spans_and_step_markers():
+    trace.reset()
+    with trace.step(7, 64):
+        with trace.span("forward"):
+            pass
+        with pytest.raises(KeyError):
+            with trace.span("backward"):
+                raise KeyError("x")              # recorded all the same, the error passes
+    with trace.disabled():
+        with trace.span("evaluate"):             # not recorded
+            pass
+    sp = trace.spans()
+    assert [(s["span"], s["step"], s["samples"]) for s in sp] == [
+        ("forward", None, None), ("backward", None, None), ("step", 7, 64)]
+    step = sp[-1]
+    assert all(step["t0"] <= s["t0"] <= s["t1"] <= step["t1"] for s in sp[:2])
+    assert trace.events() == []                  # spans are not calls
+    trace.reset()
+    assert trace.spans() == []
+
+
+def test_jsonl_and_chrome_export_hold_the_spans(tmp_path):
+    """The per-rank file holds calls then spans; the Chrome trace puts spans and blocking
+    calls on the rank's track (tid = world rank), non-blocking calls on a track of their
+    own, and the summary counts calls only."""
+    from mpifc.comm.trace import calls_of, chrome_events, read_jsonl, spans_of, summarize
+
+    def call(op, rank, t0, t1, comm="dp"):
+        return {"op": op, "comm": comm, "comm_size": 2, "rank": rank, "dtype": "float32",
+                "count": 4, "bytes": 16, "t0": t0, "t1": t1, "phase": "dp.grad_bucket0"}
+
+    def span(name, t0, t1, step=None):
+        return {"span": name, "step": step, "samples": 64 if step else None, "t0": t0, "t1": t1}
+
+    per_rank = []
+    for w in (0, 1):
+        # world rank 1 is rank 0 of its tp group: the track must follow the world rank
+        recs = [call("allreduce", 0, 10.2, 10.3, comm="tp"), call("iallreduce", w, 10.4, 10.8),
+                span("forward", 10.1, 10.35), span("backward", 10.35, 10.8),
+                span("step", 10.0, 10.9, step=3)]
+        per_rank.append(recs)
+    tr = trace.Tracer()
+    tr._spans.append(("step", 1, 64, 1.0, 2.0))
+    tr.write_jsonl(tmp_path / "t.rank0.jsonl")
+    back = read_jsonl(tmp_path / "t.rank0.jsonl")
+    assert back == [{"span": "step", "step": 1, "samples": 64, "t0": 1.0, "t1": 2.0}]
+    assert calls_of(per_rank[0]) == per_rank[0][:2]
+    assert [s["span"] for s in spans_of(per_rank[0])] == ["step", "forward", "backward"]
+    assert summarize(per_rank[0])["allreduce"]["calls"] == 1 and len(summarize(per_rank[0])) == 2
+    evs = chrome_events(per_rank)
+    x = [e for e in evs if e["ph"] == "X"]
+    names = {e["tid"]: e["args"]["name"] for e in evs if e["name"] == "thread_name"}
+    assert names == {0: "rank 0", 1: "rank 1", 2: "rank 0 non-blocking", 3: "rank 1 non-blocking"}
+    for w in (0, 1):
+        mine = {e["name"]: e for e in x if e["tid"] == w}
+        assert set(mine) == {"allreduce", "forward", "backward", "step 3"}
+        assert mine["step 3"]["cat"] == "span" and mine["step 3"]["args"] == {"step": 3,
+                                                                             "samples": 64}
+        assert mine["step 3"]["ts"] == 0 and mine["step 3"]["dur"] == pytest.approx(0.9e6)
+        # the spans nest on the track: step > forward > the allreduce made inside it
+        f, a = mine["forward"], mine["allreduce"]
+        assert f["ts"] <= a["ts"] and a["ts"] + a["dur"] <= f["ts"] + f["dur"]
+        [nb] = [e for e in x if e["tid"] == 2 + w]
+        assert nb["name"] == "iallreduce"

@@ -16,3 +16,24 @@ def big_workload(dp, tp, layers=48):
     ph.append(Phase("compute", "adam", op_kind="elementwise", bytes=4e8 / tp, stage="optimizer"))
     return Workload("big", ph, samples_per_step=32 * dp, memory_bytes_per_rank=2e9 / tp,
                     dp=dp, tp=tp)
+
+
+def count_calls(fn) -> int:
+    """Python and C function calls made by ``fn()``: a measure of work that, unlike a
+    wall-clock time, does not change with the load on the machine."""
+    import sys
+
+    n = 0
+
+    def prof(frame, event, arg):
+        nonlocal n
+        if event in ("call", "c_call"):
+            n += 1
+
+    old = sys.getprofile()
+    sys.setprofile(prof)
+    try:
+        fn()
+    finally:
+        sys.setprofile(old)
+    return n

@@ -26,9 +26,11 @@ def _check_common(c, comm):
     assert c.compute.gemm_gflops > 0 and c.compute.conv_gflops > 0
     assert c.compute.elementwise_gbps > 0 and c.reduction_Bps > 0
     assert c.compute.gemm_curve and c.compute.conv_curve
-    # the per-call cost of a trivial NumPy call (sub-microsecond .. 1 ms), the strided-row
-    # cost, and the element-wise rate over array sizes (its largest size is the streaming rate)
-    assert 1e-8 < c.compute.call_s < 1e-3 and c.compute.row_s >= 0
+    # the per-call cost of a trivial NumPy call (positive; under 0.1 s however loaded the
+    # machine: a sanity range, how it compares with a real step is bench/sim_accuracy.py),
+    # the strided-row cost, and the element-wise rate over array sizes (its largest size is
+    # the streaming rate)
+    assert 0 < c.compute.call_s < 0.1 and c.compute.row_s >= 0
     assert len(c.compute.elementwise_curve) >= 4
     assert c.compute.elementwise_curve[-1][1] == c.compute.elementwise_gbps
     assert len(c.compute.kernel_curve) == len(c.compute.elementwise_curve)  # the ReLU pair
@@ -77,8 +79,8 @@ def test_calibrate_quick_multi_rank(tmp_path_factory):
         assert all(s > 0 for s in t.seconds)
         assert list(np.diff(t.seconds) >= 0).count(False) == 0
         assert t.bytes[0] >= 4 and t.bytes[-1] <= 262144
-    # the link reproduces a latency in a believable range (1 ns .. 10 ms)
-    assert 1e-9 < c.intra.time(8) < 1e-2
+    # the link gives an 8-byte message a positive time, under a second however loaded
+    assert 0 < c.intra.time(8) < 1.0
     # the cost model answers measured points with the measurement
     m = CostModel(c)
     t = c.lookup_measured("allreduce", 2, c.measured[0].nodes)
@@ -86,3 +88,17 @@ def test_calibrate_quick_multi_rank(tmp_path_factory):
                   nodes=t.nodes) == pytest.approx(t.seconds[1])
     if comm.rank == 0:
         assert load(path) == c
+
+
+def test_overlap_efficiency_is_explained():
+    """`mpifc calibrate` says what its overlap figure means, a negative one included."""
+    from mpifc.sim.calibrate import overlap_meaning
+
+    assert overlap_meaning(1.0) == "a non-blocking allreduce hides wholly behind compute"
+    assert overlap_meaning(0.42).startswith("42% of a non-blocking allreduce hides")
+    assert overlap_meaning(0.0).startswith("nothing hides")
+    neg = overlap_meaning(-1.0)
+    assert "takes longer than a blocking one here (by 100% of its time" in neg
+    assert "-1 is the floor" in neg
+    assert "models the gradient overlap as a loss" in neg
+    assert "floor" not in overlap_meaning(-0.3) and "by 30% of its time" in overlap_meaning(-0.3)

@@ -4,7 +4,6 @@ import importlib.util
 import json
 import os
 import sys
-import time
 
 import pytest
 
@@ -32,10 +31,8 @@ def test_help(cmd, capsys):
 
 
 def test_simulate_table_up_to_16384_ranks(capsys):
-    t0 = time.perf_counter()
     out = run(capsys, "simulate", "digits-cnn", "--cluster", "ib-hdr100",
-              "--ranks", "2,8,64,1024,16384", "--tp", "2")
-    assert time.perf_counter() - t0 < 5.0
+              "--ranks", "2,8,64,1024,16384", "--tp", "2", "--batch-per-rank", "64")
     lines = out.splitlines()
     assert "digits-cnn on ib-hdr100" in lines[0] and "weak scaling" in lines[0]
     head = lines[1].split()
@@ -48,21 +45,47 @@ def test_simulate_table_up_to_16384_ranks(capsys):
     assert "extrapolated" in out                       # 16384 > the preset's 512 ranks
 
 
-def test_simulate_one_config_at_16384_ranks_under_a_second():
+def test_simulate_one_config_at_16384_ranks():
     from mpifc.config import load_config
     from mpifc.sim.commands import load_cluster
     from mpifc.sim.engine import simulate
     from mpifc.sim.workload import describe_step
 
     cfg, cl = load_config("digits-mlp"), load_cluster("ib-ndr400")
-    t0 = time.perf_counter()
     r = simulate(describe_step(cfg, 16384, 1, global_batch=64 * 16384).workload, cl)
-    assert time.perf_counter() - t0 < 1.0 and r.ranks == 16384
+    assert r.ranks == 16384 and r.step_s > r.compute_s > 0    # its speed: bench/sim_speed.py
+
+
+def _seconds(text: str) -> float:
+    for unit, k in (("us", 1e-6), ("ms", 1e-3), ("s", 1.0)):
+        if text.endswith(unit):
+            return float(text[:-len(unit)]) * k
+    return float(text)
+
+
+def test_simulate_batch_is_the_global_batch_as_in_training(capsys):
+    """train.batch_size is the global batch in `mpifc train` (split over dp) and in
+    `mpifc simulate` alike: a step of the digits-mlp preset processes 64 samples at
+    every rank count; --batch-per-rank n gives each dp replica n (n x dp in all)."""
+    out = run(capsys, "simulate", "digits-mlp", "--cluster", "shm-node", "--ranks", "1,2,4")
+    lines = out.splitlines()
+    assert "global batch 64 (train.batch_size)" in lines[0]
+    assert lines[1].split()[-3:] == ["step", "samples/s", "MiB/rank"]
+    rows = [l.split() for l in lines[2:] if l.split() and l.split()[0].isdigit()]
+    assert [r[0] for r in rows] == ["1", "2", "4"]
+    for r in rows:
+        assert _seconds(r[-3]) * float(r[-2]) == pytest.approx(64, rel=1e-2), r
+    out = run(capsys, "simulate", "digits-mlp", "--cluster", "shm-node", "--layout", "2x2",
+              "--batch-per-rank", "32")
+    lines = out.splitlines()
+    assert "32 samples per dp replica (weak scaling)" in lines[0]
+    r = lines[2].split()
+    assert _seconds(r[-3]) * float(r[-2]) == pytest.approx(64, rel=1e-2)   # 32 x dp = 2
 
 
 def test_simulate_plan_and_memory_cap(capsys):
     out = run(capsys, "simulate", "digits-mlp", "--cluster", "eth25", "--ranks", "4",
-              "--plan", "--mem-cap", "0.0015")
+              "--plan", "--mem-cap", "0.0007")
     body = [l.split() for l in out.splitlines() if l.split()[:1] == ["4"] and "ranks:" not in l]
     fits = [r for r in body if "infeasible:" not in r]
     over = [r for r in body if "infeasible:" in r]
@@ -138,13 +161,14 @@ def test_simulate_replay(capsys, tmp_path):
 
 def test_calibrate_under_mpiexec(tmp_path):
     out = tmp_path / "cluster.toml"
-    p, secs = run_job([sys.executable, "-m", "mpifc", "calibrate", "--quick", "--out", str(out)],
-                      2, timeout=120, env={"OMP_NUM_THREADS": "1"}, cwd=ROOT)
+    p, _ = run_job([sys.executable, "-m", "mpifc", "calibrate", "--quick", "--out", str(out)],
+                   2, timeout=300, env={"OMP_NUM_THREADS": "1"}, cwd=ROOT)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert secs < 60
     c = load(out)
     assert c.ranks_per_node * c.nodes == 2 and c.measured
     assert f"wrote {out}" in p.stdout and p.stdout.count("wrote") == 1     # rank 0 only
+    line = next(l for l in p.stdout.splitlines() if "overlap efficiency" in l)
+    assert any(w in line for w in ("hides", "models the gradient overlap as a loss")), line
 
 
 def test_cores_shared_by_more_ranks(capsys):

