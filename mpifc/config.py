@@ -12,7 +12,8 @@ A config is a nested dict with these sections (defaults in ``DEFAULTS``)::
     [schedule]  name (none | step | cosine | plateau) and its settings
     [train]     epochs, batch_size (global, over all data-parallel ranks), dtype,
                 out (run directory), checkpoint_every (epochs), keep_last, trace,
-                log_every (steps), max_steps (0 = no limit)
+                log_every (steps), max_steps (0 = no limit), keep_best (metric of
+                checkpoints/best.h5: "test_acc" | "test_loss" | "" off)
 
 Presets (``mpifc train digits-cnn``) are TOML files in ``mpifc/presets/``.
 """
@@ -34,7 +35,7 @@ DEFAULTS: dict = {
                  "min_lr": 0.0, "factor": 0.5, "patience": 2},
     "train": {"epochs": 10, "batch_size": 64, "dtype": "float32", "out": "runs/{name}",
               "checkpoint_every": 1, "keep_last": 3, "trace": True, "log_every": 0,
-              "max_steps": 0, "eval_batch_size": 512},
+              "max_steps": 0, "eval_batch_size": 512, "keep_best": "test_acc"},
 }
 
 
@@ -124,6 +125,8 @@ def validate(cfg: dict) -> None:
         (isinstance(t["batch_size"], int) and t["batch_size"] >= 1,
          "train.batch_size must be an integer >= 1"),
         (t["dtype"] in ("float32", "float64"), "train.dtype must be float32 or float64"),
+        (t["keep_best"] in ("", "test_acc", "test_loss"),
+         'train.keep_best must be "test_acc", "test_loss" or "" (off)'),
         (o["name"] in ("sgd", "adam", "adamw"), "optim.name must be sgd, adam or adamw"),
         (isinstance(o["lr"], (int, float)) and o["lr"] > 0, "optim.lr must be > 0"),
         (cfg["schedule"]["name"] in ("none", "step", "cosine", "plateau"),
