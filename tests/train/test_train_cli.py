@@ -103,8 +103,7 @@ def test_a_run_directory_holds_one_run(tmp_path):
     base = ["train", "digits-mlp", "--out", str(out), "--set", data]
     p = mpifc(*base, "--set", "train.epochs=1", n=3)
     assert p.returncode == 0, p.stdout + p.stderr
-    # progress under mpiexec (stderr is a pipe): plain lines, from rank 0 only
-    assert len(re.findall(r"^progress: epoch 1/1  step 1/\d+  loss", p.stderr, re.M)) == 1
+    first = p.stderr
     assert os.path.exists(out / "trace" / "trace.rank2.jsonl")
     metrics = (out / "metrics.jsonl").read_text()
 
@@ -128,6 +127,8 @@ def test_a_run_directory_holds_one_run(tmp_path):
     assert sorted(os.listdir(out / "checkpoints")) == ["ckpt-000003.h5"]
     assert [r["step"] for r in _records(out / "metrics.jsonl")] == [3]
     assert not (out / ".mpifc.lock").exists()
+    # progress under mpiexec (stderr is a pipe): plain lines, from rank 0 only
+    assert len(re.findall(r"^progress: epoch 1/1  step 1/\d+  loss", first, re.M)) == 1
 
 
 def test_eval_from_another_working_directory(tmp_path):
@@ -135,7 +136,10 @@ def test_eval_from_another_working_directory(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
-    p = mpifc("train", "digits-mlp", "--set", "train.epochs=1", "--quiet", cwd=a)
+    p = mpifc("data", "prepare", "digits", cwd=a)          # runs/data/digits.h5, relative
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = mpifc("train", "digits-mlp", "--set", "train.epochs=1", "--quiet",
+              "--set", "data.dataset=runs/data/digits.h5", cwd=a)
     assert p.returncode == 0, p.stdout + p.stderr
     acc = float(re.search(r"test accuracy (\d\.\d+)", p.stdout).group(1))
     run = a / "runs" / "digits-mlp"
@@ -168,3 +172,34 @@ def test_inspect_exits_non_zero_on_a_damaged_checkpoint(trained, tmp_path):
     p = mpifc("inspect", str(bad))
     assert p.returncode != 0 and "attribute 'layout' is missing or malformed" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_a_second_job_on_a_busy_run_directory_is_refused(tmp_path):
+    """Job A trains; job B on the same directory is refused naming A; after A dies, its
+    lock is taken over with a note."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    a = subprocess.Popen([sys.executable, "-m", "mpifc", "train", "digits-mlp", "--quiet",
+                          "--set", "train.epochs=200", "--set", f"data.dir={tmp_path}/data",
+                          "--out", str(out)], env=child_env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").exists():       # A is training
+            assert a.poll() is None and time.time() < deadline, "job A did not start"
+            time.sleep(0.2)
+        p = mpifc("train", "digits-mlp", "--resume", "--set", "train.max_steps=1",
+                  "--set", f"data.dir={tmp_path}/data", "--out", str(out), n=2, timeout=120)
+        assert p.returncode != 0
+        assert f"in use by pid {a.pid}" in p.stderr
+        assert a.poll() is None                            # A goes on
+    finally:
+        a.send_signal(signal.SIGKILL)
+        a.wait(30)
+    p = mpifc("train", "digits-mlp", "--overwrite", "--set", "train.max_steps=2", "--quiet",
+              "--set", f"data.dir={tmp_path}/data", "--out", str(out), n=2)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"took over the lock of {out} left by pid {a.pid}" in p.stderr
+    assert sorted(os.listdir(out / "checkpoints")) == ["ckpt-000002.h5"]
