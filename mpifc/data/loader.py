@@ -138,10 +138,14 @@ def check_rows(x: np.ndarray, y: np.ndarray, idx, num_classes: int, where: str) 
     """Raise DatasetError unless float ``x`` is finite and ``y`` lies in [0, num_classes).
 
     ``idx`` maps row i to its sample index in the file (None: row i is sample i); the
-    error names the first bad sample. The common case costs one float64 sum over x
-    (NaN/Inf propagate into it) and a min/max over y; the slow search runs only on a hit.
+    error names the first bad sample. The common case costs one sum over x (NaN/Inf
+    propagate into it; ~5 GB/s on one core, about 0.15 ms for 64 rows of 3x32x32
+    floats) and a min/max over y; the row search runs only when the sum is not finite
+    (an overflowing sum of finite values costs that search and raises nothing).
     """
-    if x.dtype.kind == "f" and x.size and not np.isfinite(np.sum(x, dtype=np.float64)):
+    with np.errstate(over="ignore", invalid="ignore"):
+        suspect = x.dtype.kind == "f" and x.size and not np.isfinite(x.sum())
+    if suspect:
         ok = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
         if not ok.all():
             rows = np.flatnonzero(~ok)
