@@ -142,6 +142,8 @@ def _cmd_eval(args):
         cfg = loads_config(text, overrides=[f"parallel.dp=0", f"parallel.tp={tp}", *args.set])
     except ConfigError as e:
         raise SystemExit(f"mpifc eval: {e}")
+    from mpifc.rundir import stored_data_paths
+    cfg = stored_data_paths(cfg, path)          # relative paths of older checkpoints
     tr = Trainer(cfg, quiet=True, comm=comm, out=args.out or os.path.dirname(os.path.dirname(path)))
     info = load(path, tr.model, None, tr.grid)
     res = tr.evaluate()

@@ -232,3 +232,27 @@ def claim(comm, out: str, *, resume=None, overwrite: bool = False) -> Claim:
     if err is not None:
         raise _error(err)
     return Claim(out, lock, notes)
+
+
+# ---------------------------------------------------------------- paths stored by older runs
+def stored_data_paths(cfg: dict, checkpoint: str) -> dict:
+    """``cfg`` (a checkpoint's config) with relative data paths made absolute.
+
+    Runs since this version store absolute paths. Older checkpoints hold them as
+    given (``runs/data``), relative to the directory the run was started in; that
+    directory is recovered from the checkpoint's place when the run used a relative
+    ``train.out`` (``<start>/runs/<name>/checkpoints/ckpt-*.h5``); else the cwd.
+    """
+    d = cfg["data"]
+    path_like = d["dataset"].endswith((".h5", ".hdf5")) or os.sep in d["dataset"]
+    if os.path.isabs(d["dir"]) and (not path_like or os.path.isabs(d["dataset"])):
+        return cfg
+    out = os.path.normpath(cfg["train"]["out"].format(name=cfg["name"]))
+    run = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    base = os.getcwd()
+    if not os.path.isabs(out) and run.endswith(os.sep + out):
+        base = run[:-len(out) - 1] or os.sep
+    fixed = {"dir": os.path.join(base, d["dir"])}
+    if path_like:
+        fixed["dataset"] = os.path.join(base, d["dataset"])
+    return {**cfg, "data": {**d, **fixed}}

@@ -140,3 +140,16 @@ def test_the_lock_is_released_when_training_fails(tmp_path, world):
     with pytest.raises(Exception, match="missing.h5"):
         train(cfg, quiet=True, out=str(out))
     assert not (out / rundir.LOCK_NAME).exists()
+
+
+def test_relative_data_paths_of_older_checkpoints_resolve_against_the_start_dir(tmp_path):
+    from mpifc.config import load_config
+
+    cfg = load_config("digits-mlp", ["data.dataset=runs/data/cifar10.h5"])    # relative, as before
+    ck = str(tmp_path / "a" / "runs" / "digits-mlp" / "checkpoints" / "ckpt-000001.h5")
+    got = rundir.stored_data_paths(cfg, ck)["data"]
+    assert got["dir"] == str(tmp_path / "a" / "runs" / "data")
+    assert got["dataset"] == str(tmp_path / "a" / "runs" / "data" / "cifar10.h5")
+    # absolute paths (what runs store now) are kept as they are
+    cfg["data"].update(dir="/data/x", dataset="digits")
+    assert rundir.stored_data_paths(cfg, ck) is cfg
