@@ -11,8 +11,11 @@ One step, on every rank of a dp x tp grid:
     update    clip (norm completed over the grid), optimizer on the local shards
 
 Rank 0 writes ``<out>/metrics.jsonl`` (one record per epoch, and one per
-``train.log_every`` steps), checkpoints go to ``<out>/checkpoints``, the trace to
-``<out>/trace``. A NaN or Inf loss stops training with a message naming the step.
+``train.log_every`` steps), checkpoints go to ``<out>/checkpoints`` (the best by
+``train.keep_best`` also as ``best.h5``), the trace to ``<out>/trace``. ``train()``
+claims the run directory first (:mod:`mpifc.rundir`: a lock, one run per directory).
+A NaN or Inf loss stops training with a message naming the step, and naming the data
+when the batch held non-finite input.
 """
 from __future__ import annotations
 
