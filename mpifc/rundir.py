@@ -200,6 +200,10 @@ def _look(out: str, resume, overwrite: bool) -> tuple[str | None, list[str]]:
     if resume_from is not None and not _inside(resume_from, out):
         return (f"--resume {resume_from} into {out}, which holds another run ({summary(have)}): "
                 "give an empty --out, or --overwrite to delete that run first"), notes
+    if resume_from is None and not any(os.path.basename(p).startswith("ckpt-")
+                                       and p.endswith(".h5") for p in have):
+        return (f"run directory {out} holds a run ({summary(have)}) but no checkpoint to "
+                "--resume from; start over with --overwrite"), notes
     return None, notes
 
 

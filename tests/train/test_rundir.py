@@ -153,3 +153,12 @@ def test_relative_data_paths_of_older_checkpoints_resolve_against_the_start_dir(
     # absolute paths (what runs store now) are kept as they are
     cfg["data"].update(dir="/data/x", dataset="digits")
     assert rundir.stored_data_paths(cfg, ck) is cfg
+
+
+def test_resume_of_a_run_without_checkpoints_is_refused(tmp_path, world):
+    """It would start afresh and append to the old run's metrics."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    with pytest.raises(TrainingError, match="no checkpoint to --resume from"):
+        rundir.claim(world, str(out), resume=True)
