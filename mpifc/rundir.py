@@ -45,7 +45,8 @@ def outputs(out: str) -> list[str]:
     found = [os.path.join(out, "metrics.jsonl")]
     found += glob.glob(os.path.join(ck, "ckpt-*.h5")) + [os.path.join(ck, "best.h5")]
     found += glob.glob(os.path.join(ck, "ckpt-*.h5.damaged"))
-    found += glob.glob(os.path.join(ck, ".ckpt-*.h5.tmp-*")) + glob.glob(os.path.join(ck, ".best.h5.tmp-*"))
+    found += glob.glob(os.path.join(ck, ".ckpt-*.h5.tmp-*"))
+    found += glob.glob(os.path.join(ck, ".best.h5.tmp-*"))
     found += glob.glob(os.path.join(tr, "trace.rank*.jsonl"))
     found += [os.path.join(tr, "trace.chrome.json"), os.path.join(tr, "trace.summary.txt")]
     return sorted(p for p in set(found) if os.path.isfile(p) or os.path.islink(p))

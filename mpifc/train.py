@@ -475,16 +475,18 @@ class Trainer:
         from mpifc.checkpoint import CheckpointError, load, newest_valid, set_rng_state
 
         path, skipped = path or self.ckpt_dir, []
+        own = os.path.realpath(path) == os.path.realpath(self.ckpt_dir)
         if os.path.isdir(path):
             found = None
             if self.rank0:
                 found, skipped = newest_valid(path)
                 for bad, why in skipped:
-                    try:
-                        os.replace(bad, bad + ".damaged")    # never listed, pruned or resumed
-                        why += f"; renamed to {os.path.basename(bad)}.damaged"
-                    except OSError:
-                        pass
+                    if own:          # this run's directory only: never listed, pruned, resumed
+                        try:
+                            os.replace(bad, bad + ".damaged")
+                            why += f"; renamed to {os.path.basename(bad)}.damaged"
+                        except OSError:
+                            pass
                     print(f"mpifc train: skipped {bad}: {why}", file=sys.stderr, flush=True)
                 found = (found, [b for b, _ in skipped])
             found, skipped = self.comm.bcast_obj(found)
@@ -499,7 +501,10 @@ class Trainer:
         self.loader.load_state_dict(info["data_position"])
         extra = info.get("extra") or {}
         self.step = int(extra.get("step", info["step"]))
-        self.best = extra.get("best")
+        # best.h5 lives in the checkpoint's directory: another run's best is not this one's
+        own = own or os.path.dirname(os.path.realpath(info["path"])) == os.path.realpath(
+            self.ckpt_dir)
+        self.best = extra.get("best") if own else None
         if self.sched is not None and "schedule" in extra:
             vars(self.sched[1]).update(extra["schedule"])
         if info.get("rng_states"):
@@ -519,7 +524,8 @@ class Trainer:
         t = self.cfg["train"]
         epoch = self.loader.position[0]
         if epoch >= t["epochs"]:
-            return f"the run in {self.out} is already at epoch {epoch} >= train.epochs = {t['epochs']}"
+            return (f"the run in {self.out} is already at epoch {epoch} >= train.epochs = "
+                    f"{t['epochs']}")
         if t["max_steps"] and self.step >= t["max_steps"]:
             return (f"the run in {self.out} is already at step {self.step} >= train.max_steps = "
                     f"{t['max_steps']}")

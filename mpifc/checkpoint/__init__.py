@@ -67,6 +67,7 @@ def stored_config(path) -> tuple[str, str | None]:
         return target, (as_str(f["config"][()]) if "config" in f else None)
 
 
-__all__ = ["save", "load", "describe", "verify", "newest_valid", "stored_config", "compute_digest", "CheckpointError",
+__all__ = ["save", "load", "describe", "verify", "newest_valid", "stored_config",
+           "compute_digest", "CheckpointError",
            "FORMAT_NAME", "FORMAT_VERSION", "checkpoint_name", "list_checkpoints",
            "latest_checkpoint", "rng_state", "set_rng_state"]

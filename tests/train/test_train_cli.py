@@ -109,7 +109,8 @@ def test_a_run_directory_holds_one_run(tmp_path):
 
     p = mpifc(*base, "--set", "train.epochs=2", "--set", "parallel.tp=2", n=2, timeout=120)
     assert p.returncode != 0
-    assert "--resume" in p.stderr and "--overwrite" in p.stderr and "already holds a run" in p.stderr
+    assert "--resume" in p.stderr and "--overwrite" in p.stderr
+    assert "already holds a run" in p.stderr
     assert (out / "metrics.jsonl").read_text() == metrics            # untouched
     assert not (out / ".mpifc.lock").exists()
 
@@ -145,7 +146,8 @@ def test_eval_from_another_working_directory(tmp_path):
     run = a / "runs" / "digits-mlp"
     p = mpifc("eval", str(run / "checkpoints"), cwd=b)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert float(re.search(r"test_acc (\d\.\d+)", p.stdout).group(1)) == pytest.approx(acc, abs=1e-4)
+    got = float(re.search(r"test_acc (\d\.\d+)", p.stdout).group(1))
+    assert got == pytest.approx(acc, abs=1e-4)
     assert str(a / "runs" / "data" / "digits.h5") in p.stdout
     p = mpifc("eval", str(run), "--best", cwd=b)
     assert p.returncode == 0, p.stdout + p.stderr
