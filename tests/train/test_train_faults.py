@@ -176,3 +176,23 @@ def test_non_finite_loss_from_bad_input_blames_the_data(comm, mpi_tmp_path):
     with pytest.raises(DatasetError, match=rf"non-finite input at step 0 .*row {first} of split "
                                            "'train'.*lowering optim.lr will not help"):
         tr.run()
+
+
+def test_resume_from_another_runs_directory_leaves_it_alone(comm, mpi_tmp_path):
+    """Its damaged file is skipped but not renamed; its best.h5 is not this run's best."""
+    from mpifc.train import Trainer
+
+    tmp = _shared_dir(comm, mpi_tmp_path)
+    src = f"{tmp}/src"
+    Trainer(_cfg(tmp, "train.trace=false", "train.epochs=1"), quiet=True, comm=comm,
+            out=src).run()
+    comm.barrier()
+    bad = os.path.join(src, "checkpoints", "ckpt-999999.h5")
+    if comm.rank == 0:
+        open(bad, "wb").close()
+    comm.barrier()
+    fork = Trainer(_cfg(tmp, "train.trace=false"), quiet=True, comm=comm, out=f"{tmp}/fork")
+    info = fork.resume(os.path.join(src, "checkpoints"))
+    assert info["step"] == fork.loader.steps_per_epoch and fork.best is None
+    comm.barrier()
+    assert os.path.exists(bad)
