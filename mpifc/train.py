@@ -546,7 +546,8 @@ class Trainer:
         if self.rank0:
             from mpifc.checkpoint import latest_checkpoint
 
-            paths["checkpoint"] = self.saved or latest_checkpoint(self.ckpt_dir)
+            paths["checkpoint"] = (os.path.join(self.ckpt_dir, os.path.basename(self.saved))
+                                   if self.saved else latest_checkpoint(self.ckpt_dir))
             acc = last.get("test_acc")          # printed even with --quiet: where things went
             print(f"done in {last.get('total_s', 0):.1f} s"
                   + (f": test accuracy {acc:.4f}" if acc is not None else ""))
