@@ -64,13 +64,18 @@ def _cmd_data_prepare(args):
 
 
 def _cmd_inspect(args):
-    from mpifc.checkpoint import CheckpointError, describe
+    """Print the summary; exit 1 when a checkpoint's digest does not match."""
+    from mpifc.checkpoint import CheckpointError
+    from mpifc.checkpoint.describe import inspect
     from mpifc.data import DatasetError
 
     try:
-        print(describe(args.file))
+        text, problem = inspect(args.file)
     except (CheckpointError, DatasetError, OSError, ValueError) as e:
         raise SystemExit(f"mpifc inspect: {e}")
+    print(text, flush=True)
+    if problem:
+        raise SystemExit(f"mpifc inspect: {problem}")
 
 
 def _config_or_exit(source, overrides, cmd):
@@ -97,7 +102,24 @@ def _cmd_train(args):
         if world().rank == 0:
             print(to_toml(cfg), end="")
         return
-    train(cfg, quiet=args.quiet, resume=args.resume, out=args.out)
+    train(cfg, quiet=args.quiet, resume=args.resume, out=args.out, overwrite=args.overwrite,
+          progress=args.progress)
+
+
+def _eval_target(path: str, best: bool) -> str:
+    """A checkpoint file, a checkpoint directory, or a run directory (its checkpoints/);
+    with ``best``, that directory's ``best.h5``."""
+    if os.path.isdir(path) and os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    if best:
+        from mpifc.train import BEST_NAME
+
+        from mpifc.checkpoint import CheckpointError
+
+        if not os.path.isdir(path):
+            raise CheckpointError(f"--best needs a run or checkpoint directory, got {path}")
+        path = os.path.join(path, BEST_NAME)
+    return path
 
 
 def _cmd_eval(args):
@@ -111,7 +133,7 @@ def _cmd_eval(args):
     got = None
     if comm.rank == 0:
         try:
-            got = ("ok", *stored_config(args.checkpoint))
+            got = ("ok", *stored_config(_eval_target(args.checkpoint, args.best)))
         except CheckpointError as e:
             got = ("error", str(e), None)
     status, path, text = comm.bcast_obj(got)
@@ -127,6 +149,8 @@ def _cmd_eval(args):
         cfg = loads_config(text, overrides=[f"parallel.dp=0", f"parallel.tp={tp}", *args.set])
     except ConfigError as e:
         raise SystemExit(f"mpifc eval: {e}")
+    from mpifc.rundir import stored_data_paths
+    cfg = stored_data_paths(cfg, path)          # relative paths of older checkpoints
     tr = Trainer(cfg, quiet=True, comm=comm, out=args.out or os.path.dirname(os.path.dirname(path)))
     info = load(path, tr.model, None, tr.grid)
     res = tr.evaluate()
@@ -173,13 +197,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                     help="continue from a checkpoint (default: the run's latest, if any)")
     tr.add_argument("--out", help="run directory (default: train.out, runs/<name>)")
-    tr.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="delete the run directory's previous outputs (metrics, checkpoints, "
+                    "trace) first")
+    tr.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
+                    help="rank 0's progress: a bar (terminal), a plain line every 10 s on stderr "
+                    "(batch logs; what auto picks under mpiexec), or none")
+    tr.add_argument("--quiet", action="store_true", help="no progress or per-epoch lines")
     tr.add_argument("--print-config", action="store_true",
                     help="print the resolved config (defaults + overrides) and exit")
     tr.set_defaults(func=_cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on its dataset's test split")
-    ev.add_argument("checkpoint", help="checkpoint file, or a directory (its latest)")
+    ev.add_argument("checkpoint", help="checkpoint file, or a checkpoint or run directory "
+                    "(its latest)")
+    ev.add_argument("--best", action="store_true",
+                    help="the directory's best.h5 (best by train.keep_best) instead of its latest")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override the stored config, e.g. parallel.tp=1")
     ev.add_argument("--out", help="run directory for the evaluation (default: the checkpoint's)")

@@ -13,7 +13,8 @@ and meaning: ``SCHEMA`` below; ``DEFAULTS`` is built from it)::
     [schedule]  name (none | step | cosine | plateau) and its settings
     [train]     epochs, batch_size (global, over all data-parallel ranks), dtype,
                 out (run directory), checkpoint_every (epochs), keep_last, trace,
-                log_every (steps), max_steps (0 = no limit)
+                log_every (steps), max_steps (0 = no limit), keep_best (metric of
+                checkpoints/best.h5: "test_acc" | "test_loss" | "" off)
 
 Presets (``mpifc train digits-cnn``) are TOML files in ``mpifc/presets/``.
 
@@ -104,7 +105,8 @@ def flag(default: bool, doc: str) -> Key:
 
 
 def choice(default: str, choices: tuple, doc: str) -> Key:
-    return Key(default, f"one of {', '.join(choices)}", lambda v: v in choices, doc)
+    shown = ', '.join(c if c != "" else '"" (off)' for c in choices)
+    return Key(default, f"one of {shown}", lambda v: v in choices, doc)
 
 
 def text(default: str, doc: str, ok: Callable[[str], bool] = lambda v: True,
@@ -183,6 +185,8 @@ SCHEMA: dict[str, Key] = {
     "train.log_every": integer(0, ">= 0", "also log every N steps; 0 = per epoch only"),
     "train.max_steps": integer(0, ">= 0", "stop (and checkpoint) after N steps; 0 = no limit"),
     "train.eval_batch_size": integer(512, ">= 1", "global batch of evaluation"),
+    "train.keep_best": choice("test_acc", ("test_acc", "test_loss", ""),
+                              "metric kept in checkpoints/best.h5 (never pruned); \"\" = off"),
 }
 
 

@@ -11,8 +11,11 @@ One step, on every rank of a dp x tp grid:
     update    clip (norm completed over the grid), optimizer on the local shards
 
 Rank 0 writes ``<out>/metrics.jsonl`` (one record per epoch, and one per
-``train.log_every`` steps), checkpoints go to ``<out>/checkpoints``, the trace to
-``<out>/trace``. A NaN or Inf loss stops training with a message naming the step.
+``train.log_every`` steps), checkpoints go to ``<out>/checkpoints`` (the best by
+``train.keep_best`` also as ``best.h5``), the trace to ``<out>/trace``. ``train()``
+claims the run directory first (:mod:`mpifc.rundir`: a lock, one run per directory).
+A NaN or Inf loss stops training with a message naming the step, and naming the data
+when the batch held non-finite input.
 """
 from __future__ import annotations
 
@@ -29,6 +32,9 @@ from mpifc.comm.collect import sync_clock, write_trace
 from mpifc.config import to_toml
 
 
+BEST_NAME = "best.h5"     # in the checkpoint directory: the best checkpoint by train.keep_best
+
+
 class TrainingError(RuntimeError):
     """Training cannot go on (non-finite loss, a dataset that does not fit the model)."""
 
@@ -43,12 +49,31 @@ def setup_threads(comm) -> int:
     return apply_blas_threads(node.size)
 
 
+def _is_dataset_path(name: str) -> bool:
+    return name.endswith((".h5", ".hdf5")) or os.path.sep in name
+
+
+def absolute_data_paths(cfg: dict) -> dict:
+    """``cfg`` with ``data.dir`` and a path ``data.dataset`` made absolute (against the cwd).
+
+    Relative paths in a config mean "from where the job starts"; the trainer stores
+    the absolute form in checkpoints, so ``mpifc eval DIR`` works from any directory.
+    """
+    d = cfg["data"]
+    name = d["dataset"]
+    fixed = {"dir": os.path.abspath(d["dir"]),
+             "dataset": os.path.abspath(name) if _is_dataset_path(name) else name}
+    if all(d[k] == v for k, v in fixed.items()):
+        return cfg
+    return {**cfg, "data": {**d, **fixed}}
+
+
 def resolve_dataset(cfg: dict, comm) -> str:
     """Path of the HDF5 dataset; a named dataset is prepared once, by rank 0, if missing."""
     from mpifc.data import prepare
 
     name = cfg["data"]["dataset"]
-    if name.endswith((".h5", ".hdf5")) or os.path.sep in name:
+    if _is_dataset_path(name):
         if not os.path.exists(name):
             raise FileNotFoundError(f"dataset {name!r} not found; create it with "
                                     "`mpifc data prepare ...`")
@@ -129,25 +154,80 @@ def schedule_state(sched) -> dict:
     return sched.state_dict()
 
 
-class Progress:
-    """A tqdm bar on rank 0 when stderr is a terminal and not --quiet; a no-op otherwise."""
+PROGRESS_MODES = ("auto", "bar", "lines", "none")
 
-    def __init__(self, enabled: bool, total: int, initial: int, desc: str):
+
+def progress_mode(requested: str, show: bool) -> str:
+    """The display rank 0 uses: "bar" (a tqdm bar) in a terminal, "lines" otherwise.
+
+    ``auto`` picks "bar" only when stderr is a terminal. Under ``mpiexec`` it never is
+    (MPICH's hydra pipes every rank's stderr and passes nothing that tells whether
+    its own is a terminal), so jobs get "lines": one plain line every
+    :data:`Progress.LINE_EVERY_S` seconds, which batch logs keep as well.
+    """
+    if requested not in PROGRESS_MODES:
+        raise ValueError(f"progress must be one of {PROGRESS_MODES}, got {requested!r}")
+    if not show or requested == "none":
+        return "none"
+    if requested == "auto":
+        return "bar" if sys.stderr.isatty() else "lines"
+    return requested
+
+
+class Progress:
+    """Rank 0's progress: a tqdm bar per epoch, plain lines on stderr, or nothing.
+
+    Lines: the first step of the session, then one every ``LINE_EVERY_S`` seconds::
+
+        progress: epoch 3/12  step 17/23  loss 0.1234  4510 samples/s  ETA 0:00:41
+    """
+
+    LINE_EVERY_S = 10.0
+
+    def __init__(self, mode: str, steps: int, epochs: int):
+        self.mode, self.steps, self.epochs = mode, steps, epochs
         self.bar = None
-        if enabled:
+        self.epoch = 0
+        self.t0 = self.last = None
+        self.done = self.samples = 0
+
+    def start_epoch(self, epoch: int, first: int) -> None:
+        self.epoch, self.step = epoch, first
+        if self.mode == "bar":
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False,
+            self.bar = tqdm(total=self.steps, initial=first,
+                            desc=f"epoch {epoch + 1}/{self.epochs}", leave=False,
                             dynamic_ncols=True)
 
-    def update(self, **post):
+    def update(self, loss: float, samples: int) -> None:
+        self.step += 1
         if self.bar is not None:
-            self.bar.set_postfix(post, refresh=False)
+            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             self.bar.update(1)
+        if self.mode != "lines":
+            return
+        now = time.perf_counter()
+        if self.t0 is None:
+            self.t0 = now
+        else:
+            self.done += 1
+            self.samples += samples
+        if self.last is None or now - self.last >= self.LINE_EVERY_S:
+            self.last = now
+            left = (self.epochs - self.epoch - 1) * self.steps + self.steps - self.step
+            rate, eta = "", ""
+            if self.done and now > self.t0:
+                rate = f"  {self.samples / (now - self.t0):.0f} samples/s"
+                secs = int(left * (now - self.t0) / self.done)
+                eta = f"  ETA {secs // 3600}:{secs // 60 % 60:02d}:{secs % 60:02d}"
+            print(f"progress: epoch {self.epoch + 1}/{self.epochs}  step {self.step}/"
+                  f"{self.steps}  loss {loss:.4f}{rate}{eta}", file=sys.stderr, flush=True)
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def generators(module, prefix: str = "") -> dict:
@@ -176,15 +256,17 @@ class Trainer:
     ``evaluate()`` returns test loss and accuracy.
     """
 
-    def __init__(self, cfg: dict, *, quiet: bool = False, comm=None, out: str | None = None):
+    def __init__(self, cfg: dict, *, quiet: bool = False, comm=None, out: str | None = None,
+                 progress: str = "auto"):
         from mpifc.data import DistributedLoader
         from mpifc.models import build_model
         from mpifc.parallel import DataParallel
 
-        self.cfg = cfg
+        self.cfg = cfg = absolute_data_paths(cfg)    # stored in checkpoints: any cwd reads it
         self.comm = comm or world()
         self.quiet = quiet
         self.rank0 = self.comm.rank == 0
+        self.progress = progress_mode(progress, self.rank0 and not quiet)
         self.threads = setup_threads(self.comm)
         p, t = cfg["parallel"], cfg["train"]
         self.grid = Grid(self.comm, dp=p["dp"] or None, tp=p["tp"] or None)
@@ -213,6 +295,8 @@ class Trainer:
         self.sched = build_schedule(cfg, self.opt, self.loader.steps_per_epoch,
                                     note=self._note)
         self.step = 0
+        self.saved: str | None = None      # the last checkpoint this session wrote
+        self.best: dict | None = None      # {"metric", "value", "step"} of checkpoints/best.h5
         self.exposed_s = 0.0     # seconds posting and waiting for the overlapped dp allreduce
         if self.rank0 and not quiet:
             print(f"mpifc train {cfg['name']}: {self.comm.size} rank(s) as dp={self.grid.dp} x "
@@ -286,10 +370,10 @@ class Trainer:
         last: dict = {}
         t_start = time.perf_counter()
         stop = False
+        bar = Progress(self.progress, steps, t["epochs"])
         while not stop and self.loader.position[0] < t["epochs"]:
             epoch, first = self.loader.position
-            bar = Progress(self.rank0 and not self.quiet and sys.stderr.isatty(), steps, first,
-                           f"epoch {epoch + 1}/{t['epochs']}")
+            bar.start_epoch(epoch, first)
             tot = np.zeros(3)
             n_events, self.exposed_s = len(trace.TRACER), 0.0
             t0 = time.perf_counter()
@@ -299,12 +383,10 @@ class Trainer:
                     finite = _agree_finite(self.grid.world, loss_sum)
                 b = int(batch.y.shape[0])
                 if not finite:
-                    raise TrainingError(f"non-finite loss at step {self.step} (epoch {epoch + 1}, "
-                                        f"batch {self.loader.position[1]}); lower optim.lr or "
-                                        "set optim.clip_norm")
+                    self._non_finite(batch)
                 tot += (loss_sum, correct, b)
                 self.step += 1
-                bar.update(loss=f"{loss_sum / max(b, 1):.3f}")
+                bar.update(loss_sum / max(b, 1), b * self.grid.dp)
                 if t["log_every"] and self.step % t["log_every"] == 0:
                     s = self._sum_over_dp([loss_sum, correct, b])
                     self.log({"step": self.step, "epoch": epoch + 1, "loss": s[0] / s[2],
@@ -339,52 +421,134 @@ class Trainer:
             if every and (stop or (finished and (epoch + 1) % every == 0)
                           or self.loader.position[0] >= t["epochs"]):
                 with trace.span("checkpoint"):
-                    self.save()
+                    self.save(rec if finished else None)
         last["total_s"] = time.perf_counter() - t_start
         return last
 
-    # --- checkpoints ---
-    def save(self) -> str:
-        from mpifc.checkpoint import save
+    def _non_finite(self, batch) -> None:
+        """Raise for a non-finite loss: bad input data if any rank's batch had it, else the lr.
 
+        Collective (every rank gets here together, after the finite check agreed).
+        """
+        from mpifc.backend import get_array_module, to_host
+        from mpifc.data import DatasetError
+
+        x = batch.x
+        xp = get_array_module(x)
+        ok = to_host(xp.isfinite(x.reshape(x.shape[0], int(np.prod(x.shape[1:])))).all(axis=1))
+        bad = None
+        if not ok.all():      # the sample index in the file, not the row of the batch
+            rows = self.loader.plan.local_indices(batch.epoch, batch.step, self.grid.dp_rank)
+            bad = int(rows[np.flatnonzero(~ok)[0]])
+        where = self.comm.allgather_obj(bad)
+        ranks = [r for r, w in enumerate(where) if w is not None]
+        if ranks:
+            raise DatasetError(f"non-finite input at step {self.step} (epoch {batch.epoch + 1}, "
+                               f"batch {batch.step}): row {where[ranks[0]]} of split 'train' of "
+                               f"{self.data_path} holds NaN or Inf after normalisation (rank "
+                               f"{ranks[0]}); fix the dataset, lowering optim.lr will not help")
+        raise TrainingError(f"non-finite loss at step {self.step} (epoch {batch.epoch + 1}, "
+                            f"batch {batch.step + 1}); the input was finite: lower optim.lr or "
+                            "set optim.clip_norm")
+
+    # --- checkpoints ---
+    def save(self, metrics: dict | None = None) -> str:
+        """Write a checkpoint (collective); with ``metrics`` of a finished epoch, keep the best.
+
+        ``train.keep_best`` names the metric ("test_acc": higher is better, "test_loss":
+        lower is better, "" off). A checkpoint that improves it is also published as
+        ``checkpoints/best.h5`` (a hard link, or a copy), which pruning never deletes.
+        """
+        from mpifc.checkpoint import save
+        from mpifc.checkpoint.atomic import publish_link
+
+        t = self.cfg["train"]
+        key = t["keep_best"]
+        best = self.best
+        if key and metrics is not None and key in metrics and math.isfinite(metrics[key]):
+            value = float(metrics[key])
+            if best is None or best.get("metric") != key or (
+                    value > best["value"] if key.endswith("acc") else value < best["value"]):
+                best = {"metric": key, "value": value, "step": self.step}
         extra = {"step": self.step}
+        if best is not None:
+            extra["best"] = best
         if self.sched is not None:
             extra["schedule"] = schedule_state(self.sched[1])
-        return save(self.ckpt_dir, self.model, self.opt, self.grid, step=self.step,
+        path = save(self.ckpt_dir, self.model, self.opt, self.grid, step=self.step,
                     epoch=self.loader.position[0], data_position=self.loader.state_dict(),
                     rng_states=generators(self.model), config=to_toml(self.cfg),
-                    keep_last=self.cfg["train"]["keep_last"], extra=extra)
+                    keep_last=t["keep_last"], extra=extra)
+        self.saved = path
+        if best is not self.best:
+            self.best = best
+            if self.rank0:                 # only rank 0 touches files; a failure is a note
+                try:
+                    publish_link(path, os.path.join(self.ckpt_dir, BEST_NAME))
+                except OSError as e:
+                    print(f"mpifc train: could not update {BEST_NAME}: {e}", file=sys.stderr,
+                          flush=True)
+        return path
 
     def resume(self, path: str | None = None) -> dict | None:
         """Continue from ``path`` (a checkpoint or directory; default: this run's latest).
 
+        From a directory, the newest checkpoint whose digest verifies is used: a newer
+        one that does not (a cut-off copy, a 0-byte file) is renamed ``*.damaged``,
+        and rank 0 says which one was used and why the newer was skipped.
         Any dp x tp layout can load any checkpoint; the RNG states come back only
         when the layout is the saved one. Returns the checkpoint header, or None when
         there is nothing to resume from.
         """
-        from mpifc.checkpoint import latest_checkpoint, load, set_rng_state
+        from mpifc.checkpoint import CheckpointError, load, newest_valid, set_rng_state
 
-        path = path or self.ckpt_dir
+        path, skipped = path or self.ckpt_dir, []
+        own = os.path.realpath(path) == os.path.realpath(self.ckpt_dir)
         # rank 0 decides for all: a directory only some ranks see must not split them
-        is_dir, found = self.comm.bcast_obj(
-            (os.path.isdir(path), latest_checkpoint(path) if os.path.isdir(path) else None)
-            if self.rank0 else None)
-        if is_dir and found is None:
-            return None
+        got = None
+        if self.rank0:
+            is_dir, found = os.path.isdir(path), None
+            if is_dir:
+                found, bad = newest_valid(path)
+                for b, why in bad:
+                    if own:          # this run's directory only: never listed, pruned, resumed
+                        try:
+                            os.replace(b, b + ".damaged")
+                            why += f"; renamed to {os.path.basename(b)}.damaged"
+                        except OSError:
+                            pass
+                    print(f"mpifc train: skipped {b}: {why}", file=sys.stderr, flush=True)
+                skipped = [b for b, _ in bad]
+            got = (is_dir, found, skipped)
+        is_dir, found, skipped = self.comm.bcast_obj(got)
+        if is_dir:
+            if found is None:
+                if skipped:
+                    raise CheckpointError(f"no checkpoint in {path} verifies (skipped "
+                                          f"{', '.join(map(os.path.basename, skipped))}); "
+                                          "start over with --overwrite")
+                return None
+            path = found
         info = load(path, self.model, self.opt, self.grid)
         self.loader.load_state_dict(info["data_position"])
         extra = info.get("extra") or {}
         self.step = int(extra.get("step", info["step"]))
+        # best.h5 lives in the checkpoint's directory: another run's best is not this one's
+        own = own or os.path.dirname(os.path.realpath(info["path"])) == os.path.realpath(
+            self.ckpt_dir)
+        self.best = extra.get("best") if own else None
         if self.sched is not None and "schedule" in extra:
             self.sched[1].load_state_dict(extra["schedule"])
         if info.get("rng_states"):
             for name, gen in generators(self.model).items():
                 if name in info["rng_states"]:
                     set_rng_state(gen, info["rng_states"][name])
-        if self.rank0 and not self.quiet:
+        if self.rank0 and (not self.quiet or skipped):
             lay = info["layout"]
+            newer = (f"; the newer {', '.join(map(os.path.basename, skipped))} did not verify"
+                     if skipped else "")
             print(f"resumed from {info['path']} (step {self.step}, saved as dp={lay['dp']} x "
-                  f"tp={lay['tp']})", flush=True)
+                  f"tp={lay['tp']}){newer}", flush=True)
         self._resume_lr(info)
         return info
 
@@ -416,22 +580,44 @@ class Trainer:
             print(f"optim.lr: {new:g} (from this run's config; the checkpoint had {old:g}){now}",
                   flush=True)
 
+    def nothing_to_do(self) -> str | None:
+        """Why ``run()`` would not train a step (the run is past train.epochs/max_steps)."""
+        t = self.cfg["train"]
+        epoch = self.loader.position[0]
+        if epoch >= t["epochs"]:
+            return (f"the run in {self.out} is already at epoch {epoch} >= train.epochs = "
+                    f"{t['epochs']}")
+        if t["max_steps"] and self.step >= t["max_steps"]:
+            return (f"the run in {self.out} is already at step {self.step} >= train.max_steps = "
+                    f"{t['max_steps']}")
+        return None
+
     def finish(self, last: dict) -> dict:
         """Write the trace (if enabled) and print where everything went."""
+        from mpifc.rundir import remove_stale_traces
+
         paths = {"metrics": self.metrics_path, "checkpoints": self.ckpt_dir}
         if self.cfg["train"]["trace"]:
-            got = write_trace(self.comm, os.path.join(self.out, "trace"))
+            trace_dir = os.path.join(self.out, "trace")
+            if self.rank0:       # files of ranks this job does not have: an earlier, larger job
+                remove_stale_traces(trace_dir, self.comm.size)
+            got = write_trace(self.comm, trace_dir)
             if self.rank0 and got:
                 paths.update({f"trace_{k}": v for k, v in got.items()})
         if self.rank0:
             from mpifc.checkpoint import latest_checkpoint
 
-            paths["checkpoint"] = latest_checkpoint(self.ckpt_dir)
+            paths["checkpoint"] = (os.path.join(self.ckpt_dir, os.path.basename(self.saved))
+                                   if self.saved else latest_checkpoint(self.ckpt_dir))
             acc = last.get("test_acc")          # printed even with --quiet: where things went
             print(f"done in {last.get('total_s', 0):.1f} s"
                   + (f": test accuracy {acc:.4f}" if acc is not None else ""))
             print(f"metrics    {self.metrics_path}")
             print(f"checkpoint {paths['checkpoint']}")
+            if self.best is not None:
+                paths["best"] = os.path.join(self.ckpt_dir, BEST_NAME)
+                print(f"best       {paths['best']} ({self.best['metric']} "
+                      f"{self.best['value']:.4f} at step {self.best['step']})")
             if "trace_chrome" in paths:
                 print(f"trace      {paths['trace_chrome']} (Perfetto / chrome://tracing); "
                       f"summary {paths.get('trace_summary', '')}", flush=True)
@@ -439,17 +625,42 @@ class Trainer:
 
 
 def train(cfg: dict, *, quiet: bool = False, resume: str | bool | None = None,
-          out: str | None = None) -> dict:
-    """Train ``cfg`` on the world communicator; returns the last epoch's metrics on rank 0."""
+          out: str | None = None, overwrite: bool = False, progress: str = "auto") -> dict:
+    """Train ``cfg`` on the world communicator; returns the last epoch's metrics on rank 0.
+
+    The run directory (``out``, default ``train.out``) holds one run: it is locked for
+    the job (:mod:`mpifc.rundir`); a new run into a directory holding another run's
+    outputs is refused unless ``resume`` (continue it) or ``overwrite`` (delete its
+    outputs first). Resuming a run that is already past ``train.epochs`` /
+    ``train.max_steps`` says so and returns ``{"nothing_to_do": reason}`` without
+    touching the outputs.
+    """
+    from mpifc.rundir import claim
+
     trace.reset()
     trace.enable()
     comm = world()
     sync_clock(comm)
-    tr = Trainer(cfg, quiet=quiet, comm=comm, out=out)
-    if resume:
-        info = tr.resume(resume if isinstance(resume, str) else None)
-        if info is None and tr.rank0 and not quiet:
-            print(f"nothing to resume in {tr.ckpt_dir}; starting fresh", flush=True)
-    last = tr.run()
-    last["paths"] = tr.finish(last)
-    return last
+    out = out or cfg["train"]["out"].format(name=cfg["name"])
+    run = claim(comm, out, resume=resume, overwrite=overwrite)
+    try:
+        if comm.rank == 0:
+            for note in run.notes:
+                print(f"mpifc train: {note}", file=sys.stderr, flush=True)
+        tr = Trainer(cfg, quiet=quiet, comm=comm, out=out, progress=progress)
+        if resume:
+            info = tr.resume(resume if isinstance(resume, str) else None)
+            if info is None and tr.rank0 and not quiet:
+                print(f"nothing to resume in {tr.ckpt_dir}; starting fresh", flush=True)
+            done = tr.nothing_to_do()
+            if done:
+                if tr.rank0:
+                    print(f"mpifc train: {done}: nothing to do (raise train.epochs or "
+                          "train.max_steps to train further); outputs left as they were",
+                          flush=True)
+                return {"nothing_to_do": done}
+        last = tr.run()
+        last["paths"] = tr.finish(last)
+        return last
+    finally:
+        run.release()

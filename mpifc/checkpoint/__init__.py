@@ -36,6 +36,22 @@ def verify(path) -> str:
         raise CheckpointError(str(exc)) from None
 
 
+def newest_valid(directory) -> tuple[str | None, list[tuple[str, str]]]:
+    """The newest checkpoint in ``directory`` that verifies, and the newer ones that did not.
+
+    Returns (path or None, [(skipped path, reason), ...] newest first); on this
+    process alone (the trainer runs it on rank 0 and broadcasts the choice).
+    """
+    skipped = []
+    for _, path in reversed(list_checkpoints(directory)):
+        try:
+            verify(path)
+            return path, skipped
+        except CheckpointError as exc:
+            skipped.append((path, str(exc)))
+    return None, skipped
+
+
 def stored_config(path) -> tuple[str, str | None]:
     """(checkpoint file, the run's TOML config text or None), read on this process alone.
 
@@ -51,6 +67,7 @@ def stored_config(path) -> tuple[str, str | None]:
         return target, (as_str(f["config"][()]) if "config" in f else None)
 
 
-__all__ = ["save", "load", "describe", "verify", "stored_config", "compute_digest", "CheckpointError",
+__all__ = ["save", "load", "describe", "verify", "newest_valid", "stored_config",
+           "compute_digest", "CheckpointError",
            "FORMAT_NAME", "FORMAT_VERSION", "checkpoint_name", "list_checkpoints",
            "latest_checkpoint", "rng_state", "set_rng_state"]

@@ -8,7 +8,7 @@ import numpy as np
 
 from mpifc.checkpoint import digest
 from mpifc.checkpoint.format import (BUFFERS, FORMAT_NAME, OPTIMIZER, PARAMS, CheckpointError,
-                                     as_str, list_checkpoints, loads, resolve)
+                                     as_str, layout_attr, list_checkpoints, resolve)
 
 
 def _fmt_bytes(n: int) -> str:
@@ -37,14 +37,21 @@ def _tensor_lines(g, indent="  ") -> list[str]:
 
 def describe_checkpoint(path: str) -> str:
     """Step, epoch, layout, tensors with global shapes and sharding, digest OK/BAD."""
+    return _checkpoint_summary(path)[0]
+
+
+def _checkpoint_summary(path: str) -> tuple[str, str | None]:
+    """(summary, the digest problem or None)."""
     with h5py.File(path, "r") as f:
         a = f.attrs
+        problem = None
         try:
             digest.check(f, path)
             verdict = f"OK ({as_str(a[digest.DIGEST_ATTR])[:23]}...)"
         except (ValueError, OSError, RuntimeError, KeyError) as exc:
             verdict = f"BAD: {exc}"
-        lay = loads(a.get("layout", "{}"))
+            problem = f"{path}: digest does not match: the checkpoint is damaged or was altered"
+        lay = layout_attr(a, path)
         n_params = sum(int(np.prod(o.shape)) for o in f[PARAMS].values()) if PARAMS in f else 0
         lines = [f"mpifc checkpoint {path} ({_fmt_bytes(os.path.getsize(path))})",
                  f"  step {int(a.get('step', -1))}, epoch {int(a.get('epoch', -1))}, saved "
@@ -69,7 +76,7 @@ def describe_checkpoint(path: str) -> str:
         if "config" in f:
             cfg = as_str(f["config"][()])
             lines.append(f"config: {len(cfg.splitlines())} lines of TOML")
-    return "\n".join(lines)
+    return "\n".join(lines), problem
 
 
 def describe_dataset(path: str) -> str:
@@ -81,7 +88,7 @@ def describe_dataset(path: str) -> str:
              f"{info.version}", f"  source: {info.source}",
              f"  classes ({info.num_classes}): {', '.join(info.class_names[:10])}"
              + (" ..." if info.num_classes > 10 else ""),
-             f"  normalisation: {info.normalisation}"]
+             f"  normalisation: {info.normalisation.describe()}"]
     for name, s in info.splits.items():
         comp = f", {s.compression}" if s.compression else ""
         lines.append(f"  {name}: {s.n} samples of {s.sample_shape} {np.dtype(s.dtype).name}, "
@@ -90,6 +97,11 @@ def describe_dataset(path: str) -> str:
 
 
 def describe(path) -> str:
+    """The summary of :func:`inspect` (a damaged checkpoint is still described)."""
+    return inspect(path)[0]
+
+
+def inspect(path) -> tuple[str, str | None]:
     """Summarise a checkpoint, a checkpoint directory, or a dataset file.
 
     Parameters
@@ -100,8 +112,9 @@ def describe(path) -> str:
 
     Returns
     -------
-    str : several lines, ready to print. A damaged checkpoint is still described,
-    with ``digest: BAD`` and the reason.
+    (text, problem) : several lines, ready to print, and None or a one-line problem.
+    A damaged checkpoint is still described, with ``digest: BAD`` and the reason, and
+    ``problem`` says its digest does not match (``mpifc inspect`` then exits 1).
 
     Raises
     ------
@@ -111,8 +124,10 @@ def describe(path) -> str:
     head = ""
     if os.path.isdir(path):
         found = list_checkpoints(path)
+        best = os.path.join(path, "best.h5")
         head = (f"checkpoint directory {path}: "
-                + ", ".join(f"step {s}" for s, _ in found) + "\n") if found else ""
+                + ", ".join(f"step {s}" for s, _ in found)
+                + (", best.h5" if os.path.exists(best) else "") + "\n") if found else ""
     target = resolve(path)
     try:
         with h5py.File(target, "r") as f:
@@ -121,10 +136,11 @@ def describe(path) -> str:
         raise CheckpointError(f"{target}: cannot be read as HDF5 ({exc}); truncated, damaged, or "
                               "not an HDF5 file") from None
     if fmt == FORMAT_NAME:
-        return head + describe_checkpoint(target)
+        text, problem = _checkpoint_summary(target)
+        return head + text, problem
     from mpifc.data import DatasetError
     try:
-        return head + describe_dataset(target)
+        return head + describe_dataset(target), None
     except DatasetError as exc:
         raise CheckpointError(f"{target}: neither an mpifc checkpoint nor an mpifc dataset "
                               f"({exc})") from None

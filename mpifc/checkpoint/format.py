@@ -23,7 +23,7 @@ serial model would have), whatever the layout it was saved from::
 
 ``<name>`` is the qualified name from ``Module.named_parameters()`` / ``buffers()``.
 Files in a checkpoint directory are named ``ckpt-<step:06d>.h5`` (steps beyond
-999999 just get more digits); a save in progress is ``.ckpt-<step>.h5.tmp-<pid>``.
+999999 just get more digits); a save in progress is ``.ckpt-<step>.h5.tmp-<pid>@<host>``.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ FORMAT_NAME = "mpifc-checkpoint"
 FORMAT_VERSION = 1
 SUFFIXES = (".h5", ".hdf5")
 _CKPT_RE = re.compile(r"^ckpt-(?P<step>[0-9]{6,})\.h5$")
-_TMP_RE = re.compile(r"^\.ckpt-[0-9]{6,}\.h5\.tmp-[0-9]+$")
+_TMP_RE = re.compile(r"^\.ckpt-[0-9]{6,}\.h5\.tmp-(?P<pid>[0-9]+)(@(?P<host>[^/]+))?$")
 
 #: group of each kind of tensor in the file
 PARAMS, BUFFERS, OPTIMIZER = "params", "buffers", "optimizer"
@@ -86,6 +86,12 @@ def stale_temporaries(directory) -> list[str]:
     if not os.path.isdir(directory):
         return []
     return sorted(os.path.join(directory, n) for n in os.listdir(directory) if _TMP_RE.match(n))
+
+
+def temporary_owner(path) -> tuple[int | None, str | None]:
+    """(pid, host or None for the older ``.tmp-<pid>`` names) of a save's temporary file."""
+    m = _TMP_RE.match(os.path.basename(os.fspath(path)))
+    return (int(m["pid"]), m["host"]) if m else (None, None)
 
 
 def latest_checkpoint(directory) -> str | None:
@@ -149,6 +155,20 @@ def loads(text):
 
 def as_str(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def layout_attr(a, path: str) -> dict:
+    """The ``layout`` attribute as {"world", "dp", "tp"} of ints, or CheckpointError."""
+    try:
+        lay = loads(a["layout"])
+        if not isinstance(lay, dict) or not all(isinstance(lay.get(k), int) and lay[k] >= 1
+                                                for k in ("world", "dp", "tp")):
+            raise ValueError("expected world, dp and tp as positive integers, got "
+                             + repr(lay)[:120])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: attribute 'layout' is missing or malformed ({exc}); the "
+                              "file is damaged or was not written by mpifc") from None
+    return lay
 
 
 # ---------------------------------------------------------------- RNG states

@@ -22,7 +22,7 @@ from mpifc.backend import get_array_module, to_device
 from mpifc.checkpoint import digest
 from mpifc.checkpoint.entries import collect, local_problems, signature
 from mpifc.checkpoint.format import (BUFFERS, FORMAT_NAME, FORMAT_VERSION, OPTIMIZER, PARAMS,
-                                     CheckpointError, as_str, loads, resolve)
+                                     CheckpointError, as_str, layout_attr, loads, resolve)
 from mpifc.checkpoint.save import _agree
 
 
@@ -88,7 +88,7 @@ def _root_check(path, entries, optimizer) -> dict:
         a = f.attrs
         meta = {"path": final, "step": int(a["step"]), "epoch": int(a["epoch"]),
                 "data_position": loads(a["data_position"]), "extra": loads(a["extra"]),
-                "layout": loads(a["layout"]), "created": as_str(a["created"]),
+                "layout": layout_attr(a, final), "created": as_str(a["created"]),
                 "model_signature": as_str(a["model_signature"]), "digest": total,
                 "config": as_str(f["config"][()]) if "config" in f else None}
         if OPTIMIZER in f:

@@ -102,6 +102,20 @@ class Normalisation:
         out *= inv_std
         return out
 
+    def describe(self) -> str:
+        """One readable line: ``mean_std, mean [0.49, 0.48, 0.45], std [0.25, 0.24, 0.26]``."""
+        def vals(a):
+            a = np.asarray(a, dtype=np.float64).ravel()
+            shown = ", ".join(f"{v:.4g}" for v in a[:8])
+            return f"[{shown}{f', ... ({a.size} values)' if a.size > 8 else ''}]"
+
+        if self.kind == "mean_std":
+            return f"mean_std, mean {vals(self.mean)}, std {vals(self.std)}"
+        if self.kind == "scale":
+            s, o = self.scale_offset
+            return f"scale, x * {s:.6g} + {o:.6g}"
+        return "none (stored values as they are)"
+
     def to_attrs(self) -> dict:
         attrs = {"normalisation": self.kind}
         if self.kind == "mean_std":

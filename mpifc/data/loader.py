@@ -134,6 +134,33 @@ class Batch(NamedTuple):
     global_size: int
 
 
+def check_rows(x: np.ndarray, y: np.ndarray, idx, num_classes: int, where: str) -> None:
+    """Raise DatasetError unless float ``x`` is finite and ``y`` lies in [0, num_classes).
+
+    ``idx`` maps row i to its sample index in the file (None: row i is sample i); the
+    error names the first bad sample. The common case costs one sum over x (NaN/Inf
+    propagate into it; ~5 GB/s on one core, about 0.15 ms for 64 rows of 3x32x32
+    floats) and a min/max over y; the row search runs only when the sum is not finite
+    (an overflowing sum of finite values costs that search and raises nothing).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        suspect = x.dtype.kind == "f" and x.size and not np.isfinite(x.sum())
+    if suspect:
+        ok = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
+        if not ok.all():
+            rows = np.flatnonzero(~ok)
+            samples = rows if idx is None else np.asarray(idx)[rows]
+            first = int(samples.min())
+            raise DatasetError(f"{where}: sample {first} has NaN or Inf in x ({rows.size} bad "
+                               "sample(s) in this read); fix or re-create the dataset")
+    if y.size and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        rows = np.flatnonzero((y < 0) | (y >= num_classes))
+        samples = rows if idx is None else np.asarray(idx)[rows]
+        i = int(np.argmin(samples))
+        raise DatasetError(f"{where}: sample {int(samples[i])} has label {int(y[rows[i]])}, "
+                           f"outside [0, {num_classes})")
+
+
 def _read_rows(ds, idx: np.ndarray) -> np.ndarray:
     """Rows ``idx`` (any order, no repeats) of an h5py dataset, in the order of ``idx``.
 
@@ -171,6 +198,9 @@ class DistributedLoader:
     normalise : apply the file's normalisation; False returns stored values as ``dtype``
     xp : backend module (numpy or cupy) the batches are placed on; default numpy
     cache : keep the split in memory on the reading rank(s) after the first read
+    validate : check what is served: float features finite, labels in [0, classes).
+        Cached float data is checked once, at construction (all ranks agree on the
+        verdict); otherwise every read batch is checked on the rank that reads it.
 
     Every rank constructs the loader (collective: a rank that cannot open the file
     makes all ranks raise the same :class:`DatasetError`).
@@ -179,7 +209,7 @@ class DistributedLoader:
     def __init__(self, path, comm, *, split: str = "train", batch_size: int, seed: int = 0,
                  shuffle: bool = True, drop_last: bool = False, mode: str = "slice",
                  root: int = 0, dtype=np.float32, normalise: bool = True, xp=None,
-                 cache: bool = False):
+                 cache: bool = False, validate: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.comm = comm
@@ -190,6 +220,8 @@ class DistributedLoader:
         self.normalise = bool(normalise)
         self.xp = np if xp is None else xp
         self.cache = bool(cache)
+        self.validate = bool(validate)
+        self.path = str(path)
         self._f = None
         self._mem = None
         reads = mode == "slice" or comm.rank == self.root
@@ -204,6 +236,11 @@ class DistributedLoader:
                 mine["meta"] = (s.n, s.sample_shape, s.dtype.str, info.num_classes,
                                 info.normalisation.kind, info.normalisation.mean.tolist(),
                                 info.normalisation.std.tolist())
+                if self.cache and self.validate and s.dtype.kind == "f":
+                    # features are read whole anyway: check them once, here, where
+                    # every rank learns the verdict (uint8 images cannot be non-finite)
+                    self._fill_cache()
+                    check_rows(*self._mem, None, info.num_classes, self._where)
             except (DatasetError, OSError) as e:
                 mine["error"] = str(e)
         everyone = comm.allgather_obj(mine)
@@ -279,13 +316,24 @@ class DistributedLoader:
             self._order, self._order_epoch = self.plan.order(epoch), epoch
         return self._order
 
+    @property
+    def _where(self) -> str:
+        return f"{self.path}, split '{self.split}'"
+
+    def _fill_cache(self) -> None:
+        if self._mem is None:
+            g = self._f[self.split]
+            self._mem = (g["x"][...], g["y"][...])
+
     def _read(self, idx: np.ndarray):
-        g = self._f[self.split]
         if self.cache:
-            if self._mem is None:
-                self._mem = (g["x"][...], g["y"][...])
+            self._fill_cache()
             return self._mem[0][idx], self._mem[1][idx]
-        return _read_rows(g["x"], idx), _read_rows(g["y"], idx)
+        g = self._f[self.split]
+        x, y = _read_rows(g["x"], idx), _read_rows(g["y"], idx)
+        if self.validate:
+            check_rows(x, y, idx, self.num_classes, self._where)
+        return x, y
 
     def get_batch(self, epoch: int, step: int) -> Batch:
         """This rank's rows of global batch ``step`` of ``epoch``.

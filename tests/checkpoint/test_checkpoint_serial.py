@@ -346,3 +346,97 @@ def test_describe_dataset_and_refuses_other_files(tmp_path):
         describe(tmp_path / "junk.h5")
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         describe(tmp_path / "absent.h5")
+
+
+# ---------------------------------------------------------------- faults around the files
+
+def test_prune_keeps_temporaries_of_live_jobs_and_other_hosts(tmp_path, grid):
+    """Another live job's save in flight is not ours to delete; a dead one of this host is."""
+    import socket
+
+    m, opt = trained(5)
+    d = tmp_path / "ckpt"
+    _save(d, m, opt, grid, 1)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    names = {"live": f".ckpt-000007.h5.tmp-{live.pid}@{host}",
+             "live_old_name": f".ckpt-000008.h5.tmp-{live.pid}",
+             "other_host": f".ckpt-000009.h5.tmp-{dead.pid}@node-that-is-not-here",
+             "dead": f".ckpt-000010.h5.tmp-{dead.pid}@{host}",
+             "dead_old_name": f".ckpt-000011.h5.tmp-{dead.pid}"}
+    try:
+        for n in names.values():
+            (d / n).write_bytes(b"half a checkpoint")
+        _save(d, m, opt, grid, 2, keep_last=1)
+        left = set(os.listdir(d))
+    finally:
+        live.kill()
+        live.wait()
+    assert {names["live"], names["live_old_name"], names["other_host"]} <= left
+    assert not {names["dead"], names["dead_old_name"]} & left
+    assert "ckpt-000002.h5" in left and "ckpt-000001.h5" not in left
+
+
+def test_prune_never_deletes_best(tmp_path, grid):
+    from mpifc.checkpoint.atomic import publish_link
+
+    m, opt = trained(5)
+    p1 = _save(tmp_path, m, opt, grid, 1)
+    publish_link(p1, str(tmp_path / "best.h5"))
+    for s in (2, 3, 4):
+        _save(tmp_path, m, opt, grid, s, keep_last=1)
+    assert sorted(os.listdir(tmp_path)) == ["best.h5", "ckpt-000004.h5"]
+    assert load(tmp_path / "best.h5", ToyModel(0), None, grid)["step"] == 1
+
+
+def test_newest_valid_skips_damaged_newer_files(tmp_path, grid):
+    from mpifc.checkpoint import newest_valid
+
+    m, opt = trained(5)
+    good = _save(tmp_path, m, opt, grid, 3)
+    (tmp_path / "ckpt-999999.h5").write_bytes(b"")
+    bad = _save(tmp_path, m, opt, grid, 7)
+    _flip_byte_in(bad, "params/conv.weight")
+    found, skipped = newest_valid(tmp_path)
+    assert found == good
+    assert [os.path.basename(p) for p, _ in skipped] == ["ckpt-999999.h5", "ckpt-000007.h5"]
+    assert "digest mismatch" in skipped[1][1] and "truncated or damaged" in skipped[0][1]
+
+
+def test_inspect_reports_a_bad_digest_as_a_problem(tmp_path, grid):
+    from mpifc.checkpoint.describe import inspect
+
+    m, opt = trained(5)
+    path = _save(tmp_path, m, opt, grid, 1)
+    assert inspect(path)[1] is None
+    _flip_byte_in(path, "params/conv.weight")
+    text, problem = inspect(path)
+    assert "digest: BAD" in text and "parameters" in text          # still summarised
+    assert "digest does not match" in problem and path in problem
+
+
+@pytest.mark.parametrize("layout", [5, "[1, 2]", "not json", '{"world": "two", "dp": 1, "tp": 1}'])
+def test_malformed_layout_is_a_checkpoint_error(tmp_path, grid, layout):
+    m, opt = trained(5)
+    path = _save(tmp_path, m, opt, grid, 1)
+    with h5py.File(path, "r+") as f:
+        f.attrs["layout"] = layout
+    with pytest.raises(CheckpointError, match="attribute 'layout' is missing or malformed"):
+        describe(path)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load(path, ToyModel(0), None, grid)
+
+
+def test_describe_dataset_prints_normalisation_readably(tmp_path):
+    from mpifc.data import Normalisation, write_dataset
+
+    rng = np.random.default_rng(0)
+    train = (rng.integers(0, 255, (20, 3, 4, 4), dtype=np.uint8), rng.integers(0, 3, 20))
+    test = (rng.integers(0, 255, (6, 3, 4, 4), dtype=np.uint8), rng.integers(0, 3, 6))
+    p = write_dataset(tmp_path / "n.h5", train, test, class_names=["a", "b", "c"], source="t",
+                      normalisation=Normalisation.mean_std([0.5, 0.25, 0.125], [2.0, 1.0, 4.0]))
+    text = describe(p)
+    assert "normalisation: mean_std, mean [0.5, 0.25, 0.125], std [2, 1, 4]" in text
+    assert "array(" not in text and "Normalisation(" not in text

@@ -208,3 +208,53 @@ def test_errors_reach_every_rank(id_file, tmp_path):
         DistributedLoader(id_file, FakeComm(), batch_size=4, mode="broadcast")
     with pytest.raises(DatasetError, match="no split 'val'"):
         DistributedLoader(id_file, FakeComm(), batch_size=4, split="val")
+
+
+# ---------------------------------------------------------------- what the loader serves
+
+def _features(tmp_path, bad=None, value=np.nan, n=50):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((n, 6)).astype(np.float32)
+    if bad is not None:
+        x[bad, 2] = value
+    path = tmp_path / "f.h5"
+    write_dataset(path, (x, rng.integers(0, 4, n)), (x[:8].copy(), rng.integers(0, 4, 8)),
+                  class_names=list("abcd"), source="t", normalisation=None)
+    return str(path)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_features_are_refused_at_open_when_cached(tmp_path, value):
+    path = _features(tmp_path, bad=17, value=value)
+    with pytest.raises(DatasetError, match=r"f\.h5, split 'train': sample 17 has NaN or Inf"):
+        DistributedLoader(path, FakeComm(), batch_size=8, cache=True)
+    # the test split is clean: it opens
+    DistributedLoader(path, FakeComm(), split="test", batch_size=8, cache=True).close()
+
+
+def test_non_finite_features_are_refused_per_batch_uncached(tmp_path):
+    path = _features(tmp_path, bad=[17, 33])
+    ld = DistributedLoader(path, FakeComm(), batch_size=10, shuffle=False)
+    got = []
+    with pytest.raises(DatasetError, match=r"split 'train': sample 17 has NaN or Inf"):
+        for b in ld:
+            got.append(b.step)
+    assert got == [0]                       # samples 10..19 are the second batch
+    ok = DistributedLoader(path, FakeComm(), batch_size=10, shuffle=False, validate=False)
+    assert sum(1 for _ in ok) == 5          # validate=False serves what the file holds
+
+
+def test_labels_out_of_range_are_refused(tmp_path):
+    import h5py
+
+    from mpifc.data.loader import check_rows
+
+    path = _features(tmp_path)
+    with h5py.File(path, "r+") as f:
+        f["train/y"][12] = 9
+    with pytest.raises(DatasetError, match=r"'/train/y'\[12\] = 9 is outside \[0, 4\)"):
+        DistributedLoader(path, FakeComm(), batch_size=10)          # every label, at open
+    # per batch (reads that did not go through the open check): the first bad sample
+    y = np.array([1, 9, 2, -1])
+    with pytest.raises(DatasetError, match=r"f\.h5: sample 40 has label -1, outside \[0, 4\)"):
+        check_rows(np.zeros((4, 2), np.float32), y, np.array([41, 43, 42, 40]), 4, "f.h5")

@@ -88,3 +88,120 @@ def test_impossible_layout_fails_on_every_rank_without_hanging(tmp_path):
 def test_print_config_shows_overrides():
     p = mpifc("train", "digits-cnn", "--set", "optim.lr=0.01", "--print-config")
     assert p.returncode == 0 and "lr = 0.01" in p.stdout
+
+
+# ---------------------------------------------------------------- one run per directory
+def _records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_a_run_directory_holds_one_run(tmp_path):
+    """3 ranks, then: a second run is refused; --resume on 2 ranks leaves no rank-2 trace;
+    --overwrite starts over (its own checkpoint printed and kept, fresh metrics)."""
+    out, data = tmp_path / "run", f"data.dir={tmp_path}/data"
+    base = ["train", "digits-mlp", "--out", str(out), "--set", data]
+    p = mpifc(*base, "--set", "train.epochs=1", n=3)
+    assert p.returncode == 0, p.stdout + p.stderr
+    first = p.stderr
+    assert os.path.exists(out / "trace" / "trace.rank2.jsonl")
+    metrics = (out / "metrics.jsonl").read_text()
+
+    p = mpifc(*base, "--set", "train.epochs=2", "--set", "parallel.tp=2", n=2, timeout=120)
+    assert p.returncode != 0
+    assert "--resume" in p.stderr and "--overwrite" in p.stderr
+    assert "already holds a run" in p.stderr
+    assert (out / "metrics.jsonl").read_text() == metrics            # untouched
+    assert not (out / ".mpifc.lock").exists()
+
+    p = mpifc(*base, "--set", "train.epochs=2", "--resume", n=2)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert sorted(os.listdir(out / "trace")) == ["trace.chrome.json", "trace.rank0.jsonl",
+                                                 "trace.rank1.jsonl", "trace.summary.txt"]
+    assert [r["epoch"] for r in _records(out / "metrics.jsonl")] == [1, 2]
+
+    p = mpifc(*base, "--set", "train.max_steps=3", "--overwrite", "--quiet", n=2)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "deleted the previous run's outputs" in p.stderr and "progress:" not in p.stderr
+    ckpt = re.search(r"^checkpoint (\S+)", p.stdout, re.M).group(1)
+    assert ckpt.endswith("ckpt-000003.h5") and os.path.exists(ckpt)
+    assert sorted(os.listdir(out / "checkpoints")) == ["ckpt-000003.h5"]
+    assert [r["step"] for r in _records(out / "metrics.jsonl")] == [3]
+    assert not (out / ".mpifc.lock").exists()
+    # progress under mpiexec (stderr is a pipe): plain lines, from rank 0 only
+    assert len(re.findall(r"^progress: epoch 1/1  step 1/\d+  loss", first, re.M)) == 1
+
+
+def test_eval_from_another_working_directory(tmp_path):
+    """Relative data.dir and out (the defaults) in the run; eval from elsewhere, --best too."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    p = mpifc("data", "prepare", "digits", cwd=a)          # runs/data/digits.h5, relative
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = mpifc("train", "digits-mlp", "--set", "train.epochs=1", "--quiet",
+              "--set", "data.dataset=runs/data/digits.h5", cwd=a)
+    assert p.returncode == 0, p.stdout + p.stderr
+    acc = float(re.search(r"test accuracy (\d\.\d+)", p.stdout).group(1))
+    run = a / "runs" / "digits-mlp"
+    p = mpifc("eval", str(run / "checkpoints"), cwd=b)
+    assert p.returncode == 0, p.stdout + p.stderr
+    got = float(re.search(r"test_acc (\d\.\d+)", p.stdout).group(1))
+    assert got == pytest.approx(acc, abs=1e-4)
+    assert str(a / "runs" / "data" / "digits.h5") in p.stdout
+    p = mpifc("eval", str(run), "--best", cwd=b)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "best.h5" in p.stdout
+
+
+def test_inspect_exits_non_zero_on_a_damaged_checkpoint(trained, tmp_path):
+    import shutil
+
+    import h5py
+
+    out, _ = trained
+    src = sorted((out / "checkpoints").glob("ckpt-*.h5"))[-1]
+    bad = tmp_path / "ckpt-000001.h5"
+    shutil.copy(src, bad)
+    with h5py.File(bad, "r+") as f:
+        f.attrs["step"] = 12345
+    p = mpifc("inspect", str(bad))
+    assert p.returncode == 1
+    assert "digest: BAD" in p.stdout and "parameters" in p.stdout       # summary still printed
+    assert "digest does not match" in p.stderr
+    with h5py.File(bad, "r+") as f:
+        f.attrs["layout"] = 7
+    p = mpifc("inspect", str(bad))
+    assert p.returncode != 0 and "attribute 'layout' is missing or malformed" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_a_second_job_on_a_busy_run_directory_is_refused(tmp_path):
+    """Job A trains; job B on the same directory is refused naming A; after A dies, its
+    lock is taken over with a note."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    a = subprocess.Popen([sys.executable, "-m", "mpifc", "train", "digits-mlp", "--quiet",
+                          "--set", "train.epochs=200", "--set", f"data.dir={tmp_path}/data",
+                          "--out", str(out)], env=child_env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").exists():       # A is training
+            assert a.poll() is None and time.time() < deadline, "job A did not start"
+            time.sleep(0.2)
+        p = mpifc("train", "digits-mlp", "--resume", "--set", "train.max_steps=1",
+                  "--set", f"data.dir={tmp_path}/data", "--out", str(out), n=2, timeout=120)
+        assert p.returncode != 0
+        assert f"in use by pid {a.pid}" in p.stderr
+        assert a.poll() is None                            # A goes on
+    finally:
+        a.send_signal(signal.SIGKILL)
+        a.wait(30)
+    p = mpifc("train", "digits-mlp", "--overwrite", "--set", "train.max_steps=2", "--quiet",
+              "--set", f"data.dir={tmp_path}/data", "--out", str(out), n=2)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"took over the lock of {out} left by pid {a.pid}" in p.stderr
+    assert sorted(os.listdir(out / "checkpoints")) == ["ckpt-000002.h5"]
