@@ -55,6 +55,17 @@ def test_tsv_h5_and_trace(tmp_path, n):
         assert f.attrs["total_tokens"] == sum(ref.values()) and f.attrs["cjk"] == "bigrams"
 
 
+def test_bytes_without_tokens_give_zero_counts(tmp_path):
+    import h5py
+
+    (tmp_path / "punct.txt").write_bytes(b".,;!\n--\n")
+    p = count(str(tmp_path / "punct.txt"), "--out", str(tmp_path / "c.h5"), n=4)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "0 tokens, 0 distinct" in p.stdout
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        assert f["tokens"].shape == (0,) and f["counts"].shape == (0,)
+
+
 def test_missing_file(tmp_path):
     paths = write_case(str(tmp_path), "tiny")
     one_line_error(count(*paths, str(tmp_path / "nope.txt"), n=3), f"{tmp_path}/nope.txt: no such file")
