@@ -82,13 +82,18 @@ def owner(token: str, nranks: int) -> int:
 
 
 # ----------------------------------------------------------------------- survey
+def _walk_error(e: OSError):
+    raise TextError(f"{e.filename}: cannot read: {e.strerror}")
+
+
 def _expand(paths) -> list[str]:
-    """Files named, directories replaced by the regular files under them (sorted)."""
+    """Files named, directories replaced by the files under them (sorted); a directory
+    that cannot be listed is an error, not a silent gap in the corpus."""
     files = []
     for p in paths:
         p = os.fspath(p)
         if os.path.isdir(p):
-            for root, dirs, names in os.walk(p):
+            for root, dirs, names in os.walk(p, onerror=_walk_error):
                 dirs.sort()
                 files.extend(os.path.join(root, n) for n in sorted(names))
         else:

@@ -91,7 +91,7 @@ def test_bad_out_name(tmp_path):
     one_line_error(count(*paths, "--out", str(tmp_path / "c.csv"), n=2), "must end in .tsv")
 
 
-def test_unreadable_file(tmp_path):
+def test_unreadable_file_or_directory(tmp_path):
     import tempfile
 
     prefix, env, d = (), None, str(tmp_path)
@@ -107,6 +107,13 @@ def test_unreadable_file(tmp_path):
         os.chmod(paths[1], 0)
         one_line_error(count(*paths, n=2, prefix=prefix, env=env),
                        f"{paths[1]}: cannot read: Permission denied")
+        os.chmod(paths[1], 0o644)
+        sub = os.path.join(d, "sub")
+        os.mkdir(sub)
+        write_case(sub, "tiny")
+        os.chmod(sub, 0)              # a directory that cannot be listed is not skipped
+        one_line_error(count(d, n=2, prefix=prefix, env=env), f"{sub}: cannot read: Permission denied")
+        os.chmod(sub, 0o755)
     finally:
         if d != str(tmp_path):
             shutil.rmtree(d)
