@@ -231,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     from mpifc.sim.commands import add_calibrate, add_simulate   # the simulator's commands
     add_calibrate(sub)
     add_simulate(sub)
+    from mpifc.text.commands import add_text                      # mpifc text count
+    add_text(sub)
     return p
 
 

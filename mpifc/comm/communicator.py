@@ -42,7 +42,7 @@ _HOT_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}   
 _OP_CODES = {name: i for i, name in enumerate(
     ["bcast", "reduce", "scatter", "gather", "allgather", "reduce_scatter", "allreduce",
      "iallreduce", "alltoall", "barrier", "split", "bcast_obj", "gather_obj", "allgather_obj",
-     "allreduce_obj"])}
+     "allreduce_obj", "alltoallv"])}
 
 
 class CollectiveMismatch(RuntimeError):
@@ -454,6 +454,32 @@ class Communicator:
         self.mpi.Alltoall(buf, y)
         y = self._finish_out(y, staged, x, out)
         self._record("alltoall", x, t0)
+        return y
+
+    def alltoallv(self, x, sendcounts, recvcounts, out=None):
+        """Rank i's j-th block of rows goes to rank j, which stacks what it gets in rank order.
+
+        sendcounts[j]: rows of ``x`` (consecutive blocks, axis 0) this rank sends to rank j;
+        recvcounts[j]: rows it receives from rank j (rank j's sendcounts[this rank]; an
+        ``alltoall`` of the counts tells each rank). Blocks may be empty.
+        Adjoint: ``alltoallv`` with the two count lists swapped (the exchange is a
+        permutation of rows, so the adjoint is also its inverse)."""
+        _check_contiguous(x, "alltoallv")
+        if int(sum(sendcounts)) != x.shape[0]:
+            raise ValueError(f"alltoallv on {self.name}: sendcounts sum to {int(sum(sendcounts))} "
+                             f"but x has {x.shape[0]} rows")
+        self._check("alltoallv", x.dtype)
+        t0 = _perf()
+        buf, staged = self._host(x)
+        rs = _rowsize(x)
+        sc, sd = self._elem_counts(sendcounts, rs)
+        rc, rd = self._elem_counts(recvcounts, rs)
+        shape = (int(sum(recvcounts)),) + x.shape[1:]
+        y = self._empty_like_host(shape, x) if (staged or out is None) else out
+        mt = from_numpy_dtype(x.dtype)
+        self.mpi.Alltoallv([buf, sc, sd, mt], [y, rc, rd, mt])
+        y = self._finish_out(y, staged, x, out)
+        self._record("alltoallv", x, t0)
         return y
 
     # ------------------------------------------------------------------ point to point

@@ -83,3 +83,19 @@ def test_halo_exchange_values(comm):
     want = np.concatenate([np.arange(3 * r - 2, 3 * r) if r > 0 else np.zeros(2), x,
                            [3 * r + 3] if r + 1 < P else [0.0]])
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_alltoallv_adjoint(comm, seed):
+    # F = alltoallv with S[i, j] rows from i to j; F* = alltoallv with S transposed
+    # (what rank r received from j goes back to j). F is a permutation, so F* F = I too.
+    P, r = comm.size, comm.rank
+    S = np.random.default_rng(seed).integers(0, 4, size=(P, P))
+    rng = np.random.default_rng(40 + r)
+    x = rng.standard_normal((int(S[r].sum()), 2))
+    y = rng.standard_normal((int(S[:, r].sum()), 2))
+    fx = comm.alltoallv(x, S[r], S[:, r])
+    fty = comm.alltoallv(y, S[:, r], S[r])
+    check(dot(comm, fx, y), dot(comm, x, fty))
+    np.testing.assert_array_equal(comm.alltoallv(fx, S[:, r], S[r]), x)   # round trip

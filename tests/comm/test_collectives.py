@@ -187,3 +187,32 @@ def test_bad_counts_are_clear_errors(comm):
         comm.allgather(x, counts=(2,) * (comm.size + 1))
     with pytest.raises(ValueError, match="C-contiguous"):
         comm.allreduce(np.zeros((4, 4))[:, ::2])
+
+
+def alltoallv_counts(P, seed=5):
+    """S[i, j]: rows rank i sends to rank j; uneven, with zeros (an empty block joins too)."""
+    S = np.random.default_rng(seed).integers(0, 4, size=(P, P))
+    S[0, :] = 0 if P > 1 else S[0, :]          # rank 0 sends nothing to anyone
+    return S
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("dtype", DTYPES + [np.uint8])
+def test_alltoallv(comm, dtype):
+    P, r = comm.size, comm.rank
+    S = alltoallv_counts(P)
+    xs = [rank_data(i, int(S[i].sum()), dtype) for i in range(P)]
+    y = comm.alltoallv(xs[r], S[r], S[:, r])
+    # rank r receives block r of every rank's rows, in rank order
+    blocks = []
+    for i in range(P):
+        start = int(S[i, :r].sum())
+        blocks.append(xs[i][start:start + S[i, r]])
+    assert_close(y, np.concatenate(blocks), dtype)
+    assert y.shape == (int(S[:, r].sum()), 3)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_alltoallv_checks_counts(comm):
+    with pytest.raises(ValueError, match="sendcounts sum"):
+        comm.alltoallv(np.zeros((3, 2)), [4] + [0] * (comm.size - 1), [0] * comm.size)
