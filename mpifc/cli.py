@@ -195,11 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from mpifc.comm import install_abort_handler
+    """Run one command; returns its exit status (see mpifc.comm.abort for failures)."""
+    from mpifc.comm import exit_code, install_abort_handler
 
     install_abort_handler()
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except (Exception, SystemExit) as e:     # UserError, SystemExit: one line, printed once
+        return exit_code(e)                  # anything else is re-raised: a traceback
     return 0
 
 

@@ -23,6 +23,8 @@ import os
 import tomllib
 from importlib import resources
 
+from mpifc.errors import UserError
+
 DEFAULTS: dict = {
     "seed": 0,
     "data": {"dataset": "digits", "mode": "slice", "dir": "runs/data"},
@@ -38,7 +40,7 @@ DEFAULTS: dict = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError, all_ranks=True):
     """A config that cannot be used: unknown key, wrong type, impossible value."""
 
 

@@ -24,12 +24,13 @@ import time
 
 import numpy as np
 
-from mpifc.comm import Grid, trace, world
+from mpifc.comm import Grid, job_in_progress, trace, world
 from mpifc.comm.collect import sync_clock, write_trace
 from mpifc.config import to_toml
+from mpifc.errors import UserError
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError, all_ranks=True):
     """Training cannot go on (non-finite loss, a dataset that does not fit the model)."""
 
 
@@ -379,6 +380,7 @@ class Trainer:
         return paths
 
 
+@job_in_progress()      # a rank that exits mid-job ends the job, never leaves it hanging
 def train(cfg: dict, *, quiet: bool = False, resume: str | bool | None = None,
           out: str | None = None) -> dict:
     """Train ``cfg`` on the world communicator; returns the last epoch's metrics on rank 0."""
