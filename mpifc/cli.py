@@ -131,8 +131,28 @@ def _cmd_eval(args):
               f"({tr.test_loader.plan.n} samples of {tr.data_path})")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, printing (help, usage errors, --version) from rank 0 only under mpiexec."""
+
+    def _print_message(self, message, file=None):
+        from mpifc.comm import world
+
+        if world().rank == 0:
+            super()._print_message(message, file)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mpifc")
+    except PackageNotFoundError:        # a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mpifc", description=__doc__.splitlines()[0])
+    p = _Parser(prog="mpifc", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="run every collective once and print the traced summary")
