@@ -85,7 +85,8 @@ def _config_or_exit(source, overrides, cmd):
 def _cmd_train(args):
     from mpifc.train import train
 
-    cfg = _config_or_exit(args.config, args.set, "train")
+    sets = args.set + ([f"train.watchdog_s={args.watchdog}"] if args.watchdog is not None else [])
+    cfg = _config_or_exit(args.config, sets, "train")
     if args.print_config:
         from mpifc.config import to_toml
         print(to_toml(cfg), end="")
@@ -187,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue from a checkpoint (default: the run's latest, if any)")
     tr.add_argument("--out", help="run directory (default: train.out, runs/<name>)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    tr.add_argument("--watchdog", type=float, default=None, metavar="SECONDS",
+                    help="abort the job, naming the slow rank(s), when a step takes longer "
+                         "(train.watchdog_s; 0 = off)")
     tr.add_argument("--print-config", action="store_true",
                     help="print the resolved config (defaults + overrides) and exit")
     tr.set_defaults(func=_cmd_train)

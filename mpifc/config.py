@@ -12,7 +12,7 @@ A config is a nested dict with these sections (defaults in ``DEFAULTS``)::
     [schedule]  name (none | step | cosine | plateau) and its settings
     [train]     epochs, batch_size (global, over all data-parallel ranks), dtype,
                 out (run directory), checkpoint_every (epochs), keep_last, trace,
-                log_every (steps), max_steps (0 = no limit)
+                log_every (steps), max_steps (0 = no limit), watchdog_s (0 = off)
 
 Presets (``mpifc train digits-cnn``) are TOML files in ``mpifc/presets/``.
 """
@@ -36,7 +36,7 @@ DEFAULTS: dict = {
                  "min_lr": 0.0, "factor": 0.5, "patience": 2},
     "train": {"epochs": 10, "batch_size": 64, "dtype": "float32", "out": "runs/{name}",
               "checkpoint_every": 1, "keep_last": 3, "trace": True, "log_every": 0,
-              "max_steps": 0, "eval_batch_size": 512},
+              "max_steps": 0, "eval_batch_size": 512, "watchdog_s": 0},
 }
 
 
@@ -134,6 +134,8 @@ def validate(cfg: dict) -> None:
         (isinstance(p["dp"], int) and p["dp"] >= 0 and isinstance(p["tp"], int) and p["tp"] >= 0,
          "parallel.dp and parallel.tp must be integers >= 0 (0 = infer)"),
         (bool(cfg["model"]["layers"]), "model.layers is empty"),
+        (type(t["watchdog_s"]) in (int, float) and t["watchdog_s"] >= 0,
+         "train.watchdog_s must be a number >= 0 (0 = off)"),
         (bool(cfg["model"]["input"]), "model.input (sample shape) is missing"),
     ]
     bad = [msg for ok, msg in checks if not ok]

@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from mpifc.comm import Grid, job_in_progress, trace, world
+from mpifc.comm import Grid, job_in_progress, trace, watchdog, world
 from mpifc.comm.collect import sync_clock, write_trace
 from mpifc.config import to_toml
 from mpifc.errors import UserError
@@ -279,6 +279,7 @@ class Trainer:
                                         "set optim.clip_norm")
                 tot += (loss_sum, correct, b)
                 self.step += 1
+                watchdog.beat(self.step)          # train.watchdog_s: progress (no communication)
                 bar.update(loss=f"{loss_sum / max(b, 1):.3f}")
                 if t["log_every"] and self.step % t["log_every"] == 0:
                     s = self._sum_over_dp([loss_sum, correct, b])
@@ -297,6 +298,7 @@ class Trainer:
             finished = self.loader.position[1] == 0      # the epoch ran to its end
             if finished:
                 rec.update(self.evaluate())
+                watchdog.beat(self.step)
                 if self.sched is not None and self.sched[0] == "epoch":
                     self.sched[1].step()
                 elif self.sched is not None and self.sched[0] == "metric":
@@ -393,6 +395,7 @@ def train(cfg: dict, *, quiet: bool = False, resume: str | bool | None = None,
         info = tr.resume(resume if isinstance(resume, str) else None)
         if info is None and tr.rank0 and not quiet:
             print(f"nothing to resume in {tr.ckpt_dir}; starting fresh", flush=True)
-    last = tr.run()
+    with watchdog.running(cfg["train"]["watchdog_s"], comm):
+        last = tr.run()
     last["paths"] = tr.finish(last)
     return last
