@@ -138,7 +138,7 @@ class Communicator:
 
     # ------------------------------------------------------------------ internals
     def _record(self, op, x, t0, count=None, nbytes=None):
-        if self._dwatch is not None:
+        if self._dwatch:
             self._dwatch.disarm()
         tr = self.tracer
         if tr.enabled:
@@ -196,7 +196,9 @@ class Communicator:
                     f"complete within the debug timeout; some rank never issued it")
             time.sleep(1e-4)
         if (allsig == allsig[0]).all():
-            self._debug_watch().arm(f"{op} (collective #{self._seq})")
+            watch = self._debug_watch()
+            if watch:
+                watch.arm(f"{op} (collective #{self._seq})")
             return
         names = {v: k for k, v in _OP_CODES.items()}
         bad = [r for r in range(self.size) if not (allsig[r] == allsig[0]).all()]
@@ -209,10 +211,13 @@ class Communicator:
     def _debug_watch(self):
         """The watchdog timing this communicator's collectives (made when all ranks agree)."""
         if self._dwatch is None:
-            from mpifc.comm.watchdog import Watchdog
+            from mpifc.comm.watchdog import Watchdog, threads_supported
 
-            self._dwatch = Watchdog(float(os.environ.get("MPIFC_DEBUG_TIMEOUT", "60")), self.mpi,
-                                    armed=False, name=self.name)
+            if not threads_supported():       # the signature check alone, then
+                self._dwatch = False
+            else:
+                self._dwatch = Watchdog(float(os.environ.get("MPIFC_DEBUG_TIMEOUT", "60")),
+                                        self.mpi, armed=False, name=self.name)
         return self._dwatch
 
     def _elem_counts(self, counts, rowsize):
@@ -541,7 +546,7 @@ class Communicator:
         """Sub-communicator of the ranks with the same ``color``, ordered by ``key``."""
         self._check("split")
         sub = self.mpi.Split(color, key)
-        if self._dwatch is not None:
+        if self._dwatch:
             self._dwatch.disarm()
         return Communicator(sub, name or f"{self.name}.{color}", debug=self.debug, tracer=self.tracer)
 
@@ -549,7 +554,7 @@ class Communicator:
         """Sub-communicator of the ranks that share memory (one node)."""
         self._check("split")
         sub = self.mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        if self._dwatch is not None:
+        if self._dwatch:
             self._dwatch.disarm()
         return Communicator(sub, name, debug=self.debug, tracer=self.tracer)
 

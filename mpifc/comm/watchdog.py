@@ -26,14 +26,18 @@ the watchdog thread communicates while the main thread is blocked in a collectiv
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import sys
 import threading
 import time
+import weakref
 
 import numpy as np
 from mpi4py import MPI
+
+from mpifc.errors import UserError
 
 _TAG = 0x57D0             # private communicator: any tag would do
 _STATUS_BYTES = 256       # step (int64), in communication (int64), location (utf-8)
@@ -96,6 +100,11 @@ def _ranks(rs) -> str:
     return ",".join(map(str, rs))
 
 
+def threads_supported() -> bool:
+    """True when a second thread may call MPI while the main thread is inside MPI."""
+    return MPI.Query_thread() >= MPI.THREAD_MULTIPLE
+
+
 class Watchdog:
     """One rank's watchdog over ``comm`` (an mpi4py communicator; duplicated here).
 
@@ -108,6 +117,10 @@ class Watchdog:
                  answer_s: float | None = None, armed: bool = True, name: str = "world"):
         if not timeout_s > 0:
             raise ValueError(f"watchdog timeout must be > 0 seconds, got {timeout_s}")
+        if not threads_supported():
+            raise UserError("the watchdog (train.watchdog_s) needs MPI_THREAD_MULTIPLE; this "
+                            f"MPI provides thread level {MPI.Query_thread()} "
+                            f"(MULTIPLE = {MPI.THREAD_MULTIPLE})", all_ranks=True)
         self.timeout_s = float(timeout_s)
         self.answer_s = (float(answer_s) if answer_s is not None
                          else min(max(2.0, self.timeout_s / 2), 30.0))
@@ -124,6 +137,7 @@ class Watchdog:
         self._poll_s = min(1.0, self.timeout_s / 10)
         self._thread = threading.Thread(target=self._run, name="mpifc-watchdog", daemon=True)
         self._thread.start()
+        _LIVE.add(self)
 
     # --- called from the main thread: cheap ---
     def beat(self, step: int) -> None:
@@ -201,10 +215,11 @@ class Watchdog:
                 f"(communicator {self.name!r}, {self.size} ranks)")
         if not reasons:
             inside = all(a[1] for a in answers.values())
-            reasons = ["every rank is waiting inside communication (mismatched collectives? "
-                       "run with MPIFC_DEBUG=1)" if inside else
-                       f"every rank is still busy at {what} {step + 1}: the timeout is too short "
-                       "for it?"]
+            here = f"rank {self.rank} at {answers[self.rank][2]}"
+            reasons = [f"every rank is waiting inside communication ({here}; mismatched "
+                       "collectives? run with MPIFC_DEBUG=1)" if inside else
+                       f"every rank is still busy after {what} {step} ({here}); is the "
+                       "timeout shorter than the work?"]
         healthy = [r for r in sorted(answers) if r not in slow]
         reporter = healthy[0] if healthy else self.rank
         if self.rank != reporter:
@@ -221,6 +236,19 @@ class Watchdog:
 
 
 _ACTIVE: Watchdog | None = None
+_LIVE: "weakref.WeakSet[Watchdog]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    # Python's atexit functions run before mpi4py finalises MPI: no watchdog thread may
+    # still be inside an MPI call then (the debug-mode watchdogs live as long as their
+    # communicators)
+    for w in list(_LIVE):
+        w._stop.set()
+    for w in list(_LIVE):
+        if w._thread is not threading.current_thread():
+            w._thread.join(timeout=2.0)
 
 
 def beat(step: int) -> None:

@@ -71,15 +71,32 @@ def mpifc_job(n, *args, timeout=120, env=None, cwd=None):
     return _run([sys.executable, "-m", "mpifc", *args], n, timeout=timeout, env=env, cwd=cwd)[0]
 
 
+BAD_LAYER = """
+[model]
+input = [64]
+layers = [{type = "lineer", out = 10}]
+"""
+
+
 @needs_mpiexec
-def test_error_on_every_rank_is_one_line_printed_once(tmp_path):
-    # tp=2 cannot divide 3 ranks: a GridError on every rank. Before: a traceback from
-    # each rank and MPI_Abort; now rank 0 prints one line, every rank exits 1.
-    p = mpifc_job(3, "train", "digits-mlp", "--set", "parallel.tp=2",
-                  "--set", f"data.dir={tmp_path}", timeout=60)
-    line = "mpifc: tp=2 does not divide the 3 ranks of the job"
+@pytest.mark.parametrize("case", ["layout", "non-finite", "layer"])
+def test_error_on_every_rank_is_one_line_printed_once(tmp_path, case):
+    # the issue's three: tp=2 on 3 ranks (GridError), a non-finite loss (TrainingError),
+    # an unknown layer type (ConfigError). Before: a traceback from each rank and
+    # MPI_Abort; now rank 0 prints one line and every rank exits 1.
+    (tmp_path / "bad.toml").write_text(BAD_LAYER)
+    config, sets, line = {
+        "layout": ("digits-mlp", ["parallel.tp=2"],
+                   "mpifc: tp=2 does not divide the 3 ranks of the job"),
+        "non-finite": ("digits-mlp", ["optim.name=sgd", "optim.lr=1e6", "optim.momentum=0.0"],
+                       "mpifc: non-finite loss at step"),
+        "layer": (str(tmp_path / "bad.toml"), [], "mpifc: model.layers[0]: unknown type 'lineer'"),
+    }[case]
+    args = [a for kv in [*sets, f"data.dir={tmp_path}", "train.trace=false"] for a in ("--set", kv)]
+    p = mpifc_job(3, "train", config, "--quiet", "--out", str(tmp_path / "run"), *args,
+                  timeout=90)
     assert p.returncode == 1, p.stderr
-    assert p.stderr.count("tp=2 does not divide") == 1 and line in p.stderr, p.stderr
+    assert p.stderr.count(line) == 1 and p.stderr.count("mpifc:") == 1, p.stderr
     assert "Traceback" not in p.stderr and "MPI_Abort" not in p.stderr
 
 
