@@ -13,7 +13,11 @@ do not all fail within a short wait aborts the job instead of exiting alone.
 
     class GridError(UserError, ValueError, all_ranks=True): ...         # the family's default
     raise GridError("tp=2 does not divide the 3 ranks of the job")
-    raise DatasetError(f"{path}: no such file", all_ranks=False)
+    raise DatasetError(f"{path}: no such file", all_ranks=False)       # this rank's own view
+
+ConfigError, GridError, TrainingError, CheckpointError and DatasetError claim
+``all_ranks`` by default (mpifc raises them after agreeing on their input); pass
+``all_ranks=False`` where one rank decides alone.
 """
 from __future__ import annotations
 

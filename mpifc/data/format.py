@@ -33,7 +33,7 @@ Y_DTYPE = np.dtype(np.int64)
 COMPRESSIONS = (None, "gzip", "lzf")
 
 
-class DatasetError(UserError, ValueError):
+class DatasetError(UserError, ValueError, all_ranks=True):
     """A dataset file, or a converter's input file, is missing or malformed."""
 
 
