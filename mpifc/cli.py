@@ -18,10 +18,14 @@ def _cmd_demo(args):
 def _cmd_trace(args):
     import glob
     import json
+    import re
 
     from mpifc.comm.trace import format_summary, merge_chrome, read_jsonl, summarize
 
-    files = sorted(f for p in args.files for f in (glob.glob(p) or [p]))
+    def natural(name):         # trace.rank10.jsonl after trace.rank2.jsonl: tracks in rank order
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+    files = sorted({f for p in args.files for f in (glob.glob(p) or [p])}, key=natural)
     per_rank = []
     for f in files:
         try:
@@ -94,7 +98,8 @@ def _config_or_exit(source, overrides, cmd):
 def _cmd_train(args):
     from mpifc.train import train
 
-    cfg = _config_or_exit(args.config, args.set, "train")
+    sets = args.set + ([f"train.watchdog_s={args.watchdog}"] if args.watchdog is not None else [])
+    cfg = _config_or_exit(args.config, sets, "train")
     if args.print_config:
         from mpifc.comm import world
         from mpifc.config import to_toml
@@ -162,8 +167,28 @@ def _cmd_eval(args):
               f"({tr.test_loader.plan.n} samples of {tr.data_path})")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, printing (help, usage errors, --version) from rank 0 only under mpiexec."""
+
+    def _print_message(self, message, file=None):
+        from mpifc.comm import world
+
+        if world().rank == 0:
+            super()._print_message(message, file)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mpifc")
+    except PackageNotFoundError:        # a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mpifc", description=__doc__.splitlines()[0])
+    p = _Parser(prog="mpifc", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="run every collective once and print the traced summary")
@@ -204,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rank 0's progress: a bar (terminal), a plain line every 10 s on stderr "
                     "(batch logs; what auto picks under mpiexec), or none")
     tr.add_argument("--quiet", action="store_true", help="no progress or per-epoch lines")
+    tr.add_argument("--watchdog", type=float, default=None, metavar="SECONDS",
+                    help="abort the job, naming the slow rank(s), when a step takes longer "
+                         "(train.watchdog_s; 0 = off)")
     tr.add_argument("--print-config", action="store_true",
                     help="print the resolved config (defaults + overrides) and exit")
     tr.set_defaults(func=_cmd_train)
@@ -237,11 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from mpifc.comm import install_abort_handler
+    """Run one command; returns its exit status (see mpifc.comm.abort for failures)."""
+    from mpifc.comm import exit_code, install_abort_handler
 
     install_abort_handler()
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except (Exception, SystemExit) as e:     # UserError, SystemExit: one line, printed once
+        return exit_code(e)                  # anything else is re-raised: a traceback
     return 0
 
 

@@ -14,7 +14,7 @@ and meaning: ``SCHEMA`` below; ``DEFAULTS`` is built from it)::
     [train]     epochs, batch_size (global, over all data-parallel ranks), dtype,
                 out (run directory), checkpoint_every (epochs), keep_last, trace,
                 log_every (steps), max_steps (0 = no limit), keep_best (metric of
-                checkpoints/best.h5: "test_acc" | "test_loss" | "" off)
+                checkpoints/best.h5: "test_acc" | "test_loss" | "" off), watchdog_s (0 = off)
 
 Presets (``mpifc train digits-cnn``) are TOML files in ``mpifc/presets/``.
 
@@ -46,8 +46,10 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Callable
 
+from mpifc.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError, all_ranks=True):
     """A config that cannot be used: unknown key, wrong type, impossible value."""
 
 
@@ -185,6 +187,8 @@ SCHEMA: dict[str, Key] = {
     "train.log_every": integer(0, ">= 0", "also log every N steps; 0 = per epoch only"),
     "train.max_steps": integer(0, ">= 0", "stop (and checkpoint) after N steps; 0 = no limit"),
     "train.eval_batch_size": integer(512, ">= 1", "global batch of evaluation"),
+    "train.watchdog_s": number(0.0, ">= 0", "seconds a rank may take for one step (or an "
+                               "evaluation, or a save) before the job is aborted; 0 = off"),
     "train.keep_best": choice("test_acc", ("test_acc", "test_loss", ""),
                               "metric kept in checkpoints/best.h5 (never pruned); \"\" = off"),
 }

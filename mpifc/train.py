@@ -27,15 +27,16 @@ import time
 
 import numpy as np
 
-from mpifc.comm import Grid, trace, world
+from mpifc.comm import Grid, job_in_progress, trace, watchdog, world
 from mpifc.comm.collect import sync_clock, write_trace
 from mpifc.config import to_toml
+from mpifc.errors import UserError
 
 
 BEST_NAME = "best.h5"     # in the checkpoint directory: the best checkpoint by train.keep_best
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError, all_ranks=True):
     """Training cannot go on (non-finite loss, a dataset that does not fit the model)."""
 
 
@@ -72,11 +73,15 @@ def resolve_dataset(cfg: dict, comm) -> str:
     """Path of the HDF5 dataset; a named dataset is prepared once, by rank 0, if missing."""
     from mpifc.data import prepare
 
+    from mpifc.config import ConfigError
+    from mpifc.data import DatasetError
+
     name = cfg["data"]["dataset"]
     if _is_dataset_path(name):
-        if not os.path.exists(name):
-            raise FileNotFoundError(f"dataset {name!r} not found; create it with "
-                                    "`mpifc data prepare ...`")
+        # rank 0 looks for every rank: a file only some ranks see must not split them
+        if not comm.bcast_obj(os.path.exists(name) if comm.rank == 0 else None):
+            raise DatasetError(f"dataset {name!r} not found; create it with "
+                               "`mpifc data prepare ...`")
         return name
     shape = tuple(cfg["model"]["input"])
     builders = {
@@ -87,7 +92,7 @@ def resolve_dataset(cfg: dict, comm) -> str:
             out, n_train=8192, n_test=1024, shape=shape, num_classes=10, seed=cfg["seed"]),
     }
     if name not in builders:
-        raise ValueError(f"data.dataset {name!r}: expected a .h5 path or one of {sorted(builders)}")
+        raise ConfigError(f"data.dataset {name!r}: expected a .h5 path or one of {sorted(builders)}")
     tag = "-" + "x".join(map(str, shape)) if name.startswith("synthetic") else ""
     path = os.path.join(cfg["data"]["dir"], f"{name}{tag}.h5")
     err = None
@@ -101,7 +106,7 @@ def resolve_dataset(cfg: dict, comm) -> str:
             err = f"{type(e).__name__}: {e}"
     err = comm.bcast_obj(err, root=0)
     if err:
-        raise RuntimeError(f"preparing dataset {name!r} failed on rank 0: {err}")
+        raise DatasetError(f"preparing dataset {name!r} failed on rank 0: {err}")
     return path
 
 
@@ -386,6 +391,7 @@ class Trainer:
                     self._non_finite(batch)
                 tot += (loss_sum, correct, b)
                 self.step += 1
+                watchdog.beat(self.step)          # train.watchdog_s: progress (no communication)
                 bar.update(loss_sum / max(b, 1), b * self.grid.dp)
                 if t["log_every"] and self.step % t["log_every"] == 0:
                     s = self._sum_over_dp([loss_sum, correct, b])
@@ -405,6 +411,7 @@ class Trainer:
             if finished:
                 with trace.span("evaluate"):
                     rec.update(self.evaluate())
+                watchdog.beat(self.step)
                 if self.sched is not None and self.sched[0] == "epoch":
                     self.sched[1].step()
                 elif self.sched is not None and self.sched[0] == "metric":
@@ -624,6 +631,7 @@ class Trainer:
         return paths
 
 
+@job_in_progress()      # a rank that exits mid-job ends the job, never leaves it hanging
 def train(cfg: dict, *, quiet: bool = False, resume: str | bool | None = None,
           out: str | None = None, overwrite: bool = False, progress: str = "auto") -> dict:
     """Train ``cfg`` on the world communicator; returns the last epoch's metrics on rank 0.
@@ -659,7 +667,8 @@ def train(cfg: dict, *, quiet: bool = False, resume: str | bool | None = None,
                           "train.max_steps to train further); outputs left as they were",
                           flush=True)
                 return {"nothing_to_do": done}
-        last = tr.run()
+        with watchdog.running(cfg["train"]["watchdog_s"], comm):
+            last = tr.run()
         last["paths"] = tr.finish(last)
         return last
     finally:

@@ -33,6 +33,8 @@ import re
 
 import numpy as np
 
+from mpifc.errors import UserError
+
 FORMAT_NAME = "mpifc-checkpoint"
 FORMAT_VERSION = 1
 SUFFIXES = (".h5", ".hdf5")
@@ -43,7 +45,7 @@ _TMP_RE = re.compile(r"^\.ckpt-[0-9]{6,}\.h5\.tmp-(?P<pid>[0-9]+)(@(?P<host>[^/]
 PARAMS, BUFFERS, OPTIMIZER = "params", "buffers", "optimizer"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError, all_ranks=True):
     """A checkpoint cannot be written, found, verified or loaded into this model.
 
     Raised with the same message on every rank of the job.

@@ -18,7 +18,9 @@ Conventions
 * Debug mode (``debug=True`` or ``MPIFC_DEBUG=1``) checks before every collective
   that all ranks issue the same call (op, dtype, root, count where it must match).
   A mismatch raises on every rank naming the call number, the op and the ranks;
-  a rank that never arrives is reported after ``MPIFC_DEBUG_TIMEOUT`` s (60).
+  a rank that never arrives is reported after ``MPIFC_DEBUG_TIMEOUT`` s (60), and
+  so is a collective that does not complete within that time once all ranks issued
+  it (a watchdog thread per communicator names the ranks not inside it, and aborts).
 """
 from __future__ import annotations
 
@@ -116,6 +118,7 @@ class Communicator:
         self._ident = (name, self.size, self.rank)      # the trace's view of this communicator
         self.debug = (os.environ.get("MPIFC_DEBUG", "0") == "1") if debug is None else debug
         self._seq = 0
+        self._dwatch = None          # debug mode: times each collective (comm/watchdog.py)
         self._cuda_aware = backend.cuda_aware_mpi()
         self._Allreduce, self._Allgather = mpi_comm.Allreduce, mpi_comm.Allgather
 
@@ -135,6 +138,8 @@ class Communicator:
 
     # ------------------------------------------------------------------ internals
     def _record(self, op, x, t0, count=None, nbytes=None):
+        if self._dwatch:
+            self._dwatch.disarm()
         tr = self.tracer
         if tr.enabled:
             if x is None:
@@ -191,6 +196,9 @@ class Communicator:
                     f"complete within the debug timeout; some rank never issued it")
             time.sleep(1e-4)
         if (allsig == allsig[0]).all():
+            watch = self._debug_watch()
+            if watch:
+                watch.arm(f"{op} (collective #{self._seq})")
             return
         names = {v: k for k, v in _OP_CODES.items()}
         bad = [r for r in range(self.size) if not (allsig[r] == allsig[0]).all()]
@@ -199,6 +207,18 @@ class Communicator:
                          for r in [0] + bad)
         raise CollectiveMismatch(
             f"collective mismatch on {self.name!r} at call #{int(allsig[:, 0].min())}: {desc}")
+
+    def _debug_watch(self):
+        """The watchdog timing this communicator's collectives (made when all ranks agree)."""
+        if self._dwatch is None:
+            from mpifc.comm.watchdog import Watchdog, threads_supported
+
+            if not threads_supported():       # the signature check alone, then
+                self._dwatch = False
+            else:
+                self._dwatch = Watchdog(float(os.environ.get("MPIFC_DEBUG_TIMEOUT", "60")),
+                                        self.mpi, armed=False, name=self.name)
+        return self._dwatch
 
     def _elem_counts(self, counts, rowsize):
         if len(counts) != self.size:
@@ -552,12 +572,16 @@ class Communicator:
         """Sub-communicator of the ranks with the same ``color``, ordered by ``key``."""
         self._check("split")
         sub = self.mpi.Split(color, key)
+        if self._dwatch:
+            self._dwatch.disarm()
         return Communicator(sub, name or f"{self.name}.{color}", debug=self.debug, tracer=self.tracer)
 
     def split_shared(self, name: str = "node") -> "Communicator":
         """Sub-communicator of the ranks that share memory (one node)."""
         self._check("split")
         sub = self.mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        if self._dwatch:
+            self._dwatch.disarm()
         return Communicator(sub, name, debug=self.debug, tracer=self.tracer)
 
     def abort(self, code: int = 1) -> None:

@@ -11,9 +11,10 @@ and a data-parallel group is every ``tp``-th rank.
 from __future__ import annotations
 
 from mpifc.comm.communicator import Communicator
+from mpifc.errors import UserError
 
 
-class GridError(ValueError):
+class GridError(UserError, ValueError, all_ranks=True):
     """An impossible dp x tp layout (raised identically on every rank)."""
 
 

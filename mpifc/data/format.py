@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
+from mpifc.errors import UserError
+
 FORMAT_NAME = "mpifc-dataset"
 FORMAT_VERSION = 1
 CHUNK_BYTES = 1 << 20          # target chunk size: whole rows along N, about 1 MiB
@@ -31,7 +33,7 @@ Y_DTYPE = np.dtype(np.int64)
 COMPRESSIONS = (None, "gzip", "lzf")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError, all_ranks=True):
     """A dataset file, or a converter's input file, is missing or malformed."""
 
 

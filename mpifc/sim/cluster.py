@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mpifc.errors import UserError
+
 try:  # Python >= 3.11
     import tomllib as _toml
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10 needs the tomli backport
@@ -523,7 +525,7 @@ _TOP_KEYS = {"name", "source", "notes", "nodes", "ranks_per_node", "reduction_Bp
              "measured"}
 
 
-class ClusterError(ValueError):
+class ClusterError(UserError, ValueError):
     """A cluster description (TOML file, preset or hostfile) that cannot be used; the
     message names the file and the key or line."""
 

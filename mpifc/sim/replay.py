@@ -76,6 +76,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mpifc.comm.trace import calls_of, spans_of
+from mpifc.errors import UserError
 from mpifc.sim.cluster import Cluster
 from mpifc.sim.collectives import CostModel
 from mpifc.sim.engine import Phase, Workload, group_shape
@@ -100,7 +101,7 @@ _OPS = {
 OBJ_BYTES = 64.0
 
 
-class ReplayError(ValueError):
+class ReplayError(UserError, ValueError):
     """A trace that cannot be replayed (names what is wrong)."""
 
 

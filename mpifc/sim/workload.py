@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mpifc.comm.counts import balanced_counts
+from mpifc.errors import UserError
 from mpifc.nn import functional as F
 from mpifc.parallel.data import MIN_BUCKETS, bucket_cap
 from mpifc.parallel.describe import Collective
@@ -204,7 +205,7 @@ _PRODUCERS = {("linear", "column"), ("conv2d", "out")}
 _CONSUMERS = {("linear", "row"), ("conv2d", "in")}
 
 
-class WorkloadError(ValueError):
+class WorkloadError(UserError, ValueError):
     """A model config the analytic workload cannot describe (names the layer)."""
 
 

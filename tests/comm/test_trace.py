@@ -163,3 +163,18 @@ def test_jsonl_and_chrome_export_hold_the_spans(tmp_path):
         assert f["ts"] <= a["ts"] and a["ts"] + a["dur"] <= f["ts"] + f["dur"]
         [nb] = [e for e in x if e["tid"] == 2 + w]
         assert nb["name"] == "iallreduce"
+
+
+def test_trace_export_orders_tracks_by_rank_number(tmp_path):
+    """`mpifc trace export` of 12 rank files: rank 10 is track 10, not track 2 (files were
+    sorted by name, so trace.rank10.jsonl came before trace.rank2.jsonl)."""
+    from mpifc.cli import main
+
+    for r in range(12):
+        rec = {"op": "allreduce", "comm": "world", "comm_size": 12, "rank": r, "dtype": "float32",
+               "count": r + 1, "bytes": 4 * (r + 1), "t0": 1.0, "t1": 1.5, "phase": f"p{r}"}
+        (tmp_path / f"trace.rank{r}.jsonl").write_text(json.dumps(rec) + "\n")
+    out = tmp_path / "merged.json"
+    assert main(["trace", "export", str(tmp_path / "trace.rank*.jsonl"), "-o", str(out)]) == 0
+    calls = [e for e in json.loads(out.read_text())["traceEvents"] if e["ph"] == "X"]
+    assert {e["tid"]: e["cat"] for e in calls} == {r: f"p{r}" for r in range(12)}
