@@ -92,7 +92,7 @@ def _config_or_exit(source, overrides, cmd):
     try:
         return load_config_agreed(source, overrides, comm)
     except ConfigError as e:
-        raise SystemExit(f"mpifc {cmd}: {e}" if comm.rank == 0 else 1)
+        raise SystemExit(f"mpifc {cmd}: {e}")     # agreed: printed once, by rank 0
 
 
 def _cmd_train(args):
