@@ -1,8 +1,9 @@
 """Shared pieces of the sharded layers: naming, phases, feature-axis collectives.
 
-MPI collectives in :mod:`mpifc.comm` split axis 0. Sharded layers split the
-feature axis (1) instead; :func:`allgather_axis1` moves that axis to the front
-(one contiguous copy), gathers, and moves it back.
+MPI collectives in :mod:`mpifc.comm` split axis 0. Sharded layers split another
+axis: the feature axis (the LAST one) of a linear layer's (N, ..., F), the channel
+axis 1 of a conv's (N, C, H, W). :func:`allgather_axis` moves that axis to the
+front (one contiguous copy), gathers, and moves it back.
 """
 from __future__ import annotations
 
@@ -30,16 +31,17 @@ class ParallelModule(Module):
                           int(np.dtype(self.dtype).itemsize))
 
 
-def allgather_axis1(group, x, counts):
-    """Concatenate every rank's block of axis 1 of ``x`` (uneven: ``counts``) on all ranks.
+def allgather_axis(group, x, counts, axis):
+    """Concatenate every rank's block of ``axis`` of ``x`` (uneven: ``counts``) on all ranks.
 
-    x : (N, c_r, ...) -> (N, sum(counts), ...). The trace records one allgather of
-    ``x.size`` elements. Adjoint: take this rank's block of axis 1 of a summed gradient.
+    x : (..., c_r, ...) -> (..., sum(counts), ...), ``c_r`` at ``axis`` (1 for channels,
+    -1 for features). The trace records one allgather of ``x.size`` elements.
+    Adjoint: take this rank's block of ``axis`` of a summed gradient (:func:`take_axis`).
     """
     xp = get_array_module(x)
-    xt = xp.ascontiguousarray(xp.moveaxis(x, 1, 0))
+    xt = xp.ascontiguousarray(xp.moveaxis(x, axis, 0))
     full = group.allgather(xt, counts=list(counts))
-    return xp.ascontiguousarray(xp.moveaxis(full, 0, 1))
+    return xp.ascontiguousarray(xp.moveaxis(full, 0, axis))
 
 
 def take_axis(x, axis, start, stop):

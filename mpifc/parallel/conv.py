@@ -25,7 +25,7 @@ from mpifc.nn import init as I
 from mpifc.nn._common import place, resolve_dtype, resolve_xp
 from mpifc.nn.conv import conv_param_backward
 from mpifc.nn.module import Parameter, Sharding
-from mpifc.parallel.base import ParallelModule, allgather_axis1, take_axis
+from mpifc.parallel.base import ParallelModule, allgather_axis, take_axis
 from mpifc.parallel.describe import conv_flops
 from mpifc.parallel.init import input_split, replicated_bias, shard_counts, sharded_parameter
 
@@ -121,7 +121,7 @@ class OutChannelParallelConv2d(_ConvGeometry):
                                           self.stride, self.padding, self.dilation, 1)
         if self.gather_output:
             with self.phase("forward"):
-                y = allgather_axis1(self.group, y, self.out_counts)
+                y = allgather_axis(self.group, y, self.out_counts, 1)
         return y
 
     def backward(self, dy):
@@ -251,7 +251,7 @@ class InChannelParallelConv2d(_ConvGeometry):
         self._cache = None
         if dx is not None and not self.input_is_sharded:
             with self.phase("backward"):
-                dx = allgather_axis1(self.group, dx, self.in_counts)
+                dx = allgather_axis(self.group, dx, self.in_counts, 1)
         return dx
 
     # --- description ---

@@ -1,5 +1,7 @@
 """Tensor-parallel fully connected layers. N batch, D in features, F out features,
 P ranks in the tensor group, F_r / D_r this rank's shard (uneven: balanced counts).
+Inputs may have any leading shape (N, ..., D), e.g. (N, T, D) for a sequence: the
+features are always the LAST axis, and that is the axis the layers split and gather.
 
 A column layer followed by a row layer needs no communication between them: the
 column layer's output shard (N, F_r) is exactly the row layer's input shard.
@@ -12,7 +14,7 @@ from mpifc.nn import functional as F
 from mpifc.nn import init as I
 from mpifc.nn._common import place, resolve_dtype, resolve_xp
 from mpifc.nn.module import Parameter, Sharding
-from mpifc.parallel.base import ParallelModule, allgather_axis1, take_axis
+from mpifc.parallel.base import ParallelModule, allgather_axis, take_axis
 from mpifc.parallel.describe import linear_flops
 from mpifc.parallel.init import input_split, replicated_bias, sharded_parameter, shard_counts
 
@@ -49,7 +51,8 @@ class ColumnParallelLinear(ParallelModule):
 
     Shapes
     ------
-    x : (N, D) replicated over the group -> y : (N, F_r), or (N, F) when gathered
+    x : (N, ..., D) replicated over the group -> y : (N, ..., F_r), or (N, ..., F) when
+    gathered (on the last axis)
     """
 
     def __init__(self, in_features, out_features, group, bias=True, gather_output=False, *,
@@ -73,7 +76,7 @@ class ColumnParallelLinear(ParallelModule):
         self._x = None
 
     def forward(self, x):
-        """x : (N, D) -> y : (N, F_r), or (N, F) with ``gather_output``."""
+        """x : (N, ..., D) -> y : (N, ..., F_r), or (N, ..., F) with ``gather_output``."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name}: expects {self.in_features} input features, got {x.shape}")
         self._x = x
@@ -81,11 +84,11 @@ class ColumnParallelLinear(ParallelModule):
         y = F.linear_forward(x, self.weight.data, None if self.bias is None else self.bias.data)
         if self.gather_output:
             with self.phase("forward"):
-                y = allgather_axis1(self.group, y, self.out_counts)
+                y = allgather_axis(self.group, y, self.out_counts, -1)
         return y
 
     def backward(self, dy):
-        """dy : (N, F_r) or (N, F) when gathered -> dx : (N, D), summed over the group."""
+        """dy : (N, ..., F_r) or (N, ..., F) when gathered -> dx : (N, ..., D), summed over the group."""
         if self.gather_output:
             # adjoint of the allgather: every rank holds the full (replicated) dy; keep my block
             off = sum(self.out_counts[: self.group.rank])
@@ -153,7 +156,8 @@ class RowParallelLinear(ParallelModule):
 
     Shapes
     ------
-    x : (N, D_r) (or (N, D) when not sharded) -> y : (N, F) replicated over the group
+    x : (N, ..., D_r) (or (N, ..., D) when not sharded) -> y : (N, ..., F) replicated
+    over the group
     """
 
     def __init__(self, in_features, out_features, group, bias=True, input_is_sharded=True,
@@ -176,7 +180,7 @@ class RowParallelLinear(ParallelModule):
         self._x = None
 
     def forward(self, x):
-        """x : (N, D_r) or (N, D) -> y : (N, F), identical on every rank of the group."""
+        """x : (N, ..., D_r) or (N, ..., D) -> y : (N, ..., F), identical on every rank of the group."""
         if not self.input_is_sharded:
             if x.shape[-1] != self.in_features:
                 raise ValueError(f"{self.name}: expects {self.in_features} input features, got {x.shape}")
@@ -193,7 +197,8 @@ class RowParallelLinear(ParallelModule):
         return y
 
     def backward(self, dy):
-        """dy : (N, F) replicated -> dx : (N, D_r), or (N, D) when the input was not sharded."""
+        """dy : (N, ..., F) replicated -> dx : (N, ..., D_r), or (N, ..., D) when the input was not
+        sharded (gathered on the last axis)."""
         x, self._x = self._x, None
         # db (dy is replicated, so the same on every rank), dW in row blocks, then dx
         if self.bias is not None:
@@ -202,7 +207,7 @@ class RowParallelLinear(ParallelModule):
         dx = (dy @ self.weight.data) if self.input_grad else None
         if dx is not None and not self.input_is_sharded:
             with self.phase("backward"):
-                dx = allgather_axis1(self.group, dx, self.in_counts)
+                dx = allgather_axis(self.group, dx, self.in_counts, -1)
         return dx
 
     # --- description ---

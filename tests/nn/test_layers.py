@@ -252,3 +252,18 @@ def test_linear_row_blocks_equal_one_block_and_announce_in_order(xp):
     for p in lin.parameters():
         p.on_grad_rows = None
     assert layer_gradcheck(lin, xp.asarray(rng.standard_normal((4, 9))), "linear-blocks ") <= TOL
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 5), (2, 3, 2, 5)])
+def test_linear_sequence_input_gradcheck(xp, shape):
+    """Linear on (N, T, D) and (N, A, B, D): features on the last axis, dW and db
+    summed over every leading position (finite differences, float64)."""
+    layer = nn.Linear(5, 3, rng=np.random.default_rng(1), dtype=np.float64, xp=xp)
+    rng = np.random.default_rng(2)
+    layer.bias.data[...] = xp.asarray(rng.standard_normal(3))
+    x = xp.asarray(rng.standard_normal(shape))
+    assert layer.forward(x).shape == shape[:-1] + (3,)
+    # the same as the 2-d layer on the flattened rows
+    y2 = to_host(layer.forward(x.reshape(-1, 5))).reshape(shape[:-1] + (3,))
+    np.testing.assert_allclose(to_host(layer.forward(x)), y2, rtol=1e-12)
+    assert layer_gradcheck(layer, x, "linear (N, ..., D) ") <= TOL
