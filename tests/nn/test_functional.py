@@ -195,12 +195,14 @@ def test_batchnorm_split_stats_equal_whole(xp):
     np.testing.assert_allclose(to_host(mean), to_host(x.mean(axis=(0, 2, 3))), rtol=1e-12)
     np.testing.assert_allclose(to_host(var), to_host(x.var(axis=(0, 2, 3))), rtol=1e-10)
     parts = [F.batchnorm_stats(x[:2]), F.batchnorm_stats(x[2:])]
-    s = parts[0][0] + parts[1][0]
-    ss = parts[0][1] + parts[1][1]
+    sums = [F.batchnorm_moments_to_sums(*p) for p in parts]
+    s = sums[0][0] + sums[1][0]
+    ss = sums[0][1] + sums[1][1]
     n = parts[0][2] + parts[1][2]
+    mean_m, m2_m = F.batchnorm_sums_to_moments(s, ss, n)
     ys, cs = [], []
     for xs in (x[:2], x[2:]):
-        yi, ci, _, _ = F.batchnorm_forward_from_stats(xs, gamma, beta, s, ss, n)
+        yi, ci, _, _ = F.batchnorm_forward_from_stats(xs, gamma, beta, mean_m, m2_m, n)
         ys.append(yi)
         cs.append(ci)
     np.testing.assert_allclose(to_host(xp.concatenate(ys)), to_host(y), rtol=1e-10, atol=1e-12)
