@@ -754,21 +754,39 @@ def leaky_relu_backward(dy, mask, slope=0.01):
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
-def gelu_forward(x):
-    """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+def _sigmoid_pair(x):
+    """(sigmoid(x), sigmoid(-x)), both to a few ulps for every x (no cancellation, no overflow).
 
-    Returns (y, cache) with cache = (x, tanh(u)).
+    With e = exp(-|x|) in (0, 1]: sigmoid(|x|) = 1/(1+e) and sigmoid(-|x|) = e/(1+e).
+    The second one is the complement 1 - sigmoid(x), computed without subtracting
+    from 1, so derivatives sigmoid(x)*sigmoid(-x) keep their relative precision in
+    both tails. (0.5*(1 + tanh(x/2)) is exactly 0 below x ~ -37 in float64, -17 in float32.)
     """
     xp = get_array_module(x)
-    u = _GELU_C * (x + 0.044715 * x * x * x)
-    t = xp.tanh(u)
-    return 0.5 * x * (1.0 + t), (x, t)
+    e = xp.exp(-xp.abs(x))
+    p = 1.0 / (1.0 + e)
+    q = e * p
+    pos = x >= 0
+    return xp.where(pos, p, q), xp.where(pos, q, p)
+
+
+def gelu_forward(x):
+    """GELU, tanh approximation: 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3).
+
+    The sigmoid form keeps the relative precision of the left tail (0.5 (1 + tanh(u))
+    is exactly 0 below x ~ -5.5 in float32). Returns (y, cache) with cache =
+    (x, sigmoid(2u), sigmoid(-2u)).
+    """
+    u2 = (2.0 * _GELU_C) * (x + 0.044715 * x * x * x)
+    s, c = _sigmoid_pair(u2)
+    return x * s, (x, s, c)
 
 
 def gelu_backward(dy, cache):
-    x, t = cache
+    """dx = dy * (s + x * 2 s (1 - s) du/dx), with 1 - s = sigmoid(-2u) from the cache."""
+    x, s, c = cache
     du = _GELU_C * (1.0 + 3 * 0.044715 * x * x)
-    return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
+    return dy * (s + (2.0 * x) * s * c * du)
 
 
 def tanh_forward(x):
@@ -783,14 +801,20 @@ def tanh_backward(dy, y):
 
 
 def sigmoid_forward(x):
-    """Stable logistic: 0.5*(1 + tanh(x/2)) never overflows. Returns (y, y)."""
-    xp = get_array_module(x)
-    y = 0.5 * (1.0 + xp.tanh(0.5 * x))
-    return y, y
+    """Logistic 1/(1 + exp(-x)), accurate to a few ulps over the whole range (both tails).
+
+    Returns (y, cache) with cache = (y, 1 - y), the complement computed as
+    sigmoid(-x) (see :func:`_sigmoid_pair`), so the derivative keeps its precision
+    where y rounds to 1.
+    """
+    y, c = _sigmoid_pair(x)
+    return y, (y, c)
 
 
-def sigmoid_backward(dy, y):
-    return dy * y * (1.0 - y)
+def sigmoid_backward(dy, cache):
+    """dx = dy * y * (1 - y)."""
+    y, c = cache
+    return dy * y * c
 
 
 def dropout_forward(x, p, rng):
