@@ -5,7 +5,7 @@ import numpy as np
 
 from mpifc.nn import functional as F
 from mpifc.nn._common import place, resolve_dtype, resolve_xp
-from mpifc.nn.module import Module, Parameter
+from mpifc.nn.module import Module, Parameter, ShapeError
 
 
 class _BatchNorm(Module):
@@ -54,7 +54,7 @@ class _BatchNorm(Module):
 
     def _check(self, x):
         if x.ndim not in self._ndim or x.shape[1] != self.num_features:
-            raise ValueError(f"{type(self).__name__}({self.num_features}) got input shape {x.shape}")
+            raise ShapeError(f"{type(self).__name__}({self.num_features}) got input shape {x.shape}")
 
     def forward(self, x):
         self._check(x)

@@ -11,7 +11,7 @@ import numpy as np
 
 from mpifc.backend import get_array_module
 from mpifc.comm import trace
-from mpifc.nn.module import Module
+from mpifc.nn.module import Module, ShapeError
 from mpifc.parallel.describe import Collective
 
 
@@ -24,6 +24,34 @@ class ParallelModule(Module):
     def phase(self, which: str):
         """``with self.phase("forward"):`` labels the layer's messages ``"<name>.forward"``."""
         return trace.phase(f"{self.name}.{which}")
+
+    # --- input checks: local, before any message (see mpifc.nn.ShapeError) ---
+    def _where(self) -> str:
+        g = getattr(self, "group", None)
+        at = "" if g is None else f" on rank {g.rank} of {g.name!r}"
+        return f"{self.name} ({type(self).__name__}){at}"
+
+    def _refuse(self, what: str, got, expected: str):
+        raise ShapeError(f"{self._where()}: {what} has shape {tuple(got)}, expected {expected}")
+
+    def _check_input(self, x, ok: bool, expected: str, dtype=True):
+        """Raise ShapeError unless ``ok`` (the layer's own test of ``x.shape``) and, with
+        ``dtype``, x has the layer's dtype (a rank with another dtype would send other bytes)."""
+        if not ok:
+            self._refuse("input", x.shape, expected)
+        if dtype and x.dtype != self.dtype:
+            raise ShapeError(f"{self._where()}: input has dtype {x.dtype}, expected {self.dtype} "
+                             f"(shape {tuple(x.shape)})")
+
+    def _check_grad(self, dy, shape):
+        """The output gradient must have the forward output's shape and dtype."""
+        if shape is None:
+            raise ShapeError(f"{self._where()}: backward without a forward")
+        if tuple(dy.shape) != tuple(shape):
+            self._refuse("output gradient", dy.shape, f"{tuple(shape)} (the forward output)")
+        if dy.dtype != self.dtype:
+            raise ShapeError(f"{self._where()}: output gradient has dtype {dy.dtype}, expected "
+                             f"{self.dtype}")
 
     def _c(self, which: str, op: str, group, count: int) -> Collective:
         """A predicted message of this layer in phase ``which`` on ``group`` (a Communicator)."""

@@ -73,22 +73,24 @@ class ColumnParallelLinear(ParallelModule):
             self.bias = _zeros_shard("bias", self.F_r, self.out_counts, group, self.dtype, self.xp,
                                      self.out_features)
             self._params.append(self.bias)
-        self._x = None
+        self._x = self._y_shape = None
 
     def forward(self, x):
         """x : (N, ..., D) -> y : (N, ..., F_r), or (N, ..., F) with ``gather_output``."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"{self.name}: expects {self.in_features} input features, got {x.shape}")
+        self._check_input(x, x.ndim >= 1 and x.shape[-1] == self.in_features,
+                          f"(N, ..., {self.in_features})")
         self._x = x
         # local GEMM on this rank's output rows of W: no communication
         y = F.linear_forward(x, self.weight.data, None if self.bias is None else self.bias.data)
         if self.gather_output:
             with self.phase("forward"):
                 y = allgather_axis(self.group, y, self.out_counts, -1)
+        self._y_shape = y.shape
         return y
 
     def backward(self, dy):
         """dy : (N, ..., F_r) or (N, ..., F) when gathered -> dx : (N, ..., D), summed over the group."""
+        self._check_grad(dy, self._y_shape)
         if self.gather_output:
             # adjoint of the allgather: every rank holds the full (replicated) dy; keep my block
             off = sum(self.out_counts[: self.group.rank])
@@ -177,28 +179,29 @@ class RowParallelLinear(ParallelModule):
         if bias:
             self.bias = replicated_bias(self.out_features, self.xp, self.dtype)
             self._params.append(self.bias)
-        self._x = None
+        self._x = self._y_shape = None
 
     def forward(self, x):
         """x : (N, ..., D_r) or (N, ..., D) -> y : (N, ..., F), identical on every rank of the group."""
+        D = self.D_r if self.input_is_sharded else self.in_features
+        self._check_input(x, x.ndim >= 1 and x.shape[-1] == D,
+                          f"(N, ..., {D})" + (f": its {D} of {self.in_features} input features"
+                                              if self.input_is_sharded else ""))
         if not self.input_is_sharded:
-            if x.shape[-1] != self.in_features:
-                raise ValueError(f"{self.name}: expects {self.in_features} input features, got {x.shape}")
             x = take_axis(x, -1, self.D_off, self.D_off + self.D_r)   # my block, no message
-        elif x.shape[-1] != self.D_r:
-            raise ValueError(f"{self.name}: rank {self.group.rank} expects its {self.D_r} of "
-                             f"{self.in_features} input features, got {x.shape}")
         self._x = x
         y = F.linear_forward(x, self.weight.data)          # partial sum over my D_r inputs
         with self.phase("forward"):
             self.group.allreduce(y, out=y)
         if self.bias is not None:
             y += self.bias.data                            # once, after the reduce
+        self._y_shape = y.shape
         return y
 
     def backward(self, dy):
         """dy : (N, ..., F) replicated -> dx : (N, ..., D_r), or (N, ..., D) when the input was not
         sharded (gathered on the last axis)."""
+        self._check_grad(dy, self._y_shape)
         x, self._x = self._x, None
         # db (dy is replicated, so the same on every rank), dW in row blocks, then dx
         if self.bias is not None:

@@ -131,6 +131,18 @@ class _SyncBatchNorm(_BatchNorm):
             self.group.allreduce(buf, out=buf)
         return buf[:C], buf[C:]
 
+    def _check(self, x):
+        """(N, C, ...) with this rank's C channels and the layer's dtype, before any message."""
+        shape = "(N, C)" if self._ndim == (2, 3) else "(N, C, H, W)"
+        self._check_input(x, x.ndim in self._ndim and x.shape[1] == self.num_features,
+                          f"{shape} with C = {self.num_features}" + ("" if self._ndim == (4,) else
+                                                                     " (or (N, C, L))"))
+
+    _where = ParallelModule._where
+    _refuse = ParallelModule._refuse
+    _check_input = ParallelModule._check_input
+    _check_grad = ParallelModule._check_grad
+
     # --- forward / backward: the base class, plus an empty channel block and input_grad ---
     def forward(self, x):
         if self.num_features == 0 and self.training:
@@ -144,10 +156,14 @@ class _SyncBatchNorm(_BatchNorm):
                                  f"in training mode (got {count})")
             self.num_batches_tracked += 1
             self._cache = ("empty",)
+            self._x_shape = x.shape
             return x.copy()
-        return super().forward(x)
+        y = super().forward(x)
+        self._x_shape = x.shape
+        return y
 
     def backward(self, dy):
+        self._check_grad(dy, getattr(self, "_x_shape", None) if self._cache is not None else None)
         if self._cache[0] == "empty":
             self._cache = None
             if not self.input_grad:
