@@ -51,14 +51,15 @@ class _ConvGeometry(ParallelModule):
         Wo = F.conv_output_size(W, self.kernel_size[1], self.stride[1], l, r, self.dilation[1])
         return Ho, Wo
 
-    def _check_image(self, x, C, expected):
+    def _check_image(self, x, C, what=""):
         """x : (N, C, H, W) with C channels and an image the kernel fits, before any message."""
         ok = x.ndim == 4 and x.shape[1] == C
+        small = ""
         if ok:
             Ho, Wo = self._out_hw(x.shape[2], x.shape[3])
-            ok = Ho > 0 and Wo > 0
-            expected += "" if ok else f" with H x W at least the kernel's reach (output {Ho}x{Wo})"
-        self._check_input(x, ok, expected)
+            if Ho <= 0 or Wo <= 0:
+                ok, small = False, f" with H x W at least the kernel's reach (output {Ho}x{Wo})"
+        self._check_input(x, ok, lambda: f"(N, {C}, H, W){what}{small}")
 
     def _conv(self, x, W):
         return F.conv2d_forward(x, W, None, self.stride, self.padding, self.dilation, 1)
@@ -122,7 +123,7 @@ class OutChannelParallelConv2d(_ConvGeometry):
 
     def forward(self, x):
         """x : (N, C, H, W) -> y : (N, K_r, Ho, Wo), or (N, K, Ho, Wo) with ``gather_output``."""
-        self._check_image(x, self.in_channels, f"(N, {self.in_channels}, H, W)")
+        self._check_image(x, self.in_channels)
         # local conv with this rank's filters: no communication
         y, self._cache = F.conv2d_forward(x, self.weight.data,
                                           None if self.bias is None else self.bias.data,
@@ -238,10 +239,9 @@ class InChannelParallelConv2d(_ConvGeometry):
     def forward(self, x):
         """x : (N, C_r, H, W) or (N, C, H, W) -> y : (N, K, Ho, Wo), replicated."""
         if self.input_is_sharded:
-            self._check_image(x, self.C_r, f"(N, {self.C_r}, H, W): its {self.C_r} of "
-                                           f"{self.in_channels} input channels")
+            self._check_image(x, self.C_r, f": its {self.C_r} of {self.in_channels} input channels")
         else:
-            self._check_image(x, self.in_channels, f"(N, {self.in_channels}, H, W)")
+            self._check_image(x, self.in_channels)
             x = take_axis(x, 1, self.C_off, self.C_off + self.C_r)   # my block, no message
         # partial sum over my C_r channels of every output channel
         y, self._cache = self._conv(x, self.weight.data)

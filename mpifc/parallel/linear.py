@@ -78,7 +78,7 @@ class ColumnParallelLinear(ParallelModule):
     def forward(self, x):
         """x : (N, ..., D) -> y : (N, ..., F_r), or (N, ..., F) with ``gather_output``."""
         self._check_input(x, x.ndim >= 1 and x.shape[-1] == self.in_features,
-                          f"(N, ..., {self.in_features})")
+                          lambda: f"(N, ..., {self.in_features})")
         self._x = x
         # local GEMM on this rank's output rows of W: no communication
         y = F.linear_forward(x, self.weight.data, None if self.bias is None else self.bias.data)
@@ -185,8 +185,8 @@ class RowParallelLinear(ParallelModule):
         """x : (N, ..., D_r) or (N, ..., D) -> y : (N, ..., F), identical on every rank of the group."""
         D = self.D_r if self.input_is_sharded else self.in_features
         self._check_input(x, x.ndim >= 1 and x.shape[-1] == D,
-                          f"(N, ..., {D})" + (f": its {D} of {self.in_features} input features"
-                                              if self.input_is_sharded else ""))
+                          lambda: f"(N, ..., {D})" + (f": its {D} of {self.in_features} input "
+                                                      "features" if self.input_is_sharded else ""))
         if not self.input_is_sharded:
             x = take_axis(x, -1, self.D_off, self.D_off + self.D_r)   # my block, no message
         self._x = x

@@ -52,7 +52,7 @@ class ParallelSoftmaxCrossEntropy(ParallelModule):
         xp = get_array_module(logits)
         N = logits.shape[0]
         self._check_input(logits, logits.ndim == 2 and logits.shape[1] == self.Q_r,
-                          f"(N, {self.Q_r}): its {self.Q_r} of {self.num_classes} classes")
+                          lambda: f"(N, {self.Q_r}): its {self.Q_r} of {self.num_classes} classes")
         if target.shape != (N,):
             self._refuse("target", target.shape, f"({N},) to match logits {tuple(logits.shape)}")
         if target.dtype.kind not in "iu":

@@ -133,10 +133,9 @@ class _SyncBatchNorm(_BatchNorm):
 
     def _check(self, x):
         """(N, C, ...) with this rank's C channels and the layer's dtype, before any message."""
-        shape = "(N, C)" if self._ndim == (2, 3) else "(N, C, H, W)"
         self._check_input(x, x.ndim in self._ndim and x.shape[1] == self.num_features,
-                          f"{shape} with C = {self.num_features}" + ("" if self._ndim == (4,) else
-                                                                     " (or (N, C, L))"))
+                          lambda: ("(N, C, H, W)" if self._ndim == (4,) else "(N, C) or (N, C, L)")
+                          + f" with C = {self.num_features}")
 
     _where = ParallelModule._where
     _refuse = ParallelModule._refuse

@@ -189,10 +189,11 @@ class _SpatialWindow(ParallelModule):
         extended block's row count (for backward)."""
         n_r = self.in_counts[self.group.rank]
         ok = x.ndim == 4 and x.shape[2] == n_r
-        expected = f"(N, C, {n_r}, W): its band of {n_r} of {self.in_height} rows"
-        if ok and self._out_w(x.shape[3]) <= 0:
-            ok, expected = False, expected + f", W at least the kernel's width"
-        self._check_input(x, ok, expected, dtype=self._fixed_dtype)
+        narrow = ok and self._out_w(x.shape[3]) <= 0
+        self._check_input(x, ok and not narrow,
+                          lambda: f"(N, C, {n_r}, W): its band of {n_r} of {self.in_height} rows"
+                          + (", W at least the kernel's width" if narrow else ""),
+                          dtype=self._fixed_dtype)
         ext = x
         if self.plan.any_halo:
             with self.phase("forward"):
@@ -510,8 +511,8 @@ class SpatialGather(ParallelModule):
     def forward(self, x):
         r = self.group.rank
         self._check_input(x, x.ndim == 4 and x.shape[2] == self.in_counts[r],
-                          f"(N, C, {self.in_counts[r]}, W): its band of {self.in_counts[r]} of "
-                          f"{self.height} rows", dtype=False)
+                          lambda: f"(N, C, {self.in_counts[r]}, W): its band of "
+                                  f"{self.in_counts[r]} of {self.height} rows", dtype=False)
         self.dtype = np.dtype(x.dtype)
         xp = get_array_module(x)
         # MPI gathers axis 0: rows to the front (one contiguous copy), gather, move back
