@@ -172,7 +172,8 @@ def small_step():
 
 t_chk, t_step = best_times([checks_run, small_step])
 print(f"shape checks of ColumnParallelLinear 16->16, N=8: {t_chk * 1e4:.2f} us per fwd+bwd of "
-      f"{t_step * 1e4:.1f} us ({100 * t_chk / t_step:.1f} %, target <= 3 % on this smallest layer, 1 rank, no message)")
+      f"{t_step * 1e4:.1f} us ({100 * t_chk / t_step:.1f} %, target <= 3 % on this smallest layer, "
+      "1 rank, no message)")
 
 # --------------------------------------------------------------------------- #
 # training steps
