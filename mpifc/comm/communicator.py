@@ -16,7 +16,8 @@ Conventions
   (``MPIFC_CUDA_AWARE=1``) after a stream synchronise, and are staged through host
   buffers otherwise (one copy each way, at this boundary only).
 * Debug mode (``debug=True`` or ``MPIFC_DEBUG=1``) checks before every collective
-  that all ranks issue the same call (op, dtype, root, count where it must match).
+  that all ranks issue the same call (op, dtype, root, and the element count that
+  must match: the buffer of a reduction or bcast, the total gathered or scattered).
   A mismatch raises on every rank naming the call number, the op and the ranks;
   a rank that never arrives is reported after ``MPIFC_DEBUG_TIMEOUT`` s (60), and
   so is a collective that does not complete within that time once all ranks issued
@@ -352,7 +353,10 @@ class Communicator:
                                    t0, _perf(), tr._phases[-1]))
             return out
         _check_contiguous(x, "allgather")
-        self._check("allgather", x.dtype)
+        # debug: every rank must receive the same number of elements (a row size or a
+        # block that differs between ranks would scramble or truncate the result)
+        self._check("allgather", x.dtype, -1,
+                    x.size * self.size if counts is None else _rowsize(x) * int(sum(counts)))
         t0 = _perf()
         buf, staged = self._host(x)
         rs = _rowsize(x)
@@ -409,7 +413,9 @@ class Communicator:
         counts: rows per rank (uneven: Scatterv); None means recvbuf.shape[0] everywhere.
         Adjoint: ``gather`` with the same counts."""
         _check_contiguous(recvbuf, "scatter")
-        self._check("scatter", recvbuf.dtype, root)
+        self._check("scatter", recvbuf.dtype, root,
+                    recvbuf.size * self.size if counts is None
+                    else _rowsize(recvbuf) * int(sum(counts)))
         t0 = _perf()
         rbuf, staged = self._host(recvbuf)
         sbuf = None
@@ -439,7 +445,8 @@ class Communicator:
     def gather(self, x, counts=None, root: int = 0):
         """Concatenate every rank's rows on ``root`` (None elsewhere). Adjoint of ``scatter``."""
         _check_contiguous(x, "gather")
-        self._check("gather", x.dtype, root)
+        self._check("gather", x.dtype, root,
+                    x.size * self.size if counts is None else _rowsize(x) * int(sum(counts)))
         t0 = _perf()
         buf, staged = self._host(x)
         y = None

@@ -6,13 +6,13 @@ from mpifc.nn.conv import Conv2d
 from mpifc.nn.embedding import Embedding, EmbeddingBag
 from mpifc.nn.linear import Linear
 from mpifc.nn.loss import MSELoss, SoftmaxCrossEntropy
-from mpifc.nn.module import Module, Parameter, Sharding
+from mpifc.nn.module import Module, Parameter, ShapeError, Sharding
 from mpifc.nn.norm import BatchNorm1d, BatchNorm2d, LayerNorm
 from mpifc.nn.pool import AvgPool2d, GlobalAvgPool2d, MaxPool2d
 from mpifc.nn.shape import Flatten
 
 __all__ = [
-    "functional", "init", "Module", "Parameter", "Sharding",
+    "functional", "init", "Module", "Parameter", "Sharding", "ShapeError",
     "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "GlobalAvgPool2d",
     "ReLU", "LeakyReLU", "GELU", "Tanh", "Sigmoid", "Dropout", "Flatten",
     "BatchNorm1d", "BatchNorm2d", "LayerNorm", "Embedding", "EmbeddingBag", "Sequential",

@@ -23,7 +23,9 @@ Collective hooks
 ----------------
 BatchNorm is split so the per-channel sums are computed in exactly one place
 (``batchnorm_stats``, ``batchnorm_backward_stats``); a synced BatchNorm
-allreduces those small vectors and passes them on to ``*_from_stats``.
+allreduces those small vectors and passes them on to ``*_from_stats``. The
+forward statistics are float64 moments (mean, M2) of shifted data, exact for any
+input offset; ranks merge them as power sums (Chan's merge, one allreduce).
 """
 from __future__ import annotations
 
@@ -460,68 +462,117 @@ def _bn_view(v, ndim):
     return v.reshape((1, -1) + (1,) * (ndim - 2))
 
 
-def batchnorm_stats(x):
-    """Per-channel sums a synced BatchNorm allreduces.
+def _bn_rows3(x):
+    """(N, C) -> (N, C, 1); (N, C, ...) -> (N, C, L): a view (0 rows work too)."""
+    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+
+
+def _bn_shift(x):
+    """Per-channel shift k : (C,) in x.dtype: the mean of the first sample's values.
+
+    Any value near the channel's data will do; this one costs 1/N of a pass. Zeros
+    when this rank has no data.
+    """
+    xp = get_array_module(x)
+    x3 = _bn_rows3(x)
+    if x3.shape[0] == 0 or x3.shape[2] == 0:
+        return xp.zeros(x.shape[1], dtype=x.dtype)
+    return x3[0].mean(axis=1)
+
+
+def batchnorm_stats(x, return_shifted=False):
+    """Per-channel moments of this rank's data: (mean, M2, count), exact for any offset.
+
+    The sums over x see only the deviations d = x - k from a per-channel shift k
+    (:func:`_bn_shift`), so they keep their precision when |mean| >> std (the
+    one-pass E[x^2] - mean^2 in float32 loses all of it: an input offset of 1e4
+    gave an output error of 876). A synced BatchNorm merges the moments of its
+    ranks in one allreduce of :func:`batchnorm_moments_to_sums`.
 
     Parameters
     ----------
     x : (N, C), (N, C, L) or (N, C, H, W)
+    return_shifted : also return (d, k), which the forward reuses for xhat
 
     Returns
     -------
-    s : (C,) sum of x
-    ss : (C,) sum of x**2
-    count : int, elements per channel (N or N*H*W)
+    mean : (C,) float64 mean of x over all axes but 1
+    m2 : (C,) float64 sum of (x - mean)**2
+    count : int, elements per channel (N or N*L or N*H*W)
+    (d, k) : only with ``return_shifted``: d = x - k (x.shape, x.dtype), k : (C,)
     """
     xp = get_array_module(x)
-    axes = _bn_axes(x)
-    count = x.size // x.shape[1]
-    if x.ndim >= 3:
-        # (N, C, H*W): a batched dot over the contiguous H*W axis is one fast pass
-        x3 = x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))   # 0 rows work too
-        s = x3.sum(axis=(0, 2))
-        ss = xp.einsum("ncl,ncl->c", x3, x3)
-    else:
-        s = x.sum(axis=axes)
-        ss = xp.einsum("nc,nc->c", x, x)
-    return s, ss, count
+    count = x.shape[0] * math.prod(x.shape[2:])
+    k = _bn_shift(x)
+    d = x - _bn_view(k, x.ndim)
+    d3 = _bn_rows3(d)
+    # (N, C, L): a sum and a batched dot over the contiguous L axis, one pass each
+    sd = d3.sum(axis=(0, 2)).astype(np.float64)
+    sdd = xp.einsum("ncl,ncl->c", d3, d3).astype(np.float64)
+    n = max(count, 1)
+    mean = k.astype(np.float64) + sd / n
+    m2 = xp.maximum(sdd - sd * sd / n, 0.0)
+    return (mean, m2, count, (d, k)) if return_shifted else (mean, m2, count)
 
 
-def batchnorm_forward_from_stats(x, gamma, beta, s, ss, count, eps=1e-5):
-    """Normalise with given (possibly allreduced) sums; biased batch variance.
+def batchnorm_moments_to_sums(mean, m2, count):
+    """(mean, M2, n) -> float64 power sums (sum x, sum x**2), which add over ranks.
+
+    Summing (n_r*m_r, M2_r + n_r*m_r**2) over ranks and converting back with
+    :func:`batchnorm_sums_to_moments` is Chan's parallel merge of (count, mean, M2)
+    written as sums: ONE allreduce. In float64 the merged M2/n is off by about
+    1e-16 * mean**2 (1e-8 at |mean| = 1e4 for unit variance): far below float32's
+    resolution; a float64 model with |mean|/std > 1e4 would see it.
+    """
+    return count * mean, m2 + count * mean * mean
+
+
+def batchnorm_sums_to_moments(s, ss, count):
+    """Inverse of :func:`batchnorm_moments_to_sums` (M2 clamped at 0)."""
+    xp = get_array_module(s)
+    mean = s / max(count, 1)
+    return mean, xp.maximum(ss - count * mean * mean, 0.0)
+
+
+def batchnorm_forward_from_stats(x, gamma, beta, mean, m2, count, eps=1e-5, shifted=None):
+    """Normalise with given (possibly merged over ranks) moments; biased batch variance.
 
     Parameters
     ----------
     x : (N, C) or (N, C, H, W)
     gamma, beta : (C,)
-    s, ss, count : from :func:`batchnorm_stats` (summed over ranks for a synced BN)
+    mean, m2, count : from :func:`batchnorm_stats` (merged over ranks for a synced BN)
+    shifted : (d, k) from ``batchnorm_stats(x, return_shifted=True)``; d is
+        overwritten (it becomes xhat). Without it d = x - k is computed here.
 
     Returns
     -------
     y : same shape as x
     cache : for :func:`batchnorm_backward_stats` / :func:`batchnorm_backward_from_stats`
-    mean, var : (C,) batch mean and biased variance (for running statistics)
+    mean, var : (C,) float64 batch mean and biased variance m2/count (running statistics)
 
     Notes
     -----
-    var = ss/count - mean**2 loses precision when |mean| >> std in float32; it is
-    the price of a single allreduce of (s, ss). It is clamped at 0.
+    xhat = (d - (mean - k)) * invstd: the subtraction in x.dtype sees d and the small
+    mean - k, not x and a mean rounded to float32 (at an offset of 1e4 that rounding
+    alone is 5e-4 of the output).
     """
-    mean = s / count
-    var = xp_max0(ss / count - mean * mean)
-    invstd = 1.0 / (var + eps) ** 0.5
-    nd = x.ndim
-    # y = x*scale + shift, two passes over x; xhat is kept for backward
-    xhat = (x - _bn_view(mean, nd)) * _bn_view(invstd, nd)
+    xp = get_array_module(x)
+    mean = xp.asarray(mean, dtype=np.float64)
+    var = xp.asarray(m2, dtype=np.float64) / max(count, 1)
+    invstd64 = 1.0 / xp.sqrt(var + eps)
+    d, k = shifted if shifted is not None else (None, _bn_shift(x))
+    nd, dt = x.ndim, x.dtype
+    if d is None:
+        d = x - _bn_view(k, nd)
+    # xhat in place in d: two passes; kept for backward
+    d -= _bn_view((mean - k.astype(np.float64)).astype(dt), nd)
+    invstd = invstd64.astype(dt)
+    d *= _bn_view(invstd, nd)
+    xhat = d
     y = xhat * _bn_view(gamma, nd) + _bn_view(beta, nd)
     cache = (xhat, gamma, invstd)
     return y, cache, mean, var
-
-
-def xp_max0(v):
-    """Elementwise max(v, 0) on either backend."""
-    xp = get_array_module(v)
-    return xp.maximum(v, 0)
 
 
 def batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps=1e-5):
@@ -535,8 +586,11 @@ def batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps=1e-5):
     nd = x.ndim
     invstd = 1.0 / (running_var + eps) ** 0.5
     scale = gamma * invstd
-    shift = beta - running_mean * scale
-    y = x * _bn_view(scale, nd) + _bn_view(shift, nd)
+    # (x - mean) * scale + beta, not x * scale + (beta - mean * scale): the latter
+    # cancels two large terms in float32 when |mean| >> std
+    y = x - _bn_view(running_mean, nd)
+    y *= _bn_view(scale, nd)
+    y += _bn_view(beta, nd)
     return y, (x, running_mean, invstd, scale)
 
 
@@ -605,8 +659,8 @@ def batchnorm_forward(x, gamma, beta, eps=1e-5):
     -------
     y, cache, mean, var  (see :func:`batchnorm_forward_from_stats`); cache ends with count
     """
-    s, ss, count = batchnorm_stats(x)
-    y, cache, mean, var = batchnorm_forward_from_stats(x, gamma, beta, s, ss, count, eps)
+    mean, m2, count, shifted = batchnorm_stats(x, return_shifted=True)
+    y, cache, mean, var = batchnorm_forward_from_stats(x, gamma, beta, mean, m2, count, eps, shifted)
     return y, cache + (count,), mean, var
 
 
@@ -700,21 +754,43 @@ def leaky_relu_backward(dy, mask, slope=0.01):
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
-def gelu_forward(x):
-    """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+def _sigmoid_pair(x):
+    """(sigmoid(x), sigmoid(-x)), both to a few ulps for every x (no cancellation, no overflow).
 
-    Returns (y, cache) with cache = (x, tanh(u)).
+    With e = exp(-|x|) in (0, 1]: sigmoid(|x|) = 1/(1+e) and sigmoid(-|x|) = e/(1+e).
+    The second one is the complement 1 - sigmoid(x), computed without subtracting
+    from 1, so derivatives sigmoid(x)*sigmoid(-x) keep their relative precision in
+    both tails. (0.5*(1 + tanh(x/2)) is exactly 0 below x ~ -37 in float64, -17 in float32.)
     """
     xp = get_array_module(x)
-    u = _GELU_C * (x + 0.044715 * x * x * x)
-    t = xp.tanh(u)
-    return 0.5 * x * (1.0 + t), (x, t)
+    e = xp.exp(-xp.abs(x))
+    p = 1.0 / (1.0 + e)
+    q = e * p
+    d = p - q
+    pos = x >= 0
+    # select by arithmetic, not where(): mask * d is d or exactly 0, so the small value q
+    # passes unchanged and the large one is q + (p - q), within 2 ulps of p. (where() on a
+    # mask of random signs mispredicts its branch: 5x slower here.)
+    return q + pos * d, q + (~pos) * d
+
+
+def gelu_forward(x):
+    """GELU, tanh approximation: 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3).
+
+    The sigmoid form keeps the relative precision of the left tail (0.5 (1 + tanh(u))
+    is exactly 0 below x ~ -5.5 in float32). Returns (y, cache) with cache =
+    (x, sigmoid(2u), sigmoid(-2u)).
+    """
+    u2 = (2.0 * _GELU_C) * (x + 0.044715 * x * x * x)
+    s, c = _sigmoid_pair(u2)
+    return x * s, (x, s, c)
 
 
 def gelu_backward(dy, cache):
-    x, t = cache
+    """dx = dy * (s + x * 2 s (1 - s) du/dx), with 1 - s = sigmoid(-2u) from the cache."""
+    x, s, c = cache
     du = _GELU_C * (1.0 + 3 * 0.044715 * x * x)
-    return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
+    return dy * (s + (2.0 * x) * s * c * du)
 
 
 def tanh_forward(x):
@@ -729,14 +805,20 @@ def tanh_backward(dy, y):
 
 
 def sigmoid_forward(x):
-    """Stable logistic: 0.5*(1 + tanh(x/2)) never overflows. Returns (y, y)."""
-    xp = get_array_module(x)
-    y = 0.5 * (1.0 + xp.tanh(0.5 * x))
-    return y, y
+    """Logistic 1/(1 + exp(-x)), accurate to a few ulps over the whole range (both tails).
+
+    Returns (y, cache) with cache = (y, 1 - y), the complement computed as
+    sigmoid(-x) (see :func:`_sigmoid_pair`), so the derivative keeps its precision
+    where y rounds to 1.
+    """
+    y, c = _sigmoid_pair(x)
+    return y, (y, c)
 
 
-def sigmoid_backward(dy, y):
-    return dy * y * (1.0 - y)
+def sigmoid_backward(dy, cache):
+    """dx = dy * y * (1 - y)."""
+    y, c = cache
+    return dy * y * c
 
 
 def dropout_forward(x, p, rng):

@@ -1,4 +1,4 @@
-"""Fully connected layer. N batch, D in features, F out features."""
+"""Fully connected layer. N batch, D in features, F out features; any leading shape (N, ..., D)."""
 from __future__ import annotations
 
 import numpy as np
@@ -38,14 +38,14 @@ class Linear(Module):
         self._x = None
 
     def forward(self, x):
-        """x : (N, D) or (..., D) -> y : (N, F) or (..., F)."""
+        """x : (N, ..., D) -> y : (N, ..., F)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Linear expects {self.in_features} input features, got shape {x.shape}")
         self._x = x
         return F.linear_forward(x, self.weight.data, None if self.bias is None else self.bias.data)
 
     def backward(self, dy):
-        """dy : (N, F) -> dx : (N, D) (None when ``input_grad`` is False)."""
+        """dy : (N, ..., F) -> dx : (N, ..., D) (None when ``input_grad`` is False)."""
         x, self._x = self._x, None
         # db, then dW a row block at a time (Parameter.accumulate_rows: each finished
         # block may start its data-parallel allreduce), then dx, which hides the last one

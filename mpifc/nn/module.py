@@ -9,6 +9,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mpifc.backend import get_array_module
+from mpifc.errors import UserError
+
+
+class ShapeError(UserError, ValueError):
+    """An array given to a layer does not fit it (shape or dtype), found before any message.
+
+    Sharded layers raise it naming the layer, the rank, the shape given and the shape
+    expected, before they enter a collective: a wrong shape never reaches MPI, where
+    it would truncate, scramble or wait. Ranks whose shapes differ from EACH OTHER
+    (a batch of 4 on one rank, 5 on another) cannot be seen locally: under
+    ``MPIFC_DEBUG=1`` the communicator compares every collective's element count
+    across ranks and raises CollectiveMismatch on all of them; otherwise MPI fails
+    the call ("message truncated") and the abort handler ends the job.
+    """
 
 
 @dataclass(frozen=True)

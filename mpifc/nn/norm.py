@@ -5,7 +5,7 @@ import numpy as np
 
 from mpifc.nn import functional as F
 from mpifc.nn._common import place, resolve_dtype, resolve_xp
-from mpifc.nn.module import Module, Parameter
+from mpifc.nn.module import Module, Parameter, ShapeError
 
 
 class _BatchNorm(Module):
@@ -16,8 +16,10 @@ class _BatchNorm(Module):
     running variance uses the unbiased batch variance). Eval: use the running
     statistics (a fixed affine map).
 
-    A synced BatchNorm overrides :meth:`reduce_stats` and
-    :meth:`reduce_backward_stats` to allreduce the per-channel sums. dgamma/dbeta
+    The batch statistics are float64 moments of shifted data (exact for inputs far
+    from zero, see ``functional.batchnorm_stats``). A synced BatchNorm overrides
+    :meth:`reduce_stats` (merge the moments) and :meth:`reduce_backward_stats` to
+    allreduce the per-channel sums. dgamma/dbeta
     accumulate the LOCAL sums (before any reduction), as data-parallel gradient
     averaging expects.
 
@@ -42,9 +44,9 @@ class _BatchNorm(Module):
         self._cache = None
 
     # --- hooks for a synced BatchNorm ---
-    def reduce_stats(self, s, ss, count):
-        """Combine (sum x, sum x^2, count) across ranks. Identity here."""
-        return s, ss, count
+    def reduce_stats(self, mean, m2, count):
+        """Merge the moments (mean, M2 : (C,) float64, count) across ranks. Identity here."""
+        return mean, m2, count
 
     def reduce_backward_stats(self, sum_dy, sum_dy_xhat):
         """Combine (sum dy, sum dy*xhat) across ranks. Identity here."""
@@ -52,7 +54,7 @@ class _BatchNorm(Module):
 
     def _check(self, x):
         if x.ndim not in self._ndim or x.shape[1] != self.num_features:
-            raise ValueError(f"{type(self).__name__}({self.num_features}) got input shape {x.shape}")
+            raise ShapeError(f"{type(self).__name__}({self.num_features}) got input shape {x.shape}")
 
     def forward(self, x):
         self._check(x)
@@ -62,17 +64,19 @@ class _BatchNorm(Module):
                                                 self.running_var, self.eps)
             self._cache = ("eval", cache)
             return y
-        s, ss, count = self.reduce_stats(*F.batchnorm_stats(x))
+        mean, m2, count, shifted = F.batchnorm_stats(x, return_shifted=True)
+        mean, m2, count = self.reduce_stats(mean, m2, count)
         if count < 2:
             raise ValueError(f"{type(self).__name__} needs more than one value per channel "
                              f"in training mode (got {count})")
-        y, cache, mean, var = F.batchnorm_forward_from_stats(x, gamma, beta, s, ss, count, self.eps)
-        m = self.momentum
+        y, cache, mean, var = F.batchnorm_forward_from_stats(x, gamma, beta, mean, m2, count, self.eps,
+                                                             shifted)
+        m, dt = self.momentum, self.dtype
         # in place: checkpoint loaders and buffers() hold references to these arrays
         self.running_mean *= 1.0 - m
-        self.running_mean += m * mean
+        self.running_mean += (m * mean).astype(dt)
         self.running_var *= 1.0 - m
-        self.running_var += (m * count / (count - 1)) * var
+        self.running_var += ((m * count / (count - 1)) * var).astype(dt)
         self.num_batches_tracked += 1
         self._cache = ("train", cache, count)
         return y

@@ -25,7 +25,7 @@ from mpifc.nn import init as I
 from mpifc.nn._common import place, resolve_dtype, resolve_xp
 from mpifc.nn.conv import conv_param_backward
 from mpifc.nn.module import Parameter, Sharding
-from mpifc.parallel.base import ParallelModule, allgather_axis1, take_axis
+from mpifc.parallel.base import ParallelModule, allgather_axis, take_axis
 from mpifc.parallel.describe import conv_flops
 from mpifc.parallel.init import input_split, replicated_bias, shard_counts, sharded_parameter
 
@@ -50,6 +50,16 @@ class _ConvGeometry(ParallelModule):
         Ho = F.conv_output_size(H, self.kernel_size[0], self.stride[0], t, b, self.dilation[0])
         Wo = F.conv_output_size(W, self.kernel_size[1], self.stride[1], l, r, self.dilation[1])
         return Ho, Wo
+
+    def _check_image(self, x, C, what=""):
+        """x : (N, C, H, W) with C channels and an image the kernel fits, before any message."""
+        ok = x.ndim == 4 and x.shape[1] == C
+        small = ""
+        if ok:
+            Ho, Wo = self._out_hw(x.shape[2], x.shape[3])
+            if Ho <= 0 or Wo <= 0:
+                ok, small = False, f" with H x W at least the kernel's reach (output {Ho}x{Wo})"
+        self._check_input(x, ok, lambda: f"(N, {C}, H, W){what}{small}")
 
     def _conv(self, x, W):
         return F.conv2d_forward(x, W, None, self.stride, self.padding, self.dilation, 1)
@@ -109,23 +119,24 @@ class OutChannelParallelConv2d(_ConvGeometry):
                           global_shape=(self.out_channels,))
             self.bias = Parameter(place(np.zeros(self.K_r), self.xp, self.dtype), "bias", sharding=sh)
             self._params.append(self.bias)
-        self._cache = None
+        self._cache = self._y_shape = None
 
     def forward(self, x):
         """x : (N, C, H, W) -> y : (N, K_r, Ho, Wo), or (N, K, Ho, Wo) with ``gather_output``."""
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"{self.name}: expects (N, {self.in_channels}, H, W), got {x.shape}")
+        self._check_image(x, self.in_channels)
         # local conv with this rank's filters: no communication
         y, self._cache = F.conv2d_forward(x, self.weight.data,
                                           None if self.bias is None else self.bias.data,
                                           self.stride, self.padding, self.dilation, 1)
         if self.gather_output:
             with self.phase("forward"):
-                y = allgather_axis1(self.group, y, self.out_counts)
+                y = allgather_axis(self.group, y, self.out_counts, 1)
+        self._y_shape = y.shape
         return y
 
     def backward(self, dy):
         """dy : (N, K_r, Ho, Wo) (or (N, K, Ho, Wo) when gathered) -> dx : (N, C, H, W)."""
+        self._check_grad(dy, self._y_shape)
         if self.gather_output:
             # adjoint of the allgather: dy is replicated, keep my block of channels
             dy = take_axis(dy, 1, self.K_off, self.K_off + self.K_r)
@@ -223,35 +234,33 @@ class InChannelParallelConv2d(_ConvGeometry):
         if bias:
             self.bias = replicated_bias(self.out_channels, self.xp, self.dtype)
             self._params.append(self.bias)
-        self._cache = None
+        self._cache = self._y_shape = None
 
     def forward(self, x):
         """x : (N, C_r, H, W) or (N, C, H, W) -> y : (N, K, Ho, Wo), replicated."""
-        if x.ndim != 4:
-            raise ValueError(f"{self.name}: expects a 4-d (N, C, H, W) input, got {x.shape}")
-        if not self.input_is_sharded:
-            if x.shape[1] != self.in_channels:
-                raise ValueError(f"{self.name}: expects (N, {self.in_channels}, H, W), got {x.shape}")
+        if self.input_is_sharded:
+            self._check_image(x, self.C_r, f": its {self.C_r} of {self.in_channels} input channels")
+        else:
+            self._check_image(x, self.in_channels)
             x = take_axis(x, 1, self.C_off, self.C_off + self.C_r)   # my block, no message
-        elif x.shape[1] != self.C_r:
-            raise ValueError(f"{self.name}: rank {self.group.rank} expects its {self.C_r} of "
-                             f"{self.in_channels} input channels, got {x.shape}")
         # partial sum over my C_r channels of every output channel
         y, self._cache = self._conv(x, self.weight.data)
         with self.phase("forward"):
             self.group.allreduce(y, out=y)
         if self.bias is not None:
             y += self.bias.data.reshape(1, -1, 1, 1)     # once, after the reduce
+        self._y_shape = y.shape
         return y
 
     def backward(self, dy):
         """dy : (N, K, Ho, Wo) replicated -> dx : (N, C_r, H, W), or (N, C, H, W) if not sharded."""
+        self._check_grad(dy, self._y_shape)
         # db from dy (replicated, so the same on every rank); the forward conv had no bias
         dx = conv_param_backward(dy, self._cache, self.weight, self.bias, self.input_grad)
         self._cache = None
         if dx is not None and not self.input_is_sharded:
             with self.phase("backward"):
-                dx = allgather_axis1(self.group, dx, self.in_counts)
+                dx = allgather_axis(self.group, dx, self.in_counts, 1)
         return dx
 
     # --- description ---

@@ -49,6 +49,7 @@ import numpy as np
 
 from mpifc.backend import get_array_module
 from mpifc.comm import trace
+from mpifc.nn.module import ShapeError
 from mpifc.optim.clip import clip_grad_norm
 from mpifc.parallel.describe import Collective
 
@@ -362,9 +363,30 @@ class DataParallel:
         self._progress = (_Progress(progress_interval)
                           if (progress in (True, "thread") and overlap and group.size > 1) else None)
         self.timings = {"post": 0.0, "wait": 0.0, "blocking": 0.0}
+        self._check_replicas()
         self.broadcast_state()
 
     # --- start-up ---
+    def _check_replicas(self) -> None:
+        """Every rank must hold the same parameter and buffer shapes: the bcasts below and
+        every gradient bucket's allreduce send them as they are (a replica built from
+        another config would truncate or scramble them). One allgather_obj of the shapes,
+        at construction only (phase "dp.init.check"); raises ShapeError on every rank."""
+        if self.group.size == 1:
+            return
+        mine = ([(tuple(p.shape), str(p.data.dtype)) for p in self.params]
+                + [(name, tuple(b.shape), str(b.dtype)) for name, b in self.model.buffers()])
+        with trace.phase("dp.init.check"):
+            every = self.group.allgather_obj(mine)
+        bad = [r for r, sig in enumerate(every) if sig != every[0]]
+        if bad:
+            r0, rb = every[0], every[bad[0]]
+            i = next((i for i, (u, v) in enumerate(zip(r0, rb)) if u != v), min(len(r0), len(rb)))
+            def entry(sig):
+                return "nothing" if i >= len(sig) else " ".join(str(v) for v in sig[i])
+            raise ShapeError(f"DataParallel on {self.group.name!r}: the replicas differ at parameter/"
+                             f"buffer #{i}: rank 0 has {entry(r0)}, rank {bad[0]} has {entry(rb)} "
+                             f"({len(r0)} vs {len(rb)} in all; ranks {bad} differ from rank 0)")
     def broadcast_state(self, root: int = 0) -> None:
         """bcast every parameter and buffer (BatchNorm running stats) from the group root."""
         if self.group.size == 1:

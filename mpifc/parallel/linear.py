@@ -1,5 +1,7 @@
 """Tensor-parallel fully connected layers. N batch, D in features, F out features,
 P ranks in the tensor group, F_r / D_r this rank's shard (uneven: balanced counts).
+Inputs may have any leading shape (N, ..., D), e.g. (N, T, D) for a sequence: the
+features are always the LAST axis, and that is the axis the layers split and gather.
 
 A column layer followed by a row layer needs no communication between them: the
 column layer's output shard (N, F_r) is exactly the row layer's input shard.
@@ -12,7 +14,7 @@ from mpifc.nn import functional as F
 from mpifc.nn import init as I
 from mpifc.nn._common import place, resolve_dtype, resolve_xp
 from mpifc.nn.module import Parameter, Sharding
-from mpifc.parallel.base import ParallelModule, allgather_axis1, take_axis
+from mpifc.parallel.base import ParallelModule, allgather_axis, take_axis
 from mpifc.parallel.describe import linear_flops
 from mpifc.parallel.init import input_split, replicated_bias, sharded_parameter, shard_counts
 
@@ -49,7 +51,8 @@ class ColumnParallelLinear(ParallelModule):
 
     Shapes
     ------
-    x : (N, D) replicated over the group -> y : (N, F_r), or (N, F) when gathered
+    x : (N, ..., D) replicated over the group -> y : (N, ..., F_r), or (N, ..., F) when
+    gathered (on the last axis)
     """
 
     def __init__(self, in_features, out_features, group, bias=True, gather_output=False, *,
@@ -70,22 +73,24 @@ class ColumnParallelLinear(ParallelModule):
             self.bias = _zeros_shard("bias", self.F_r, self.out_counts, group, self.dtype, self.xp,
                                      self.out_features)
             self._params.append(self.bias)
-        self._x = None
+        self._x = self._y_shape = None
 
     def forward(self, x):
-        """x : (N, D) -> y : (N, F_r), or (N, F) with ``gather_output``."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"{self.name}: expects {self.in_features} input features, got {x.shape}")
+        """x : (N, ..., D) -> y : (N, ..., F_r), or (N, ..., F) with ``gather_output``."""
+        self._check_input(x, x.ndim >= 1 and x.shape[-1] == self.in_features,
+                          lambda: f"(N, ..., {self.in_features})")
         self._x = x
         # local GEMM on this rank's output rows of W: no communication
         y = F.linear_forward(x, self.weight.data, None if self.bias is None else self.bias.data)
         if self.gather_output:
             with self.phase("forward"):
-                y = allgather_axis1(self.group, y, self.out_counts)
+                y = allgather_axis(self.group, y, self.out_counts, -1)
+        self._y_shape = y.shape
         return y
 
     def backward(self, dy):
-        """dy : (N, F_r) or (N, F) when gathered -> dx : (N, D), summed over the group."""
+        """dy : (N, ..., F_r) or (N, ..., F) when gathered -> dx : (N, ..., D), summed over the group."""
+        self._check_grad(dy, self._y_shape)
         if self.gather_output:
             # adjoint of the allgather: every rank holds the full (replicated) dy; keep my block
             off = sum(self.out_counts[: self.group.rank])
@@ -153,7 +158,8 @@ class RowParallelLinear(ParallelModule):
 
     Shapes
     ------
-    x : (N, D_r) (or (N, D) when not sharded) -> y : (N, F) replicated over the group
+    x : (N, ..., D_r) (or (N, ..., D) when not sharded) -> y : (N, ..., F) replicated
+    over the group
     """
 
     def __init__(self, in_features, out_features, group, bias=True, input_is_sharded=True,
@@ -173,27 +179,29 @@ class RowParallelLinear(ParallelModule):
         if bias:
             self.bias = replicated_bias(self.out_features, self.xp, self.dtype)
             self._params.append(self.bias)
-        self._x = None
+        self._x = self._y_shape = None
 
     def forward(self, x):
-        """x : (N, D_r) or (N, D) -> y : (N, F), identical on every rank of the group."""
+        """x : (N, ..., D_r) or (N, ..., D) -> y : (N, ..., F), identical on every rank of the group."""
+        D = self.D_r if self.input_is_sharded else self.in_features
+        self._check_input(x, x.ndim >= 1 and x.shape[-1] == D,
+                          lambda: f"(N, ..., {D})" + (f": its {D} of {self.in_features} input "
+                                                      "features" if self.input_is_sharded else ""))
         if not self.input_is_sharded:
-            if x.shape[-1] != self.in_features:
-                raise ValueError(f"{self.name}: expects {self.in_features} input features, got {x.shape}")
             x = take_axis(x, -1, self.D_off, self.D_off + self.D_r)   # my block, no message
-        elif x.shape[-1] != self.D_r:
-            raise ValueError(f"{self.name}: rank {self.group.rank} expects its {self.D_r} of "
-                             f"{self.in_features} input features, got {x.shape}")
         self._x = x
         y = F.linear_forward(x, self.weight.data)          # partial sum over my D_r inputs
         with self.phase("forward"):
             self.group.allreduce(y, out=y)
         if self.bias is not None:
             y += self.bias.data                            # once, after the reduce
+        self._y_shape = y.shape
         return y
 
     def backward(self, dy):
-        """dy : (N, F) replicated -> dx : (N, D_r), or (N, D) when the input was not sharded."""
+        """dy : (N, ..., F) replicated -> dx : (N, ..., D_r), or (N, ..., D) when the input was not
+        sharded (gathered on the last axis)."""
+        self._check_grad(dy, self._y_shape)
         x, self._x = self._x, None
         # db (dy is replicated, so the same on every rank), dW in row blocks, then dx
         if self.bias is not None:
@@ -202,7 +210,7 @@ class RowParallelLinear(ParallelModule):
         dx = (dy @ self.weight.data) if self.input_grad else None
         if dx is not None and not self.input_is_sharded:
             with self.phase("backward"):
-                dx = allgather_axis1(self.group, dx, self.in_counts)
+                dx = allgather_axis(self.group, dx, self.in_counts, -1)
         return dx
 
     # --- description ---

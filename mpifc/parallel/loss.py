@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from mpifc.backend import get_array_module
+from mpifc.nn.module import ShapeError
 from mpifc.parallel.base import ParallelModule
 from mpifc.parallel.init import shard_counts
 
@@ -50,11 +51,12 @@ class ParallelSoftmaxCrossEntropy(ParallelModule):
         """logits : (N, Q_r), target : (N,) global class ids -> 0-d loss (same on every rank)."""
         xp = get_array_module(logits)
         N = logits.shape[0]
-        if logits.ndim != 2 or logits.shape[1] != self.Q_r:
-            raise ValueError(f"{self.name}: rank {self.group.rank} expects logits (N, {self.Q_r}) "
-                             f"(its classes of {self.num_classes}), got {logits.shape}")
+        self._check_input(logits, logits.ndim == 2 and logits.shape[1] == self.Q_r,
+                          lambda: f"(N, {self.Q_r}): its {self.Q_r} of {self.num_classes} classes")
         if target.shape != (N,):
-            raise ValueError(f"{self.name}: target shape {target.shape} does not match logits {logits.shape}")
+            self._refuse("target", target.shape, f"({N},) to match logits {tuple(logits.shape)}")
+        if target.dtype.kind not in "iu":
+            raise ShapeError(f"{self._where()}: target has dtype {target.dtype}, expected integer class ids")
         if N and (int(target.min()) < 0 or int(target.max()) >= self.num_classes):
             raise ValueError(f"{self.name}: target class ids must be in [0, {self.num_classes})")
         with self.phase("forward"):

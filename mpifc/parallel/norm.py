@@ -8,12 +8,22 @@ a group must normalise with the statistics of the WHOLE batch to equal the seria
 layer. :class:`mpifc.nn.norm._BatchNorm` computes per-channel sums in one place
 (``batchnorm_stats`` / ``batchnorm_backward_stats``); this layer allreduces them:
 
-    forward   [sum x, sum x^2, count] (C + C + 2)   allreduce sum  -> mean, var
-    backward  [sum dy, sum dy*xhat]   (C + C)       allreduce sum  -> dx
+    forward   [sum x, sum x^2, count] (C + C + 1) float64   allreduce sum  -> mean, var
+    backward  [sum dy, sum dy*xhat]   (C + C)     x.dtype   allreduce sum  -> dx
 
-The count travels in the same buffer as the sums (one message per pass), split
-as count = hi * 4096 + lo so it stays an exact integer in float32 (each part
-summed over ranks stays below 2**24 up to 2**36 elements per channel).
+The forward sums are float64, computed on each rank from data shifted by a local
+per-channel value (``batchnorm_stats``): summing (n_r*m_r, M2_r + n_r*m_r^2) over
+ranks is Chan's merge of (count, mean, M2) in one allreduce, and float32 inputs
+far from zero keep their variance (var = E[x^2] - mean^2 in float32 sums lost it:
+output error 876 at an offset of 1e4). Why not the other two ways:
+
+* a shift agreed across ranks, e.g. the running mean (identical on every rank):
+  it is 0 in the first step and lags behind whenever the inputs move, exactly
+  when the cancellation bites, and it trusts every rank to hold the same buffer;
+* an allgather of (count, mean, M2) merged pairwise: P times the message.
+
+The float64 buffer is 2C+1 values (C is at most a few hundred): the bytes do not
+matter, and the count travels in it exactly (float64 holds integers to 2**53).
 
 dgamma / dbeta accumulate the LOCAL sums, before the reduction, as every other
 parameter gradient does: the data-parallel gradient allreduce (or, for a spatial
@@ -31,9 +41,6 @@ from mpifc.nn.module import Sharding
 from mpifc.nn.norm import _BatchNorm
 from mpifc.parallel.base import ParallelModule
 
-_SPLIT = 4096          # count = hi * _SPLIT + lo, both parts exact in float32
-
-
 class _SyncBatchNorm(_BatchNorm):
     """BatchNorm over all axes but the channel axis, statistics summed over ``group``.
 
@@ -43,8 +50,8 @@ class _SyncBatchNorm(_BatchNorm):
     ======================= ============================================= ==============================================
     layer                   forward                                       backward
     ======================= ============================================= ==============================================
-    synchronised BatchNorm  allreduce of [sum x, sum x^2, count] (2C+2)   allreduce of [sum dy, sum dy*xhat] (2C)
-                            in training; none in eval                     in training (none if ``input_grad`` is False)
+    synchronised BatchNorm  allreduce of [sum x, sum x^2, count] (2C+1,   allreduce of [sum dy, sum dy*xhat] (2C)
+                            float64) in training; none in eval            in training (none if ``input_grad`` is False)
     ======================= ============================================= ==============================================
 
     With ``group`` None or of size 1 it sends nothing and is the serial BatchNorm.
@@ -96,19 +103,21 @@ class _SyncBatchNorm(_BatchNorm):
     _c = ParallelModule._c
 
     # --- the hooks of _BatchNorm ---
-    def reduce_stats(self, s, ss, count):
-        """[sum x, sum x^2, count] summed over the group in one allreduce."""
+    def reduce_stats(self, mean, m2, count):
+        """Chan's merge of (mean, M2, count): [sum x, sum x^2, count] (float64) summed over
+        the group in one allreduce."""
         if not self._syncs:
-            return s, ss, count
+            return mean, m2, count
+        s, ss = F.batchnorm_moments_to_sums(mean, m2, count)
         xp = get_array_module(s)
         C = self.num_features
-        buf = xp.empty(2 * C + 2, dtype=self.dtype)
+        buf = xp.empty(2 * C + 1, dtype=np.float64)
         buf[:C], buf[C:2 * C] = s, ss
-        buf[2 * C], buf[2 * C + 1] = divmod(int(count), _SPLIT)
+        buf[2 * C] = count
         with self.phase("forward"):
             self.group.allreduce(buf, out=buf)
-        hi, lo = (float(v) for v in buf[2 * C:].tolist())
-        return buf[:C], buf[C:2 * C], int(round(hi)) * _SPLIT + int(round(lo))
+        count = int(round(float(buf[2 * C])))
+        return (*F.batchnorm_sums_to_moments(buf[:C], buf[C:2 * C], count), count)
 
     def reduce_backward_stats(self, sum_dy, sum_dy_xhat):
         """[sum dy, sum dy*xhat] summed over the group in one allreduce."""
@@ -122,23 +131,38 @@ class _SyncBatchNorm(_BatchNorm):
             self.group.allreduce(buf, out=buf)
         return buf[:C], buf[C:]
 
+    def _check(self, x):
+        """(N, C, ...) with this rank's C channels and the layer's dtype, before any message."""
+        self._check_input(x, x.ndim in self._ndim and x.shape[1] == self.num_features,
+                          lambda: ("(N, C, H, W)" if self._ndim == (4,) else "(N, C) or (N, C, L)")
+                          + f" with C = {self.num_features}")
+
+    _where = ParallelModule._where
+    _refuse = ParallelModule._refuse
+    _check_input = ParallelModule._check_input
+    _check_grad = ParallelModule._check_grad
+
     # --- forward / backward: the base class, plus an empty channel block and input_grad ---
     def forward(self, x):
         if self.num_features == 0 and self.training:
             # an empty channel shard: no statistics, but the same messages as its group
             self._check(x)
             count = x.shape[0] * math.prod(x.shape[2:])
-            empty = get_array_module(x).zeros(0, dtype=self.dtype)
+            empty = get_array_module(x).zeros(0, dtype=np.float64)
             _, _, count = self.reduce_stats(empty, empty, count)
             if count < 2:
                 raise ValueError(f"{type(self).__name__} needs more than one value per channel "
                                  f"in training mode (got {count})")
             self.num_batches_tracked += 1
             self._cache = ("empty",)
+            self._x_shape = x.shape
             return x.copy()
-        return super().forward(x)
+        y = super().forward(x)
+        self._x_shape = x.shape
+        return y
 
     def backward(self, dy):
+        self._check_grad(dy, getattr(self, "_x_shape", None) if self._cache is not None else None)
         if self._cache[0] == "empty":
             self._cache = None
             if not self.input_grad:
@@ -165,7 +189,7 @@ class _SyncBatchNorm(_BatchNorm):
         if not (self._syncs and self.training):
             return []
         C = self.num_features
-        out = [self._c("forward", "allreduce", self.group, 2 * C + 2)]
+        out = [self._c("forward", "allreduce", self.group, 2 * C + 1)._replace(itemsize=8)]
         if self.input_grad:
             out.append(self._c("backward", "allreduce", self.group, 2 * C))
         return out

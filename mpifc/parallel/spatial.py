@@ -161,6 +161,8 @@ def split_rows(x, group, counts=None):
 class _SpatialWindow(ParallelModule):
     """A windowed op (conv, pool) on a band of rows: halo in, local op, halo gradient back."""
 
+    _fixed_dtype = True          # a conv has a dtype; a pool follows its input
+
     def _setup_plan(self, group, in_height, kernel, stride, padding, dilation, in_counts, name):
         self.group, self.name = group, name
         self.kernel_size = F._pair(kernel)
@@ -185,10 +187,13 @@ class _SpatialWindow(ParallelModule):
     def _gather_halo(self, x):
         """x : (N, C, n_r, W) -> the rows this rank's outputs read (halo included), and the
         extended block's row count (for backward)."""
-        if x.ndim != 4 or x.shape[2] != self.in_counts[self.group.rank]:
-            raise ValueError(f"{self.name}: rank {self.group.rank} expects its band of "
-                             f"{self.in_counts[self.group.rank]} of {self.in_height} rows "
-                             f"(N, C, rows, W), got {x.shape}")
+        n_r = self.in_counts[self.group.rank]
+        ok = x.ndim == 4 and x.shape[2] == n_r
+        narrow = ok and self._out_w(x.shape[3]) <= 0
+        self._check_input(x, ok and not narrow,
+                          lambda: f"(N, C, {n_r}, W): its band of {n_r} of {self.in_height} rows"
+                          + (", W at least the kernel's width" if narrow else ""),
+                          dtype=self._fixed_dtype)
         ext = x
         if self.plan.any_halo:
             with self.phase("forward"):
@@ -293,20 +298,23 @@ class SpatialParallelConv2d(_SpatialWindow):
     def forward(self, x):
         """x : (N, C, n_r, W) band -> y : (N, K, out_counts[r], Wo) band."""
         if x.ndim == 4 and x.shape[1] != self.in_channels:
-            raise ValueError(f"{self.name}: expects {self.in_channels} channels, got {x.shape}")
+            self._refuse("input", x.shape, f"(N, {self.in_channels}, rows, W)")
         used, ext_shape = self._gather_halo(x)
         xp = get_array_module(x)
         rows = self.out_counts[self.group.rank]
         if rows == 0:          # an empty output band: nothing to compute, halos still flowed
             self._cache = (None, ext_shape)
-            return xp.zeros(self._out_shape(x.shape, self.out_channels), dtype=x.dtype)
+            self._y_shape = self._out_shape(x.shape, self.out_channels)
+            return xp.zeros(self._y_shape, dtype=x.dtype)
         y, cache = F.conv2d_forward(used, self.weight.data, None if self.bias is None else self.bias.data,
                                     self.stride, self._local_padding(), self.dilation, self.groups)
         self._cache = (cache, ext_shape)
+        self._y_shape = y.shape
         return y
 
     def backward(self, dy):
         """dy : (N, K, out_counts[r], Wo) -> dx : (N, C, n_r, W); dW, db summed over the group."""
+        self._check_grad(dy, self._y_shape if self._cache is not None else None)
         cache, ext_shape = self._cache
         self._cache = None
         xp = get_array_module(dy)
@@ -364,6 +372,8 @@ class SpatialParallelConv2d(_SpatialWindow):
 class _SpatialPool(_SpatialWindow):
     """Pooling over a band of rows: the halo exchange of a conv, no parameters."""
 
+    _fixed_dtype = False
+
     def __init__(self, kernel_size, group, in_height, stride=None, padding=0, in_counts=None, *,
                  name="spool", dtype=np.float32):
         super().__init__()
@@ -379,13 +389,16 @@ class _SpatialPool(_SpatialWindow):
         used, ext_shape = self._gather_halo(x)
         if self.out_counts[self.group.rank] == 0:
             self._cache = (None, ext_shape)
-            return get_array_module(x).zeros(self._out_shape(x.shape, x.shape[1]), dtype=x.dtype)
+            self._y_shape = self._out_shape(x.shape, x.shape[1])
+            return get_array_module(x).zeros(self._y_shape, dtype=x.dtype)
         y, cache = self._pool_forward(used)
         self._cache = (cache, ext_shape)
+        self._y_shape = y.shape
         return y
 
     def backward(self, dy):
         """dy : (N, C, out_counts[r], Wo) -> dx : (N, C, n_r, W)."""
+        self._check_grad(dy, self._y_shape if self._cache is not None else None)
         cache, ext_shape = self._cache
         self._cache = None
         if not self.input_grad:
@@ -497,18 +510,21 @@ class SpatialGather(ParallelModule):
 
     def forward(self, x):
         r = self.group.rank
-        if x.ndim != 4 or x.shape[2] != self.in_counts[r]:
-            raise ValueError(f"{self.name}: rank {r} expects its band of {self.in_counts[r]} of "
-                             f"{self.height} rows, got {x.shape}")
+        self._check_input(x, x.ndim == 4 and x.shape[2] == self.in_counts[r],
+                          lambda: f"(N, C, {self.in_counts[r]}, W): its band of "
+                                  f"{self.in_counts[r]} of {self.height} rows", dtype=False)
         self.dtype = np.dtype(x.dtype)
         xp = get_array_module(x)
         # MPI gathers axis 0: rows to the front (one contiguous copy), gather, move back
         xt = xp.ascontiguousarray(xp.moveaxis(x, 2, 0))
         with self.phase("forward"):
             full = self.group.allgather(xt, counts=list(self.in_counts))
-        return xp.ascontiguousarray(xp.moveaxis(full, 0, 2))
+        y = xp.ascontiguousarray(xp.moveaxis(full, 0, 2))
+        self._y_shape = y.shape
+        return y
 
     def backward(self, dy):
+        self._check_grad(dy, getattr(self, "_y_shape", None))
         a, b = self._band
         return get_array_module(dy).ascontiguousarray(dy[:, :, a:b])
 

@@ -545,7 +545,9 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             b_ph.append(elem(f"{name}.backward", _PASSES["bn_bwd"] * n_in * s, "backward",
                              _CALLS["bn_bwd"] + sync * _CALLS["bn_sync_bwd"], 5 * bc_rows))
             if dp > 1:       # SyncBatchNorm over the data group
-                c, ph = comm(f"{name}.forward", "allreduce", 2 * c_loc + 2, "dp", "forward")
+                # float64 [sum x, sum x^2, count] (parallel/norm.py), whatever the model dtype
+                c, ph = comm(f"{name}.forward", "allreduce", 2 * c_loc + 1, "dp", "forward",
+                             itemsize=8)
                 f_cc.append(c); f_ph.insert(1, ph)
                 if in_grad:
                     c, ph = comm(f"{name}.backward", "allreduce", 2 * c_loc, "dp", "backward")

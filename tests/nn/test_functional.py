@@ -195,12 +195,14 @@ def test_batchnorm_split_stats_equal_whole(xp):
     np.testing.assert_allclose(to_host(mean), to_host(x.mean(axis=(0, 2, 3))), rtol=1e-12)
     np.testing.assert_allclose(to_host(var), to_host(x.var(axis=(0, 2, 3))), rtol=1e-10)
     parts = [F.batchnorm_stats(x[:2]), F.batchnorm_stats(x[2:])]
-    s = parts[0][0] + parts[1][0]
-    ss = parts[0][1] + parts[1][1]
+    sums = [F.batchnorm_moments_to_sums(*p) for p in parts]
+    s = sums[0][0] + sums[1][0]
+    ss = sums[0][1] + sums[1][1]
     n = parts[0][2] + parts[1][2]
+    mean_m, m2_m = F.batchnorm_sums_to_moments(s, ss, n)
     ys, cs = [], []
     for xs in (x[:2], x[2:]):
-        yi, ci, _, _ = F.batchnorm_forward_from_stats(xs, gamma, beta, s, ss, n)
+        yi, ci, _, _ = F.batchnorm_forward_from_stats(xs, gamma, beta, mean_m, m2_m, n)
         ys.append(yi)
         cs.append(ci)
     np.testing.assert_allclose(to_host(xp.concatenate(ys)), to_host(y), rtol=1e-10, atol=1e-12)
@@ -356,3 +358,50 @@ def test_mse_gradcheck(xp):
     err = check_gradients(lambda: F.mse_forward(p, t)[0], {"p": p},
                           lambda g: {"p": F.mse_backward(F.mse_forward(p, t)[1], g)})
     assert err <= TOL
+
+
+def _sigmoid_exact(x):
+    """Logistic function in long double: 1/(1+exp(-x)) for x >= 0, exp(x)/(1+exp(x)) below."""
+    x = np.asarray(x, dtype=np.longdouble)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 2e-6), (np.float64, 1e-14)])
+def test_sigmoid_relative_error_over_the_whole_range(xp, dtype, tol):
+    """Relative error of sigmoid and of its derivative on [-80, 80]: 0.5*(1+tanh(x/2))
+    returned exactly 0 below x ~ -37 (relative error 1 there, 1.7e-4 at -30)."""
+    x = np.linspace(-80, 80, 1601).astype(dtype)
+    y, cache = F.sigmoid_forward(xp.asarray(x))
+    dx = F.sigmoid_backward(xp.ones(x.shape, dtype=dtype), cache)
+    s = _sigmoid_exact(x)
+    ds = s * _sigmoid_exact(-x.astype(np.longdouble))
+    y, dx = to_host(y), to_host(dx)
+    assert y.dtype == dtype and dx.dtype == dtype
+    ey = float(np.max(np.abs(y - s) / s))
+    ed = float(np.max(np.abs(dx - ds) / ds))
+    assert ey <= tol and ed <= 4 * tol, (ey, ed)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 5e-5), (np.float64, 1e-13)])
+def test_gelu_relative_error_in_the_left_tail(xp, dtype, tol):
+    """GELU (tanh form) = x * sigmoid(2u): 0.5*x*(1 + tanh(u)) was exactly 0 below x ~ -5.5
+    in float32 (-9.5 in float64) though the true value is ~1e-20 there. The tolerance is
+    the conditioning of u itself: a rounding of u moves sigmoid(2u) by |2u| ulps."""
+    x = np.linspace(-12, 6, 361).astype(dtype)
+    x = x[x != 0]
+    y, cache = F.gelu_forward(xp.asarray(x))
+    dx = F.gelu_backward(xp.ones(x.shape, dtype=dtype), cache)
+    xl = x.astype(np.longdouble)
+    c = np.sqrt(np.longdouble(2) / np.pi)
+    u = c * (xl + np.longdouble(0.044715) * xl ** 3)
+    s = _sigmoid_exact(2 * u)
+    ref = xl * s
+    dref = s + xl * 2 * s * _sigmoid_exact(-2 * u) * c * (1 + 3 * np.longdouble(0.044715) * xl * xl)
+    y, dx = to_host(y), to_host(dx)
+    tiny = np.finfo(dtype).tiny                 # below it the true value is not representable
+    ky, kd = np.abs(ref) > tiny, np.abs(dref) > tiny
+    assert ky[0] or dtype == np.float32          # float64 reaches the end of the range
+    ey = float(np.max(np.abs(y - ref)[ky] / np.abs(ref[ky])))
+    ed = float(np.max(np.abs(dx - dref)[kd] / np.abs(dref[kd])))
+    assert ey <= tol and ed <= 10 * tol, (ey, ed)

@@ -131,3 +131,60 @@ def test_class_parallel_loss_and_accuracy(comm, dtype, Q):
     assert correct == acc_ref, (correct, acc_ref)
     assert not bad, bad
     assert not missing and not extra, (missing, extra)
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("D,F", [(7, 10), (5, 2)])
+def test_column_parallel_sequence_input_matches_serial(comm, dtype, gather, D, F):
+    """(N, T, D) input: the gathered axis is the last (features), not axis 1 (time)."""
+    N, T = 3, 4
+    x, g = _data((N, T, D), dtype), _data((N, T, F), dtype, seed=4)
+    ref = nn.Linear(D, F, seed=11, dtype=dtype)
+    ref.bias.data[...] = _data((F,), dtype, seed=5)
+    y_ref = ref.forward(x)
+    dx_ref = ref.backward(g)
+    layer = ColumnParallelLinear(D, F, comm, gather_output=gather, seed=11, dtype=dtype, name="fc")
+    layer.bias.data[...] = block(ref.bias.data, 0, layer.out_counts, comm.rank)
+    trace.reset()
+    y = layer.forward(x)
+    gy = g if gather else np.ascontiguousarray(block(g, 2, layer.out_counts, comm.rank))
+    dx = layer.backward(gy)
+    missing, extra = match_trace(layer.collectives((N, T, D)), trace.events())
+    bad = []
+    check("y", y, y_ref if gather else block(y_ref, 2, layer.out_counts, comm.rank), dtype, bad)
+    check("dx", dx, dx_ref, dtype, bad)
+    check("dW", layer.weight.grad, block(ref.weight.grad, 0, layer.out_counts, comm.rank), dtype, bad)
+    check("db", layer.bias.grad, block(ref.bias.grad, 0, layer.out_counts, comm.rank), dtype, bad)
+    assert layer.output_shape((N, T, D)) == y.shape
+    assert not bad, bad
+    assert not missing and not extra, (missing, extra)
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sharded_in", [True, False])
+@pytest.mark.parametrize("D,F", [(7, 10), (2, 3)])
+def test_row_parallel_sequence_input_matches_serial(comm, dtype, sharded_in, D, F):
+    """(N, T, D) input: the input gradient is gathered on the last axis."""
+    N, T = 2, 5
+    x, g = _data((N, T, D), dtype), _data((N, T, F), dtype, seed=4)
+    ref = nn.Linear(D, F, seed=12, dtype=dtype)
+    ref.bias.data[...] = _data((F,), dtype, seed=5)
+    y_ref = ref.forward(x)
+    dx_ref = ref.backward(g)
+    layer = RowParallelLinear(D, F, comm, input_is_sharded=sharded_in, seed=12, dtype=dtype, name="fc2")
+    layer.bias.data[...] = ref.bias.data
+    xin = np.ascontiguousarray(block(x, 2, layer.in_counts, comm.rank)) if sharded_in else x
+    trace.reset()
+    y = layer.forward(xin)
+    dx = layer.backward(g.copy())
+    missing, extra = match_trace(layer.collectives(xin.shape), trace.events())
+    bad = []
+    check("y", y, y_ref, dtype, bad)
+    check("dx", dx, block(dx_ref, 2, layer.in_counts, comm.rank) if sharded_in else dx_ref, dtype, bad)
+    check("dW", layer.weight.grad, block(ref.weight.grad, 1, layer.in_counts, comm.rank), dtype, bad)
+    check("db", layer.bias.grad, ref.bias.grad, dtype, bad)
+    assert not bad, bad
+    assert not missing and not extra, (missing, extra)
