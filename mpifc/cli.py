@@ -68,7 +68,7 @@ def _cmd_inspect(args):
     from mpifc.data import DatasetError
 
     try:
-        print(describe(args.file))
+        print(describe(args.file, verify_key=getattr(args, "pubkey", None)))
     except (CheckpointError, DatasetError, OSError, ValueError) as e:
         raise SystemExit(f"mpifc inspect: {e}")
 
@@ -85,7 +85,8 @@ def _config_or_exit(source, overrides, cmd):
 def _cmd_train(args):
     from mpifc.train import train
 
-    cfg = _config_or_exit(args.config, args.set, "train")
+    cfg = _config_or_exit(args.config, args.set + ([f"train.verify_key={args.pubkey}"]
+                                                   if args.pubkey else []), "train")
     if args.print_config:
         from mpifc.config import to_toml
         print(to_toml(cfg), end="")
@@ -104,8 +105,8 @@ def _cmd_eval(args):
     got = None
     if comm.rank == 0:
         try:
-            got = ("ok", *stored_config(args.checkpoint))
-        except CheckpointError as e:
+            got = ("ok", *stored_config(args.checkpoint, verify_key=args.pubkey))
+        except (CheckpointError, ValueError) as e:     # ValueError: a bad --pubkey file
             got = ("error", str(e), None)
     status, path, text = comm.bcast_obj(got)
     if status == "error":
@@ -120,8 +121,10 @@ def _cmd_eval(args):
         cfg = loads_config(text, overrides=[f"parallel.dp=0", f"parallel.tp={tp}", *args.set])
     except ConfigError as e:
         raise SystemExit(f"mpifc eval: {e}")
+    from mpifc.security.inputs import eval_config   # the stored config decides no writes
+    cfg = eval_config(cfg, args.set)
     tr = Trainer(cfg, quiet=True, comm=comm, out=args.out or os.path.dirname(os.path.dirname(path)))
-    info = load(path, tr.model, None, tr.grid)
+    info = load(path, tr.model, None, tr.grid, verify_key=args.pubkey)
     res = tr.evaluate()
     if comm.rank == 0:
         lay = info["layout"]
@@ -167,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="continue from a checkpoint (default: the run's latest, if any)")
     tr.add_argument("--out", help="run directory (default: train.out, runs/<name>)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    tr.add_argument("--pubkey", metavar="PUB", help="resume only from a checkpoint signed by "
+                    "this public key (sets train.verify_key)")
     tr.add_argument("--print-config", action="store_true",
                     help="print the resolved config (defaults + overrides) and exit")
     tr.set_defaults(func=_cmd_train)
@@ -176,10 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override the stored config, e.g. parallel.tp=1")
     ev.add_argument("--out", help="run directory for the evaluation (default: the checkpoint's)")
+    ev.add_argument("--pubkey", metavar="PUB", help="refuse a checkpoint not signed by this "
+                    "public key, or altered since, before its config or tensors are used")
     ev.set_defaults(func=_cmd_eval)
 
     ins = sub.add_parser("inspect", help="summarise a dataset or checkpoint file")
     ins.add_argument("file")
+    ins.add_argument("--pubkey", metavar="PUB", help="verify a checkpoint's signature; exit 1 "
+                     "when it is unsigned, signed by another key or altered")
     ins.set_defaults(func=_cmd_inspect)
 
     t = sub.add_parser("trace", help="summarise or merge per-rank trace files (JSON lines)")
@@ -191,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     from mpifc.sim.commands import add_calibrate, add_simulate   # the simulator's commands
     add_calibrate(sub)
     add_simulate(sub)
+    from mpifc.security.commands import add_security   # keys, sign, verify
+    add_security(sub)
     return p
 
 

@@ -12,7 +12,9 @@ A config is a nested dict with these sections (defaults in ``DEFAULTS``)::
     [schedule]  name (none | step | cosine | plateau) and its settings
     [train]     epochs, batch_size (global, over all data-parallel ranks), dtype,
                 out (run directory), checkpoint_every (epochs), keep_last, trace,
-                log_every (steps), max_steps (0 = no limit)
+                log_every (steps), max_steps (0 = no limit),
+                sign_key (Ed25519 private key file: sign every checkpoint; "" = off),
+                verify_key (public key file: resume only checkpoints it signed; "" = off)
 
 Presets (``mpifc train digits-cnn``) are TOML files in ``mpifc/presets/``.
 """
@@ -34,7 +36,8 @@ DEFAULTS: dict = {
                  "min_lr": 0.0, "factor": 0.5, "patience": 2},
     "train": {"epochs": 10, "batch_size": 64, "dtype": "float32", "out": "runs/{name}",
               "checkpoint_every": 1, "keep_last": 3, "trace": True, "log_every": 0,
-              "max_steps": 0, "eval_batch_size": 512},
+              "max_steps": 0, "eval_batch_size": 512,
+              "sign_key": "", "verify_key": ""},      # security: key file paths, "" = off
 }
 
 
@@ -133,6 +136,8 @@ def validate(cfg: dict) -> None:
          "parallel.dp and parallel.tp must be integers >= 0 (0 = infer)"),
         (bool(cfg["model"]["layers"]), "model.layers is empty"),
         (bool(cfg["model"]["input"]), "model.input (sample shape) is missing"),
+        (isinstance(t["sign_key"], str) and isinstance(t["verify_key"], str),
+         "train.sign_key and train.verify_key must be key file paths (strings; \"\" = off)"),
     ]
     bad = [msg for ok, msg in checks if not ok]
     if bad:
