@@ -128,7 +128,10 @@ def _to_jsonable(obj):
 def _from_jsonable(obj):
     if isinstance(obj, dict):
         if set(obj) == {"__ndarray__", "dtype"}:
-            return np.asarray(obj["__ndarray__"], dtype=np.dtype(obj["dtype"]))
+            dt = np.dtype(obj["dtype"])
+            if dt.kind not in "biuf" or dt.itemsize > 16:   # security: no crafted U999999999
+                raise ValueError(f"array attribute of dtype {dt} refused (numbers only)")
+            return np.asarray(obj["__ndarray__"], dtype=dt)
         return {k: _from_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_from_jsonable(v) for v in obj]
