@@ -30,7 +30,7 @@ def test_mpich_is_an_extra_not_a_dependency():
     assert any(d.startswith("mpich") for d in proj["optional-dependencies"]["mpich"])
     assert not any(d.startswith("mpich") for d in proj["optional-dependencies"]["test"])
     with open(os.path.join(ROOT, ".ci", "run")) as f:
-        assert '".[test,mpich]"' in f.read()
+        assert '".[test,mpich,security]"' in f.read()   # CI runs the signing tests too
 
 
 def _env_sh(tmp_path, need, site_mpiexec):
