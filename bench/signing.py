@@ -68,7 +68,8 @@ def main():
         for mode, src in (("load", "save"), ("load+verify", "save-sign")):
             comm.barrier()
             t0 = time.perf_counter()
-            load(os.path.join(d, src), model, opt, grid, verify_key=pub if "verify" in mode else None)
+            load(os.path.join(d, src), model, opt, grid,
+                 verify_key=pub if "verify" in mode else None)
             t[mode].append(comm.allreduce(np.array([time.perf_counter() - t0]), op="max")[0])
         if root:
             with h5py.File(path, "r") as f:

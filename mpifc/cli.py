@@ -85,7 +85,8 @@ def _config_or_exit(source, overrides, cmd):
 def _cmd_train(args):
     from mpifc.train import train
 
-    cfg = _config_or_exit(args.config, args.set + ([f"train.verify_key={args.pubkey}"]
+    import json                         # a TOML string, whatever the path looks like
+    cfg = _config_or_exit(args.config, args.set + ([f"train.verify_key={json.dumps(args.pubkey)}"]
                                                    if args.pubkey else []), "train")
     if args.print_config:
         from mpifc.config import to_toml

@@ -133,7 +133,8 @@ def _from_jsonable(obj):
             except TypeError:
                 dt = np.dtype("O")
             if dt.kind not in "biuf" or dt.itemsize > 16:
-                raise ValueError(f"array attribute of dtype {obj['dtype']!r} refused (numbers only)")
+                raise ValueError(f"array attribute of dtype {obj['dtype']!r} refused "
+                                 "(numbers only)")
             return np.asarray(obj["__ndarray__"], dtype=dt)
         return {k: _from_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list):

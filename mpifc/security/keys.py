@@ -94,7 +94,8 @@ def load_private(path):
         key = s.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise KeyFileError(f"private key {path}: not an unencrypted PEM private key ({first})") from None
+        raise KeyFileError(f"private key {path}: not an unencrypted PEM private key "
+                           f"({first})") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
         raise KeyFileError(f"private key {path}: a {type(key).__name__}, not an Ed25519 key")
     return key

@@ -130,6 +130,15 @@ def test_dataset_with_external_storage_or_link_is_refused(tmp_path):
         f["test/y"] = h5py.ExternalLink(p, "/test/y")
     with pytest.raises(DatasetError, match="external link"):
         open_dataset(q)
+    v = _dataset(tmp_path, "v.h5")
+    with h5py.File(v, "r+") as f:
+        n = f["test/y"].shape[0]
+        del f["test/y"]
+        layout = h5py.VirtualLayout(shape=(n,), dtype=np.int64)
+        layout[:] = h5py.VirtualSource(p, "test/y", shape=(n,))
+        f.create_virtual_dataset("test/y", layout)
+    with pytest.raises(DatasetError, match="virtual dataset"):
+        open_dataset(v)
 
 
 def test_dataset_declaring_rows_it_does_not_hold_is_refused(tmp_path):
