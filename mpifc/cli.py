@@ -74,7 +74,7 @@ def _cmd_inspect(args):
     from mpifc.data import DatasetError
 
     try:
-        text, problem = inspect(args.file)
+        text, problem = inspect(args.file, verify_key=getattr(args, "pubkey", None))
     except (CheckpointError, DatasetError, OSError, ValueError) as e:
         raise SystemExit(f"mpifc inspect: {e}")
     print(text, flush=True)
@@ -98,7 +98,9 @@ def _config_or_exit(source, overrides, cmd):
 def _cmd_train(args):
     from mpifc.train import train
 
+    import json                         # --pubkey as a TOML string, whatever the path looks like
     sets = args.set + ([f"train.watchdog_s={args.watchdog}"] if args.watchdog is not None else [])
+    sets += [f"train.verify_key={json.dumps(args.pubkey)}"] if args.pubkey else []
     cfg = _config_or_exit(args.config, sets, "train")
     if args.print_config:
         from mpifc.comm import world
@@ -138,8 +140,9 @@ def _cmd_eval(args):
     got = None
     if comm.rank == 0:
         try:
-            got = ("ok", *stored_config(_eval_target(args.checkpoint, args.best)))
-        except CheckpointError as e:
+            got = ("ok", *stored_config(_eval_target(args.checkpoint, args.best),
+                                        verify_key=args.pubkey))
+        except (CheckpointError, ValueError) as e:     # ValueError: a bad --pubkey file
             got = ("error", str(e), None)
     status, path, text = comm.bcast_obj(got)
     if status == "error":
@@ -155,9 +158,11 @@ def _cmd_eval(args):
     except ConfigError as e:
         raise SystemExit(f"mpifc eval: {e}")
     from mpifc.rundir import stored_data_paths
+    from mpifc.security.inputs import eval_config   # the stored config decides no writes
     cfg = stored_data_paths(cfg, path)          # relative paths of older checkpoints
+    cfg = eval_config(cfg, args.set)
     tr = Trainer(cfg, quiet=True, comm=comm, out=args.out or os.path.dirname(os.path.dirname(path)))
-    info = load(path, tr.model, None, tr.grid)
+    info = load(path, tr.model, None, tr.grid, verify_key=args.pubkey)
     res = tr.evaluate()
     if comm.rank == 0:
         lay = info["layout"]
@@ -232,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--watchdog", type=float, default=None, metavar="SECONDS",
                     help="abort the job, naming the slow rank(s), when a step takes longer "
                          "(train.watchdog_s; 0 = off)")
+    tr.add_argument("--pubkey", metavar="PUB", help="resume only from a checkpoint signed by "
+                    "this public key (sets train.verify_key)")
     tr.add_argument("--print-config", action="store_true",
                     help="print the resolved config (defaults + overrides) and exit")
     tr.set_defaults(func=_cmd_train)
@@ -244,10 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override the stored config, e.g. parallel.tp=1")
     ev.add_argument("--out", help="run directory for the evaluation (default: the checkpoint's)")
+    ev.add_argument("--pubkey", metavar="PUB", help="refuse a checkpoint not signed by this "
+                    "public key, or altered since, before its config or tensors are used")
     ev.set_defaults(func=_cmd_eval)
 
     ins = sub.add_parser("inspect", help="summarise a dataset or checkpoint file")
     ins.add_argument("file")
+    ins.add_argument("--pubkey", metavar="PUB", help="verify a checkpoint's signature; exit 1 "
+                     "when it is unsigned, signed by another key or altered")
     ins.set_defaults(func=_cmd_inspect)
 
     t = sub.add_parser("trace", help="summarise or merge per-rank trace files (JSON lines)")
@@ -261,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate(sub)
     from mpifc.text.commands import add_text                      # mpifc text count
     add_text(sub)
+    from mpifc.security.commands import add_security              # keys, sign, verify
+    add_security(sub)
     return p
 
 

@@ -14,7 +14,9 @@ and meaning: ``SCHEMA`` below; ``DEFAULTS`` is built from it)::
     [train]     epochs, batch_size (global, over all data-parallel ranks), dtype,
                 out (run directory), checkpoint_every (epochs), keep_last, trace,
                 log_every (steps), max_steps (0 = no limit), keep_best (metric of
-                checkpoints/best.h5: "test_acc" | "test_loss" | "" off), watchdog_s (0 = off)
+                checkpoints/best.h5: "test_acc" | "test_loss" | "" off), watchdog_s (0 = off),
+                sign_key (Ed25519 private key file: sign every checkpoint; "" = off),
+                verify_key (public key file: resume only checkpoints it signed; "" = off)
 
 Presets (``mpifc train digits-cnn``) are TOML files in ``mpifc/presets/``.
 
@@ -116,6 +118,11 @@ def text(default: str, doc: str, ok: Callable[[str], bool] = lambda v: True,
     return Key(default, want, lambda v: isinstance(v, str) and v != "" and ok(v), doc)
 
 
+def key_file(doc: str) -> Key:
+    """A key file's path, or "" (off)."""
+    return Key("", 'a key file path (a string; "" = off)', lambda v: isinstance(v, str), doc)
+
+
 def sizes(default: list, doc: str) -> Key:
     return Key(default, "a non-empty list of integers >= 1",
                lambda v: isinstance(v, list) and v != [] and all(_is_int(x) and x >= 1 for x in v),
@@ -191,6 +198,8 @@ SCHEMA: dict[str, Key] = {
                                "evaluation, or a save) before the job is aborted; 0 = off"),
     "train.keep_best": choice("test_acc", ("test_acc", "test_loss", ""),
                               "metric kept in checkpoints/best.h5 (never pruned); \"\" = off"),
+    "train.sign_key": key_file("Ed25519 private key file: sign every checkpoint written"),
+    "train.verify_key": key_file("public key file: resume only checkpoints it signed"),
 }
 
 

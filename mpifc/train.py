@@ -291,6 +291,11 @@ class Trainer:
                                              batch_size=t["eval_batch_size"], seed=cfg["seed"],
                                              mode=cfg["data"]["mode"], dtype=self.dtype,
                                              cache=True)
+        if tuple(self.loader.sample_shape) != tuple(cfg["model"]["input"]):
+            raise TrainingError(f"{self.data_path}: samples are {tuple(self.loader.sample_shape)} "
+                                f"but model.input is {tuple(cfg['model']['input'])}")
+        from mpifc.security.signing import check_keys   # security: bad key files fail now
+        check_keys(cfg, self.comm)
         self.model = build_model(cfg["model"], self.grid, seed=cfg["seed"], dtype=self.dtype)
         if self.loader.num_classes > self.model.num_classes:
             raise TrainingError(f"the dataset has {self.loader.num_classes} classes but the "
@@ -485,7 +490,8 @@ class Trainer:
         path = save(self.ckpt_dir, self.model, self.opt, self.grid, step=self.step,
                     epoch=self.loader.position[0], data_position=self.loader.state_dict(),
                     rng_states=generators(self.model), config=to_toml(self.cfg),
-                    keep_last=t["keep_last"], extra=extra)
+                    keep_last=t["keep_last"], extra=extra,
+                    sign_key=t.get("sign_key") or None)
         self.saved = path
         if best is not self.best:
             self.best = best
@@ -536,7 +542,8 @@ class Trainer:
                                           "start over with --overwrite")
                 return None
             path = found
-        info = load(path, self.model, self.opt, self.grid)
+        info = load(path, self.model, self.opt, self.grid,
+                    verify_key=self.cfg["train"].get("verify_key") or None)
         self.loader.load_state_dict(info["data_position"])
         extra = info.get("extra") or {}
         self.step = int(extra.get("step", info["step"]))

@@ -19,9 +19,16 @@ from mpifc.checkpoint.load import load
 from mpifc.checkpoint.save import save
 
 
-def verify(path) -> str:
-    """Check a checkpoint's digest on this process alone; return it or raise CheckpointError."""
+def verify(path, verify_key=None) -> str:
+    """Check a checkpoint's digest on this process alone; return it or raise CheckpointError.
+
+    With ``verify_key`` (path or Ed25519 public key) its signature is checked too.
+    """
     import h5py
+
+    if verify_key:                          # security: digest and signature
+        from mpifc.security.signing import verify_file
+        return verify_file(path, verify_key)[0]
 
     from mpifc.checkpoint import digest
     from mpifc.checkpoint.format import resolve
@@ -52,16 +59,17 @@ def newest_valid(directory) -> tuple[str | None, list[tuple[str, str]]]:
     return None, skipped
 
 
-def stored_config(path) -> tuple[str, str | None]:
+def stored_config(path, verify_key=None) -> tuple[str, str | None]:
     """(checkpoint file, the run's TOML config text or None), read on this process alone.
 
-    The digest is checked first, so a damaged file is refused before its config is used.
+    The digest (and with ``verify_key`` the signature) is checked first, so a damaged
+    or altered file is refused before its config is used.
     """
     import h5py
 
     from mpifc.checkpoint.format import as_str, resolve
 
-    verify(path)
+    verify(path, verify_key)
     target = resolve(path)
     with h5py.File(target, "r") as f:
         return target, (as_str(f["config"][()]) if "config" in f else None)

@@ -35,12 +35,22 @@ def _tensor_lines(g, indent="  ") -> list[str]:
             for n, o in rows]
 
 
-def describe_checkpoint(path: str) -> str:
+def _signature_line(f, verified: str | None) -> str:
+    """What ``inspect`` says about a signature: verified, or claimed but not checked."""
+    if verified:
+        return f"  signature: OK, signed by {verified} (verified with the given public key)"
+    sig = as_str(f.attrs["signed_by"]) if "signature" in f.attrs else None
+    if sig is None:
+        return "  signature: not signed"
+    return f"  signature: signed by {sig}, not verified (pass --pubkey to verify)"
+
+
+def describe_checkpoint(path: str, verified: str | None = None) -> str:
     """Step, epoch, layout, tensors with global shapes and sharding, digest OK/BAD."""
-    return _checkpoint_summary(path)[0]
+    return _checkpoint_summary(path, verified)[0]
 
 
-def _checkpoint_summary(path: str) -> tuple[str, str | None]:
+def _checkpoint_summary(path: str, verified: str | None = None) -> tuple[str, str | None]:
     """(summary, the digest problem or None)."""
     with h5py.File(path, "r") as f:
         a = f.attrs
@@ -59,6 +69,7 @@ def _checkpoint_summary(path: str) -> tuple[str, str | None]:
                  f"  layout at save: world {lay.get('world')} = dp {lay.get('dp')} x tp {lay.get('tp')}",
                  f"  data position: {as_str(a.get('data_position', 'null'))}",
                  f"  digest: {verdict}",
+                 _signature_line(f, verified),
                  f"parameters ({len(f[PARAMS]) if PARAMS in f else 0} tensors, {n_params:,} values):"]
         if PARAMS in f:
             lines += _tensor_lines(f[PARAMS])
@@ -96,12 +107,12 @@ def describe_dataset(path: str) -> str:
     return "\n".join(lines)
 
 
-def describe(path) -> str:
+def describe(path, verify_key=None) -> str:
     """The summary of :func:`inspect` (a damaged checkpoint is still described)."""
-    return inspect(path)[0]
+    return inspect(path, verify_key)[0]
 
 
-def inspect(path) -> tuple[str, str | None]:
+def inspect(path, verify_key=None) -> tuple[str, str | None]:
     """Summarise a checkpoint, a checkpoint directory, or a dataset file.
 
     Parameters
@@ -109,6 +120,8 @@ def inspect(path) -> tuple[str, str | None]:
     path : str or PathLike
         A checkpoint (``ckpt-*.h5``), a directory of them (all are listed, the
         latest is described), or an mpifc HDF5 dataset.
+    verify_key : path or Ed25519 public key, optional
+        Verify a checkpoint's signature first; refuse (SignatureError) when it fails.
 
     Returns
     -------
@@ -136,8 +149,14 @@ def inspect(path) -> tuple[str, str | None]:
         raise CheckpointError(f"{target}: cannot be read as HDF5 ({exc}); truncated, damaged, or "
                               "not an HDF5 file") from None
     if fmt == FORMAT_NAME:
-        text, problem = _checkpoint_summary(target)
+        verified = None
+        if verify_key:                              # security: refuse what does not verify
+            from mpifc.security.signing import verify_file
+            verified = verify_file(target, verify_key)[1]
+        text, problem = _checkpoint_summary(target, verified)
         return head + text, problem
+    if verify_key:
+        raise CheckpointError(f"{target}: --pubkey verifies checkpoints; this is not one")
     from mpifc.data import DatasetError
     try:
         return head + describe_dataset(target), None

@@ -6,13 +6,17 @@ Canonical order, independent of how HDF5 laid the bytes out on disk:
   ``dtype | shape | C-order bytes`` (read in slabs of at most ``SLAB_BYTES``, so
   memory stays bounded), fed into the file digest together with its path;
 * every attribute of every group and dataset, sorted by (object path, name), as
-  ``path | name | canonical value bytes`` -- except the root ``digest`` itself and
-  each dataset's ``sha256`` (a copy of the per-dataset hash, kept only to name a
+  ``path | name | canonical value bytes`` -- except the root ``digest`` itself,
+  the root signature attributes (``signature``, ``signed_by``, ``signature_alg``:
+  the signature covers this digest, see :mod:`mpifc.security.signing`) and each
+  dataset's ``sha256`` (a copy of the per-dataset hash, kept only to name a
   damaged dataset in error messages).
 
 Every field is length-prefixed so no two different contents hash alike. Any
 flipped bit in a tensor, a changed step or sharding attribute, or a dataset added
 or removed changes the digest; a truncated file fails earlier, when HDF5 reads it.
+A digest detects accidents, not an attacker (who can recompute it): for that, sign
+checkpoints (:mod:`mpifc.security.signing`).
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ import numpy as np
 DIGEST_ATTR = "digest"
 DATASET_ATTR = "sha256"
 SLAB_BYTES = 64 << 20
-_SKIP = {("/", DIGEST_ATTR)}
+SIGNATURE_ATTRS = ("signature", "signed_by", "signature_alg")
+_SKIP = {("/", DIGEST_ATTR)} | {("/", a) for a in SIGNATURE_ATTRS}
 
 
 def _field(h, b: bytes) -> None:
@@ -66,8 +71,12 @@ def dataset_digest(ds: h5py.Dataset) -> str:
 def compute(f: h5py.File) -> tuple[str, dict[str, str]]:
     """File digest ``"sha256:<hex>"`` and {dataset path: dataset hex digest}.
 
-    Reads every byte of every dataset once.
+    Reads every byte of every dataset once, after refusing (ValueError) a file that
+    links outside itself or declares bytes it does not store (mpifc.security.inputs).
     """
+    from mpifc.security.inputs import check_file
+
+    check_file(f, f.filename)
     objects: list[tuple[str, object]] = [("/", f)]
     f.visititems(lambda name, obj: objects.append(("/" + name, obj)))
     objects.sort(key=lambda t: t[0])

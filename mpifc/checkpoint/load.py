@@ -63,8 +63,11 @@ def _compare(f, entries, optimizer, where: str) -> None:
                          f"{type(optimizer).__name__}")
 
 
-def _root_check(path, entries, optimizer) -> dict:
+def _root_check(path, entries, optimizer, verify_key=None) -> dict:
     """Resolve, open, verify and compare on the root; the metadata every rank needs."""
+    if verify_key:                       # security: a bad key file is refused first
+        from mpifc.security.signing import public_key
+        verify_key = public_key(verify_key)
     final = resolve(path)
     try:
         f = h5py.File(final, "r")
@@ -84,6 +87,9 @@ def _root_check(path, entries, optimizer) -> dict:
         except (OSError, RuntimeError, KeyError) as exc:
             raise ValueError(f"{final}: unreadable while verifying its digest ({exc}); the file "
                              "is truncated or damaged") from None
+        if verify_key:                   # security: unsigned / other key / altered after signing
+            from mpifc.security.signing import check_open
+            check_open(f, final, verify_key, total)
         _compare(f, entries, optimizer, final)
         a = f.attrs
         meta = {"path": final, "step": int(a["step"]), "epoch": int(a["epoch"]),
@@ -112,7 +118,7 @@ def _local_slice(e):
     return e.sharding.local_slice() if e.sharded else tuple(slice(None) for _ in e.global_shape)
 
 
-def load(path, model, optimizer, grid, *, rng: bool = True) -> dict:
+def load(path, model, optimizer, grid, *, rng: bool = True, verify_key=None) -> dict:
     """Load a checkpoint into ``model`` (and ``optimizer``) under ANY dp x tp layout.
 
     Collective over ``grid.world``; every rank passes its own (sharded) model.
@@ -131,6 +137,9 @@ def load(path, model, optimizer, grid, *, rng: bool = True) -> dict:
     rng : bool
         Return this rank's saved generator states (only meaningful when the saved
         layout equals this one).
+    verify_key : path or Ed25519 public key, optional
+        Refuse (on every rank, before any tensor is read) a checkpoint that is not
+        signed by this key or was altered after signing (``mpifc.security.signing``).
 
     Returns
     -------
@@ -172,7 +181,7 @@ def load(path, model, optimizer, grid, *, rng: bool = True) -> dict:
         verdict = None
         if comm.rank == 0:
             try:
-                verdict = ("ok", _root_check(path, entries, optimizer))
+                verdict = ("ok", _root_check(path, entries, optimizer, verify_key))
             except (ValueError, CheckpointError) as exc:
                 verdict = ("error", str(exc))
             except Exception as exc:  # noqa: BLE001 - never leave the other ranks waiting

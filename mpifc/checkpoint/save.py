@@ -132,7 +132,7 @@ def _write_header(f, *, step, epoch, grid, sig, data_position, extra, config, op
 
 def save(path, model, optimizer, grid, *, step: int, epoch: int = 0, data_position=None,
          rng_states=None, config: str | None = None, keep_last: int | None = 3,
-         mode: str = "gather", extra=None) -> str:
+         mode: str = "gather", extra=None, sign_key=None) -> str:
     """Write a checkpoint of ``model`` and ``optimizer`` (collective over ``grid.world``).
 
     Parameters
@@ -161,6 +161,9 @@ def save(path, model, optimizer, grid, *, step: int, epoch: int = 0, data_positi
         Gather each tensor to the writer, or let each rank write its own slices.
     extra : JSON-able, optional
         Anything else the trainer needs to resume (schedule state, best metric).
+    sign_key : path or Ed25519 private key, optional
+        Sign the checkpoint (``mpifc.security.signing``) before it is published under
+        its final name; only world rank 0 reads the key.
 
     Returns
     -------
@@ -189,6 +192,9 @@ def save(path, model, optimizer, grid, *, step: int, epoch: int = 0, data_positi
         sig = signature(entries)
         rng_text = dumps({str(k): rng_state(g) for k, g in (rng_states or {}).items()})
         dumps(data_position), dumps(extra)
+        if sign_key and comm.rank == 0:          # security: a bad key fails every rank now
+            from mpifc.security.signing import private_key
+            sign_key = private_key(sign_key)
     except Exception as exc:  # noqa: BLE001 - agreed on by all ranks below
         problems = [str(exc) if isinstance(exc, (ValueError, TypeError))
                     else f"{type(exc).__name__}: {exc}"]
@@ -287,6 +293,9 @@ def save(path, model, optimizer, grid, *, step: int, epoch: int = 0, data_positi
                 for p, d in per_dataset.items():
                     f[p].attrs[digest.DATASET_ATTR] = d
                 f.attrs[digest.DIGEST_ATTR] = total
+                if sign_key:                         # security: signed before it is visible
+                    from mpifc.security.signing import sign_open
+                    sign_open(f, sign_key, total)
                 f.close()
                 publish(tmp, final)
                 if directory is not None:

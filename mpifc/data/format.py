@@ -417,6 +417,10 @@ def validate(f: h5py.File, path: str, check_labels: bool = True) -> DatasetInfo:
     wrong dtype or rank, x/y row counts that differ, samples that differ between
     splits, labels outside ``[0, num_classes)`` (read in blocks when ``check_labels``).
     """
+    from mpifc.security.inputs import problems     # security: links out, absent bytes
+    bad = problems(f)
+    if bad:
+        _fail(path, "refused: " + "; ".join(bad) + " (only self-contained mpifc files are read)")
     a = f.attrs
     if _as_str(a.get("format", "")) != FORMAT_NAME:
         _fail(path, f"not an mpifc dataset (attribute format={a.get('format')!r}, expected "
