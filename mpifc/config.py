@@ -4,7 +4,9 @@ A config is a nested dict with these sections (defaults in ``DEFAULTS``)::
 
     seed = 0
     [data]      dataset (a prepared name: digits, synthetic, synthetic-images; or a
-                path to an mpifc HDF5 file), mode ("slice" | "scatter"), dir
+                path to an mpifc HDF5 file), mode ("slice" | "scatter"), dir,
+                key_file / key_env (key of an encrypted dataset: a key file, or the
+                NAME of an environment variable holding it; "" = clear dataset)
     [model]     input = [C, H, W] or [D]; layers = [{type=..., shard=...}, ...]
     [parallel]  dp, tp (0 = infer from the job size), bucket_mb, overlap
     [optim]     name (sgd | adam | adamw), lr, momentum, nesterov, weight_decay,
@@ -12,7 +14,9 @@ A config is a nested dict with these sections (defaults in ``DEFAULTS``)::
     [schedule]  name (none | step | cosine | plateau) and its settings
     [train]     epochs, batch_size (global, over all data-parallel ranks), dtype,
                 out (run directory), checkpoint_every (epochs), keep_last, trace,
-                log_every (steps), max_steps (0 = no limit)
+                log_every (steps), max_steps (0 = no limit),
+                encrypt_key_file / encrypt_key_env (write checkpoints encrypted and
+                read them with this key; "" = clear checkpoints)
 
 Presets (``mpifc train digits-cnn``) are TOML files in ``mpifc/presets/``.
 """
@@ -25,7 +29,8 @@ from importlib import resources
 
 DEFAULTS: dict = {
     "seed": 0,
-    "data": {"dataset": "digits", "mode": "slice", "dir": "runs/data"},
+    "data": {"dataset": "digits", "mode": "slice", "dir": "runs/data",
+             "key_file": "", "key_env": ""},       # encryption at rest: "" = off
     "model": {"input": [], "layers": []},
     "parallel": {"dp": 0, "tp": 1, "bucket_mb": 25.0, "overlap": True},
     "optim": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": False,
@@ -34,7 +39,8 @@ DEFAULTS: dict = {
                  "min_lr": 0.0, "factor": 0.5, "patience": 2},
     "train": {"epochs": 10, "batch_size": 64, "dtype": "float32", "out": "runs/{name}",
               "checkpoint_every": 1, "keep_last": 3, "trace": True, "log_every": 0,
-              "max_steps": 0, "eval_batch_size": 512},
+              "max_steps": 0, "eval_batch_size": 512,
+              "encrypt_key_file": "", "encrypt_key_env": ""},   # encryption at rest: "" = off
 }
 
 
@@ -133,6 +139,10 @@ def validate(cfg: dict) -> None:
          "parallel.dp and parallel.tp must be integers >= 0 (0 = infer)"),
         (bool(cfg["model"]["layers"]), "model.layers is empty"),
         (bool(cfg["model"]["input"]), "model.input (sample shape) is missing"),
+        (all(isinstance(v, str) for v in (cfg["data"]["key_file"], cfg["data"]["key_env"],
+                                          t["encrypt_key_file"], t["encrypt_key_env"])),
+         "data.key_file, data.key_env, train.encrypt_key_file and train.encrypt_key_env are "
+         "strings (a path, an environment variable's name; \"\" = off)"),
     ]
     bad = [msg for ok, msg in checks if not ok]
     if bad:

@@ -180,15 +180,18 @@ class Trainer:
         if self.rank0:
             os.makedirs(self.ckpt_dir, exist_ok=True)
 
+        from mpifc.security.crypt import config_keys      # encryption at rest (collective)
+        self.data_key, self.ckpt_key = config_keys(cfg, self.comm)
         self.data_path = resolve_dataset(cfg, self.comm)
         dc = self.grid.dp_comm
         self.loader = DistributedLoader(self.data_path, dc, split="train",
                                         batch_size=t["batch_size"], seed=cfg["seed"],
-                                        mode=cfg["data"]["mode"], dtype=self.dtype, cache=True)
+                                        mode=cfg["data"]["mode"], dtype=self.dtype, cache=True,
+                                        key=self.data_key)
         self.test_loader = DistributedLoader(self.data_path, dc, split="test", shuffle=False,
                                              batch_size=t["eval_batch_size"], seed=cfg["seed"],
                                              mode=cfg["data"]["mode"], dtype=self.dtype,
-                                             cache=True)
+                                             cache=True, key=self.data_key)
         self.model = build_model(cfg["model"], self.grid, seed=cfg["seed"], dtype=self.dtype)
         if self.loader.num_classes > self.model.num_classes:
             raise TrainingError(f"the dataset has {self.loader.num_classes} classes but the "
@@ -325,7 +328,7 @@ class Trainer:
         return save(self.ckpt_dir, self.model, self.opt, self.grid, step=self.step,
                     epoch=self.loader.position[0], data_position=self.loader.state_dict(),
                     rng_states=generators(self.model), config=to_toml(self.cfg),
-                    keep_last=self.cfg["train"]["keep_last"], extra=extra)
+                    keep_last=self.cfg["train"]["keep_last"], extra=extra, key=self.ckpt_key)
 
     def resume(self, path: str | None = None) -> dict | None:
         """Continue from ``path`` (a checkpoint or directory; default: this run's latest).
@@ -341,7 +344,7 @@ class Trainer:
             found = self.comm.bcast_obj(latest_checkpoint(path) if self.rank0 else None)
             if found is None:
                 return None
-        info = load(path, self.model, self.opt, self.grid)
+        info = load(path, self.model, self.opt, self.grid, key=self.ckpt_key)
         self.loader.load_state_dict(info["data_position"])
         extra = info.get("extra") or {}
         self.step = int(extra.get("step", info["step"]))

@@ -13,6 +13,10 @@ Canonical order, independent of how HDF5 laid the bytes out on disk:
 Every field is length-prefixed so no two different contents hash alike. Any
 flipped bit in a tensor, a changed step or sharding attribute, or a dataset added
 or removed changes the digest; a truncated file fails earlier, when HDF5 reads it.
+
+Encrypted checkpoints (:mod:`mpifc.security.crypt`) are hashed as stored: the digest
+covers the ciphertext chunks and their attributes, so it is checked (and ``inspect``
+says OK or BAD) without the key; the AES-GCM tags then authenticate the plaintext.
 """
 from __future__ import annotations
 

@@ -37,6 +37,7 @@ import numpy as np
 from mpifc import backend
 from mpifc.comm import balanced_counts
 from mpifc.data.format import DatasetError, Normalisation, open_dataset
+from mpifc.security import crypt
 
 MODES = ("slice", "scatter")
 
@@ -171,6 +172,10 @@ class DistributedLoader:
     normalise : apply the file's normalisation; False returns stored values as ``dtype``
     xp : backend module (numpy or cupy) the batches are placed on; default numpy
     cache : keep the split in memory on the reading rank(s) after the first read
+    key : :class:`mpifc.security.crypt.DataKey` of an encrypted file (``data.key_file`` /
+        ``data.key_env``); required for one, refused for a clear file. Each reading rank
+        decrypts only the chunks holding its rows, and every batch read is agreed on by
+        all ranks, so a chunk that fails authentication on one rank fails every rank
 
     Every rank constructs the loader (collective: a rank that cannot open the file
     makes all ranks raise the same :class:`DatasetError`).
@@ -179,7 +184,7 @@ class DistributedLoader:
     def __init__(self, path, comm, *, split: str = "train", batch_size: int, seed: int = 0,
                  shuffle: bool = True, drop_last: bool = False, mode: str = "slice",
                  root: int = 0, dtype=np.float32, normalise: bool = True, xp=None,
-                 cache: bool = False):
+                 cache: bool = False, key=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.comm = comm
@@ -192,6 +197,7 @@ class DistributedLoader:
         self.cache = bool(cache)
         self._f = None
         self._mem = None
+        self._key, self._arrays = key, None
         reads = mode == "slice" or comm.rank == self.root
         settings = (int(batch_size), int(seed), bool(shuffle), bool(drop_last), mode, self.root)
         # open and validate here, then agree on the result on every rank, so a
@@ -199,12 +205,14 @@ class DistributedLoader:
         mine = {"settings": settings, "error": None, "meta": None}
         if reads:
             try:
-                self._f, info = open_dataset(path)
+                self._f, info = open_dataset(path, key=key)
+                crypt.check_key(self._f, key, path, "data.key_file or data.key_env",
+                                accept_clear=False)
                 s = info.split(split)
                 mine["meta"] = (s.n, s.sample_shape, s.dtype.str, info.num_classes,
                                 info.normalisation.kind, info.normalisation.mean.tolist(),
                                 info.normalisation.std.tolist())
-            except (DatasetError, OSError) as e:
+            except (DatasetError, OSError, crypt.CryptError) as e:
                 mine["error"] = str(e)
         everyone = comm.allgather_obj(mine)
         errors = [f"rank {r}: {d['error']}" for r, d in enumerate(everyone) if d["error"]]
@@ -280,12 +288,40 @@ class DistributedLoader:
         return self._order
 
     def _read(self, idx: np.ndarray):
-        g = self._f[self.split]
+        if self._arrays is None:        # h5py datasets, or EncryptedArrays over them
+            g = self._f[self.split]
+            self._arrays = tuple(crypt.open_array(g[d], self._key) for d in ("x", "y"))
+        xs, ys = self._arrays
         if self.cache:
             if self._mem is None:
-                self._mem = (g["x"][...], g["y"][...])
+                self._mem = (xs[...], ys[...])
             return self._mem[0][idx], self._mem[1][idx]
-        return _read_rows(g["x"], idx), _read_rows(g["y"], idx)
+        if isinstance(xs, crypt.EncryptedArray):     # decrypts just the chunks holding idx
+            return xs.read_rows(idx), ys.read_rows(idx)
+        return _read_rows(xs, idx), _read_rows(ys, idx)
+
+    def _read_agreed(self, idx):
+        """:meth:`_read` (``idx`` None: nothing to read), then agree over the dp ranks.
+
+        Encrypted files only: a chunk failing authentication raises the same
+        :class:`DatasetError` on every rank instead of leaving the others in the
+        next collective. Costs one 8-byte allreduce per batch.
+        """
+        rows, err = None, None
+        try:
+            rows = self._read(idx) if idx is not None else None
+        except crypt.CryptError as e:
+            err = str(e)
+        if self._key is None:
+            if err:
+                raise DatasetError(err)
+            return rows
+        bad = self.comm.allreduce(np.array([1.0 if err else 0.0]), op="max")
+        if bad[0]:
+            errs = self.comm.allgather_obj(err)
+            first = next(f"rank {r}: {m}" for r, m in enumerate(errs) if m)
+            raise DatasetError(f"cannot read {self.split} rows: {first}")
+        return rows
 
     def get_batch(self, epoch: int, step: int) -> Batch:
         """This rank's rows of global batch ``step`` of ``epoch``.
@@ -298,12 +334,12 @@ class DistributedLoader:
         counts, displs = plan.counts(step)
         me = self.comm.rank
         if self.mode == "slice":
-            x, y = self._read(plan.local_indices(epoch, step, me, order))
+            x, y = self._read_agreed(plan.local_indices(epoch, step, me, order))
         else:
-            xs = ys = None
-            if me == self.root:
-                # rows in batch order: rank r's block starts at displs[r]
-                xs, ys = self._read(plan.global_indices(epoch, step, order))
+            # rows in batch order: rank r's block starts at displs[r]
+            got = self._read_agreed(plan.global_indices(epoch, step, order)
+                                    if me == self.root else None)
+            xs, ys = got if got is not None else (None, None)
             x = np.empty((counts[me],) + self.sample_shape, dtype=self.stored_dtype)
             y = np.empty((counts[me],), dtype=np.int64)
             self.comm.scatter(xs, x, counts=list(counts), root=self.root)
@@ -333,7 +369,7 @@ class DistributedLoader:
         if self._f is not None:
             self._f.close()
             self._f = None
-        self._mem = None
+        self._mem = self._arrays = None
 
     def __enter__(self):
         return self
