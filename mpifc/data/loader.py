@@ -197,7 +197,7 @@ class DistributedLoader:
         self.cache = bool(cache)
         self._f = None
         self._mem = None
-        self._key, self._arrays = key, None
+        self._key, self._arrays, self._cache_agreed = key, None, False
         reads = mode == "slice" or comm.rank == self.root
         settings = (int(batch_size), int(seed), bool(shuffle), bool(drop_last), mode, self.root)
         # open and validate here, then agree on the result on every rank, so a
@@ -305,18 +305,20 @@ class DistributedLoader:
 
         Encrypted files only: a chunk failing authentication raises the same
         :class:`DatasetError` on every rank instead of leaving the others in the
-        next collective. Costs one 8-byte allreduce per batch.
+        next collective. Costs one 8-byte allreduce per batch, and with ``cache`` only
+        for the first batch (the one that reads the split; nothing can fail after it).
         """
         rows, err = None, None
         try:
             rows = self._read(idx) if idx is not None else None
         except crypt.CryptError as e:
             err = str(e)
-        if self._key is None:
+        if self._key is None or self._cache_agreed:
             if err:
                 raise DatasetError(err)
             return rows
         bad = self.comm.allreduce(np.array([1.0 if err else 0.0]), op="max")
+        self._cache_agreed = self.cache and not bad[0]      # the same on every rank
         if bad[0]:
             errs = self.comm.allgather_obj(err)
             first = next(f"rank {r}: {m}" for r, m in enumerate(errs) if m)
@@ -370,6 +372,7 @@ class DistributedLoader:
             self._f.close()
             self._f = None
         self._mem = self._arrays = None
+        self._cache_agreed = False
 
     def __enter__(self):
         return self

