@@ -278,6 +278,13 @@ def open_array(ds, key: DataKey | None):
 
 # ---------------------------------------------------------------------------- arrays
 
+def _bytes_view(a: np.ndarray) -> memoryview:
+    """A flat byte view of a C-contiguous array (what the AEAD reads or writes)."""
+    if not a.flags.c_contiguous:            # reshape would copy: writes would be lost
+        raise ValueError("internal: AEAD buffers must be C-contiguous")
+    return memoryview(a.reshape(-1).view(np.uint8))
+
+
 class EncryptedArray:
     """Row-chunked AES-256-GCM array over an h5py dataset; indexes like the array it holds.
 
@@ -321,7 +328,7 @@ class EncryptedArray:
                              f"key id {key.key_id}")
         self._aead = key.aead() if key is not None else None
         self._pending: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._blob = None
+        self._blob = self._plain = None
 
     # --- metadata, as h5py.Dataset has it
     ndim = property(lambda self: len(self.shape))
@@ -346,30 +353,54 @@ class EncryptedArray:
         if self._aead is None:
             raise CryptError(f"{self.where} is encrypted; no key given to read or write it")
 
-    def _decrypt(self, k: int) -> np.ndarray:
-        """Rows of chunk ``k``: (count_k, ...) of the logical dtype."""
+    def _buffers(self):
+        """Reused buffers (no page faults per chunk): one stored chunk, one plaintext chunk."""
+        if self._blob is None:
+            self._blob = np.empty(self.ds.shape[1], dtype=np.uint8)
+            self._plain = np.empty((self.rows,) + self._rshape, dtype=self.dtype)
+        return self._blob, self._plain
+
+    def _decrypt(self, k: int, into=None) -> np.ndarray:
+        """Rows of chunk ``k``, (count_k, ...) of the logical dtype.
+
+        ``into``: a C-contiguous (R, ...) array to decrypt into; by default a reused
+        buffer, valid until the next call (callers copy out of it).
+        """
         from cryptography.exceptions import InvalidTag
 
-        if self._blob is None:                   # one reused read buffer: no page faults
-            self._blob = np.empty(self.ds.shape[1], dtype=np.uint8)
-        blob = self._blob
+        blob, plain = self._buffers()
+        dst = plain if into is None else into
         self.ds.read_direct(blob, source_sel=np.s_[k])
+        nonce, sealed, aad = blob[:NONCE_BYTES].tobytes(), memoryview(blob)[NONCE_BYTES:], self._aad(k)
         try:
-            plain = self._aead.decrypt(blob[:NONCE_BYTES].tobytes(), memoryview(blob)[NONCE_BYTES:],
-                                       self._aad(k))
+            if hasattr(self._aead, "decrypt_into"):     # cryptography >= 45: no extra copy
+                self._aead.decrypt_into(nonce, sealed, aad, _bytes_view(dst))
+            else:
+                _bytes_view(dst)[:] = self._aead.decrypt(nonce, sealed, aad)
         except InvalidTag:
             raise CryptError(f"{self.where}: chunk {k} fails authentication (altered, swapped or "
                              "moved data, or a damaged file)") from None
-        c = self._count(k)
-        return np.frombuffer(plain, dtype=self.dtype, count=c * (self._row_bytes // max(
-            self.dtype.itemsize, 1))).reshape((c,) + self._rshape)
+        return dst[:self._count(k)]
 
     def _encrypt(self, k: int, rows: np.ndarray) -> None:
-        plain = np.zeros((self.rows,) + self._rshape, dtype=self.dtype)
-        plain[:rows.shape[0]] = rows
+        """Seal rows (count_k, ...) as chunk ``k`` (padded with zero rows to R) and write it."""
+        blob, plain = self._buffers()
+        c = rows.shape[0]
+        if c == self.rows and rows.dtype == self.dtype and rows.flags.c_contiguous:
+            src = rows
+        else:
+            plain[:c] = rows
+            plain[c:] = 0
+            src = plain
         nonce = os.urandom(NONCE_BYTES)
-        sealed = self._aead.encrypt(nonce, plain.tobytes(), self._aad(k))
-        self.ds[k] = np.frombuffer(nonce + sealed, dtype=np.uint8)
+        blob[:NONCE_BYTES] = np.frombuffer(nonce, dtype=np.uint8)
+        if hasattr(self._aead, "encrypt_into"):         # cryptography >= 45: no extra copy
+            self._aead.encrypt_into(nonce, _bytes_view(src), self._aad(k),
+                                    memoryview(blob)[NONCE_BYTES:])
+        else:
+            blob[NONCE_BYTES:] = np.frombuffer(self._aead.encrypt(nonce, _bytes_view(src),
+                                                                  self._aad(k)), dtype=np.uint8)
+        self.ds.write_direct(blob, dest_sel=np.s_[k])
 
     # --- rows
     def _index(self, first) -> tuple[np.ndarray, bool]:
@@ -401,7 +432,10 @@ class EncryptedArray:
         if hi - lo == idx.size and (idx.size == 1 or (np.diff(idx) == 1).all()):
             for k in range(lo // r, -(-hi // r)):      # a range of rows: plain slices
                 a, b = max(lo, k * r), min(hi, (k + 1) * r)
-                out[a - lo:b - lo] = self._decrypt(k)[a - k * r:b - k * r]
+                if b - a == r:                          # a whole chunk: straight into out
+                    self._decrypt(k, into=out[a - lo:b - lo])
+                else:
+                    out[a - lo:b - lo] = self._decrypt(k)[a - k * r:b - k * r]
             return out
         chunk = idx // self.rows
         order = np.argsort(chunk, kind="stable")
