@@ -93,7 +93,7 @@ def _optimizer_attrs(optimizer) -> dict:
 
 
 def _write_header(f, *, step, epoch, grid, sig, data_position, extra, config, optimizer,
-                  rng_all, entries, key=None):
+                  rng_all, entries, key=None, arrays=None):
     a = f.attrs
     a["format"] = FORMAT_NAME
     a["format_version"] = FORMAT_VERSION
@@ -126,7 +126,7 @@ def _write_header(f, *, step, epoch, grid, sig, data_position, extra, config, op
         if e.local is None:
             continue
         if key is not None:      # encryption at rest: AES-256-GCM chunks of whole rows
-            ds = crypt.create_array(f, e.path, e.global_shape, e.dtype, key)
+            ds = arrays[e.path] = crypt.create_array(f, e.path, e.global_shape, e.dtype, key)
         else:
             # contiguous, uncompressed: hyperslab reads of any new layout are plain seeks
             ds = f.create_dataset(e.path, shape=e.global_shape, dtype=e.dtype)
@@ -232,6 +232,7 @@ def save(path, model, optimizer, grid, *, step: int, epoch: int = 0, data_positi
                 error = f"{type(exc).__name__}: {exc}"
 
     f = None
+    arrays = {}                # path -> EncryptedArray being written (encrypted saves)
     with trace.phase("checkpoint.save"):
         if root:
             def create():
@@ -240,11 +241,12 @@ def save(path, model, optimizer, grid, *, step: int, epoch: int = 0, data_positi
                 f = h5py.File(tmp, "w")
                 _write_header(f, step=step, epoch=epoch, grid=grid, sig=sig,
                               data_position=data_position, extra=extra, config=config,
-                              optimizer=optimizer, rng_all=rng_all, entries=entries, key=key)
+                              optimizer=optimizer, rng_all=rng_all, entries=entries, key=key,
+                              arrays=arrays)
             attempt(create)
 
         def write(e, arr):
-            crypt.open_array(f[e.path], key)[...] = arr
+            (arrays[e.path] if e.path in arrays else f[e.path])[...] = arr
 
         if mode == "gather":
             for e in entries:

@@ -209,16 +209,19 @@ def check_key(f, key: DataKey | None, where: str, settings: str, accept_clear: b
                          f"{key.source} has key id {key.key_id}")
 
 
-def mark_file(f, key: DataKey) -> None:
-    """Record the cipher, key id and a fresh random file id on a file being written."""
+def mark_file(f, key: DataKey) -> str:
+    """Record the cipher, key id and a fresh random file id on a file being written.
+
+    Returns the file id (bound into every chunk's associated data)."""
     a = f.attrs
     if A_CIPHER in a:
         if _s(a[A_KEY_ID]) != key.key_id:
             raise CryptError(f"{f.filename}: already encrypted with another key")
-        return
+        return _s(a[A_FILE_ID])
     a[A_CIPHER] = CIPHER
     a[A_KEY_ID] = key.key_id
-    a[A_FILE_ID] = os.urandom(16).hex()
+    a[A_FILE_ID] = fid = os.urandom(16).hex()
+    return fid
 
 
 def is_encrypted(ds) -> bool:
@@ -253,7 +256,7 @@ def create_array(group, name: str, shape, dtype, key: DataKey,
     """Create an empty encrypted array ``group[name]``; write rows with ``arr[a:b] = rows``."""
     shape = tuple(int(s) for s in shape)
     dtype = np.dtype(dtype)
-    mark_file(group.file, key)
+    file_id = mark_file(group.file, key)
     r = rows_per_chunk(shape, dtype, chunk_bytes)
     n = shape[0] if shape else 1
     row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize if shape else dtype.itemsize
@@ -268,7 +271,7 @@ def create_array(group, name: str, shape, dtype, key: DataKey,
     a[A_DTYPE] = dtype.str
     a[A_SHAPE] = np.asarray(shape if shape else (-1,), dtype=np.int64)
     a[A_ROWS] = r
-    return EncryptedArray(ds, key)
+    return EncryptedArray(ds, key, (shape, dtype, r, key.key_id, CIPHER, file_id))
 
 
 def open_array(ds, key: DataKey | None):
@@ -297,19 +300,23 @@ class EncryptedArray:
     authentication (naming the dataset and chunk).
     """
 
-    def __init__(self, ds, key: DataKey | None):
+    def __init__(self, ds, key: DataKey | None, _meta=None):
         a = ds.attrs
         self.ds = ds
         self.name = ds.name
         self.key = key
-        where = f"{ds.file.filename}:{ds.name}"
+        fh = ds.file
+        where = f"{fh.filename}:{ds.name}"
         self.where = where
         try:
-            self.shape = logical_shape(ds)
-            self.dtype = np.dtype(_s(a[A_DTYPE]))
-            self.rows = int(a[A_ROWS])
-            kid = _s(a[A_KEY_ID])
-            self._file_id = _s(ds.file.attrs[A_FILE_ID])
+            if _meta is None:        # attribute reads cost ~0.1-0.5 ms each: read each once
+                shape = tuple(int(s) for s in np.atleast_1d(a[A_SHAPE]))
+                meta = (() if shape == (-1,) else shape, np.dtype(_s(a[A_DTYPE])),
+                        int(a[A_ROWS]), _s(a[A_KEY_ID]), _s(a[A_CIPHER]),
+                        _s(fh.attrs[A_FILE_ID]))
+            else:
+                meta = _meta
+            self.shape, self.dtype, self.rows, kid, cipher, self._file_id = meta
         except (KeyError, TypeError, ValueError) as e:
             raise CryptError(f"{where}: encrypted array lacks or garbles its attributes ({e})") \
                 from None
@@ -318,7 +325,7 @@ class EncryptedArray:
         self._row_bytes = int(np.prod(self._rshape, dtype=np.int64)) * self.dtype.itemsize
         n_chunks = -(-self._n // self.rows) if self.rows > 0 else -1
         want = (n_chunks, NONCE_BYTES + self.rows * self._row_bytes + TAG_BYTES)
-        if (_s(a[A_CIPHER]) != CIPHER or ds.dtype != np.uint8 or self.rows < 1
+        if (cipher != CIPHER or ds.dtype != np.uint8 or self.rows < 1
                 or min(self.shape, default=1) < 0 or tuple(ds.shape) != want):
             raise CryptError(f"{where}: stored {tuple(ds.shape)} {ds.dtype} does not fit an "
                              f"encrypted {self.shape} {self.dtype} array of {self.rows} rows "
