@@ -113,7 +113,7 @@ def parse_key(data: bytes, source: str) -> DataKey:
 
 def read_key_file(path) -> DataKey:
     """Read a key file; refuse one that group or others can read or write."""
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))
     source = f"key file {path}"
     try:
         st = os.stat(path)

@@ -277,3 +277,34 @@ def test_cli_generates_a_key_and_prepares_an_encrypted_dataset(tmp_path):
     p = _mpifc("data", "prepare", "synthetic", "--shape", "4", "--out", "e.h5",
                "--encrypt-key-file", "dk", cwd=tmp_path)
     assert p.returncode != 0 and "chmod 600" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_cli_train_and_eval_of_an_encrypted_run(tmp_path):
+    """`mpifc train` / `mpifc eval` with the key settings; the key never appears in any output."""
+    from mpifc.data import prepare
+    from mpifc.security.crypt import read_key_file
+
+    generate_data_key(tmp_path / "k")
+    prepare.prepare_digits(tmp_path / "enc.h5", encrypt_key=read_key_file(tmp_path / "k"))
+    keys = ["--set", "data.dataset=enc.h5", "--set", "data.key_file=k",
+            "--set", "train.encrypt_key_file=k"]
+
+    def mpifc(*args):
+        return subprocess.run([sys.executable, "-m", "mpifc", *args], capture_output=True,
+                              text=True, cwd=tmp_path, timeout=300)
+
+    p = mpifc("train", "digits-mlp", "--out", "run", "--quiet", "--set", "train.max_steps=3",
+              "--set", "train.trace=false", *keys)
+    assert p.returncode == 0, p.stderr
+    p = mpifc("eval", "run/checkpoints")
+    assert p.returncode == 0, p.stderr
+    assert "test_acc" in p.stdout
+    p = mpifc("eval", "run/checkpoints", "--set", "train.encrypt_key_file=")
+    assert p.returncode != 0
+    assert "is encrypted (AES-256-GCM" in p.stderr and "train.encrypt_key_file" in p.stderr
+    secret = (tmp_path / "k").read_text().strip()
+    for root, _, names in os.walk(tmp_path / "run"):
+        for n in names:
+            with open(os.path.join(root, n), "rb") as fh:
+                data = fh.read()
+            assert secret.encode() not in data and bytes.fromhex(secret) not in data, n

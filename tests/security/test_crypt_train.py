@@ -82,3 +82,4 @@ def test_encrypted_checkpoint_reshards_tp2_to_dp2_like_the_clear_one(comm, setup
     if comm.rank == 0:
         assert sorted(losses["enc"]) == list(range(11, 17))
         assert losses["enc"] == losses["clear"]
+
