@@ -325,6 +325,8 @@ class EncryptedArray:
         self._row_bytes = int(np.prod(self._rshape, dtype=np.int64)) * self.dtype.itemsize
         n_chunks = -(-self._n // self.rows) if self.rows > 0 else -1
         want = (n_chunks, NONCE_BYTES + self.rows * self._row_bytes + TAG_BYTES)
+        if self.dtype.kind not in "biufc":      # raw bytes must never become Python objects
+            raise CryptError(f"{where}: encrypted arrays hold numbers, not {self.dtype}")
         if (cipher != CIPHER or ds.dtype != np.uint8 or self.rows < 1
                 or min(self.shape, default=1) < 0 or tuple(ds.shape) != want):
             raise CryptError(f"{where}: stored {tuple(ds.shape)} {ds.dtype} does not fit an "
