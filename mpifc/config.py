@@ -5,7 +5,9 @@ and meaning: ``SCHEMA`` below; ``DEFAULTS`` is built from it)::
 
     seed = 0
     [data]      dataset (a prepared name: digits, synthetic, synthetic-images; or a
-                path to an mpifc HDF5 file), mode ("slice" | "scatter"), dir
+                path to an mpifc HDF5 file), mode ("slice" | "scatter"), dir,
+                key_file / key_env (key of an encrypted dataset: a key file, or the
+                NAME of an environment variable holding it; "" = clear dataset)
     [model]     input = [C, H, W] or [D]; layers = [{type=..., shard=...}, ...]
     [parallel]  dp, tp (0 = infer from the job size), bucket_mb, overlap
     [optim]     name (sgd | adam | adamw), lr, momentum, nesterov, weight_decay,
@@ -16,7 +18,9 @@ and meaning: ``SCHEMA`` below; ``DEFAULTS`` is built from it)::
                 log_every (steps), max_steps (0 = no limit), keep_best (metric of
                 checkpoints/best.h5: "test_acc" | "test_loss" | "" off), watchdog_s (0 = off),
                 sign_key (Ed25519 private key file: sign every checkpoint; "" = off),
-                verify_key (public key file: resume only checkpoints it signed; "" = off)
+                verify_key (public key file: resume only checkpoints it signed; "" = off),
+                encrypt_key_file / encrypt_key_env (write checkpoints encrypted and
+                read them with this key; "" = clear checkpoints)
 
 Presets (``mpifc train digits-cnn``) are TOML files in ``mpifc/presets/``.
 
@@ -120,7 +124,7 @@ def text(default: str, doc: str, ok: Callable[[str], bool] = lambda v: True,
 
 def key_file(doc: str) -> Key:
     """A key file's path, or "" (off)."""
-    return Key("", 'a key file path (a string; "" = off)', lambda v: isinstance(v, str), doc)
+    return Key("", 'a string (a path or variable name; "" = off)', lambda v: isinstance(v, str), doc)
 
 
 def sizes(default: list, doc: str) -> Key:
@@ -158,6 +162,8 @@ SCHEMA: dict[str, Key] = {
     "data.mode": choice("slice", ("slice", "scatter"),
                         "slice: each rank reads its rows; scatter: rank 0 reads and scatters"),
     "data.dir": text("runs/data", "where named datasets are prepared"),
+    "data.key_file": key_file("key of an encrypted dataset (32 bytes or 64 hex digits)"),
+    "data.key_env": key_file("environment variable holding the dataset key, instead"),
     "model.input": sizes([], "per-sample input shape: [C, H, W] or [D]"),
     "model.layers": layer_table([], "the layer tables, in order (see mpifc.models)"),
     "parallel.dp": integer(0, ">= 0", "data-parallel ranks; 0 = job size / tp"),
@@ -200,6 +206,8 @@ SCHEMA: dict[str, Key] = {
                               "metric kept in checkpoints/best.h5 (never pruned); \"\" = off"),
     "train.sign_key": key_file("Ed25519 private key file: sign every checkpoint written"),
     "train.verify_key": key_file("public key file: resume only checkpoints it signed"),
+    "train.encrypt_key_file": key_file("write checkpoints encrypted with this key (and read them)"),
+    "train.encrypt_key_env": key_file("environment variable holding the checkpoint key, instead"),
 }
 
 

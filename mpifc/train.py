@@ -282,15 +282,18 @@ class Trainer:
         if self.rank0:
             os.makedirs(self.ckpt_dir, exist_ok=True)
 
+        from mpifc.security.crypt import config_keys      # encryption at rest (collective)
+        self.data_key, self.ckpt_key = config_keys(cfg, self.comm)
         self.data_path = resolve_dataset(cfg, self.comm)
         dc = self.grid.dp_comm
         self.loader = DistributedLoader(self.data_path, dc, split="train",
                                         batch_size=t["batch_size"], seed=cfg["seed"],
-                                        mode=cfg["data"]["mode"], dtype=self.dtype, cache=True)
+                                        mode=cfg["data"]["mode"], dtype=self.dtype, cache=True,
+                                        key=self.data_key)
         self.test_loader = DistributedLoader(self.data_path, dc, split="test", shuffle=False,
                                              batch_size=t["eval_batch_size"], seed=cfg["seed"],
                                              mode=cfg["data"]["mode"], dtype=self.dtype,
-                                             cache=True)
+                                             cache=True, key=self.data_key)
         if tuple(self.loader.sample_shape) != tuple(cfg["model"]["input"]):
             raise TrainingError(f"{self.data_path}: samples are {tuple(self.loader.sample_shape)} "
                                 f"but model.input is {tuple(cfg['model']['input'])}")
@@ -491,7 +494,7 @@ class Trainer:
                     epoch=self.loader.position[0], data_position=self.loader.state_dict(),
                     rng_states=generators(self.model), config=to_toml(self.cfg),
                     keep_last=t["keep_last"], extra=extra,
-                    sign_key=t.get("sign_key") or None)
+                    sign_key=t.get("sign_key") or None, key=self.ckpt_key)
         self.saved = path
         if best is not self.best:
             self.best = best
@@ -543,7 +546,7 @@ class Trainer:
                 return None
             path = found
         info = load(path, self.model, self.opt, self.grid,
-                    verify_key=self.cfg["train"].get("verify_key") or None)
+                    verify_key=self.cfg["train"].get("verify_key") or None, key=self.ckpt_key)
         self.loader.load_state_dict(info["data_position"])
         extra = info.get("extra") or {}
         self.step = int(extra.get("step", info["step"]))

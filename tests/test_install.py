@@ -29,8 +29,10 @@ def test_mpich_is_an_extra_not_a_dependency():
     assert not any(d.split(">")[0].split("=")[0].strip() == "mpich" for d in proj["dependencies"])
     assert any(d.startswith("mpich") for d in proj["optional-dependencies"]["mpich"])
     assert not any(d.startswith("mpich") for d in proj["optional-dependencies"]["test"])
+    assert proj["optional-dependencies"]["security"] == ["cryptography>=42"]   # not a dependency
+    assert not any(d.startswith("cryptography") for d in proj["dependencies"])
     with open(os.path.join(ROOT, ".ci", "run")) as f:
-        assert '".[test,mpich,security]"' in f.read()   # CI runs the signing tests too
+        assert '".[test,mpich,security]"' in f.read()   # CI runs the signing and encryption tests
 
 
 def _env_sh(tmp_path, need, site_mpiexec):
