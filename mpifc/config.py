@@ -250,7 +250,7 @@ def _parse_value(item: str, text: str):
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError as e:
-        if text[:1] in "[{\"'":       # meant as a list, table or string, but malformed
+        if text and text[0] in "[{\"'":       # meant as a list, table or string, but malformed
             why = re.sub(r"\s*\(at (line|end) .*\)$", "", str(e)).lower()
             raise ConfigError(f"--set {item}: {text!r} is not a valid TOML value ({why}); "
                               "lists are written [1, 2], strings \"text\"") from None
