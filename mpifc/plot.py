@@ -43,7 +43,7 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise PlotError("mpifc plot needs matplotlib, which is not installed: "
+        raise PlotError("needs matplotlib, which is not installed: "
                         "pip install 'mpifc[plot]'") from None
     out = out or os.path.join(run_dir, "curves.png")
 
