@@ -284,6 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_text(sub)
     from mpifc.security.commands import add_security              # keys, sign, verify
     add_security(sub)
+    # --- issue 18: predict, export, plot ---
+    from mpifc.predict import add_predict                         # mpifc predict
+    add_predict(sub)
+    from mpifc.export import add_export                           # mpifc export
+    add_export(sub)
+    from mpifc.plot import add_plot                               # mpifc plot
+    add_plot(sub)
     return p
 
 

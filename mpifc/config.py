@@ -13,7 +13,8 @@ and meaning: ``SCHEMA`` below; ``DEFAULTS`` is built from it)::
     [optim]     name (sgd | adam | adamw), lr, momentum, nesterov, weight_decay,
                 betas, eps, clip_norm (0 = off)
     [schedule]  name (none | step | cosine | plateau) and its settings
-    [train]     epochs, batch_size (global, over all data-parallel ranks), dtype,
+    [train]     epochs, batch_size (global, over all data-parallel ranks), accumulate
+                (micro-batches per step), dtype,
                 out (run directory), checkpoint_every (epochs), keep_last, trace,
                 log_every (steps), max_steps (0 = no limit), keep_best (metric of
                 checkpoints/best.h5: "test_acc" | "test_loss" | "" off), watchdog_s (0 = off),
@@ -191,6 +192,10 @@ SCHEMA: dict[str, Key] = {
     "schedule.patience": integer(2, ">= 0", "plateau: epochs without improvement first"),
     "train.epochs": integer(10, ">= 1", "passes over the training split"),
     "train.batch_size": integer(64, ">= 1", "global batch, split over the data-parallel ranks"),
+    # --- gradient accumulation (issue 18) ---
+    "train.accumulate": integer(1, ">= 1", "micro-batches per optimizer step: each rank's rows "
+                                "of the global batch_size run in this many parts, gradients "
+                                "summed, one allreduce per bucket on the last"),
     "train.dtype": choice("float32", ("float32", "float64"), "parameter and activation type"),
     "train.out": text("runs/{name}", "run directory; {name} is the config's name",
                       ok=_formats_name, want="a path whose only {field} is {name}"),

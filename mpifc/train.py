@@ -314,7 +314,9 @@ class Trainer:
         if self.rank0 and not quiet:
             print(f"mpifc train {cfg['name']}: {self.comm.size} rank(s) as dp={self.grid.dp} x "
                   f"tp={self.grid.tp}, {self.threads} BLAS thread(s) per rank, "
-                  f"{self.loader.steps_per_epoch} steps/epoch of {t['batch_size']} samples, "
+                  f"{self.loader.steps_per_epoch} steps/epoch of {t['batch_size']} samples"
+                  + (f" in {t['accumulate']} micro-batches" if t.get("accumulate", 1) > 1 else "")
+                  + ", "
                   f"data {self.data_path}", flush=True)
 
     def _note(self, line: str) -> None:
@@ -335,22 +337,37 @@ class Trainer:
 
     # --- one step ---
     def train_step(self, batch) -> tuple[float, int]:
-        """Forward, backward, gradient sync, clip, update. Returns (loss sum, correct) here."""
+        """Forward, backward, gradient sync, clip, update. Returns (loss sum, correct) here.
+
+        ``train.accumulate`` = K: the rank's rows run as K micro-batches
+        (:func:`~mpifc.data.loader.micro_batches`); the first K - 1 backwards run under
+        ``dp.no_sync()`` (no message), the K-th allreduces the summed buckets once.
+        """
+        from mpifc.data.loader import micro_batches
         from mpifc.parallel import clip_grad_norm_grid
 
         model, b = self.model, int(batch.y.shape[0])
-        with trace.span("forward"):          # spans: the trace shows compute beside the calls
-            self.dp.zero_grad()
-            logits = model.forward(batch.x)
-            loss = float(model.loss.forward(logits, batch.y))
-            correct = int(model.loss.correct())
-        with trace.span("backward"):
-            # The loss is a mean over this rank's b rows and data parallel averages over the
-            # dp ranks; scaling by dp * b / B makes the result the mean over the global batch
-            # (exact for uneven last batches, and a rank with no rows contributes zeros).
-            dlogits = model.loss.backward(self.grid.dp * b / batch.global_size)
-            self.dp.backward(dlogits)
-            self.dp.synchronize()
+        parts = micro_batches(batch, self.cfg["train"].get("accumulate", 1))
+        loss_sum, correct = 0.0, 0
+        self.dp.zero_grad()
+        for i, mb in enumerate(parts):
+            m, last = int(mb.y.shape[0]), i == len(parts) - 1
+            with trace.span("forward"):      # spans: the trace shows compute beside the calls
+                logits = model.forward(mb.x)
+                loss_sum += float(model.loss.forward(logits, mb.y)) * m
+                correct += int(model.loss.correct())
+            with trace.span("backward"):
+                # The loss is a mean over the m rows here and data parallel averages over
+                # the dp ranks; scaling by dp * m / B makes the sum over micro-batches and
+                # ranks the mean over the global batch (exact for uneven splits; a part
+                # with no rows contributes zeros).
+                dlogits = model.loss.backward(self.grid.dp * m / batch.global_size)
+                if last:
+                    self.dp.backward(dlogits)
+                    self.dp.synchronize()
+                else:
+                    with self.dp.no_sync():
+                        self.dp.backward(dlogits)
         self.exposed_s += self.dp.timings["post"] + self.dp.timings["wait"]
         with trace.span("update"):
             clip = self.cfg["optim"]["clip_norm"]
@@ -359,7 +376,7 @@ class Trainer:
             self.opt.step()
             if self.sched is not None and self.sched[0] == "step":
                 self.sched[1].step()
-        return loss * b, correct
+        return loss_sum, correct
 
     def evaluate(self, loader=None) -> dict:
         """Loss and accuracy over a whole split (default: test), completed over dp."""

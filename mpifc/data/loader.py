@@ -433,3 +433,20 @@ class DistributedLoader:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+# --- gradient accumulation (train.accumulate): micro-batches of one rank's batch ---
+def micro_batches(batch: Batch, k: int) -> list[Batch]:
+    """``batch`` (this rank's rows of a global batch) cut into ``k`` micro-batches.
+
+    Contiguous row blocks of ``balanced_counts(b, k)`` rows (sizes differ by at most
+    one; a block may be empty when b < k, and every rank still runs all k, so the
+    collectives of each micro-batch match). Each keeps the global batch's
+    ``global_size``: scaling a micro-batch's mean loss by rows / global_size makes
+    the k gradients add up to the mean over the global batch. ``k`` = 1: [batch].
+    """
+    if k == 1:
+        return [batch]
+    counts, displs = balanced_counts(int(batch.y.shape[0]), int(k))
+    return [batch._replace(x=batch.x[d:d + c], y=batch.y[d:d + c])
+            for c, d in zip(counts, displs)]
