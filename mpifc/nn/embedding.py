@@ -93,6 +93,19 @@ class EmbeddingBag(Module):
         self._cache = None
         return None
 
+    # --- description (see mpifc.parallel.describe): input_shape (N,) or (N, L) tokens per bag
+    def output_shape(self, input_shape):
+        return (int(input_shape[0]), self.embedding_dim)
+
+    def collectives(self, input_shape):
+        return []
+
+    def flops(self, input_shape):
+        N = int(input_shape[0])
+        L = float(input_shape[1]) if len(input_shape) > 1 else 1.0
+        f = int(round(2 * N * L * self.embedding_dim))
+        return f, f
+
 
 def drop_padding(idx, offsets, padding_idx):
     """(tokens, offsets) without the tokens equal to ``padding_idx``, bags kept.
