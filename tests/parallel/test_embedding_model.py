@@ -222,3 +222,76 @@ def test_text_config_errors():
         net.forward(np.zeros((2, 4), np.int64))
     y = net.forward((np.array([1, 0, 2]), np.array([0, 2, 3])))        # last document empty
     assert y.shape == (3, 3)
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_simulator_messages_equal_a_real_step(comm, model):
+    """mpifc.sim.workload.describe_step of a text config lists exactly a real step's trace
+    (the trainer's step with Adam, clipping and the finite-loss check), in order."""
+    import copy
+
+    from mpifc.config import load_config
+    from mpifc.parallel.describe import event_key
+    from mpifc.sim.workload import describe_step
+    from mpifc.train import _agree_finite
+
+    cfg = load_config("digits-mlp", ["optim.clip_norm=1.0", "optim.name=adam"])
+    cfg["model"] = copy.deepcopy(MODELS[model])
+    bucket_mb = 0.0005
+    for dp_, tp_ in layouts(comm.size):
+        grid = grid_of(comm, dp_, tp_)
+        net = build_model(cfg["model"], grid, seed=0, dtype=np.float32)
+        dp = DataParallel(net, grid.dp_comm, bucket_mb=bucket_mb)
+        opt = Adam(net.parameters(), lr=LR)
+        docs, y = documents(0)
+        x, yl = rows(grid, docs, y)
+        trace.reset()
+        dp.zero_grad()
+        loss = net.loss.forward(net.forward(x), yl)
+        net.loss.correct()
+        dp.backward(net.loss.backward(grid.dp * len(yl) / B))
+        dp.synchronize()
+        clip_grad_norm_grid(net.parameters(), CLIP, grid)
+        opt.step()
+        _agree_finite(grid.world, loss)
+        got = [event_key(e) for e in trace.events() if not e["phase"].startswith("dp.init")]
+        d = describe_step(cfg, dp_, tp_, global_batch=B, dp_rank=grid.dp_rank,
+                          tp_rank=grid.tp_rank, bucket_mb=bucket_mb, overlap=True)
+        assert got == [c.key() for c in d.collectives], (dp_, tp_)
+        assert d.params == sum(p.size for p in net.parameters())
+        assert d.names == net.names
+        emb = [c for c in d.collectives if c.phase == "emb1.forward"]
+        assert len(emb) == (tp_ > 1) and all(c.count == len(yl) * net.layers[0].embedding_dim
+                                             for c in emb)
+
+
+def test_simulator_prices_a_text_model():
+    """The workload of a large text model: the vocab-sharded table shrinks per-rank memory
+    and parameters with tp, one (b, D) allreduce in forward, the engine prices it."""
+    import copy
+
+    from mpifc.config import load_config
+    from mpifc.sim.cluster import preset
+    from mpifc.sim.engine import simulate
+    from mpifc.sim.workload import describe_step
+
+    cfg = load_config("digits-mlp", ["optim.name=adam"])
+    cfg["model"] = {"input": ["tokens", 100], "layers": [
+        {"type": "embeddingbag", "vocab": 50000, "dim": 64, "shard": "vocab"},
+        {"type": "linear", "out": 128}, {"type": "relu"}, {"type": "linear", "out": 4}]}
+    d1, d4 = describe_step(cfg, 1, 1, global_batch=64), describe_step(cfg, 1, 4, global_batch=64)
+    assert d1.params == 50000 * 64 + 64 * 128 + 128 + 128 * 4 + 4
+    assert d4.params == 12500 * 64 + 64 * 128 + 128 + 128 * 4 + 4
+    assert d4.workload.memory_bytes_per_rank < d1.workload.memory_bytes_per_rank / 2
+    tp_msgs = [c for c in d4.collectives if c.group == "tp"]
+    assert [(c.phase, c.op, c.count) for c in tp_msgs] == [("emb1.forward", "allreduce", 64 * 64)]
+    # dense data-parallel gradients: every bucket together carries the whole local table
+    d2 = describe_step(cfg, 2, 1, global_batch=64)
+    assert sum(c.count for c in d2.collectives if c.group == "dp") == d1.params
+    r = simulate(d4.workload, preset("eth25"))
+    assert r.step_s > 0
+    bad = copy.deepcopy(cfg)
+    bad["data"]["mode"] = "scatter"
+    with pytest.raises(Exception, match="scatter"):
+        describe_step(bad, 2, 1, global_batch=64)
