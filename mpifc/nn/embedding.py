@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpifc.backend import get_array_module
+from mpifc.backend import get_array_module, to_device
 from mpifc.nn import functional as F
 from mpifc.nn import init as I
 from mpifc.nn._common import place, resolve_dtype, resolve_xp
@@ -79,6 +79,8 @@ class EmbeddingBag(Module):
     def forward(self, idx, offsets=None, mask=None):
         if isinstance(idx, tuple):
             idx, offsets = idx
+        idx = to_device(idx, self.xp)                  # ids on the table's backend
+        offsets = None if offsets is None else to_device(offsets, self.xp)
         _check_ids(idx, self.num_embeddings)
         if self.padding_idx is not None and offsets is not None:
             idx, offsets = drop_padding(idx, offsets, self.padding_idx)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpifc.backend import get_array_module
+from mpifc.backend import get_array_module, to_device
 from mpifc.nn import init as I
 from mpifc.nn._common import resolve_dtype, resolve_xp
 from mpifc.nn.embedding import _check_ids, drop_padding
@@ -82,6 +82,7 @@ class VocabParallelEmbeddingBag(ParallelModule):
         if offsets is None or tokens.ndim != 1 or offsets.ndim != 1:
             self._refuse("input", getattr(tokens, "shape", ()),
                          "a (tokens (T,), offsets (N,)) pair of 1-d integer arrays")
+        tokens, offsets = to_device(tokens, self.xp), to_device(offsets, self.xp)   # ids on E's backend
         _check_ids(tokens, self.num_embeddings)
         if offsets.dtype.kind not in "iu":
             raise TypeError(f"{self._where()}: offsets must be integers, got dtype {offsets.dtype}")
