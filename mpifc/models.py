@@ -303,8 +303,8 @@ LAYER_KEYS = {
     "mode": ("one of mean, sum", lambda v: v in ("mean", "sum")),
     "padding_idx": ("an integer >= 0", lambda v: _is_int(v, 0)),
 }
-_REQUIRED = {"embeddingbag": ("vocab", "dim"), "linear": ("out",), "conv2d": ("out", "kernel"), "maxpool2d": ("kernel",),
-             "avgpool2d": ("kernel",)}
+_REQUIRED = {"linear": ("out",), "conv2d": ("out", "kernel"), "maxpool2d": ("kernel",),
+             "avgpool2d": ("kernel",), "embeddingbag": ("vocab", "dim")}
 
 
 def validate_layers(specs) -> None:
@@ -360,9 +360,9 @@ def _validate(specs, input_shape):
     validate_layers(specs)
     text = specs[0]["type"] == "embeddingbag"
     if text != is_text_input(input_shape):
+        got = list(input_shape) if isinstance(input_shape, (list, tuple)) else input_shape
         raise ConfigError("model.input must be [\"tokens\"] (or [\"tokens\", L]) for a model whose "
-                          "first layer is an embeddingbag, and only then; got "
-                          f"input = {list(input_shape) if isinstance(input_shape, (list, tuple)) else input_shape!r}")
+                          f"first layer is an embeddingbag, and only then; got input = {got!r}")
     if text:
         return
     if not isinstance(input_shape, (list, tuple)) or not input_shape or \
