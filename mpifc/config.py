@@ -165,7 +165,12 @@ SCHEMA: dict[str, Key] = {
     "data.dir": text("runs/data", "where named datasets are prepared"),
     "data.key_file": key_file("key of an encrypted dataset (32 bytes or 64 hex digits)"),
     "data.key_env": key_file("environment variable holding the dataset key, instead"),
-    "model.input": sizes([], "per-sample input shape: [C, H, W] or [D]"),
+    "model.input": Key([], 'a non-empty list of integers >= 1, or ["tokens"] (text)',   # text: issue 13
+                       lambda v: sizes([], "").ok(v) or (isinstance(v, list) and 1 <= len(v) <= 2
+                                                         and v[0] == "tokens"
+                                                         and all(_is_int(x) and x >= 1 for x in v[1:])),
+                       'per-sample input shape: [C, H, W] or [D]; ["tokens"] for a text model '
+                       '(x = (tokens, offsets)), or ["tokens", L] with L mean tokens per document'),
     "model.layers": layer_table([], "the layer tables, in order (see mpifc.models)"),
     "parallel.dp": integer(0, ">= 0", "data-parallel ranks; 0 = job size / tp"),
     "parallel.tp": integer(1, ">= 0", "tensor-parallel ranks; 0 = job size / dp"),
