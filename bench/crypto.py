@@ -15,7 +15,8 @@ the same load); figures are medians.
   loader, cached      the trainer's setting (cache=True): opening the split, reading
                       (decrypting) it once, and one epoch from memory
   checkpoint          save / load of the cifar-cnn model + SGD momentum (gather mode),
-                      and of one 64 MiB float32 tensor (throughput)
+                      and of one 64 MiB float32 tensor (throughput): clear, signed
+                      (Ed25519 on save, verified on load) and encrypted, interleaved
 
 Target (issue 17): encrypted loading within 1.3x of clear (rows/s ratio clear/encrypted).
 """
@@ -34,6 +35,7 @@ from mpifc.data import DistributedLoader, prepare
 from mpifc.models import build_model
 from mpifc.optim import SGD
 from mpifc.security.crypt import read_key_file
+from mpifc.security.keys import generate
 from mpifc.security.keys_data import generate_data_key
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -113,15 +115,18 @@ class Big:
 big = Big().model
 from mpifc.checkpoint import load, save  # noqa: E402
 
+priv, pub = comm.bcast_obj(generate(f"{tmp}/sign")[:2] if root else None)   # Ed25519 pair
+kinds = ("clear", "signed", "encrypted")
 for _ in range(args.repeats):
     for what, (m, o) in (("cifar-cnn", (model, opt)), ("64 MiB tensor", (big, None))):
-        for name in files:
+        for name in kinds:
             path = f"{tmp}/ck-{name}.h5"
+            signed = name == "signed"
             comm.barrier()
             t0 = time.perf_counter()
-            save(path, m, o, grid, step=1, key=keys[name])
+            save(path, m, o, grid, step=1, key=keys.get(name), sign_key=priv if signed else None)
             t1 = time.perf_counter()
-            load(path, m, o, grid, key=keys[name])
+            load(path, m, o, grid, key=keys.get(name), verify_key=pub if signed else None)
             t2 = time.perf_counter()
             results.setdefault(("save", what, name), []).append(t1 - t0)
             results.setdefault(("load", what, name), []).append(t2 - t1)
@@ -135,11 +140,12 @@ if root:
         c = median(results["loader", cache, "clear"])
         e = median(results["loader", cache, "encrypted"])
         print(f"{label:<34}{c:>12.0f}{e:>12.0f}{c / e:>7.2f}x")
+    print(f"{'':<34}{'clear':>12}{'signed':>12}{'ratio':>8}{'encrypted':>12}{'ratio':>8}")
     for op in ("save", "load"):
         for what in ("cifar-cnn", "64 MiB tensor"):
-            c = median(results[op, what, "clear"])
-            e = median(results[op, what, "encrypted"])
-            print(f"{f'checkpoint {op}, {what} (s)':<34}{c:>12.4f}{e:>12.4f}{e / c:>7.2f}x")
+            c, g, e = (median(results[op, what, k]) for k in kinds)
+            print(f"{f'checkpoint {op}, {what} (s)':<34}{c:>12.4f}{g:>12.4f}{g / c:>7.2f}x"
+                  f"{e:>12.4f}{e / c:>7.2f}x")
     ratio = median(results["loader", False, "clear"]) / median(results["loader", False, "encrypted"])
     cached = median(results["loader", True, "clear"]) / median(results["loader", True, "encrypted"])
     print(f"target: encrypted loading within 1.3x of clear: per batch {ratio:.2f}x "
