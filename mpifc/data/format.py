@@ -373,6 +373,7 @@ class SplitInfo:
     dtype: np.dtype
     chunks: tuple | None
     compression: str | None
+    tokens: int | None = None      # text splits: total token count (x is ragged)
 
 
 @dataclass(frozen=True)
@@ -385,6 +386,8 @@ class DatasetInfo:
     class_names: tuple
     normalisation: Normalisation
     splits: dict
+    layout: str = "dense"          # "text": ragged token ids, see mpifc/data/textformat.py
+    vocab_size: int | None = None  # text only
 
     @property
     def num_classes(self) -> int:
@@ -428,6 +431,9 @@ def validate(f: h5py.File, path: str, check_labels: bool = True) -> DatasetInfo:
     version = int(a.get("format_version", -1))
     if version != FORMAT_VERSION:
         _fail(path, f"format version {version} is not supported (this mpifc reads {FORMAT_VERSION})")
+    if _as_str(a.get("layout", "")) == "text":
+        from mpifc.data.textformat import validate_text
+        return validate_text(f, path, check_labels=check_labels)
     if "class_names" not in a:
         _fail(path, "missing attribute 'class_names'")
     class_names = tuple(_as_str(c) for c in np.atleast_1d(a["class_names"]))
@@ -511,8 +517,13 @@ def read_info(path, check_labels: bool = True) -> DatasetInfo:
 
 
 def read_split(path, name: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """Read a whole split into memory: (x (N, ...) stored dtype, y (N,) int64)."""
+    """Read a whole split into memory: (x (N, ...) stored dtype, y (N,) int64).
+
+    Text datasets: x is (tokens (T,) int32, offsets (N+1,) int64)."""
     f, info = open_dataset(path)
     with f:
         info.split(name)
+        if info.layout == "text":
+            g = f[name]
+            return (g["tokens"][...], g["offsets"][...]), g["y"][...]
         return f[name]["x"][...], f[name]["y"][...]
