@@ -348,3 +348,46 @@ def prepare_synthetic_text(out, *, n_train: int = 8000, n_test: int = 2000,
     return write_text_dataset(out, splits, vocab=vocab, vocab_counts=counts, class_names=names,
                               source=src, compression=compression,
                               attrs={"tokenizer": "chars", "min_freq": 1, "max_vocab": 0})
+
+
+# ---------------------------------------------------------------------------- command
+def cmd_prepare_text(args, describe) -> None:
+    """``mpifc data prepare text SOURCE`` / ``synthetic-text`` (collective under mpiexec).
+
+    A failure prints one line from rank 0 and exits 1 on every rank."""
+    import sys
+
+    from mpifc.comm import world
+
+    comm = world()
+    out = args.out or os.path.join("runs", "data", f"{args.name}.h5")
+    try:
+        if args.name == "synthetic-text":
+            err = None
+            if comm.rank == 0:
+                try:
+                    prepare_synthetic_text(out, n_train=args.n_train, n_test=args.n_test,
+                                           num_classes=args.classes if args.classes != 10 else 4,
+                                           seed=args.seed, compression=args.compression)
+                except DatasetError as e:
+                    err = str(e)
+            err = comm.bcast_obj(err)
+            if err:
+                raise DatasetError(err)
+        else:
+            if not args.source:
+                raise DatasetError("give SOURCE: a folder per class of text files, or CSV/TSV")
+            prepare_text(args.source, out, fmt=args.format, label_column=args.label_column,
+                         text_column=args.text_column, min_freq=args.min_freq,
+                         max_vocab=args.max_vocab, cjk=args.cjk,
+                         test_fraction=args.test_fraction, seed=args.seed, comm=comm,
+                         compression=args.compression,
+                         classes=args.only_classes.split(",") if args.only_classes else None)
+    except DatasetError as e:           # raised on every rank at the same point
+        if comm.rank == 0:
+            print(f"mpifc data prepare {args.name}: {e}", file=sys.stderr, flush=True)
+        comm.barrier()                  # rank 0 has printed before any rank exits non-zero
+        raise SystemExit(1)
+    if comm.rank == 0:
+        print(f"wrote {out}")
+        describe(out)
