@@ -124,9 +124,9 @@ def key_file(doc: str) -> Key:
 
 
 def sizes(default: list, doc: str) -> Key:
-    return Key(default, "a non-empty list of integers >= 1",
-               lambda v: isinstance(v, list) and v != [] and all(_is_int(x) and x >= 1 for x in v),
-               doc)
+    return Key(default, "a non-empty list of integers >= 1 (or [\"tokens\"]: a text dataset)",
+               lambda v: isinstance(v, list) and v != [] and (
+                   v == ["tokens"] or all(_is_int(x) and x >= 1 for x in v)), doc)
 
 
 def numbers(default: list, n: int, spec: str, doc: str) -> Key:
@@ -153,12 +153,13 @@ def _formats_name(v: str) -> bool:
 
 SCHEMA: dict[str, Key] = {
     "seed": integer(0, ">= 0", "seed of the weights, the data order and dropout"),
-    "data.dataset": text("digits", "a prepared name (digits, synthetic, synthetic-images) "
+    "data.dataset": text("digits", "a prepared name (digits, synthetic, synthetic-images, "
+                         "synthetic-text) "
                          "or the path of an mpifc HDF5 file"),
     "data.mode": choice("slice", ("slice", "scatter"),
                         "slice: each rank reads its rows; scatter: rank 0 reads and scatters"),
     "data.dir": text("runs/data", "where named datasets are prepared"),
-    "model.input": sizes([], "per-sample input shape: [C, H, W] or [D]"),
+    "model.input": sizes([], "per-sample input shape: [C, H, W] or [D]; text: [\"tokens\"]"),
     "model.layers": layer_table([], "the layer tables, in order (see mpifc.models)"),
     "parallel.dp": integer(0, ">= 0", "data-parallel ranks; 0 = job size / tp"),
     "parallel.tp": integer(1, ">= 0", "tensor-parallel ranks; 0 = job size / dp"),
