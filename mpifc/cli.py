@@ -228,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     tx.add_argument("--text-column", default="1",
                     help="csv: text column(s), index or name; '1,2' joins several")
     tx.add_argument("--min-freq", type=int, default=1, help="keep tokens seen this often in train")
-    tx.add_argument("--max-vocab", type=int, default=None, help="vocabulary size incl. <pad>, <unk>")
+    tx.add_argument("--max-vocab", type=int, default=None,
+                    help="vocabulary size incl. <pad>, <unk>")
     tx.add_argument("--cjk", choices=["chars", "bigrams"], default="chars")
     tx.add_argument("--test-fraction", type=float, default=0.2,
                     help="test share when SOURCE holds one split")

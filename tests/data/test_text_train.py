@@ -154,3 +154,17 @@ def test_text_bow_tp2_equals_dp2(tmp_path):
     b = [r["loss"] for r in tp if "samples_per_s" not in r]
     assert a and len(a) == len(b)
     assert np.allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_synthetic_text_is_a_named_dataset(comm, tmp_path):
+    """data.dataset = "synthetic-text" is prepared once, like the other named sets."""
+    from mpifc.data.format import read_info
+    from mpifc.train import resolve_dataset
+
+    cfg = {"data": {"dataset": "synthetic-text", "dir": str(tmp_path)},
+           "model": {"input": ["tokens"]}, "seed": 7}
+    path = resolve_dataset(cfg, comm)
+    assert path == str(tmp_path / "synthetic-text.h5")
+    info = read_info(path)
+    assert info.layout == "text" and info.num_classes == 4
+    assert (info.splits["train"].n, info.splits["test"].n) == (8000, 2000)
