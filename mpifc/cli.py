@@ -60,7 +60,7 @@ def _cmd_data_prepare(args):
         elif args.name == "synthetic":
             shape = tuple(int(v) for v in args.shape.split(","))
             path = prepare.prepare_synthetic(out, n_train=args.n_train, n_test=args.n_test,
-                                             shape=shape, num_classes=args.classes,
+                                             shape=shape, num_classes=args.classes or 10,
                                              seed=args.seed, **kw)
         else:
             path = prepare.prepare_digits(out, **kw)
@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--shape", default="3,32,32", help="synthetic: C,H,W or D")
     pr.add_argument("--n-train", type=int, default=10000)
     pr.add_argument("--n-test", type=int, default=2000)
-    pr.add_argument("--classes", type=int, default=10)
+    pr.add_argument("--classes", type=int, default=None,
+                    help="synthetic: 10 (default); synthetic-text: 4 (default, at most 6)")
     pr.add_argument("--seed", type=int, default=0)
     tx = pr.add_argument_group("text (README: text datasets)")
     tx.add_argument("--format", choices=["folders", "csv"], default=None,

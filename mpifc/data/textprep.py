@@ -213,12 +213,17 @@ def prepare_text(source, out, *, fmt=None, label_column="0", text_column="1", cl
             parsed, desc = read_source(source, fmt, label_column=label_column,
                                        text_column=text_column, classes=classes,
                                        test_fraction=test_fraction, seed=seed)
+            names = class_names_of(parsed["train"][1])      # labels first: fail before counting
+            ys = {s: label_ids(labels, where, names, s)
+                  for s, (_, labels, where) in parsed.items()}
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
             with open(corpus, "w", encoding="utf-8") as fh:
                 for t in parsed["train"][0]:
                     fh.write(" ".join(t.split()) + "\n")    # one document a line
         except (DatasetError, OSError) as e:
             msg = str(e)
+            if os.path.exists(corpus):
+                os.unlink(corpus)
     got = comm.bcast_obj(("error", msg) if msg else ("ok", corpus))
     if got[0] == "error":
         raise DatasetError(got[1])
@@ -231,12 +236,8 @@ def prepare_text(source, out, *, fmt=None, label_column="0", text_column="1", cl
     msg = None
     if comm.rank == 0:
         try:
-            names = class_names_of(parsed["train"][1])
-            splits = {}
-            for s, (texts, labels, where) in parsed.items():
-                y = label_ids(labels, where, names, s)
-                tokens, offsets = encode(texts, vocab, cjk)
-                splits[s] = (tokens, offsets, y)
+            splits = {s: (*encode(texts, vocab, cjk), ys[s])
+                      for s, (texts, _, _) in parsed.items()}
             write_text_dataset(out, splits, vocab=vocab, vocab_counts=counts,
                                class_names=names, source=desc, compression=compression,
                                attrs={"tokenizer": cjk, "min_freq": int(min_freq),
@@ -367,8 +368,8 @@ def cmd_prepare_text(args, describe) -> None:
             if comm.rank == 0:
                 try:
                     prepare_synthetic_text(out, n_train=args.n_train, n_test=args.n_test,
-                                           num_classes=args.classes if args.classes != 10 else 4,
-                                           seed=args.seed, compression=args.compression)
+                                           num_classes=args.classes or 4, seed=args.seed,
+                                           compression=args.compression)
                 except DatasetError as e:
                     err = str(e)
             err = comm.bcast_obj(err)
