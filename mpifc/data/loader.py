@@ -49,6 +49,9 @@ from mpifc.data.format import DatasetError, Normalisation, open_dataset
 from mpifc.data.textformat import TEXT_SAMPLE
 
 MODES = ("slice", "scatter")
+#: text without cache: read the covering token range in one hyperslab when it is at most
+#: 4x the tokens needed plus this many; else one read per document
+DENSE_SLACK_TOKENS = 1 << 18
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -217,7 +220,7 @@ def _read_docs(g, idx: np.ndarray):
     lo, hi = o[local], o[local + 1]
     need = int((hi - lo).sum())
     tlo, thi = int(lo.min()), int(hi.max())
-    if thi - tlo <= 4 * need + (1 << 18):           # dense enough: one hyperslab
+    if thi - tlo <= 4 * need + DENSE_SLACK_TOKENS:      # dense enough: one hyperslab
         return gather_docs(g["tokens"][tlo:thi], o, local, base=tlo)
     parts = [g["tokens"][int(a):int(b)] for a, b in zip(lo, hi)]
     starts = np.zeros(idx.size, dtype=np.int64)

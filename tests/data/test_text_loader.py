@@ -82,6 +82,22 @@ def test_one_rank_rows_are_the_serial_batch(comm, tmp_path, cache, batch_size):
             assert same(b, serial_rows(path, ld.plan, b.epoch, b.step, 0))
 
 
+@pytest.mark.parametrize("slack", [0, 1 << 18])
+def test_sparse_and_dense_reads_agree(tmp_path, monkeypatch, slack):
+    """Documents far apart are read one by one, close ones as one hyperslab: same rows."""
+    import mpifc.data.loader as L
+
+    monkeypatch.setattr(L, "DENSE_SLACK_TOKENS", slack)
+    path = write_ragged(tmp_path / "t.h5")
+    tok, off, _ = read_text_split(path)
+    idx = np.array([36, 0, 3, 17, 4, 35])
+    with h5py.File(path, "r") as f:
+        got, starts = L._read_docs(f["train"], idx)
+    want = np.concatenate([tok[off[i]:off[i + 1]] for i in idx])
+    assert np.array_equal(got, want) and got.dtype == np.int64
+    assert np.array_equal(starts, np.concatenate([[0], np.cumsum(np.diff(off)[idx])[:-1]]))
+
+
 @pytest.mark.parametrize("cache", [False, True])
 def test_bad_token_id_names_file_split_document(comm, tmp_path, cache):
     from mpifc.data.loader import DistributedLoader
