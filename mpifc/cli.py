@@ -40,6 +40,11 @@ def _cmd_trace(args):
         print(f"wrote {args.output} ({sum(map(len, per_rank))} events, {len(files)} ranks)")
 
 
+def _given(value, default):
+    """A command-line value, or the dataset's default when it was not given (None)."""
+    return default if value is None else value
+
+
 def _cmd_data_prepare(args):
     import os
 
@@ -59,9 +64,9 @@ def _cmd_data_prepare(args):
             path = prepare.CONVERTERS[args.name](args.source, out, **kw)
         elif args.name == "synthetic":
             shape = tuple(int(v) for v in args.shape.split(","))
-            path = prepare.prepare_synthetic(out, n_train=args.n_train, n_test=args.n_test,
-                                             shape=shape, num_classes=args.classes or 10,
-                                             seed=args.seed, **kw)
+            path = prepare.prepare_synthetic(
+                out, n_train=_given(args.n_train, 10000), n_test=_given(args.n_test, 2000),
+                shape=shape, num_classes=_given(args.classes, 10), seed=args.seed, **kw)
         else:
             path = prepare.prepare_digits(out, **kw)
     except DatasetError as e:
@@ -216,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", help="output .h5 (default runs/data/NAME.h5)")
     pr.add_argument("--compression", choices=["gzip", "lzf"], default=None)
     pr.add_argument("--shape", default="3,32,32", help="synthetic: C,H,W or D")
-    pr.add_argument("--n-train", type=int, default=10000)
-    pr.add_argument("--n-test", type=int, default=2000)
+    pr.add_argument("--n-train", type=int, default=None,
+                    help="synthetic: 10000 (default); synthetic-text: 8000 (default)")
+    pr.add_argument("--n-test", type=int, default=None, help="synthetic, synthetic-text: 2000")
     pr.add_argument("--classes", type=int, default=None,
                     help="synthetic: 10 (default); synthetic-text: 4 (default, at most 6)")
     pr.add_argument("--seed", type=int, default=0)

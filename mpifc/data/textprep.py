@@ -367,9 +367,10 @@ def cmd_prepare_text(args, describe) -> None:
             err = None
             if comm.rank == 0:
                 try:
-                    prepare_synthetic_text(out, n_train=args.n_train, n_test=args.n_test,
-                                           num_classes=args.classes or 4, seed=args.seed,
-                                           compression=args.compression)
+                    prepare_synthetic_text(
+                        out, n_train=_given(args.n_train, 8000), n_test=_given(args.n_test, 2000),
+                        num_classes=_given(args.classes, 4), seed=args.seed,
+                        compression=args.compression)
                 except DatasetError as e:
                     err = str(e)
             err = comm.bcast_obj(err)
@@ -392,3 +393,8 @@ def cmd_prepare_text(args, describe) -> None:
     if comm.rank == 0:
         print(f"wrote {out}")
         describe(out)
+
+
+def _given(value, default):
+    """A command-line value, or the dataset's default when it was not given (None)."""
+    return default if value is None else value
