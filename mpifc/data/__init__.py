@@ -21,7 +21,8 @@ __all__ = ["FORMAT_VERSION", "DatasetError", "DatasetInfo", "DatasetWriter", "No
            "SplitInfo", "open_dataset", "read_info", "read_split", "write_dataset", "CONVERTERS",
            "prepare_cifar10", "prepare_digits", "prepare_mnist", "prepare_synthetic",
            "read_cifar_batch", "read_idx", "prepare_text", "prepare_synthetic_text",
-           "read_text_split", "read_vocab", "write_text_dataset"]   # loader names: not star-imported (MPI)
+           "read_text_split", "read_vocab", "write_text_dataset"]
+# loader names: not star-imported (MPI)
 
 
 def __getattr__(name):
