@@ -57,6 +57,13 @@ def _cmd_data_prepare(args):
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     kw = {"compression": args.compression}
     try:
+        if args.encrypt_key_file:             # encryption at rest: key from a file only
+            from mpifc.security.crypt import CryptError, read_key_file
+            try:
+                kw["encrypt_key"] = read_key_file(args.encrypt_key_file)
+                kw["encrypt_key"].aead()      # cryptography installed? (one-line hint if not)
+            except CryptError as e:
+                raise DatasetError(str(e)) from None
         if args.name in ("mnist", "cifar10"):
             if not args.source:
                 raise SystemExit(f"mpifc data prepare {args.name}: give the directory holding the "
@@ -170,7 +177,7 @@ def _cmd_eval(args):
     cfg = stored_data_paths(cfg, path)          # relative paths of older checkpoints
     cfg = eval_config(cfg, args.set)
     tr = Trainer(cfg, quiet=True, comm=comm, out=args.out or os.path.dirname(os.path.dirname(path)))
-    info = load(path, tr.model, None, tr.grid, verify_key=args.pubkey)
+    info = load(path, tr.model, None, tr.grid, verify_key=args.pubkey, key=tr.ckpt_key)
     res = tr.evaluate()
     if comm.rank == 0:
         lay = info["layout"]
@@ -227,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--classes", type=int, default=None,
                     help="synthetic: 10 (default); synthetic-text: 4 (default, at most 6)")
     pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--encrypt-key-file", metavar="KEY_FILE",
+                    help="write the file AES-256-GCM encrypted with the key in KEY_FILE (make one "
+                    "with `mpifc keys generate-data-key`); read it with data.key_file")
     tx = pr.add_argument_group("text (README: text datasets)")
     tx.add_argument("--format", choices=["folders", "csv"], default=None,
                     help="text SOURCE layout (default: folders for a directory without "
@@ -301,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_text(sub)
     from mpifc.security.commands import add_security              # keys, sign, verify
     add_security(sub)
+    # --- issue 18: predict, export, plot ---
+    from mpifc.predict import add_predict                         # mpifc predict
+    add_predict(sub)
+    from mpifc.export import add_export                           # mpifc export
+    add_export(sub)
+    from mpifc.plot import add_plot                               # mpifc plot
+    add_plot(sub)
     return p
 
 

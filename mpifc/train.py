@@ -113,6 +113,27 @@ def resolve_dataset(cfg: dict, comm) -> str:
     return path
 
 
+def check_data_fits_model(loader, model_cfg: dict, path: str) -> None:
+    """Raise TrainingError unless the samples are what ``model.input`` says (issue 13: a
+    text dataset needs ``input = ["tokens"...]`` and an embeddingbag ``vocab`` that holds
+    every id of the file, ``vocab >= vocab_size``)."""
+    from mpifc.models import is_text_input
+
+    want = model_cfg["input"]
+    if loader.text or is_text_input(want):
+        if not (loader.text and is_text_input(want)):
+            raise TrainingError(f"{path}: a {'text' if loader.text else 'non-text'} dataset "
+                                f"but model.input is {list(want)} (text: [\"tokens\"])")
+        vocab = (model_cfg.get("layers") or [{}])[0].get("vocab", 0)
+        if vocab < loader.vocab_size:
+            raise TrainingError(f"{path}: the vocabulary has {loader.vocab_size} ids but the "
+                                f"embeddingbag has vocab = {vocab}; set model.layers[0].vocab "
+                                f">= {loader.vocab_size}")
+    elif tuple(loader.sample_shape) != tuple(want):
+        raise TrainingError(f"{path}: samples are {tuple(loader.sample_shape)} "
+                            f"but model.input is {tuple(want)}")
+
+
 def build_optimizer(cfg: dict, params):
     from mpifc import optim
 
@@ -285,18 +306,19 @@ class Trainer:
         if self.rank0:
             os.makedirs(self.ckpt_dir, exist_ok=True)
 
+        from mpifc.security.crypt import config_keys      # encryption at rest (collective)
+        self.data_key, self.ckpt_key = config_keys(cfg, self.comm)
         self.data_path = resolve_dataset(cfg, self.comm)
         dc = self.grid.dp_comm
         self.loader = DistributedLoader(self.data_path, dc, split="train",
                                         batch_size=t["batch_size"], seed=cfg["seed"],
-                                        mode=cfg["data"]["mode"], dtype=self.dtype, cache=True)
+                                        mode=cfg["data"]["mode"], dtype=self.dtype, cache=True,
+                                        key=self.data_key)
         self.test_loader = DistributedLoader(self.data_path, dc, split="test", shuffle=False,
                                              batch_size=t["eval_batch_size"], seed=cfg["seed"],
                                              mode=cfg["data"]["mode"], dtype=self.dtype,
-                                             cache=True)
-        if tuple(self.loader.sample_shape) != tuple(cfg["model"]["input"]):
-            raise TrainingError(f"{self.data_path}: samples are {tuple(self.loader.sample_shape)} "
-                                f"but model.input is {tuple(cfg['model']['input'])}")
+                                             cache=True, key=self.data_key)
+        check_data_fits_model(self.loader, cfg["model"], self.data_path)
         from mpifc.security.signing import check_keys   # security: bad key files fail now
         check_keys(cfg, self.comm)
         self.model = build_model(cfg["model"], self.grid, seed=cfg["seed"], dtype=self.dtype)
@@ -314,7 +336,9 @@ class Trainer:
         if self.rank0 and not quiet:
             print(f"mpifc train {cfg['name']}: {self.comm.size} rank(s) as dp={self.grid.dp} x "
                   f"tp={self.grid.tp}, {self.threads} BLAS thread(s) per rank, "
-                  f"{self.loader.steps_per_epoch} steps/epoch of {t['batch_size']} samples, "
+                  f"{self.loader.steps_per_epoch} steps/epoch of {t['batch_size']} samples"
+                  + (f" in {t['accumulate']} micro-batches" if t.get("accumulate", 1) > 1 else "")
+                  + ", "
                   f"data {self.data_path}", flush=True)
 
     def _note(self, line: str) -> None:
@@ -335,22 +359,37 @@ class Trainer:
 
     # --- one step ---
     def train_step(self, batch) -> tuple[float, int]:
-        """Forward, backward, gradient sync, clip, update. Returns (loss sum, correct) here."""
+        """Forward, backward, gradient sync, clip, update. Returns (loss sum, correct) here.
+
+        ``train.accumulate`` = K: the rank's rows run as K micro-batches
+        (:func:`~mpifc.data.loader.micro_batches`); the first K - 1 backwards run under
+        ``dp.no_sync()`` (no message), the K-th allreduces the summed buckets once.
+        """
+        from mpifc.data.loader import micro_batches
         from mpifc.parallel import clip_grad_norm_grid
 
         model, b = self.model, int(batch.y.shape[0])
-        with trace.span("forward"):          # spans: the trace shows compute beside the calls
-            self.dp.zero_grad()
-            logits = model.forward(batch.x)
-            loss = float(model.loss.forward(logits, batch.y))
-            correct = int(model.loss.correct())
-        with trace.span("backward"):
-            # The loss is a mean over this rank's b rows and data parallel averages over the
-            # dp ranks; scaling by dp * b / B makes the result the mean over the global batch
-            # (exact for uneven last batches, and a rank with no rows contributes zeros).
-            dlogits = model.loss.backward(self.grid.dp * b / batch.global_size)
-            self.dp.backward(dlogits)
-            self.dp.synchronize()
+        parts = micro_batches(batch, self.cfg["train"].get("accumulate", 1))
+        loss_sum, correct = 0.0, 0
+        self.dp.zero_grad()
+        for i, mb in enumerate(parts):
+            m, last = int(mb.y.shape[0]), i == len(parts) - 1
+            with trace.span("forward"):      # spans: the trace shows compute beside the calls
+                logits = model.forward(mb.x)
+                loss_sum += float(model.loss.forward(logits, mb.y)) * m
+                correct += int(model.loss.correct())
+            with trace.span("backward"):
+                # The loss is a mean over the m rows here and data parallel averages over
+                # the dp ranks; scaling by dp * m / B makes the sum over micro-batches and
+                # ranks the mean over the global batch (exact for uneven splits; a part
+                # with no rows contributes zeros).
+                dlogits = model.loss.backward(self.grid.dp * m / batch.global_size)
+                if last:
+                    self.dp.backward(dlogits)
+                    self.dp.synchronize()
+                else:
+                    with self.dp.no_sync():
+                        self.dp.backward(dlogits)
         self.exposed_s += self.dp.timings["post"] + self.dp.timings["wait"]
         with trace.span("update"):
             clip = self.cfg["optim"]["clip_norm"]
@@ -359,7 +398,7 @@ class Trainer:
             self.opt.step()
             if self.sched is not None and self.sched[0] == "step":
                 self.sched[1].step()
-        return loss * b, correct
+        return loss_sum, correct
 
     def evaluate(self, loader=None) -> dict:
         """Loss and accuracy over a whole split (default: test), completed over dp."""
@@ -496,7 +535,7 @@ class Trainer:
                     epoch=self.loader.position[0], data_position=self.loader.state_dict(),
                     rng_states=generators(self.model), config=to_toml(self.cfg),
                     keep_last=t["keep_last"], extra=extra,
-                    sign_key=t.get("sign_key") or None)
+                    sign_key=t.get("sign_key") or None, key=self.ckpt_key)
         self.saved = path
         if best is not self.best:
             self.best = best
@@ -548,7 +587,7 @@ class Trainer:
                 return None
             path = found
         info = load(path, self.model, self.opt, self.grid,
-                    verify_key=self.cfg["train"].get("verify_key") or None)
+                    verify_key=self.cfg["train"].get("verify_key") or None, key=self.ckpt_key)
         self.loader.load_state_dict(info["data_position"])
         extra = info.get("extra") or {}
         self.step = int(extra.get("step", info["step"]))

@@ -146,3 +146,11 @@ def test_good_layer_table_loads(tmp_path):
     load_config(_layers(tmp_path, '[{type = "linear", out = 32, shard = "column", init = "xavier_uniform"},'
                                   ' {type = "dropout", p = 0.1}, {type = "leakyrelu", slope = 0.2},'
                                   ' {type = "linear", out = 10, bias = false}]'))
+
+
+def test_set_with_an_empty_value_is_the_empty_string():
+    """`--set train.sign_key=` turns a key setting off (was: "'' is not a valid TOML value",
+    since the empty text's first character "tested" as a list/string opener)."""
+    cfg = loads_config("[model]\ninput = [4]\nlayers = [{type = \"linear\", out = 2}]\n",
+                       overrides=["train.sign_key=/k", "train.sign_key="])
+    assert cfg["train"]["sign_key"] == ""

@@ -47,6 +47,7 @@ from mpifc import backend
 from mpifc.comm import balanced_counts
 from mpifc.data.format import DatasetError, Normalisation, open_dataset
 from mpifc.data.textformat import TEXT_SAMPLE
+from mpifc.security import crypt
 
 MODES = ("slice", "scatter")
 #: text without cache: read the covering token range in one hyperslab when it is at most
@@ -268,6 +269,10 @@ class DistributedLoader:
     validate : check what is served: float features finite, labels in [0, classes).
         Cached float data is checked once, at construction (all ranks agree on the
         verdict); otherwise every read batch is checked on the rank that reads it.
+    key : :class:`mpifc.security.crypt.DataKey` of an encrypted file (``data.key_file`` /
+        ``data.key_env``); required for one, refused for a clear file. Each reading rank
+        decrypts only the chunks holding its rows, and every batch read is agreed on by
+        all ranks, so a chunk that fails authentication on one rank fails every rank
 
     Every rank constructs the loader (collective: a rank that cannot open the file
     makes all ranks raise the same :class:`DatasetError`).
@@ -276,7 +281,7 @@ class DistributedLoader:
     def __init__(self, path, comm, *, split: str = "train", batch_size: int, seed: int = 0,
                  shuffle: bool = True, drop_last: bool = False, mode: str = "slice",
                  root: int = 0, dtype=np.float32, normalise: bool = True, xp=None,
-                 cache: bool = False, validate: bool = True):
+                 cache: bool = False, validate: bool = True, key=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.comm = comm
@@ -291,6 +296,7 @@ class DistributedLoader:
         self.path = str(path)
         self._f = None
         self._mem = None
+        self._key, self._arrays, self._cache_agreed = key, None, False
         reads = mode == "slice" or comm.rank == self.root
         settings = (int(batch_size), int(seed), bool(shuffle), bool(drop_last), mode, self.root)
         # open and validate here, then agree on the result on every rank, so a
@@ -298,7 +304,9 @@ class DistributedLoader:
         mine = {"settings": settings, "error": None, "meta": None}
         if reads:
             try:
-                self._f, info = open_dataset(path)
+                self._f, info = open_dataset(path, key=key)
+                crypt.check_key(self._f, key, path, "data.key_file or data.key_env",
+                                accept_clear=False)
                 s = info.split(split)
                 mine["meta"] = (s.n, s.sample_shape, s.dtype.str, info.num_classes,
                                 info.normalisation.kind, info.normalisation.mean.tolist(),
@@ -315,7 +323,7 @@ class DistributedLoader:
                         check_rows(tok, y, None, info.num_classes, self._where)
                     else:
                         check_rows(*self._mem, None, info.num_classes, self._where)
-            except (DatasetError, OSError) as e:
+            except (DatasetError, OSError, crypt.CryptError) as e:
                 mine["error"] = str(e)
         everyone = comm.allgather_obj(mine)
         errors = [f"rank {r}: {d['error']}" for r, d in enumerate(everyone) if d["error"]]
@@ -395,13 +403,21 @@ class DistributedLoader:
     def _where(self) -> str:
         return f"{self.path}, split '{self.split}'"
 
+    def _open_arrays(self):
+        """The split's x and y: h5py datasets, or EncryptedArrays over them."""
+        if self._arrays is None:
+            g = self._f[self.split]
+            self._arrays = tuple(crypt.open_array(g[d], self._key) for d in ("x", "y"))
+        return self._arrays
+
     def _fill_cache(self) -> None:
         if self._mem is None:
-            g = self._f[self.split]
             if self.text:
+                g = self._f[self.split]
                 self._mem = (g["tokens"][...], g["offsets"][...], g["y"][...])
             else:
-                self._mem = (g["x"][...], g["y"][...])
+                xs, ys = self._open_arrays()
+                self._mem = (xs[...], ys[...])
 
     def _read_text(self, idx: np.ndarray):
         """Documents ``idx``: (tokens (T,) int64, starts (b,) int64, y (b,) int64)."""
@@ -451,11 +467,39 @@ class DistributedLoader:
         if self.cache:
             self._fill_cache()
             return self._mem[0][idx], self._mem[1][idx]
-        g = self._f[self.split]
-        x, y = _read_rows(g["x"], idx), _read_rows(g["y"], idx)
+        xs, ys = self._open_arrays()
+        if isinstance(xs, crypt.EncryptedArray):     # decrypts just the chunks holding idx
+            x, y = xs.read_rows(idx), ys.read_rows(idx)
+        else:
+            x, y = _read_rows(xs, idx), _read_rows(ys, idx)
         if self.validate:
             check_rows(x, y, idx, self.num_classes, self._where)
         return x, y
+
+    def _read_agreed(self, idx):
+        """:meth:`_read` (``idx`` None: nothing to read), then agree over the dp ranks.
+
+        Encrypted files only: a chunk failing authentication raises the same
+        :class:`DatasetError` on every rank instead of leaving the others in the
+        next collective. Costs one 8-byte allreduce per batch, and with ``cache`` only
+        for the first batch (the one that reads the split; nothing can fail after it).
+        """
+        rows, err = None, None
+        try:
+            rows = self._read(idx) if idx is not None else None
+        except crypt.CryptError as e:
+            err = str(e)
+        if self._key is None or self._cache_agreed:
+            if err:
+                raise DatasetError(err)
+            return rows
+        bad = self.comm.allreduce(np.array([1.0 if err else 0.0]), op="max")
+        self._cache_agreed = self.cache and not bad[0]      # the same on every rank
+        if bad[0]:
+            errs = self.comm.allgather_obj(err)
+            first = next(f"rank {r}: {m}" for r, m in enumerate(errs) if m)
+            raise DatasetError(f"cannot read {self.split} rows: {first}")
+        return rows
 
     def get_batch(self, epoch: int, step: int) -> Batch:
         """This rank's rows of global batch ``step`` of ``epoch``.
@@ -477,12 +521,12 @@ class DistributedLoader:
             x = (backend.to_device(tokens, self.xp), backend.to_device(starts, self.xp))
             return Batch(x, backend.to_device(y, self.xp), epoch, step, plan.global_size(step))
         if self.mode == "slice":
-            x, y = self._read(plan.local_indices(epoch, step, me, order))
+            x, y = self._read_agreed(plan.local_indices(epoch, step, me, order))
         else:
-            xs = ys = None
-            if me == self.root:
-                # rows in batch order: rank r's block starts at displs[r]
-                xs, ys = self._read(plan.global_indices(epoch, step, order))
+            # rows in batch order: rank r's block starts at displs[r]
+            got = self._read_agreed(plan.global_indices(epoch, step, order)
+                                    if me == self.root else None)
+            xs, ys = got if got is not None else (None, None)
             x = np.empty((counts[me],) + self.sample_shape, dtype=self.stored_dtype)
             y = np.empty((counts[me],), dtype=np.int64)
             self.comm.scatter(xs, x, counts=list(counts), root=self.root)
@@ -512,7 +556,8 @@ class DistributedLoader:
         if self._f is not None:
             self._f.close()
             self._f = None
-        self._mem = None
+        self._mem = self._arrays = None
+        self._cache_agreed = False
 
     def __enter__(self):
         return self
@@ -520,3 +565,20 @@ class DistributedLoader:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+# --- gradient accumulation (train.accumulate): micro-batches of one rank's batch ---
+def micro_batches(batch: Batch, k: int) -> list[Batch]:
+    """``batch`` (this rank's rows of a global batch) cut into ``k`` micro-batches.
+
+    Contiguous row blocks of ``balanced_counts(b, k)`` rows (sizes differ by at most
+    one; a block may be empty when b < k, and every rank still runs all k, so the
+    collectives of each micro-batch match). Each keeps the global batch's
+    ``global_size``: scaling a micro-batch's mean loss by rows / global_size makes
+    the k gradients add up to the mean over the global batch. ``k`` = 1: [batch].
+    """
+    if k == 1:
+        return [batch]
+    counts, displs = balanced_counts(int(batch.y.shape[0]), int(k))
+    return [batch._replace(x=batch.x[d:d + c], y=batch.y[d:d + c])
+            for c, d in zip(counts, displs)]
