@@ -168,3 +168,25 @@ def test_synthetic_text_is_a_named_dataset(comm, tmp_path):
     info = read_info(path)
     assert info.layout == "text" and info.num_classes == 4
     assert (info.splits["train"].n, info.splits["test"].n) == (8000, 2000)
+
+
+def test_trainer_refuses_text_data_that_does_not_fit_the_model():
+    """A vocab smaller than the file's, or text data for an image model: one clear error."""
+    from types import SimpleNamespace
+
+    from mpifc.errors import UserError
+    from mpifc.train import check_data_fits_model
+
+    text = SimpleNamespace(text=True, vocab_size=3231, sample_shape=("tokens",))
+    bow_cfg = {"input": ["tokens"], "layers": [{"type": "embeddingbag", "vocab": 3000, "dim": 8}]}
+    with pytest.raises(UserError, match=r"vocabulary has 3231 ids but the embeddingbag has "
+                                        r"vocab = 3000; set model.layers\[0\].vocab >= 3231"):
+        check_data_fits_model(text, bow_cfg, "t.h5")
+    with pytest.raises(UserError, match=r"a text dataset but model.input is \[1, 8, 8\]"):
+        check_data_fits_model(text, {"input": [1, 8, 8], "layers": []}, "t.h5")
+    images = SimpleNamespace(text=False, vocab_size=None, sample_shape=(1, 8, 8))
+    with pytest.raises(UserError, match="a non-text dataset but model.input is"):
+        check_data_fits_model(images, bow_cfg, "d.h5")
+    bow_cfg["layers"][0]["vocab"] = 3231
+    check_data_fits_model(text, bow_cfg, "t.h5")            # fits: no error
+    check_data_fits_model(images, {"input": [1, 8, 8]}, "d.h5")
