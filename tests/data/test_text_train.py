@@ -1,5 +1,6 @@
 """Text batches end to end: a bag-of-words model fed by the loader learns, data parallel
-equals serial, and the text-bow preset trains (once the embeddingbag layer is merged).
+equals serial, and the text-bow preset trains (skipped where the embeddingbag layer type
+is missing).
 
 The hand-built model uses mpifc.nn.EmbeddingBag directly on ``batch.x = (tokens,
 offsets)``, the flat form the loader hands out.
