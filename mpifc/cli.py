@@ -40,11 +40,19 @@ def _cmd_trace(args):
         print(f"wrote {args.output} ({sum(map(len, per_rank))} events, {len(files)} ranks)")
 
 
+def _given(value, default):
+    """A command-line value, or the dataset's default when it was not given (None)."""
+    return default if value is None else value
+
+
 def _cmd_data_prepare(args):
     import os
 
     from mpifc.data import DatasetError, prepare
 
+    if args.name in ("text", "synthetic-text"):        # issue 13: text datasets (collective)
+        from mpifc.data.textprep import cmd_prepare_text
+        return cmd_prepare_text(args, lambda p: _cmd_inspect(argparse.Namespace(file=p)))
     out = args.out or os.path.join("runs", "data", f"{args.name}.h5")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     kw = {"compression": args.compression}
@@ -63,9 +71,9 @@ def _cmd_data_prepare(args):
             path = prepare.CONVERTERS[args.name](args.source, out, **kw)
         elif args.name == "synthetic":
             shape = tuple(int(v) for v in args.shape.split(","))
-            path = prepare.prepare_synthetic(out, n_train=args.n_train, n_test=args.n_test,
-                                             shape=shape, num_classes=args.classes,
-                                             seed=args.seed, **kw)
+            path = prepare.prepare_synthetic(
+                out, n_train=_given(args.n_train, 10000), n_test=_given(args.n_test, 2000),
+                shape=shape, num_classes=_given(args.classes, 10), seed=args.seed, **kw)
         else:
             path = prepare.prepare_digits(out, **kw)
     except DatasetError as e:
@@ -213,18 +221,37 @@ def build_parser() -> argparse.ArgumentParser:
                          description="digits: scikit-learn's bundled copy (offline); mnist: "
                          "the four IDX files in SOURCE; cifar10: the python batches in SOURCE; "
                          "synthetic: learnable class prototypes + noise of any size")
-    pr.add_argument("name", choices=["digits", "mnist", "cifar10", "synthetic"])
-    pr.add_argument("source", nargs="?", help="directory of the original files (mnist, cifar10)")
+    pr.add_argument("name", choices=["digits", "mnist", "cifar10", "synthetic", "text",
+                                     "synthetic-text"])
+    pr.add_argument("source", nargs="?", help="directory of the original files (mnist, cifar10); "
+                    "text: a folder per class of text files, or CSV/TSV")
     pr.add_argument("--out", help="output .h5 (default runs/data/NAME.h5)")
     pr.add_argument("--compression", choices=["gzip", "lzf"], default=None)
     pr.add_argument("--shape", default="3,32,32", help="synthetic: C,H,W or D")
-    pr.add_argument("--n-train", type=int, default=10000)
-    pr.add_argument("--n-test", type=int, default=2000)
-    pr.add_argument("--classes", type=int, default=10)
+    pr.add_argument("--n-train", type=int, default=None,
+                    help="synthetic: 10000 (default); synthetic-text: 8000 (default)")
+    pr.add_argument("--n-test", type=int, default=None, help="synthetic, synthetic-text: 2000")
+    pr.add_argument("--classes", type=int, default=None,
+                    help="synthetic: 10 (default); synthetic-text: 4 (default, at most 6)")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--encrypt-key-file", metavar="KEY_FILE",
                     help="write the file AES-256-GCM encrypted with the key in KEY_FILE (make one "
                     "with `mpifc keys generate-data-key`); read it with data.key_file")
+    tx = pr.add_argument_group("text (README: text datasets)")
+    tx.add_argument("--format", choices=["folders", "csv"], default=None,
+                    help="text SOURCE layout (default: folders for a directory without "
+                    "train.csv/test.csv, else csv)")
+    tx.add_argument("--label-column", default="0", help="csv: label column, index or name")
+    tx.add_argument("--text-column", default="1",
+                    help="csv: text column(s), index or name; '1,2' joins several")
+    tx.add_argument("--min-freq", type=int, default=1, help="keep tokens seen this often in train")
+    tx.add_argument("--max-vocab", type=int, default=None,
+                    help="vocabulary size incl. <pad>, <unk>")
+    tx.add_argument("--cjk", choices=["chars", "bigrams"], default="chars")
+    tx.add_argument("--test-fraction", type=float, default=0.2,
+                    help="test share when SOURCE holds one split")
+    tx.add_argument("--only-classes", default=None,
+                    help="folders: class folders to use, comma separated (e.g. neg,pos)")
     pr.set_defaults(func=_cmd_data_prepare)
 
     tr = sub.add_parser("train", help="train a config or preset (run under mpiexec for several ranks)",

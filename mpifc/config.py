@@ -158,7 +158,8 @@ def _formats_name(v: str) -> bool:
 
 SCHEMA: dict[str, Key] = {
     "seed": integer(0, ">= 0", "seed of the weights, the data order and dropout"),
-    "data.dataset": text("digits", "a prepared name (digits, synthetic, synthetic-images) "
+    "data.dataset": text("digits", "a prepared name (digits, synthetic, synthetic-images, "
+                         "synthetic-text) "
                          "or the path of an mpifc HDF5 file"),
     "data.mode": choice("slice", ("slice", "scatter"),
                         "slice: each rank reads its rows; scatter: rank 0 reads and scatters"),

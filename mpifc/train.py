@@ -71,7 +71,7 @@ def absolute_data_paths(cfg: dict) -> dict:
 
 def resolve_dataset(cfg: dict, comm) -> str:
     """Path of the HDF5 dataset; a named dataset is prepared once, by rank 0, if missing."""
-    from mpifc.data import prepare
+    from mpifc.data import prepare, textprep
 
     from mpifc.config import ConfigError
     from mpifc.data import DatasetError
@@ -90,10 +90,13 @@ def resolve_dataset(cfg: dict, comm) -> str:
             out, n_train=4096, n_test=1024, shape=shape, num_classes=10, seed=cfg["seed"]),
         "synthetic": lambda out: prepare.prepare_synthetic(
             out, n_train=8192, n_test=1024, shape=shape, num_classes=10, seed=cfg["seed"]),
+        # issue 13: the bundled text set, generated (a fixed seed: the same set for every run)
+        "synthetic-text": lambda out: textprep.prepare_synthetic_text(
+            out, n_train=8000, n_test=2000, num_classes=4, seed=0),
     }
     if name not in builders:
         raise ConfigError(f"data.dataset {name!r}: expected a .h5 path or one of {sorted(builders)}")
-    tag = "-" + "x".join(map(str, shape)) if name.startswith("synthetic") else ""
+    tag = "-" + "x".join(map(str, shape)) if name in ("synthetic", "synthetic-images") else ""
     path = os.path.join(cfg["data"]["dir"], f"{name}{tag}.h5")
     err = None
     if comm.rank == 0 and not os.path.exists(path):
@@ -108,6 +111,27 @@ def resolve_dataset(cfg: dict, comm) -> str:
     if err:
         raise DatasetError(f"preparing dataset {name!r} failed on rank 0: {err}")
     return path
+
+
+def check_data_fits_model(loader, model_cfg: dict, path: str) -> None:
+    """Raise TrainingError unless the samples are what ``model.input`` says (issue 13: a
+    text dataset needs ``input = ["tokens"...]`` and an embeddingbag ``vocab`` that holds
+    every id of the file, ``vocab >= vocab_size``)."""
+    from mpifc.models import is_text_input
+
+    want = model_cfg["input"]
+    if loader.text or is_text_input(want):
+        if not (loader.text and is_text_input(want)):
+            raise TrainingError(f"{path}: a {'text' if loader.text else 'non-text'} dataset "
+                                f"but model.input is {list(want)} (text: [\"tokens\"])")
+        vocab = (model_cfg.get("layers") or [{}])[0].get("vocab", 0)
+        if vocab < loader.vocab_size:
+            raise TrainingError(f"{path}: the vocabulary has {loader.vocab_size} ids but the "
+                                f"embeddingbag has vocab = {vocab}; set model.layers[0].vocab "
+                                f">= {loader.vocab_size}")
+    elif tuple(loader.sample_shape) != tuple(want):
+        raise TrainingError(f"{path}: samples are {tuple(loader.sample_shape)} "
+                            f"but model.input is {tuple(want)}")
 
 
 def build_optimizer(cfg: dict, params):
@@ -294,9 +318,7 @@ class Trainer:
                                              batch_size=t["eval_batch_size"], seed=cfg["seed"],
                                              mode=cfg["data"]["mode"], dtype=self.dtype,
                                              cache=True, key=self.data_key)
-        if tuple(self.loader.sample_shape) != tuple(cfg["model"]["input"]):
-            raise TrainingError(f"{self.data_path}: samples are {tuple(self.loader.sample_shape)} "
-                                f"but model.input is {tuple(cfg['model']['input'])}")
+        check_data_fits_model(self.loader, cfg["model"], self.data_path)
         from mpifc.security.signing import check_keys   # security: bad key files fail now
         check_keys(cfg, self.comm)
         self.model = build_model(cfg["model"], self.grid, seed=cfg["seed"], dtype=self.dtype)
@@ -466,6 +488,8 @@ class Trainer:
         from mpifc.data import DatasetError
 
         x = batch.x
+        if isinstance(x, tuple):     # text: integer token ids (checked by the loader)
+            x = np.zeros((int(batch.y.shape[0]), 1), dtype=np.float32)
         xp = get_array_module(x)
         ok = to_host(xp.isfinite(x.reshape(x.shape[0], int(np.prod(x.shape[1:])))).all(axis=1))
         bad = None

@@ -21,6 +21,10 @@ def test_every_default_key_has_one_schema_entry():
 
 @pytest.mark.parametrize("name", preset_names())
 def test_presets_load_and_round_trip_through_toml(name):
+    from mpifc.models import LAYERS
+
+    if name == "text-bow" and "embeddingbag" not in LAYERS:     # issue 13 part 3 not merged
+        pytest.skip("text-bow needs the embeddingbag layer type (issue 13 part 3)")
     cfg = load_config(name)
     again = loads_config(to_toml(cfg))
     assert again == cfg

@@ -52,7 +52,7 @@ def test_config_missing_on_rank0_fails_every_rank_with_one_line(tmp_path):
     assert p.returncode != 0
     lines = [line for line in p.stderr.splitlines() if "run.toml" in line]
     assert lines == ["mpifc train: 'run.toml' is neither a config file nor a preset; presets: "
-                     "cifar-cnn, digits-cnn, digits-mlp"], p.stderr
+                     "cifar-cnn, digits-cnn, digits-mlp, text-bow"], p.stderr
     assert "Traceback" not in p.stderr
 
 

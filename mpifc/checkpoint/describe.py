@@ -105,6 +105,9 @@ def describe_dataset(path: str) -> str:
              + (" ..." if info.num_classes > 10 else ""),
              f"  normalisation: {info.normalisation.describe()}",
              f"  encryption: {info.encryption or 'none'}"]
+    if info.layout == "text":                   # issue 13: ragged token ids
+        from mpifc.data.textformat import describe_text
+        return "\n".join(lines[:3] + describe_text(info, path))
     for name, s in info.splits.items():
         comp = f", {s.compression}" if s.compression else ""
         lines.append(f"  {name}: {s.n} samples of {s.sample_shape} {np.dtype(s.dtype).name}, "

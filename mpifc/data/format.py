@@ -392,6 +392,7 @@ class SplitInfo:
     dtype: np.dtype
     chunks: tuple | None
     compression: str | None
+    tokens: int | None = None      # text splits: total token count (x is ragged)
 
 
 @dataclass(frozen=True)
@@ -405,6 +406,8 @@ class DatasetInfo:
     normalisation: Normalisation
     splits: dict
     encryption: str = ""        # "AES-256-GCM, key id ..." for an encrypted file
+    layout: str = "dense"          # "text": ragged token ids, see mpifc/data/textformat.py
+    vocab_size: int | None = None  # text only
 
     @property
     def num_classes(self) -> int:
@@ -450,6 +453,9 @@ def validate(f: h5py.File, path: str, check_labels: bool = True, key=None) -> Da
     version = int(a.get("format_version", -1))
     if version != FORMAT_VERSION:
         _fail(path, f"format version {version} is not supported (this mpifc reads {FORMAT_VERSION})")
+    if _as_str(a.get("layout", "")) == "text":
+        from mpifc.data.textformat import validate_text
+        return validate_text(f, path, check_labels=check_labels)
     if "class_names" not in a:
         _fail(path, "missing attribute 'class_names'")
     class_names = tuple(_as_str(c) for c in np.atleast_1d(a["class_names"]))
@@ -544,10 +550,14 @@ def read_info(path, check_labels: bool = True, key=None) -> DatasetInfo:
 def read_split(path, name: str = "train", key=None) -> tuple[np.ndarray, np.ndarray]:
     """Read a whole split into memory: (x (N, ...) stored dtype, y (N,) int64).
 
-    ``key``: the DataKey of an encrypted file (required for one)."""
+    ``key``: the DataKey of an encrypted file (required for one). Text datasets
+    (clear only): x is (tokens (T,) int32, offsets (N+1,) int64)."""
     f, info = open_dataset(path, key=key)
     with f:
         info.split(name)
+        if info.layout == "text":
+            g = f[name]
+            return (g["tokens"][...], g["offsets"][...]), g["y"][...]
         try:
             crypt.check_key(f, key, path, "key", accept_clear=True)
             return tuple(crypt.open_array(f[name][d], key)[...] for d in ("x", "y"))
