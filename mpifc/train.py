@@ -69,6 +69,14 @@ def absolute_data_paths(cfg: dict) -> dict:
     return {**cfg, "data": {**d, **fixed}}
 
 
+def named_dataset_path(cfg: dict) -> str:
+    """Where a named dataset (digits, synthetic, ...) lives: ``data.dir/<name>[-<shape>].h5``."""
+    name = cfg["data"]["dataset"]
+    shape = cfg["model"]["input"]
+    tag = "-" + "x".join(map(str, shape)) if name in ("synthetic", "synthetic-images") else ""
+    return os.path.join(cfg["data"]["dir"], f"{name}{tag}.h5")
+
+
 def resolve_dataset(cfg: dict, comm) -> str:
     """Path of the HDF5 dataset; a named dataset is prepared once, by rank 0, if missing."""
     from mpifc.data import prepare, textprep
@@ -96,8 +104,7 @@ def resolve_dataset(cfg: dict, comm) -> str:
     }
     if name not in builders:
         raise ConfigError(f"data.dataset {name!r}: expected a .h5 path or one of {sorted(builders)}")
-    tag = "-" + "x".join(map(str, shape)) if name in ("synthetic", "synthetic-images") else ""
-    path = os.path.join(cfg["data"]["dir"], f"{name}{tag}.h5")
+    path = named_dataset_path(cfg)
     err = None
     if comm.rank == 0 and not os.path.exists(path):
         try:
@@ -368,7 +375,7 @@ class Trainer:
         from mpifc.data.loader import micro_batches
         from mpifc.parallel import clip_grad_norm_grid
 
-        model, b = self.model, int(batch.y.shape[0])
+        model = self.model
         parts = micro_batches(batch, self.cfg["train"].get("accumulate", 1))
         loss_sum, correct = 0.0, 0
         self.dp.zero_grad()

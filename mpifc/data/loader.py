@@ -580,5 +580,16 @@ def micro_batches(batch: Batch, k: int) -> list[Batch]:
     if k == 1:
         return [batch]
     counts, displs = balanced_counts(int(batch.y.shape[0]), int(k))
-    return [batch._replace(x=batch.x[d:d + c], y=batch.y[d:d + c])
+    return [batch._replace(x=_rows(batch.x, d, d + c), y=batch.y[d:d + c])
             for c, d in zip(counts, displs)]
+
+
+def _rows(x, start: int, stop: int):
+    """Rows [start, stop) of a batch's x: an array, or a text batch (tokens, offsets)."""
+    if not isinstance(x, tuple):
+        return x[start:stop]
+    tokens, offsets = x
+    n = int(offsets.shape[0])
+    lo = int(offsets[start]) if start < n else int(tokens.shape[0])
+    hi = int(offsets[stop]) if stop < n else int(tokens.shape[0])
+    return tokens[lo:hi], offsets[start:stop] - lo

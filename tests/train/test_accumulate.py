@@ -90,3 +90,19 @@ def test_run_counts_optimizer_steps(comm, mpi_tmp_path):
                   "train.max_steps=5", "train.epochs=1")
     tr.run()
     assert tr.step == 5 and tr.loader.position == (0, 5)
+
+
+def test_micro_batches_of_a_text_batch_keep_each_document():
+    """A text batch x = (tokens, offsets) is cut by documents: each part's bags are the
+    original documents (offsets rebased), the last runs to the end of the tokens."""
+    tokens = np.arange(10, dtype=np.int64)
+    offsets = np.array([0, 3, 3, 7, 9], dtype=np.int64)         # 5 docs, one empty
+    b = Batch(x=(tokens, offsets), y=np.arange(5), epoch=0, step=0, global_size=5)
+    parts = micro_batches(b, 2)
+    docs = [tokens[offsets[i]:(offsets[i + 1] if i + 1 < 5 else 10)].tolist() for i in range(5)]
+    got = []
+    for p in parts:
+        t, o = p.x
+        got += [t[o[i]:(o[i + 1] if i + 1 < len(o) else len(t))].tolist() for i in range(len(o))]
+    assert got == docs
+    assert [p.y.tolist() for p in parts] == [[0, 1, 2], [3, 4]]
