@@ -128,6 +128,41 @@ def _cmd_train(args):
           progress=args.progress)
 
 
+def stored_run_config(comm, target: str, cmd: str, *, verify_key=None, overrides=(),
+                      check=None) -> tuple[str, dict]:
+    """(checkpoint path, its run's config laid out for this job), agreed on every rank.
+
+    Rank 0 verifies the checkpoint (digest; with ``verify_key`` the signature) and reads
+    its config; ``check()`` may add a problem of the caller's (a message or None). The
+    saved layout may not fit this job: the saved tp when it divides the job, else
+    tp = 1; dp follows from the job size. Any problem: ``mpifc CMD: ...``, once.
+    """
+    from mpifc.checkpoint import CheckpointError, stored_config
+    from mpifc.config import ConfigError, loads_config
+
+    got = None
+    if comm.rank == 0:             # rank 0 reads and verifies for all: nobody splits off
+        try:
+            got = ("ok", *stored_config(target, verify_key=verify_key))
+            problem = check() if check else None
+            if problem:
+                got = ("error", problem, None)
+        except (CheckpointError, ValueError) as e:     # ValueError: a bad --pubkey file
+            got = ("error", str(e), None)
+    status, path, text = comm.bcast_obj(got)
+    if status == "error":
+        raise SystemExit(f"mpifc {cmd}: {path}")
+    if text is None:
+        raise SystemExit(f"mpifc {cmd}: {path} holds no config; it was not written by mpifc train")
+    try:
+        saved = loads_config(text)
+        tp = saved["parallel"]["tp"] if comm.size % max(saved["parallel"]["tp"], 1) == 0 else 1
+        return path, loads_config(text, overrides=["parallel.dp=0", f"parallel.tp={tp}",
+                                                   *overrides])
+    except ConfigError as e:
+        raise SystemExit(f"mpifc {cmd}: {e}")
+
+
 def _eval_target(path: str, best: bool) -> str:
     """A checkpoint file, a checkpoint directory, or a run directory (its checkpoints/);
     with ``best``, that directory's ``best.h5``."""
@@ -146,32 +181,13 @@ def _eval_target(path: str, best: bool) -> str:
 
 def _cmd_eval(args):
     """Evaluate a checkpoint on the test split, under any layout that fits the job."""
-    from mpifc.checkpoint import CheckpointError, load, stored_config
+    from mpifc.checkpoint import load
     from mpifc.comm import world
-    from mpifc.config import ConfigError, loads_config
     from mpifc.train import Trainer
 
     comm = world()
-    got = None
-    if comm.rank == 0:
-        try:
-            got = ("ok", *stored_config(_eval_target(args.checkpoint, args.best),
-                                        verify_key=args.pubkey))
-        except (CheckpointError, ValueError) as e:     # ValueError: a bad --pubkey file
-            got = ("error", str(e), None)
-    status, path, text = comm.bcast_obj(got)
-    if status == "error":
-        raise SystemExit(f"mpifc eval: {path}")
-    if text is None:
-        raise SystemExit(f"mpifc eval: {path} holds no config; it was not written by mpifc train")
-    # the saved layout may not fit this job: default to the saved tp when it divides
-    # the job, else tp=1; dp follows from the job size
-    try:
-        saved = loads_config(text)
-        tp = saved["parallel"]["tp"] if comm.size % max(saved["parallel"]["tp"], 1) == 0 else 1
-        cfg = loads_config(text, overrides=[f"parallel.dp=0", f"parallel.tp={tp}", *args.set])
-    except ConfigError as e:
-        raise SystemExit(f"mpifc eval: {e}")
+    path, cfg = stored_run_config(comm, _eval_target(args.checkpoint, args.best), "eval",
+                                  verify_key=args.pubkey, overrides=args.set)
     from mpifc.rundir import stored_data_paths
     from mpifc.security.inputs import eval_config   # the stored config decides no writes
     cfg = stored_data_paths(cfg, path)          # relative paths of older checkpoints

@@ -59,34 +59,17 @@ def predict(checkpoint: str, input_path: str, out: str | None, *, split: str = "
     (None elsewhere); writes ``out`` (if given) from rank 0. User mistakes raise
     SystemExit with the same line on every rank.
     """
-    from mpifc.checkpoint import CheckpointError, load, stored_config
+    from mpifc.checkpoint import load
+    from mpifc.cli import _eval_target, stored_run_config
     from mpifc.comm import Grid, world
-    from mpifc.config import ConfigError, loads_config
     from mpifc.data import DatasetError, DistributedLoader
     from mpifc.models import build_model
 
-    from mpifc.cli import _eval_target
-
     comm = comm or world()
-    got = None
-    if comm.rank == 0:             # rank 0 reads and verifies for all: nobody splits off
-        try:
-            got = ("ok", *stored_config(_eval_target(checkpoint, False), verify_key=verify_key))
-            if not os.path.exists(input_path):
-                got = ("error", f"{input_path}: no such dataset file", None)
-        except (CheckpointError, ValueError) as e:
-            got = ("error", str(e), None)
-    status, path, text = comm.bcast_obj(got)
-    if status == "error":
-        raise SystemExit(f"mpifc predict: {path}")
-    if text is None:
-        raise SystemExit(f"mpifc predict: {path} holds no config; it was not written by mpifc train")
-    try:
-        saved = loads_config(text)
-        tp = saved["parallel"]["tp"] if comm.size % max(saved["parallel"]["tp"], 1) == 0 else 1
-        cfg = loads_config(text, overrides=["parallel.dp=0", f"parallel.tp={tp}", *overrides])
-    except ConfigError as e:
-        raise SystemExit(f"mpifc predict: {e}")
+    path, cfg = stored_run_config(
+        comm, _eval_target(checkpoint, False), "predict", verify_key=verify_key,
+        overrides=overrides,
+        check=lambda: None if os.path.exists(input_path) else f"{input_path}: no such dataset file")
     grid = Grid(comm, dp=cfg["parallel"]["dp"] or None, tp=cfg["parallel"]["tp"] or None)
     dtype = np.dtype(cfg["train"]["dtype"])
     try:
