@@ -15,6 +15,11 @@ Layer table entries (``[model] layers = [{type = ..., ...}, ...]``):
     relu, gelu, tanh, sigmoid, leakyrelu (slope=0.01)
     maxpool2d / avgpool2d       kernel, stride=kernel, padding=0
     globalavgpool2d, flatten, dropout (p=0.5)
+    layernorm    eps=1e-5 (over the whole per-sample shape; needs a whole activation)
+    residual     layers = [...], projection = {...} or [...] (optional; default identity):
+                 y = layers(x) + projection(x), a :class:`mpifc.nn.Residual` whose
+                 children ``body`` / ``shortcut`` are built (and named, and seeded from
+                 ``[seed, i, 0 | 1, j]``) like the top-level table
 
 On tp = 1 every layer is the serial one of :mod:`mpifc.nn` (no tensor messages).
 On tp > 1 ``shard`` picks the tensor-parallel layer; the activation between
@@ -22,7 +27,10 @@ layers is either replicated over the tensor group or split on its channel/featur
 axis. A column linear or output-channel conv keeps its output split when the next
 layer with parameters takes split input (a row linear, an input-channel conv) or
 when it is the last layer (class-split logits for the class-parallel loss), and
-gathers it otherwise. Layers without a ``shard`` run replicated. BatchNorm on
+gathers it otherwise. Layers without a ``shard`` run replicated. A residual block's
+input is whole (a producer before it gathers), and so are its branches' outputs (a
+producer last in a branch gathers), so the block adds whole tensors; the
+activation is split only between an out/in (column/row) pair inside a branch. BatchNorm on
 split channels normalises its own channels (its parameters and running stats are
 split like them). With dp > 1 BatchNorm becomes SyncBatchNorm over the data group,
 so dp ranks normalise with the statistics of the whole global batch.
