@@ -287,7 +287,7 @@ def _projection_list(p):
     return [p] if isinstance(p, dict) else p
 
 
-def validate_layers(specs, path: str = "model.layers") -> None:
+def validate_layers(specs, path: str = "model.layers", *, top: bool = True) -> None:
     """Check a ``[model] layers`` value: raise ConfigError naming ``model.layers[i]``.
 
     Called by :func:`mpifc.config.validate` at load and by :func:`build_model`.
@@ -320,14 +320,14 @@ def validate_layers(specs, path: str = "model.layers") -> None:
             if ok is not None and not ok(v):
                 raise ConfigError(f"{path}[{i}] ({t}): '{k}' must be {want}, got {v!r}")
         if t == "residual":
-            validate_layers(s["layers"], f"{path}[{i}].layers")
+            validate_layers(s["layers"], f"{path}[{i}].layers", top=False)
             if "projection" in s:
                 p = s["projection"]
                 if not isinstance(p, (dict, list, tuple)):
                     raise ConfigError(f"{path}[{i}] (residual): 'projection' must be a layer "
                                       f"table or a list of them, got {p!r}")
-                validate_layers(_projection_list(p), f"{path}[{i}].projection")
-    if path != "model.layers":
+                validate_layers(_projection_list(p), f"{path}[{i}].projection", top=False)
+    if not top:
         return                       # a residual branch: no classifier rule inside
     lin = [i for i, s in enumerate(specs) if s["type"] in ("linear", "conv2d")]
     if not lin or specs[lin[-1]]["type"] != "linear":
