@@ -40,15 +40,30 @@ def _cmd_trace(args):
         print(f"wrote {args.output} ({sum(map(len, per_rank))} events, {len(files)} ranks)")
 
 
+def _given(value, default):
+    """A command-line value, or the dataset's default when it was not given (None)."""
+    return default if value is None else value
+
+
 def _cmd_data_prepare(args):
     import os
 
     from mpifc.data import DatasetError, prepare
 
+    if args.name in ("text", "synthetic-text"):        # issue 13: text datasets (collective)
+        from mpifc.data.textprep import cmd_prepare_text
+        return cmd_prepare_text(args, lambda p: _cmd_inspect(argparse.Namespace(file=p)))
     out = args.out or os.path.join("runs", "data", f"{args.name}.h5")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     kw = {"compression": args.compression}
     try:
+        if args.encrypt_key_file:             # encryption at rest: key from a file only
+            from mpifc.security.crypt import CryptError, read_key_file
+            try:
+                kw["encrypt_key"] = read_key_file(args.encrypt_key_file)
+                kw["encrypt_key"].aead()      # cryptography installed? (one-line hint if not)
+            except CryptError as e:
+                raise DatasetError(str(e)) from None
         if args.name in ("mnist", "cifar10"):
             if not args.source:
                 raise SystemExit(f"mpifc data prepare {args.name}: give the directory holding the "
@@ -56,9 +71,9 @@ def _cmd_data_prepare(args):
             path = prepare.CONVERTERS[args.name](args.source, out, **kw)
         elif args.name == "synthetic":
             shape = tuple(int(v) for v in args.shape.split(","))
-            path = prepare.prepare_synthetic(out, n_train=args.n_train, n_test=args.n_test,
-                                             shape=shape, num_classes=args.classes,
-                                             seed=args.seed, **kw)
+            path = prepare.prepare_synthetic(
+                out, n_train=_given(args.n_train, 10000), n_test=_given(args.n_test, 2000),
+                shape=shape, num_classes=_given(args.classes, 10), seed=args.seed, **kw)
         else:
             path = prepare.prepare_digits(out, **kw)
     except DatasetError as e:
@@ -162,7 +177,7 @@ def _cmd_eval(args):
     cfg = stored_data_paths(cfg, path)          # relative paths of older checkpoints
     cfg = eval_config(cfg, args.set)
     tr = Trainer(cfg, quiet=True, comm=comm, out=args.out or os.path.dirname(os.path.dirname(path)))
-    info = load(path, tr.model, None, tr.grid, verify_key=args.pubkey)
+    info = load(path, tr.model, None, tr.grid, verify_key=args.pubkey, key=tr.ckpt_key)
     res = tr.evaluate()
     if comm.rank == 0:
         lay = info["layout"]
@@ -206,15 +221,37 @@ def build_parser() -> argparse.ArgumentParser:
                          description="digits: scikit-learn's bundled copy (offline); mnist: "
                          "the four IDX files in SOURCE; cifar10: the python batches in SOURCE; "
                          "synthetic: learnable class prototypes + noise of any size")
-    pr.add_argument("name", choices=["digits", "mnist", "cifar10", "synthetic"])
-    pr.add_argument("source", nargs="?", help="directory of the original files (mnist, cifar10)")
+    pr.add_argument("name", choices=["digits", "mnist", "cifar10", "synthetic", "text",
+                                     "synthetic-text"])
+    pr.add_argument("source", nargs="?", help="directory of the original files (mnist, cifar10); "
+                    "text: a folder per class of text files, or CSV/TSV")
     pr.add_argument("--out", help="output .h5 (default runs/data/NAME.h5)")
     pr.add_argument("--compression", choices=["gzip", "lzf"], default=None)
     pr.add_argument("--shape", default="3,32,32", help="synthetic: C,H,W or D")
-    pr.add_argument("--n-train", type=int, default=10000)
-    pr.add_argument("--n-test", type=int, default=2000)
-    pr.add_argument("--classes", type=int, default=10)
+    pr.add_argument("--n-train", type=int, default=None,
+                    help="synthetic: 10000 (default); synthetic-text: 8000 (default)")
+    pr.add_argument("--n-test", type=int, default=None, help="synthetic, synthetic-text: 2000")
+    pr.add_argument("--classes", type=int, default=None,
+                    help="synthetic: 10 (default); synthetic-text: 4 (default, at most 6)")
     pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--encrypt-key-file", metavar="KEY_FILE",
+                    help="write the file AES-256-GCM encrypted with the key in KEY_FILE (make one "
+                    "with `mpifc keys generate-data-key`); read it with data.key_file")
+    tx = pr.add_argument_group("text (README: text datasets)")
+    tx.add_argument("--format", choices=["folders", "csv"], default=None,
+                    help="text SOURCE layout (default: folders for a directory without "
+                    "train.csv/test.csv, else csv)")
+    tx.add_argument("--label-column", default="0", help="csv: label column, index or name")
+    tx.add_argument("--text-column", default="1",
+                    help="csv: text column(s), index or name; '1,2' joins several")
+    tx.add_argument("--min-freq", type=int, default=1, help="keep tokens seen this often in train")
+    tx.add_argument("--max-vocab", type=int, default=None,
+                    help="vocabulary size incl. <pad>, <unk>")
+    tx.add_argument("--cjk", choices=["chars", "bigrams"], default="chars")
+    tx.add_argument("--test-fraction", type=float, default=0.2,
+                    help="test share when SOURCE holds one split")
+    tx.add_argument("--only-classes", default=None,
+                    help="folders: class folders to use, comma separated (e.g. neg,pos)")
     pr.set_defaults(func=_cmd_data_prepare)
 
     tr = sub.add_parser("train", help="train a config or preset (run under mpiexec for several ranks)",
@@ -274,6 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_text(sub)
     from mpifc.security.commands import add_security              # keys, sign, verify
     add_security(sub)
+    # --- issue 18: predict, export, plot ---
+    from mpifc.predict import add_predict                         # mpifc predict
+    add_predict(sub)
+    from mpifc.export import add_export                           # mpifc export
+    add_export(sub)
+    from mpifc.plot import add_plot                               # mpifc plot
+    add_plot(sub)
     return p
 
 

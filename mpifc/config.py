@@ -5,18 +5,23 @@ and meaning: ``SCHEMA`` below; ``DEFAULTS`` is built from it)::
 
     seed = 0
     [data]      dataset (a prepared name: digits, synthetic, synthetic-images; or a
-                path to an mpifc HDF5 file), mode ("slice" | "scatter"), dir
+                path to an mpifc HDF5 file), mode ("slice" | "scatter"), dir,
+                key_file / key_env (key of an encrypted dataset: a key file, or the
+                NAME of an environment variable holding it; "" = clear dataset)
     [model]     input = [C, H, W] or [D]; layers = [{type=..., shard=...}, ...]
     [parallel]  dp, tp (0 = infer from the job size), bucket_mb, overlap
     [optim]     name (sgd | adam | adamw), lr, momentum, nesterov, weight_decay,
                 betas, eps, clip_norm (0 = off)
     [schedule]  name (none | step | cosine | plateau) and its settings
-    [train]     epochs, batch_size (global, over all data-parallel ranks), dtype,
+    [train]     epochs, batch_size (global, over all data-parallel ranks), accumulate
+                (micro-batches per step), dtype,
                 out (run directory), checkpoint_every (epochs), keep_last, trace,
                 log_every (steps), max_steps (0 = no limit), keep_best (metric of
                 checkpoints/best.h5: "test_acc" | "test_loss" | "" off), watchdog_s (0 = off),
                 sign_key (Ed25519 private key file: sign every checkpoint; "" = off),
-                verify_key (public key file: resume only checkpoints it signed; "" = off)
+                verify_key (public key file: resume only checkpoints it signed; "" = off),
+                encrypt_key_file / encrypt_key_env (write checkpoints encrypted and
+                read them with this key; "" = clear checkpoints)
 
 Presets (``mpifc train digits-cnn``) are TOML files in ``mpifc/presets/``.
 
@@ -120,7 +125,7 @@ def text(default: str, doc: str, ok: Callable[[str], bool] = lambda v: True,
 
 def key_file(doc: str) -> Key:
     """A key file's path, or "" (off)."""
-    return Key("", 'a key file path (a string; "" = off)', lambda v: isinstance(v, str), doc)
+    return Key("", 'a string (a path or variable name; "" = off)', lambda v: isinstance(v, str), doc)
 
 
 def sizes(default: list, doc: str) -> Key:
@@ -153,12 +158,20 @@ def _formats_name(v: str) -> bool:
 
 SCHEMA: dict[str, Key] = {
     "seed": integer(0, ">= 0", "seed of the weights, the data order and dropout"),
-    "data.dataset": text("digits", "a prepared name (digits, synthetic, synthetic-images) "
+    "data.dataset": text("digits", "a prepared name (digits, synthetic, synthetic-images, "
+                         "synthetic-text) "
                          "or the path of an mpifc HDF5 file"),
     "data.mode": choice("slice", ("slice", "scatter"),
                         "slice: each rank reads its rows; scatter: rank 0 reads and scatters"),
     "data.dir": text("runs/data", "where named datasets are prepared"),
-    "model.input": sizes([], "per-sample input shape: [C, H, W] or [D]"),
+    "data.key_file": key_file("key of an encrypted dataset (32 bytes or 64 hex digits)"),
+    "data.key_env": key_file("environment variable holding the dataset key, instead"),
+    "model.input": Key([], 'a non-empty list of integers >= 1, or ["tokens"] (text)',   # text: issue 13
+                       lambda v: sizes([], "").ok(v) or (isinstance(v, list) and 1 <= len(v) <= 2
+                                                         and v[0] == "tokens"
+                                                         and all(_is_int(x) and x >= 1 for x in v[1:])),
+                       'per-sample input shape: [C, H, W] or [D]; ["tokens"] for a text model '
+                       '(x = (tokens, offsets)), or ["tokens", L] with L mean tokens per document'),
     "model.layers": layer_table([], "the layer tables, in order (see mpifc.models)"),
     "parallel.dp": integer(0, ">= 0", "data-parallel ranks; 0 = job size / tp"),
     "parallel.tp": integer(1, ">= 0", "tensor-parallel ranks; 0 = job size / dp"),
@@ -185,6 +198,10 @@ SCHEMA: dict[str, Key] = {
     "schedule.patience": integer(2, ">= 0", "plateau: epochs without improvement first"),
     "train.epochs": integer(10, ">= 1", "passes over the training split"),
     "train.batch_size": integer(64, ">= 1", "global batch, split over the data-parallel ranks"),
+    # --- gradient accumulation (issue 18) ---
+    "train.accumulate": integer(1, ">= 1", "micro-batches per optimizer step: each rank's rows "
+                                "of the global batch_size run in this many parts, gradients "
+                                "summed, one allreduce per bucket on the last"),
     "train.dtype": choice("float32", ("float32", "float64"), "parameter and activation type"),
     "train.out": text("runs/{name}", "run directory; {name} is the config's name",
                       ok=_formats_name, want="a path whose only {field} is {name}"),
@@ -200,6 +217,8 @@ SCHEMA: dict[str, Key] = {
                               "metric kept in checkpoints/best.h5 (never pruned); \"\" = off"),
     "train.sign_key": key_file("Ed25519 private key file: sign every checkpoint written"),
     "train.verify_key": key_file("public key file: resume only checkpoints it signed"),
+    "train.encrypt_key_file": key_file("write checkpoints encrypted with this key (and read them)"),
+    "train.encrypt_key_env": key_file("environment variable holding the checkpoint key, instead"),
 }
 
 
@@ -242,7 +261,7 @@ def _parse_value(item: str, text: str):
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError as e:
-        if text[:1] in "[{\"'":       # meant as a list, table or string, but malformed
+        if text and text[0] in "[{\"'":       # meant as a list, table or string, but malformed
             why = re.sub(r"\s*\(at (line|end) .*\)$", "", str(e)).lower()
             raise ConfigError(f"--set {item}: {text!r} is not a valid TOML value ({why}); "
                               "lists are written [1, 2], strings \"text\"") from None

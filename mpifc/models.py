@@ -20,6 +20,19 @@ Layer table entries (``[model] layers = [{type = ..., ...}, ...]``):
                  y = layers(x) + projection(x), a :class:`mpifc.nn.Residual` whose
                  children ``body`` / ``shortcut`` are built (and named, and seeded from
                  ``[seed, i, 0 | 1, j]``) like the top-level table
+    embeddingbag vocab, dim, mode = "mean" | "sum", padding_idx, shard = "vocab" | "none"
+                 (text models only: the first layer, with ``input = ["tokens"]``)
+
+Text models: ``input = ["tokens"]`` (or ``["tokens", L]``, L the mean tokens per
+document, used only to count the embedding's flops in :meth:`Net.flops` and the
+simulator; default 64) and an ``embeddingbag`` first layer. The batch ``x`` is then
+the pair ``(tokens, offsets)`` of int64 arrays: tokens (T,) the token ids of this
+rank's documents back to back, offsets (N,) where each document starts (offsets[0]
+== 0, the last one runs to T, empty documents allowed); the layer returns (N, dim).
+Tokens equal to ``padding_idx`` (the datasets' pad id is 0) are dropped: they add
+nothing and do not count in the mean. ``shard = "vocab"`` on tp > 1 splits the
+table's rows over the tensor group (:class:`~mpifc.parallel.embedding.VocabParallelEmbeddingBag`:
+one allreduce of the (N, dim) bag sums in forward, no message in backward).
 
 On tp = 1 every layer is the serial one of :mod:`mpifc.nn` (no tensor messages).
 On tp > 1 ``shard`` picks the tensor-parallel layer; the activation between
@@ -78,8 +91,12 @@ LAYERS = {
     # --- residual networks (issue 18) ---
     "layernorm": ("ln", {"eps"}),
     "residual": ("res", {"layers", "projection"}),
+    "embeddingbag": ("emb", {"vocab", "dim", "mode", "padding_idx", "shard"}),
 }
-SHARDS = {"linear": ("column", "row", "none"), "conv2d": ("out", "in", "none")}
+SHARDS = {"linear": ("column", "row", "none"), "conv2d": ("out", "in", "none"),
+          "embeddingbag": ("vocab", "none")}
+TEXT_INPUT = "tokens"           # model.input = ["tokens"] (or ["tokens", L]): a text model
+TOKENS_PER_DOC = 64             # L when not given (flops of the embedding only)
 _PRODUCERS = {("linear", "column"), ("conv2d", "out")}     # output split over tp
 _CONSUMERS = {("linear", "row"), ("conv2d", "in")}         # take split input
 
@@ -176,7 +193,9 @@ class Net(Module):
     names : child names, e.g. ["conv1", "bn1", "relu1", ...]
     grid : the Grid it was built on
     loss : :class:`LocalLoss` or :class:`ClassParallelLoss` for the logits it returns
-    input_shape : per-sample input shape, e.g. (1, 8, 8) or (64,)
+    input_shape : per-sample input shape, e.g. (1, 8, 8) or (64,); ("tokens",) or
+        ("tokens", L) for a text model (its x is the pair (tokens, offsets))
+    text : True for a text model
     num_classes : Q, the last linear layer's ``out``
     logits_sharded : True when the logits are split over classes (tp > 1)
     """
@@ -188,6 +207,7 @@ class Net(Module):
         self.layers, self.names = list(layers), list(names)
         self.grid, self.loss = grid, loss
         self.input_shape, self.num_classes = tuple(input_shape), int(num_classes)
+        self.text = bool(self.input_shape) and self.input_shape[0] == TEXT_INPUT
         self.logits_sharded = bool(logits_sharded)
         # the input is data: the first layer with parameters skips its input gradient
         self.input_grad = False
@@ -196,8 +216,16 @@ class Net(Module):
             first.input_grad = False
 
     def forward(self, x):
-        """x : (N, *input_shape) -> local logits (N, Q) or (N, Q_r) when class-split."""
-        if tuple(x.shape[1:]) != self.input_shape:
+        """x : (N, *input_shape) -> local logits (N, Q) or (N, Q_r) when class-split.
+        A text model takes x = (tokens (T,), offsets (N,)), 1-d integer arrays."""
+        if self.text:
+            if not (isinstance(x, tuple) and len(x) == 2 and all(
+                    getattr(a, "ndim", None) == 1 and a.dtype.kind in "iu" for a in x)):
+                got = (tuple((getattr(a, "shape", "?"), str(getattr(a, "dtype", "?"))) for a in x)
+                       if isinstance(x, tuple) else f"{type(x).__name__} {getattr(x, 'shape', '')}")
+                raise ValueError(f"text model expects x = (tokens (T,), offsets (N,)) integer "
+                                 f"arrays, got {got}")
+        elif tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"model expects input (N, {', '.join(map(str, self.input_shape))}), "
                              f"got {tuple(x.shape)}")
         for layer in self.layers:
@@ -213,7 +241,11 @@ class Net(Module):
     # --- description ---
     def shapes(self, rows: int) -> list[tuple]:
         """Local input shape of every layer, then the logits shape, for ``rows`` samples."""
-        shape = (int(rows),) + self.input_shape
+        if self.text:       # (N, L): N documents of L tokens on average (flops only)
+            L = int(self.input_shape[1]) if len(self.input_shape) > 1 else TOKENS_PER_DOC
+            shape = (int(rows), L)
+        else:
+            shape = (int(rows),) + self.input_shape
         out = [shape]
         for layer in self.layers:
             shape = D.output_shape(layer, shape)
@@ -277,9 +309,14 @@ LAYER_KEYS = {
     "momentum": ("a number in [0, 1]", lambda v: _is_num(v) and 0 <= v <= 1),
     "slope": ("a number", _is_num),
     "p": ("a number in [0, 1)", lambda v: _is_num(v) and 0 <= v < 1),
+    "vocab": ("an integer >= 1", lambda v: _is_int(v, 1)),
+    "dim": ("an integer >= 1", lambda v: _is_int(v, 1)),
+    "mode": ("one of mean, sum", lambda v: v in ("mean", "sum")),
+    "padding_idx": ("an integer >= 0", lambda v: _is_int(v, 0)),
 }
 _REQUIRED = {"linear": ("out",), "conv2d": ("out", "kernel"), "maxpool2d": ("kernel",),
-             "avgpool2d": ("kernel",), "residual": ("layers",)}
+             "avgpool2d": ("kernel",), "residual": ("layers",),
+             "embeddingbag": ("vocab", "dim")}
 
 
 def _projection_list(p):
@@ -319,6 +356,13 @@ def validate_layers(specs, path: str = "model.layers", *, top: bool = True) -> N
                 if k == "shard" else LAYER_KEYS.get(k, (None, None))
             if ok is not None and not ok(v):
                 raise ConfigError(f"{path}[{i}] ({t}): '{k}' must be {want}, got {v!r}")
+        if t == "embeddingbag" and (i != 0 or not top):
+            raise ConfigError(f"{path}[{i}] (embeddingbag) must be the first layer"
+                              + ("" if top else " of model.layers, not inside a residual")
+                              + " (it takes the (tokens, offsets) of a text batch)")
+        if t == "embeddingbag" and s.get("padding_idx", 0) >= s["vocab"]:
+            raise ConfigError(f"{path}[{i}] (embeddingbag): 'padding_idx' must be < vocab "
+                              f"= {s['vocab']}, got {s['padding_idx']}")
         if t == "residual":
             validate_layers(s["layers"], f"{path}[{i}].layers", top=False)
             if "projection" in s:
@@ -335,8 +379,22 @@ def validate_layers(specs, path: str = "model.layers", *, top: bool = True) -> N
                           "(its 'out' is the number of classes)")
 
 
+def is_text_input(input_shape) -> bool:
+    """``model.input`` of a text model: ["tokens"] or ["tokens", L] (L >= 1)."""
+    return (isinstance(input_shape, (list, tuple)) and 1 <= len(input_shape) <= 2
+            and input_shape[0] == TEXT_INPUT
+            and all(_is_int(v, 1) for v in input_shape[1:]))
+
+
 def _validate(specs, input_shape):
     validate_layers(specs)
+    text = specs[0]["type"] == "embeddingbag"
+    if text != is_text_input(input_shape):
+        got = list(input_shape) if isinstance(input_shape, (list, tuple)) else input_shape
+        raise ConfigError("model.input must be [\"tokens\"] (or [\"tokens\", L]) for a model whose "
+                          f"first layer is an embeddingbag, and only then; got input = {got!r}")
+    if text:
+        return
     if not isinstance(input_shape, (list, tuple)) or not input_shape or \
             not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) and s >= 1
                     for s in input_shape):
@@ -380,7 +438,9 @@ def build_model(model_cfg: dict, grid, *, seed: int, dtype=np.float32, xp=None) 
     """
     _validate(model_cfg.get("layers", []), model_cfg.get("input", []))
     specs = [dict(s) for s in model_cfg["layers"]]
-    input_shape = tuple(int(s) for s in model_cfg["input"])
+    text = is_text_input(model_cfg["input"])
+    input_shape = (tuple(model_cfg["input"]) if text
+                   else tuple(int(s) for s in model_cfg["input"]))
     tp, dp = grid.tp, grid.dp
     tpc, dpc = grid.tp_comm, grid.dp_comm
     dtype = np.dtype(dtype)
@@ -494,6 +554,16 @@ def build_model(model_cfg: dict, grid, *, seed: int, dtype=np.float32, xp=None) 
                 layer = Flatten()
                 shape = (math.prod(shape),)
 
+            elif t == "embeddingbag":
+                ekw = dict(mode=s.get("mode", "mean"), padding_idx=s.get("padding_idx"), rng=rng, **kw)
+                if shard == "vocab":
+                    from mpifc.parallel.embedding import VocabParallelEmbeddingBag
+
+                    layer = VocabParallelEmbeddingBag(int(s["vocab"]), int(s["dim"]), tpc, name=name, **ekw)
+                else:
+                    layer = nn.EmbeddingBag(int(s["vocab"]), int(s["dim"]), **ekw)
+                shape = (int(s["dim"]),)
+
             elif t == "dropout":
                 layer = nn.Dropout(float(s.get("p", 0.5)), rng=_rng(seed, *key, i, grid.dp_rank))
 
@@ -540,8 +610,10 @@ def build_model(model_cfg: dict, grid, *, seed: int, dtype=np.float32, xp=None) 
             names.append(lname)
         return layers, names, shape, split
 
-    layers, names, shape, split = build_seq(specs, input_shape, None, "model.layers", (),
-                                            "", True)
+    # per-sample logical (global) shape; () = a text model's tokens (its embeddingbag
+    # first layer makes them (dim,))
+    layers, names, shape, split = build_seq(specs, () if text else input_shape, None,
+                                            "model.layers", (), "", True)
 
     if len(shape) != 1:
         raise ConfigError(f"model output per sample is {shape}; it must be (classes,)")

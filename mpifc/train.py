@@ -69,9 +69,17 @@ def absolute_data_paths(cfg: dict) -> dict:
     return {**cfg, "data": {**d, **fixed}}
 
 
+def named_dataset_path(cfg: dict) -> str:
+    """Where a named dataset (digits, synthetic, ...) lives: ``data.dir/<name>[-<shape>].h5``."""
+    name = cfg["data"]["dataset"]
+    shape = cfg["model"]["input"]
+    tag = "-" + "x".join(map(str, shape)) if name in ("synthetic", "synthetic-images") else ""
+    return os.path.join(cfg["data"]["dir"], f"{name}{tag}.h5")
+
+
 def resolve_dataset(cfg: dict, comm) -> str:
     """Path of the HDF5 dataset; a named dataset is prepared once, by rank 0, if missing."""
-    from mpifc.data import prepare
+    from mpifc.data import prepare, textprep
 
     from mpifc.config import ConfigError
     from mpifc.data import DatasetError
@@ -90,11 +98,13 @@ def resolve_dataset(cfg: dict, comm) -> str:
             out, n_train=4096, n_test=1024, shape=shape, num_classes=10, seed=cfg["seed"]),
         "synthetic": lambda out: prepare.prepare_synthetic(
             out, n_train=8192, n_test=1024, shape=shape, num_classes=10, seed=cfg["seed"]),
+        # issue 13: the bundled text set, generated (a fixed seed: the same set for every run)
+        "synthetic-text": lambda out: textprep.prepare_synthetic_text(
+            out, n_train=8000, n_test=2000, num_classes=4, seed=0),
     }
     if name not in builders:
         raise ConfigError(f"data.dataset {name!r}: expected a .h5 path or one of {sorted(builders)}")
-    tag = "-" + "x".join(map(str, shape)) if name.startswith("synthetic") else ""
-    path = os.path.join(cfg["data"]["dir"], f"{name}{tag}.h5")
+    path = named_dataset_path(cfg)
     err = None
     if comm.rank == 0 and not os.path.exists(path):
         try:
@@ -108,6 +118,27 @@ def resolve_dataset(cfg: dict, comm) -> str:
     if err:
         raise DatasetError(f"preparing dataset {name!r} failed on rank 0: {err}")
     return path
+
+
+def check_data_fits_model(loader, model_cfg: dict, path: str) -> None:
+    """Raise TrainingError unless the samples are what ``model.input`` says (issue 13: a
+    text dataset needs ``input = ["tokens"...]`` and an embeddingbag ``vocab`` that holds
+    every id of the file, ``vocab >= vocab_size``)."""
+    from mpifc.models import is_text_input
+
+    want = model_cfg["input"]
+    if loader.text or is_text_input(want):
+        if not (loader.text and is_text_input(want)):
+            raise TrainingError(f"{path}: a {'text' if loader.text else 'non-text'} dataset "
+                                f"but model.input is {list(want)} (text: [\"tokens\"])")
+        vocab = (model_cfg.get("layers") or [{}])[0].get("vocab", 0)
+        if vocab < loader.vocab_size:
+            raise TrainingError(f"{path}: the vocabulary has {loader.vocab_size} ids but the "
+                                f"embeddingbag has vocab = {vocab}; set model.layers[0].vocab "
+                                f">= {loader.vocab_size}")
+    elif tuple(loader.sample_shape) != tuple(want):
+        raise TrainingError(f"{path}: samples are {tuple(loader.sample_shape)} "
+                            f"but model.input is {tuple(want)}")
 
 
 def build_optimizer(cfg: dict, params):
@@ -282,18 +313,19 @@ class Trainer:
         if self.rank0:
             os.makedirs(self.ckpt_dir, exist_ok=True)
 
+        from mpifc.security.crypt import config_keys      # encryption at rest (collective)
+        self.data_key, self.ckpt_key = config_keys(cfg, self.comm)
         self.data_path = resolve_dataset(cfg, self.comm)
         dc = self.grid.dp_comm
         self.loader = DistributedLoader(self.data_path, dc, split="train",
                                         batch_size=t["batch_size"], seed=cfg["seed"],
-                                        mode=cfg["data"]["mode"], dtype=self.dtype, cache=True)
+                                        mode=cfg["data"]["mode"], dtype=self.dtype, cache=True,
+                                        key=self.data_key)
         self.test_loader = DistributedLoader(self.data_path, dc, split="test", shuffle=False,
                                              batch_size=t["eval_batch_size"], seed=cfg["seed"],
                                              mode=cfg["data"]["mode"], dtype=self.dtype,
-                                             cache=True)
-        if tuple(self.loader.sample_shape) != tuple(cfg["model"]["input"]):
-            raise TrainingError(f"{self.data_path}: samples are {tuple(self.loader.sample_shape)} "
-                                f"but model.input is {tuple(cfg['model']['input'])}")
+                                             cache=True, key=self.data_key)
+        check_data_fits_model(self.loader, cfg["model"], self.data_path)
         from mpifc.security.signing import check_keys   # security: bad key files fail now
         check_keys(cfg, self.comm)
         self.model = build_model(cfg["model"], self.grid, seed=cfg["seed"], dtype=self.dtype)
@@ -311,7 +343,9 @@ class Trainer:
         if self.rank0 and not quiet:
             print(f"mpifc train {cfg['name']}: {self.comm.size} rank(s) as dp={self.grid.dp} x "
                   f"tp={self.grid.tp}, {self.threads} BLAS thread(s) per rank, "
-                  f"{self.loader.steps_per_epoch} steps/epoch of {t['batch_size']} samples, "
+                  f"{self.loader.steps_per_epoch} steps/epoch of {t['batch_size']} samples"
+                  + (f" in {t['accumulate']} micro-batches" if t.get("accumulate", 1) > 1 else "")
+                  + ", "
                   f"data {self.data_path}", flush=True)
 
     def _note(self, line: str) -> None:
@@ -332,22 +366,37 @@ class Trainer:
 
     # --- one step ---
     def train_step(self, batch) -> tuple[float, int]:
-        """Forward, backward, gradient sync, clip, update. Returns (loss sum, correct) here."""
+        """Forward, backward, gradient sync, clip, update. Returns (loss sum, correct) here.
+
+        ``train.accumulate`` = K: the rank's rows run as K micro-batches
+        (:func:`~mpifc.data.loader.micro_batches`); the first K - 1 backwards run under
+        ``dp.no_sync()`` (no message), the K-th allreduces the summed buckets once.
+        """
+        from mpifc.data.loader import micro_batches
         from mpifc.parallel import clip_grad_norm_grid
 
-        model, b = self.model, int(batch.y.shape[0])
-        with trace.span("forward"):          # spans: the trace shows compute beside the calls
-            self.dp.zero_grad()
-            logits = model.forward(batch.x)
-            loss = float(model.loss.forward(logits, batch.y))
-            correct = int(model.loss.correct())
-        with trace.span("backward"):
-            # The loss is a mean over this rank's b rows and data parallel averages over the
-            # dp ranks; scaling by dp * b / B makes the result the mean over the global batch
-            # (exact for uneven last batches, and a rank with no rows contributes zeros).
-            dlogits = model.loss.backward(self.grid.dp * b / batch.global_size)
-            self.dp.backward(dlogits)
-            self.dp.synchronize()
+        model = self.model
+        parts = micro_batches(batch, self.cfg["train"].get("accumulate", 1))
+        loss_sum, correct = 0.0, 0
+        self.dp.zero_grad()
+        for i, mb in enumerate(parts):
+            m, last = int(mb.y.shape[0]), i == len(parts) - 1
+            with trace.span("forward"):      # spans: the trace shows compute beside the calls
+                logits = model.forward(mb.x)
+                loss_sum += float(model.loss.forward(logits, mb.y)) * m
+                correct += int(model.loss.correct())
+            with trace.span("backward"):
+                # The loss is a mean over the m rows here and data parallel averages over
+                # the dp ranks; scaling by dp * m / B makes the sum over micro-batches and
+                # ranks the mean over the global batch (exact for uneven splits; a part
+                # with no rows contributes zeros).
+                dlogits = model.loss.backward(self.grid.dp * m / batch.global_size)
+                if last:
+                    self.dp.backward(dlogits)
+                    self.dp.synchronize()
+                else:
+                    with self.dp.no_sync():
+                        self.dp.backward(dlogits)
         self.exposed_s += self.dp.timings["post"] + self.dp.timings["wait"]
         with trace.span("update"):
             clip = self.cfg["optim"]["clip_norm"]
@@ -356,7 +405,7 @@ class Trainer:
             self.opt.step()
             if self.sched is not None and self.sched[0] == "step":
                 self.sched[1].step()
-        return loss * b, correct
+        return loss_sum, correct
 
     def evaluate(self, loader=None) -> dict:
         """Loss and accuracy over a whole split (default: test), completed over dp."""
@@ -446,6 +495,8 @@ class Trainer:
         from mpifc.data import DatasetError
 
         x = batch.x
+        if isinstance(x, tuple):     # text: integer token ids (checked by the loader)
+            x = np.zeros((int(batch.y.shape[0]), 1), dtype=np.float32)
         xp = get_array_module(x)
         ok = to_host(xp.isfinite(x.reshape(x.shape[0], int(np.prod(x.shape[1:])))).all(axis=1))
         bad = None
@@ -491,7 +542,7 @@ class Trainer:
                     epoch=self.loader.position[0], data_position=self.loader.state_dict(),
                     rng_states=generators(self.model), config=to_toml(self.cfg),
                     keep_last=t["keep_last"], extra=extra,
-                    sign_key=t.get("sign_key") or None)
+                    sign_key=t.get("sign_key") or None, key=self.ckpt_key)
         self.saved = path
         if best is not self.best:
             self.best = best
@@ -543,7 +594,7 @@ class Trainer:
                 return None
             path = found
         info = load(path, self.model, self.opt, self.grid,
-                    verify_key=self.cfg["train"].get("verify_key") or None)
+                    verify_key=self.cfg["train"].get("verify_key") or None, key=self.ckpt_key)
         self.loader.load_state_dict(info["data_position"])
         extra = info.get("extra") or {}
         self.step = int(extra.get("step", info["step"]))

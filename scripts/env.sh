@@ -1,7 +1,7 @@
 # Sourced by the scripts: a local virtual environment with mpifc installed from this checkout.
 #   MPIFC_VENV      the environment's location (default: .venv in the checkout)
 #   MPIFC_EXTRAS    pip extras to install (default: what the calling script needs --
-#                   test,security for the tests -- plus `mpich`, the embedded MPI wheel,
+#                   test,security,export for the tests -- plus `mpich`, the embedded MPI wheel,
 #                   unless a site MPI's mpiexec is already on PATH: a site MPI never
 #                   gets a second mpiexec beside it)
 #   MPIFC_REINSTALL=1  install again even when everything imports
@@ -14,7 +14,7 @@ site_mpiexec="$(command -v mpiexec || true)"
 case "$site_mpiexec" in "$VENV"/*) site_mpiexec="" ;; esac
 if [ -z "${MPIFC_EXTRAS+x}" ]; then
   MPIFC_EXTRAS=""
-  [ "$NEED" = test ] && MPIFC_EXTRAS="test,security"     # the signing tests need cryptography
+  [ "$NEED" = test ] && MPIFC_EXTRAS="test,security,export"   # signing: cryptography; export: safetensors
   if [ -z "$site_mpiexec" ]; then
     MPIFC_EXTRAS="${MPIFC_EXTRAS:+$MPIFC_EXTRAS,}mpich"
   fi
@@ -26,7 +26,7 @@ fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 modules="mpifc, mpi4py, h5py"
-[ "$NEED" = test ] && modules="$modules, pytest_mpi, cryptography"
+[ "$NEED" = test ] && modules="$modules, pytest_mpi, cryptography, safetensors"
 if ! python -c "import $modules" 2>/dev/null || ! command -v mpiexec >/dev/null \
    || [ "${MPIFC_REINSTALL:-0}" = 1 ]; then
   spec="$ROOT${MPIFC_EXTRAS:+[$MPIFC_EXTRAS]}"

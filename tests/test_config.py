@@ -21,6 +21,10 @@ def test_every_default_key_has_one_schema_entry():
 
 @pytest.mark.parametrize("name", preset_names())
 def test_presets_load_and_round_trip_through_toml(name):
+    from mpifc.models import LAYERS
+
+    if name == "text-bow" and "embeddingbag" not in LAYERS:     # issue 13 part 3 not merged
+        pytest.skip("text-bow needs the embeddingbag layer type (issue 13 part 3)")
     cfg = load_config(name)
     again = loads_config(to_toml(cfg))
     assert again == cfg
@@ -142,3 +146,11 @@ def test_good_layer_table_loads(tmp_path):
     load_config(_layers(tmp_path, '[{type = "linear", out = 32, shard = "column", init = "xavier_uniform"},'
                                   ' {type = "dropout", p = 0.1}, {type = "leakyrelu", slope = 0.2},'
                                   ' {type = "linear", out = 10, bias = false}]'))
+
+
+def test_set_with_an_empty_value_is_the_empty_string():
+    """`--set train.sign_key=` turns a key setting off (was: "'' is not a valid TOML value",
+    since the empty text's first character "tested" as a list/string opener)."""
+    cfg = loads_config("[model]\ninput = [4]\nlayers = [{type = \"linear\", out = 2}]\n",
+                       overrides=["train.sign_key=/k", "train.sign_key="])
+    assert cfg["train"]["sign_key"] == ""

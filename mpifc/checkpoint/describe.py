@@ -9,6 +9,7 @@ import numpy as np
 from mpifc.checkpoint import digest
 from mpifc.checkpoint.format import (BUFFERS, FORMAT_NAME, OPTIMIZER, PARAMS, CheckpointError,
                                      as_str, layout_attr, list_checkpoints, resolve)
+from mpifc.security import crypt
 
 
 def _fmt_bytes(n: int) -> str:
@@ -31,8 +32,9 @@ def _tensor_lines(g, indent="  ") -> list[str]:
     rows = []
     g.visititems(lambda n, o: rows.append((n, o)) if isinstance(o, h5py.Dataset) else None)
     width = max((len(n) for n, _ in rows), default=0)
-    return [f"{indent}{n:<{width}}  {str(tuple(o.shape)):<16} {o.dtype.name:<8} {_sharding(o)}"
-            for n, o in rows]
+    return [f"{indent}{n:<{width}}  {str(crypt.logical_shape(o)):<16} "
+            f"{crypt.logical_dtype(o).name:<8} {_sharding(o)}"
+            + (" (encrypted)" if crypt.is_encrypted(o) else "") for n, o in rows]
 
 
 def _signature_line(f, verified: str | None) -> str:
@@ -62,7 +64,8 @@ def _checkpoint_summary(path: str, verified: str | None = None) -> tuple[str, st
             verdict = f"BAD: {exc}"
             problem = f"{path}: digest does not match: the checkpoint is damaged or was altered"
         lay = layout_attr(a, path)
-        n_params = sum(int(np.prod(o.shape)) for o in f[PARAMS].values()) if PARAMS in f else 0
+        n_params = (sum(int(np.prod(crypt.logical_shape(o))) for o in f[PARAMS].values())
+                    if PARAMS in f else 0)
         lines = [f"mpifc checkpoint {path} ({_fmt_bytes(os.path.getsize(path))})",
                  f"  step {int(a.get('step', -1))}, epoch {int(a.get('epoch', -1))}, saved "
                  f"{as_str(a.get('created', '?'))} by mpifc {as_str(a.get('mpifc_version', '?'))}",
@@ -70,6 +73,7 @@ def _checkpoint_summary(path: str, verified: str | None = None) -> tuple[str, st
                  f"  data position: {as_str(a.get('data_position', 'null'))}",
                  f"  digest: {verdict}",
                  _signature_line(f, verified),
+                 f"  encryption: {crypt.describe_file(f) or 'none (tensors stored in the clear)'}",
                  f"parameters ({len(f[PARAMS]) if PARAMS in f else 0} tensors, {n_params:,} values):"]
         if PARAMS in f:
             lines += _tensor_lines(f[PARAMS])
@@ -99,7 +103,11 @@ def describe_dataset(path: str) -> str:
              f"{info.version}", f"  source: {info.source}",
              f"  classes ({info.num_classes}): {', '.join(info.class_names[:10])}"
              + (" ..." if info.num_classes > 10 else ""),
-             f"  normalisation: {info.normalisation.describe()}"]
+             f"  normalisation: {info.normalisation.describe()}",
+             f"  encryption: {info.encryption or 'none'}"]
+    if info.layout == "text":                   # issue 13: ragged token ids
+        from mpifc.data.textformat import describe_text
+        return "\n".join(lines[:3] + describe_text(info, path))
     for name, s in info.splits.items():
         comp = f", {s.compression}" if s.compression else ""
         lines.append(f"  {name}: {s.n} samples of {s.sample_shape} {np.dtype(s.dtype).name}, "

@@ -17,6 +17,10 @@ flipped bit in a tensor, a changed step or sharding attribute, or a dataset adde
 or removed changes the digest; a truncated file fails earlier, when HDF5 reads it.
 A digest detects accidents, not an attacker (who can recompute it): for that, sign
 checkpoints (:mod:`mpifc.security.signing`).
+
+Encrypted checkpoints (:mod:`mpifc.security.crypt`) are hashed as stored: the digest
+covers the ciphertext chunks and their attributes, so it is checked (and ``inspect``
+says OK or BAD) without the key; the AES-GCM tags then authenticate the plaintext.
 """
 from __future__ import annotations
 

@@ -24,6 +24,9 @@ from mpifc.checkpoint.entries import collect, local_problems, signature
 from mpifc.checkpoint.format import (BUFFERS, FORMAT_NAME, FORMAT_VERSION, OPTIMIZER, PARAMS,
                                      CheckpointError, as_str, layout_attr, loads, resolve)
 from mpifc.checkpoint.save import _agree
+from mpifc.security import crypt
+
+KEY_SETTINGS = "train.encrypt_key_file or train.encrypt_key_env"
 
 
 def _first(items, n=5) -> str:
@@ -36,7 +39,8 @@ def _compare(f, entries, optimizer, where: str) -> None:
     have = {}
     for grp in (PARAMS, BUFFERS):
         if grp in f:
-            f[grp].visititems(lambda n, o, g=grp: have.__setitem__(f"/{g}/{n}", o.shape)
+            f[grp].visititems(lambda n, o, g=grp: have.__setitem__(f"/{g}/{n}",
+                                                                   crypt.logical_shape(o))
                               if isinstance(o, h5py.Dataset) else None)
     missing = [p for p in want if p not in have]
     unexpected = [p for p in have if p not in want]
@@ -63,7 +67,7 @@ def _compare(f, entries, optimizer, where: str) -> None:
                          f"{type(optimizer).__name__}")
 
 
-def _root_check(path, entries, optimizer, verify_key=None) -> dict:
+def _root_check(path, entries, optimizer, verify_key=None, key=None) -> dict:
     """Resolve, open, verify and compare on the root; the metadata every rank needs."""
     if verify_key:                       # security: a bad key file is refused first
         from mpifc.security.signing import public_key
@@ -82,6 +86,8 @@ def _root_check(path, entries, optimizer, verify_key=None) -> dict:
         if version != FORMAT_VERSION:
             raise ValueError(f"{final}: checkpoint format version {version}; this mpifc reads "
                              f"{FORMAT_VERSION}")
+        # an encrypted file needs its key (a clear one loads with or without a key)
+        crypt.check_key(f, key, final, KEY_SETTINGS, accept_clear=True)
         try:
             total = digest.check(f, final)
         except (OSError, RuntimeError, KeyError) as exc:
@@ -118,7 +124,7 @@ def _local_slice(e):
     return e.sharding.local_slice() if e.sharded else tuple(slice(None) for _ in e.global_shape)
 
 
-def load(path, model, optimizer, grid, *, rng: bool = True, verify_key=None) -> dict:
+def load(path, model, optimizer, grid, *, rng: bool = True, verify_key=None, key=None) -> dict:
     """Load a checkpoint into ``model`` (and ``optimizer``) under ANY dp x tp layout.
 
     Collective over ``grid.world``; every rank passes its own (sharded) model.
@@ -140,6 +146,9 @@ def load(path, model, optimizer, grid, *, rng: bool = True, verify_key=None) -> 
     verify_key : path or Ed25519 public key, optional
         Refuse (on every rank, before any tensor is read) a checkpoint that is not
         signed by this key or was altered after signing (``mpifc.security.signing``).
+    key : mpifc.security.crypt.DataKey, optional
+        Key of an encrypted checkpoint (its key id is checked on the root first);
+        each rank decrypts only the chunks holding its slices.
 
     Returns
     -------
@@ -181,7 +190,7 @@ def load(path, model, optimizer, grid, *, rng: bool = True, verify_key=None) -> 
         verdict = None
         if comm.rank == 0:
             try:
-                verdict = ("ok", _root_check(path, entries, optimizer, verify_key))
+                verdict = ("ok", _root_check(path, entries, optimizer, verify_key, key))
             except (ValueError, CheckpointError) as exc:
                 verdict = ("error", str(exc))
             except Exception as exc:  # noqa: BLE001 - never leave the other ranks waiting
@@ -200,7 +209,7 @@ def load(path, model, optimizer, grid, *, rng: bool = True, verify_key=None) -> 
                     if e.kind == OPTIMIZER and e.path not in f:
                         staged[e.path] = None        # slot not created when saved
                         continue
-                    ds = f[e.path]
+                    ds = crypt.open_array(f[e.path], key)      # decrypts only these rows
                     staged[e.path] = np.asarray(ds[_local_slice(e)], dtype=e.dtype)
                 rng_states = None
                 same = meta["layout"] == {"world": comm.size, "dp": grid.dp, "tp": grid.tp}

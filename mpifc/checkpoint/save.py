@@ -28,6 +28,7 @@ from mpifc.checkpoint.entries import collect, host_digest, local_problems, shard
 from mpifc.checkpoint.format import (BUFFERS, FORMAT_NAME, FORMAT_VERSION, OPTIMIZER, PARAMS,
                                      CheckpointError, checkpoint_name, dumps, is_file_path,
                                      rng_state)
+from mpifc.security import crypt
 
 MODES = ("gather", "per-rank")
 
@@ -92,7 +93,7 @@ def _optimizer_attrs(optimizer) -> dict:
 
 
 def _write_header(f, *, step, epoch, grid, sig, data_position, extra, config, optimizer,
-                  rng_all, entries):
+                  rng_all, entries, key=None, arrays=None):
     a = f.attrs
     a["format"] = FORMAT_NAME
     a["format_version"] = FORMAT_VERSION
@@ -124,15 +125,18 @@ def _write_header(f, *, step, epoch, grid, sig, data_position, extra, config, op
     for e in entries:
         if e.local is None:
             continue
-        # contiguous, uncompressed: hyperslab reads of any new layout are plain seeks
-        ds = f.create_dataset(e.path, shape=e.global_shape, dtype=e.dtype)
+        if key is not None:      # encryption at rest: AES-256-GCM chunks of whole rows
+            ds = arrays[e.path] = crypt.create_array(f, e.path, e.global_shape, e.dtype, key)
+        else:
+            # contiguous, uncompressed: hyperslab reads of any new layout are plain seeks
+            ds = f.create_dataset(e.path, shape=e.global_shape, dtype=e.dtype)
         for k, v in sharding_attrs(e).items():
             ds.attrs[k] = v
 
 
 def save(path, model, optimizer, grid, *, step: int, epoch: int = 0, data_position=None,
          rng_states=None, config: str | None = None, keep_last: int | None = 3,
-         mode: str = "gather", extra=None, sign_key=None) -> str:
+         mode: str = "gather", extra=None, sign_key=None, key=None) -> str:
     """Write a checkpoint of ``model`` and ``optimizer`` (collective over ``grid.world``).
 
     Parameters
@@ -164,6 +168,9 @@ def save(path, model, optimizer, grid, *, step: int, epoch: int = 0, data_positi
     sign_key : path or Ed25519 private key, optional
         Sign the checkpoint (``mpifc.security.signing``) before it is published under
         its final name; only world rank 0 reads the key.
+    key : mpifc.security.crypt.DataKey, optional
+        Store every tensor AES-256-GCM encrypted (gather mode only); the file's
+        attributes, config and digest (over the stored bytes) stay in the clear.
 
     Returns
     -------
@@ -195,6 +202,9 @@ def save(path, model, optimizer, grid, *, step: int, epoch: int = 0, data_positi
         if sign_key and comm.rank == 0:          # security: a bad key fails every rank now
             from mpifc.security.signing import private_key
             sign_key = private_key(sign_key)
+        if key is not None and mode != "gather":
+            problems.append("an encrypted checkpoint is written in mode='gather' only (each "
+                            "rank's slabs would cut across encrypted chunks)")
     except Exception as exc:  # noqa: BLE001 - agreed on by all ranks below
         problems = [str(exc) if isinstance(exc, (ValueError, TypeError))
                     else f"{type(exc).__name__}: {exc}"]
@@ -228,6 +238,7 @@ def save(path, model, optimizer, grid, *, step: int, epoch: int = 0, data_positi
                 error = f"{type(exc).__name__}: {exc}"
 
     f = None
+    arrays = {}                # path -> EncryptedArray being written (encrypted saves)
     with trace.phase("checkpoint.save"):
         if root:
             def create():
@@ -236,11 +247,12 @@ def save(path, model, optimizer, grid, *, step: int, epoch: int = 0, data_positi
                 f = h5py.File(tmp, "w")
                 _write_header(f, step=step, epoch=epoch, grid=grid, sig=sig,
                               data_position=data_position, extra=extra, config=config,
-                              optimizer=optimizer, rng_all=rng_all, entries=entries)
+                              optimizer=optimizer, rng_all=rng_all, entries=entries, key=key,
+                              arrays=arrays)
             attempt(create)
 
         def write(e, arr):
-            f[e.path][...] = arr
+            (arrays[e.path] if e.path in arrays else f[e.path])[...] = arr
 
         if mode == "gather":
             for e in entries:

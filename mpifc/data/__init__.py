@@ -12,13 +12,17 @@ from mpifc.data.format import (FORMAT_VERSION, DatasetError, DatasetInfo, Datase
                                write_dataset)
 from mpifc.data.prepare import (CONVERTERS, prepare_cifar10, prepare_digits, prepare_mnist,
                                 prepare_synthetic, read_cifar_batch, read_idx)
+from mpifc.data.textformat import read_text_split, read_vocab, write_text_dataset
+from mpifc.data.textprep import prepare_synthetic_text, prepare_text
 
 _LOADER_NAMES = ("DistributedLoader", "BatchPlan", "Batch", "epoch_order")
 
 __all__ = ["FORMAT_VERSION", "DatasetError", "DatasetInfo", "DatasetWriter", "Normalisation",
            "SplitInfo", "open_dataset", "read_info", "read_split", "write_dataset", "CONVERTERS",
            "prepare_cifar10", "prepare_digits", "prepare_mnist", "prepare_synthetic",
-           "read_cifar_batch", "read_idx"]   # loader names: not star-imported (MPI)
+           "read_cifar_batch", "read_idx", "prepare_text", "prepare_synthetic_text",
+           "read_text_split", "read_vocab", "write_text_dataset"]
+# loader names: not star-imported (MPI)
 
 
 def __getattr__(name):

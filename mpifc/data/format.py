@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from mpifc.errors import UserError
+from mpifc.security import crypt   # encryption at rest: light import, cryptography lazily
 
 FORMAT_NAME = "mpifc-dataset"
 FORMAT_VERSION = 1
@@ -205,12 +206,20 @@ class DatasetWriter:
     normalisation : Normalisation, ``"auto"`` (mean/std per channel of train) or None
     compression : None, ``"gzip"`` or ``"lzf"``
     compression_opts : gzip level 0..9 (default 4)
+    encrypt_key : a :class:`mpifc.security.crypt.DataKey`: x and y are stored AES-256-GCM
+        encrypted in chunks of about ``chunk_bytes`` (no compression then)
     """
 
     def __init__(self, path, *, class_names, source: str, normalisation="auto",
-                 compression=None, compression_opts=None, chunk_bytes: int = CHUNK_BYTES):
+                 compression=None, compression_opts=None, chunk_bytes: int = CHUNK_BYTES,
+                 encrypt_key=None):
         if compression not in COMPRESSIONS:
             raise DatasetError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+        if compression and encrypt_key is not None:
+            raise DatasetError("compression and encryption do not combine (encrypted bytes do "
+                               "not compress); drop --compression")
+        self.encrypt_key = encrypt_key
+        self._enc: dict = {}          # (split, "x" | "y") -> EncryptedArray when encrypting
         if compression == "gzip" and compression_opts is None:
             compression_opts = 4
         self.path = os.fspath(path)
@@ -249,11 +258,17 @@ class DatasetWriter:
             raise DatasetError(f"split {name!r}: needs at least one sample of nonzero size, "
                                f"got n={n}, sample shape {sample_shape}")
         for other in self._written:
-            ox = self._f[other]["x"]
+            ox = self._ds(other, "x")
             if ox.shape[1:] != sample_shape or ox.dtype != dtype:
                 raise DatasetError(f"split {name!r}: samples {sample_shape} {dtype} differ from "
                                    f"split {other!r}: {ox.shape[1:]} {ox.dtype}")
         g = self._f.create_group(name)
+        if self.encrypt_key is not None:      # --- encryption at rest (mpifc.security.crypt)
+            for d, shape, dt in (("x", (n,) + sample_shape, dtype), ("y", (n,), Y_DTYPE)):
+                self._enc[name, d] = crypt.create_array(g, d, shape, dt, self.encrypt_key,
+                                                        self.chunk_bytes)
+            self._written[name] = np.zeros(n, dtype=bool)
+            return                            # --- end encryption at rest
         opts = dict(compression=self.compression, compression_opts=self.compression_opts)
         g.create_dataset("x", shape=(n,) + sample_shape, dtype=dtype,
                          chunks=(chunk_rows(sample_shape, dtype, n, self.chunk_bytes),) + sample_shape,
@@ -262,13 +277,17 @@ class DatasetWriter:
                          chunks=(chunk_rows((), Y_DTYPE, n, self.chunk_bytes),), **opts)
         self._written[name] = np.zeros(n, dtype=bool)
 
+    def _ds(self, name: str, d: str):
+        """The array ``/name/d`` being written (an EncryptedArray when encrypting)."""
+        return self._enc[name, d] if (name, d) in self._enc else self._f[name][d]
+
     def write(self, name: str, start: int, x, y) -> None:
         """Write rows ``[start, start + len(x))`` of split ``name``.
 
         x : (n, *sample_shape), cast to the split's dtype (must be lossless for uint8)
         y : (n,) integer labels in ``[0, num_classes)``
         """
-        g = self._f[name]
+        g = {d: self._ds(name, d) for d in ("x", "y")}
         x = np.asarray(x)
         y = np.asarray(y)
         n = x.shape[0]
@@ -308,14 +327,14 @@ class DatasetWriter:
             norm = Normalisation()
         elif not isinstance(norm, Normalisation):
             raise DatasetError(f"normalisation must be a Normalisation, 'auto' or None, got {norm!r}")
-        norm.check_channels(self._f["train"]["x"].shape)
+        norm.check_channels(self._ds("train", "x").shape)
         a = self._f.attrs
         a["format"] = FORMAT_NAME
         a["format_version"] = FORMAT_VERSION
         a["source"] = self.source
         a["class_names"] = np.array(self.class_names, dtype=h5py.string_dtype())
         a["num_classes"] = len(self.class_names)
-        a["layout"] = "NCHW" if self._f["train"]["x"].ndim == 4 else "ND"
+        a["layout"] = "NCHW" if self._ds("train", "x").ndim == 4 else "ND"
         for k, v in norm.to_attrs().items():
             a[k] = v
 
@@ -340,7 +359,7 @@ class DatasetWriter:
 
 def write_dataset(path, train, test, *, class_names, source: str, normalisation="auto",
                   compression=None, compression_opts=None, chunk_bytes: int = CHUNK_BYTES,
-                  extra_splits=None) -> str:
+                  extra_splits=None, encrypt_key=None) -> str:
     """Write in-memory arrays as an mpifc dataset; returns ``path``.
 
     Parameters
@@ -352,7 +371,7 @@ def write_dataset(path, train, test, *, class_names, source: str, normalisation=
     splits = {"train": train, "test": test, **(extra_splits or {})}
     with DatasetWriter(path, class_names=class_names, source=source, normalisation=normalisation,
                        compression=compression, compression_opts=compression_opts,
-                       chunk_bytes=chunk_bytes) as w:
+                       chunk_bytes=chunk_bytes, encrypt_key=encrypt_key) as w:
         for name, (x, y) in splits.items():
             x = np.asarray(x)
             dtype = np.uint8 if x.dtype == np.uint8 else np.float32
@@ -373,6 +392,7 @@ class SplitInfo:
     dtype: np.dtype
     chunks: tuple | None
     compression: str | None
+    tokens: int | None = None      # text splits: total token count (x is ragged)
 
 
 @dataclass(frozen=True)
@@ -385,6 +405,9 @@ class DatasetInfo:
     class_names: tuple
     normalisation: Normalisation
     splits: dict
+    encryption: str = ""        # "AES-256-GCM, key id ..." for an encrypted file
+    layout: str = "dense"          # "text": ragged token ids, see mpifc/data/textformat.py
+    vocab_size: int | None = None  # text only
 
     @property
     def num_classes(self) -> int:
@@ -409,13 +432,15 @@ def _fail(path, msg):
     raise DatasetError(f"{path}: {msg}")
 
 
-def validate(f: h5py.File, path: str, check_labels: bool = True) -> DatasetInfo:
+def validate(f: h5py.File, path: str, check_labels: bool = True, key=None) -> DatasetInfo:
     """Check an open file against the format and return its :class:`DatasetInfo`.
 
     Raises :class:`DatasetError` naming the file and the first problem found: wrong
     format tag or version, missing ``train``/``test`` group or ``x``/``y`` dataset,
     wrong dtype or rank, x/y row counts that differ, samples that differ between
     splits, labels outside ``[0, num_classes)`` (read in blocks when ``check_labels``).
+    An encrypted file is described from its clear metadata; its labels are checked only
+    when ``key`` (a DataKey) is given, and a wrong key is refused first.
     """
     from mpifc.security.inputs import problems     # security: links out, absent bytes
     bad = problems(f)
@@ -428,12 +453,19 @@ def validate(f: h5py.File, path: str, check_labels: bool = True) -> DatasetInfo:
     version = int(a.get("format_version", -1))
     if version != FORMAT_VERSION:
         _fail(path, f"format version {version} is not supported (this mpifc reads {FORMAT_VERSION})")
+    if _as_str(a.get("layout", "")) == "text":
+        from mpifc.data.textformat import validate_text
+        return validate_text(f, path, check_labels=check_labels)
     if "class_names" not in a:
         _fail(path, "missing attribute 'class_names'")
     class_names = tuple(_as_str(c) for c in np.atleast_1d(a["class_names"]))
     if not class_names:
         _fail(path, "attribute 'class_names' is empty")
     norm = Normalisation.from_attrs(a, path)
+    encryption = crypt.describe_file(f)       # --- encryption at rest
+    if encryption and key is not None:
+        crypt.check_key(f, key, path, "data.key_file or data.key_env", accept_clear=True)
+    check_labels = check_labels and (not encryption or key is not None)
     splits = {}
     names = list(REQUIRED_SPLITS) + [k for k in f.keys() if k not in REQUIRED_SPLITS]
     for name in names:
@@ -445,7 +477,8 @@ def validate(f: h5py.File, path: str, check_labels: bool = True) -> DatasetInfo:
         for d in ("x", "y"):
             if d not in g or not isinstance(g[d], h5py.Dataset):
                 _fail(path, f"missing dataset '/{name}/{d}'")
-        x, y = g["x"], g["y"]
+        x, y = (crypt.EncryptedArray(g[d], key) if crypt.is_encrypted(g[d]) else g[d]
+                for d in ("x", "y"))
         if x.dtype not in X_DTYPES:
             _fail(path, f"'/{name}/x' has dtype {x.dtype}; expected uint8 or float32")
         if x.ndim not in (2, 4):
@@ -479,14 +512,15 @@ def validate(f: h5py.File, path: str, check_labels: bool = True) -> DatasetInfo:
     except DatasetError as e:
         _fail(path, str(e))
     return DatasetInfo(path=path, version=version, source=_as_str(a.get("source", "")),
-                       class_names=class_names, normalisation=norm, splits=splits)
+                       class_names=class_names, normalisation=norm, splits=splits,
+                       encryption=encryption)
 
 
-def open_dataset(path, check_labels: bool = True) -> tuple[h5py.File, DatasetInfo]:
+def open_dataset(path, check_labels: bool = True, key=None) -> tuple[h5py.File, DatasetInfo]:
     """Open ``path`` read-only and validate it; returns (open h5py.File, DatasetInfo).
 
     The caller closes the file. Raises :class:`DatasetError` for a missing or
-    unreadable file and for anything :func:`validate` rejects.
+    unreadable file and for anything :func:`validate` rejects (``key``: see there).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -497,22 +531,35 @@ def open_dataset(path, check_labels: bool = True) -> tuple[h5py.File, DatasetInf
     except OSError as e:
         raise DatasetError(f"{path}: not a readable HDF5 file ({e})") from None
     try:
-        return f, validate(f, path, check_labels=check_labels)
+        return f, validate(f, path, check_labels=check_labels, key=key)
+    except crypt.CryptError as e:
+        f.close()
+        raise DatasetError(str(e) if path in str(e) else f"{path}: {e}") from None
     except BaseException:
         f.close()
         raise
 
 
-def read_info(path, check_labels: bool = True) -> DatasetInfo:
+def read_info(path, check_labels: bool = True, key=None) -> DatasetInfo:
     """Validate ``path`` and return its :class:`DatasetInfo` (the file is closed again)."""
-    f, info = open_dataset(path, check_labels=check_labels)
+    f, info = open_dataset(path, check_labels=check_labels, key=key)
     f.close()
     return info
 
 
-def read_split(path, name: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """Read a whole split into memory: (x (N, ...) stored dtype, y (N,) int64)."""
-    f, info = open_dataset(path)
+def read_split(path, name: str = "train", key=None) -> tuple[np.ndarray, np.ndarray]:
+    """Read a whole split into memory: (x (N, ...) stored dtype, y (N,) int64).
+
+    ``key``: the DataKey of an encrypted file (required for one). Text datasets
+    (clear only): x is (tokens (T,) int32, offsets (N+1,) int64)."""
+    f, info = open_dataset(path, key=key)
     with f:
         info.split(name)
-        return f[name]["x"][...], f[name]["y"][...]
+        if info.layout == "text":
+            g = f[name]
+            return (g["tokens"][...], g["offsets"][...]), g["y"][...]
+        try:
+            crypt.check_key(f, key, path, "key", accept_clear=True)
+            return tuple(crypt.open_array(f[name][d], key)[...] for d in ("x", "y"))
+        except crypt.CryptError as e:
+            raise DatasetError(str(e)) from None

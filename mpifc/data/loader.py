@@ -19,6 +19,15 @@ Two ways to get a rank's rows:
   and scatters (Scatterv) the stored rows, uint8 for images, so the wire carries 4x
   less than float32.
 
+Text datasets (``layout = "text"``, :mod:`mpifc.data.textformat`): a rank's rows are
+``x = (tokens (T_r,) int64, offsets (b,) int64)`` -- the flat ids of its documents in
+batch order and where each starts (``offsets[0] = 0``; the last runs to ``T_r``; empty
+documents allowed), the input :class:`mpifc.nn.EmbeddingBag` takes. In scatter mode the
+root broadcasts (tokens, status) per rank, then Scatterv of the tokens, of
+the document lengths and of the labels; a bad batch on the root (a token id outside
+``[0, vocab_size)``, a label outside the classes) is sent as a status and raised, with
+the root's message, on every rank.
+
 The loader is built on the data-parallel communicator (``grid.dp_comm``): its rank
 and size pick the slice, so tensor-parallel ranks of one data group, which share a
 dp rank, get the same batch. The sequence of global batches does not depend on P,
@@ -37,8 +46,13 @@ import numpy as np
 from mpifc import backend
 from mpifc.comm import balanced_counts
 from mpifc.data.format import DatasetError, Normalisation, open_dataset
+from mpifc.data.textformat import TEXT_SAMPLE
+from mpifc.security import crypt
 
 MODES = ("slice", "scatter")
+#: text without cache: read the covering token range in one hyperslab when it is at most
+#: 4x the tokens needed plus this many; else one read per document
+DENSE_SLACK_TOKENS = 1 << 18
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -121,7 +135,8 @@ class BatchPlan:
 class Batch(NamedTuple):
     """One rank's part of a global batch.
 
-    x : (b, C, H, W) or (b, D), normalised ``dtype`` (or stored dtype) on the backend
+    x : (b, C, H, W) or (b, D), normalised ``dtype`` (or stored dtype) on the backend;
+        text: (tokens (T_r,) int64, offsets (b,) int64) on the backend
     y : (b,) int64 labels on the backend
     epoch, step : position of this batch
     global_size : samples in the whole global batch (divide summed losses by this)
@@ -159,6 +174,59 @@ def check_rows(x: np.ndarray, y: np.ndarray, idx, num_classes: int, where: str) 
         i = int(np.argmin(samples))
         raise DatasetError(f"{where}: sample {int(samples[i])} has label {int(y[rows[i]])}, "
                            f"outside [0, {num_classes})")
+
+
+def check_tokens(tokens: np.ndarray, offsets: np.ndarray, idx, vocab_size: int,
+                 where: str) -> None:
+    """Raise DatasetError unless every token id lies in [0, vocab_size).
+
+    ``offsets`` (b,) are the document starts in ``tokens``; ``idx`` maps document i to its
+    index in the split (None: i itself). The error names the first bad document."""
+    if tokens.size == 0:
+        return
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo >= 0 and hi < vocab_size:
+        return
+    pos = np.flatnonzero((tokens < 0) | (tokens >= vocab_size))
+    rows = np.unique(np.searchsorted(offsets, pos, side="right") - 1)
+    samples = rows if idx is None else np.asarray(idx)[rows]
+    i = int(np.argmin(samples))
+    first = pos[np.searchsorted(offsets, pos, side="right") - 1 == rows[i]][0]
+    raise DatasetError(f"{where}: document {int(samples[i])} has token id {int(tokens[first])}, "
+                       f"outside [0, {vocab_size}) (vocab_size of the file)")
+
+
+def gather_docs(tokens: np.ndarray, offsets: np.ndarray, idx: np.ndarray, base: int = 0):
+    """Documents ``idx`` of a ragged split, in the order of ``idx``.
+
+    tokens : the split's ids from token ``base`` on; offsets : (N+1,) document bounds
+    Returns (tokens (T_b,) int64, starts (b,) int64)."""
+    lo, hi = offsets[idx], offsets[idx + 1]
+    lens = hi - lo
+    starts = np.zeros(idx.size, dtype=np.int64)
+    np.cumsum(lens[:-1], out=starts[1:])
+    total = int(lens.sum())
+    pos = np.repeat(lo - base - starts, lens) + np.arange(total, dtype=np.int64)
+    return tokens[pos].astype(np.int64), starts
+
+
+def _read_docs(g, idx: np.ndarray):
+    """Documents ``idx`` of text split group ``g`` read from the file: (tokens, starts)."""
+    if idx.size == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    off = g["offsets"]
+    ilo, ihi = int(idx.min()), int(idx.max()) + 2
+    o = off[ilo:ihi]                 # bounds of the covering range of documents
+    local = idx - ilo
+    lo, hi = o[local], o[local + 1]
+    need = int((hi - lo).sum())
+    tlo, thi = int(lo.min()), int(hi.max())
+    if thi - tlo <= 4 * need + DENSE_SLACK_TOKENS:      # dense enough: one hyperslab
+        return gather_docs(g["tokens"][tlo:thi], o, local, base=tlo)
+    parts = [g["tokens"][int(a):int(b)] for a, b in zip(lo, hi)]
+    starts = np.zeros(idx.size, dtype=np.int64)
+    np.cumsum((hi - lo)[:-1], out=starts[1:])
+    return np.concatenate(parts).astype(np.int64), starts
 
 
 def _read_rows(ds, idx: np.ndarray) -> np.ndarray:
@@ -201,6 +269,10 @@ class DistributedLoader:
     validate : check what is served: float features finite, labels in [0, classes).
         Cached float data is checked once, at construction (all ranks agree on the
         verdict); otherwise every read batch is checked on the rank that reads it.
+    key : :class:`mpifc.security.crypt.DataKey` of an encrypted file (``data.key_file`` /
+        ``data.key_env``); required for one, refused for a clear file. Each reading rank
+        decrypts only the chunks holding its rows, and every batch read is agreed on by
+        all ranks, so a chunk that fails authentication on one rank fails every rank
 
     Every rank constructs the loader (collective: a rank that cannot open the file
     makes all ranks raise the same :class:`DatasetError`).
@@ -209,7 +281,7 @@ class DistributedLoader:
     def __init__(self, path, comm, *, split: str = "train", batch_size: int, seed: int = 0,
                  shuffle: bool = True, drop_last: bool = False, mode: str = "slice",
                  root: int = 0, dtype=np.float32, normalise: bool = True, xp=None,
-                 cache: bool = False, validate: bool = True):
+                 cache: bool = False, validate: bool = True, key=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.comm = comm
@@ -224,6 +296,7 @@ class DistributedLoader:
         self.path = str(path)
         self._f = None
         self._mem = None
+        self._key, self._arrays, self._cache_agreed = key, None, False
         reads = mode == "slice" or comm.rank == self.root
         settings = (int(batch_size), int(seed), bool(shuffle), bool(drop_last), mode, self.root)
         # open and validate here, then agree on the result on every rank, so a
@@ -231,17 +304,26 @@ class DistributedLoader:
         mine = {"settings": settings, "error": None, "meta": None}
         if reads:
             try:
-                self._f, info = open_dataset(path)
+                self._f, info = open_dataset(path, key=key)
+                crypt.check_key(self._f, key, path, "data.key_file or data.key_env",
+                                accept_clear=False)
                 s = info.split(split)
                 mine["meta"] = (s.n, s.sample_shape, s.dtype.str, info.num_classes,
                                 info.normalisation.kind, info.normalisation.mean.tolist(),
-                                info.normalisation.std.tolist())
-                if self.cache and self.validate and s.dtype.kind == "f":
+                                info.normalisation.std.tolist(), info.layout,
+                                info.vocab_size)
+                self.text, self.vocab_size = info.layout == "text", info.vocab_size
+                if self.cache and self.validate and (s.dtype.kind == "f" or self.text):
                     # features are read whole anyway: check them once, here, where
                     # every rank learns the verdict (uint8 images cannot be non-finite)
                     self._fill_cache()
-                    check_rows(*self._mem, None, info.num_classes, self._where)
-            except (DatasetError, OSError) as e:
+                    if self.text:
+                        tok, off, y = self._mem
+                        check_tokens(tok, off[:-1], None, self.vocab_size, self._where)
+                        check_rows(tok, y, None, info.num_classes, self._where)
+                    else:
+                        check_rows(*self._mem, None, info.num_classes, self._where)
+            except (DatasetError, OSError, crypt.CryptError) as e:
                 mine["error"] = str(e)
         everyone = comm.allgather_obj(mine)
         errors = [f"rank {r}: {d['error']}" for r, d in enumerate(everyone) if d["error"]]
@@ -256,7 +338,8 @@ class DistributedLoader:
         if any(m != metas[0] for m in metas):
             self.close()
             raise DatasetError(f"ranks see different files at {path!r}: {metas}")
-        n, sample_shape, sdtype, self.num_classes, kind, mean, std = metas[0]
+        n, sample_shape, sdtype, self.num_classes, kind, mean, std, layout, vocab = metas[0]
+        self.text, self.vocab_size = layout == "text", vocab
         self.sample_shape = tuple(sample_shape)
         self.stored_dtype = np.dtype(sdtype)
         self.normalisation = Normalisation(kind, np.asarray(mean), np.asarray(std))
@@ -320,20 +403,103 @@ class DistributedLoader:
     def _where(self) -> str:
         return f"{self.path}, split '{self.split}'"
 
+    def _open_arrays(self):
+        """The split's x and y: h5py datasets, or EncryptedArrays over them."""
+        if self._arrays is None:
+            g = self._f[self.split]
+            self._arrays = tuple(crypt.open_array(g[d], self._key) for d in ("x", "y"))
+        return self._arrays
+
     def _fill_cache(self) -> None:
         if self._mem is None:
-            g = self._f[self.split]
-            self._mem = (g["x"][...], g["y"][...])
+            if self.text:
+                g = self._f[self.split]
+                self._mem = (g["tokens"][...], g["offsets"][...], g["y"][...])
+            else:
+                xs, ys = self._open_arrays()
+                self._mem = (xs[...], ys[...])
+
+    def _read_text(self, idx: np.ndarray):
+        """Documents ``idx``: (tokens (T,) int64, starts (b,) int64, y (b,) int64)."""
+        if self.cache:
+            self._fill_cache()
+            tok, off, y = self._mem
+            return (*gather_docs(tok, off, idx), y[idx])
+        g = self._f[self.split]
+        tokens, starts = _read_docs(g, idx)
+        y = _read_rows(g["y"], idx)
+        if self.validate:
+            check_tokens(tokens, starts, idx, self.vocab_size, self._where)
+            check_rows(tokens, y, idx, self.num_classes, self._where)
+        return tokens, starts, y
+
+    def _scatter_text(self, idx, counts, displs):
+        """Root reads global batch ``idx`` and scatters each rank's documents (collective)."""
+        comm, me, p = self.comm, self.comm.rank, self.comm.size
+        head = np.zeros((p, 2), dtype=np.int64)          # per rank: tokens, status
+        tok = lens = ys = None
+        err = None
+        if me == self.root:
+            try:
+                tok, starts, ys = self._read_text(idx)
+                lens = np.diff(np.append(starts, tok.size))
+                ends = np.cumsum(lens)
+                for r in range(p):
+                    a, b = displs[r], displs[r] + counts[r]
+                    head[r, 0] = (ends[b - 1] if b else 0) - (ends[a - 1] if a else 0)
+            except DatasetError as e:
+                err = str(e)
+                head[:, 1] = 1
+        head = comm.bcast(head, root=self.root)     # every rank needs all the counts
+        if head[0, 1]:               # the root failed: every rank raises its message
+            raise DatasetError(comm.bcast_obj(err, root=self.root))
+        tokens = np.empty(int(head[me, 0]), dtype=np.int64)
+        comm.scatter(tok, tokens, counts=head[:, 0].tolist(), root=self.root)
+        mylens = np.empty(counts[me], dtype=np.int64)
+        comm.scatter(lens, mylens, counts=list(counts), root=self.root)
+        y = np.empty(counts[me], dtype=np.int64)
+        comm.scatter(ys, y, counts=list(counts), root=self.root)
+        starts = np.zeros(counts[me], dtype=np.int64)
+        np.cumsum(mylens[:-1], out=starts[1:])
+        return tokens, starts, y
 
     def _read(self, idx: np.ndarray):
         if self.cache:
             self._fill_cache()
             return self._mem[0][idx], self._mem[1][idx]
-        g = self._f[self.split]
-        x, y = _read_rows(g["x"], idx), _read_rows(g["y"], idx)
+        xs, ys = self._open_arrays()
+        if isinstance(xs, crypt.EncryptedArray):     # decrypts just the chunks holding idx
+            x, y = xs.read_rows(idx), ys.read_rows(idx)
+        else:
+            x, y = _read_rows(xs, idx), _read_rows(ys, idx)
         if self.validate:
             check_rows(x, y, idx, self.num_classes, self._where)
         return x, y
+
+    def _read_agreed(self, idx):
+        """:meth:`_read` (``idx`` None: nothing to read), then agree over the dp ranks.
+
+        Encrypted files only: a chunk failing authentication raises the same
+        :class:`DatasetError` on every rank instead of leaving the others in the
+        next collective. Costs one 8-byte allreduce per batch, and with ``cache`` only
+        for the first batch (the one that reads the split; nothing can fail after it).
+        """
+        rows, err = None, None
+        try:
+            rows = self._read(idx) if idx is not None else None
+        except crypt.CryptError as e:
+            err = str(e)
+        if self._key is None or self._cache_agreed:
+            if err:
+                raise DatasetError(err)
+            return rows
+        bad = self.comm.allreduce(np.array([1.0 if err else 0.0]), op="max")
+        self._cache_agreed = self.cache and not bad[0]      # the same on every rank
+        if bad[0]:
+            errs = self.comm.allgather_obj(err)
+            first = next(f"rank {r}: {m}" for r, m in enumerate(errs) if m)
+            raise DatasetError(f"cannot read {self.split} rows: {first}")
+        return rows
 
     def get_batch(self, epoch: int, step: int) -> Batch:
         """This rank's rows of global batch ``step`` of ``epoch``.
@@ -345,13 +511,22 @@ class DistributedLoader:
         order = self._epoch_order(epoch)
         counts, displs = plan.counts(step)
         me = self.comm.rank
+        if self.text:
+            if self.mode == "slice":
+                tokens, starts, y = self._read_text(plan.local_indices(epoch, step, me, order))
+            else:
+                tokens, starts, y = self._scatter_text(
+                    plan.global_indices(epoch, step, order) if me == self.root else None,
+                    counts, displs)
+            x = (backend.to_device(tokens, self.xp), backend.to_device(starts, self.xp))
+            return Batch(x, backend.to_device(y, self.xp), epoch, step, plan.global_size(step))
         if self.mode == "slice":
-            x, y = self._read(plan.local_indices(epoch, step, me, order))
+            x, y = self._read_agreed(plan.local_indices(epoch, step, me, order))
         else:
-            xs = ys = None
-            if me == self.root:
-                # rows in batch order: rank r's block starts at displs[r]
-                xs, ys = self._read(plan.global_indices(epoch, step, order))
+            # rows in batch order: rank r's block starts at displs[r]
+            got = self._read_agreed(plan.global_indices(epoch, step, order)
+                                    if me == self.root else None)
+            xs, ys = got if got is not None else (None, None)
             x = np.empty((counts[me],) + self.sample_shape, dtype=self.stored_dtype)
             y = np.empty((counts[me],), dtype=np.int64)
             self.comm.scatter(xs, x, counts=list(counts), root=self.root)
@@ -381,7 +556,8 @@ class DistributedLoader:
         if self._f is not None:
             self._f.close()
             self._f = None
-        self._mem = None
+        self._mem = self._arrays = None
+        self._cache_agreed = False
 
     def __enter__(self):
         return self
@@ -389,3 +565,31 @@ class DistributedLoader:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+# --- gradient accumulation (train.accumulate): micro-batches of one rank's batch ---
+def micro_batches(batch: Batch, k: int) -> list[Batch]:
+    """``batch`` (this rank's rows of a global batch) cut into ``k`` micro-batches.
+
+    Contiguous row blocks of ``balanced_counts(b, k)`` rows (sizes differ by at most
+    one; a block may be empty when b < k, and every rank still runs all k, so the
+    collectives of each micro-batch match). Each keeps the global batch's
+    ``global_size``: scaling a micro-batch's mean loss by rows / global_size makes
+    the k gradients add up to the mean over the global batch. ``k`` = 1: [batch].
+    """
+    if k == 1:
+        return [batch]
+    counts, displs = balanced_counts(int(batch.y.shape[0]), int(k))
+    return [batch._replace(x=_rows(batch.x, d, d + c), y=batch.y[d:d + c])
+            for c, d in zip(counts, displs)]
+
+
+def _rows(x, start: int, stop: int):
+    """Rows [start, stop) of a batch's x: an array, or a text batch (tokens, offsets)."""
+    if not isinstance(x, tuple):
+        return x[start:stop]
+    tokens, offsets = x
+    n = int(offsets.shape[0])
+    lo = int(offsets[start]) if start < n else int(tokens.shape[0])
+    hi = int(offsets[stop]) if stop < n else int(tokens.shape[0])
+    return tokens[lo:hi], offsets[start:stop] - lo

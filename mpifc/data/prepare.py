@@ -3,6 +3,7 @@
 Each ``prepare_*`` function writes one file and returns its path. Input files are
 checked as they are parsed; a missing, truncated or malformed file raises
 :class:`~mpifc.data.format.DatasetError` naming the file and what is wrong.
+``encrypt_key`` (a :class:`mpifc.security.crypt.DataKey`) writes the file encrypted.
 
 Shape letters: N samples, C channels, H/W height/width, D features, K classes.
 """
@@ -28,7 +29,7 @@ DIGITS_SPLIT_SEED = 0
 
 
 def prepare_digits(out, *, test_fraction: float = DIGITS_TEST_FRACTION,
-                   seed: int = DIGITS_SPLIT_SEED, compression=None) -> str:
+                   seed: int = DIGITS_SPLIT_SEED, compression=None, encrypt_key=None) -> str:
     """scikit-learn's bundled copy of the UCI handwritten digits (1797 images, offline).
 
     Images are 8x8, one channel, values 0..16; they are stored unchanged as uint8
@@ -54,7 +55,7 @@ def prepare_digits(out, *, test_fraction: float = DIGITS_TEST_FRACTION,
     src = (f"scikit-learn {_sklearn_version()} load_digits (UCI optdigits test set, 8x8, "
            f"values 0..16); split: default_rng({seed}).permutation, first {n_test} = test")
     with DatasetWriter(out, class_names=MNIST_CLASSES, source=src,
-                       compression=compression) as w:
+                       compression=compression, encrypt_key=encrypt_key) as w:
         for name, idx in (("train", tr), ("test", te)):
             w.create_split(name, idx.size, (1, 8, 8), np.uint8)
             w.write(name, 0, x[idx], y[idx])
@@ -132,7 +133,7 @@ def _find(src_dir, stems) -> str:
 
 
 def prepare_mnist(src_dir, out, *, class_names=MNIST_CLASSES, compression=None,
-                  source: str = "MNIST (IDX files)") -> str:
+                  source: str = "MNIST (IDX files)", encrypt_key=None) -> str:
     """MNIST (or Fashion-MNIST, same files) from the four standard IDX files.
 
     ``src_dir`` holds ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
@@ -165,7 +166,7 @@ def prepare_mnist(src_dir, out, *, class_names=MNIST_CLASSES, compression=None,
         raise DatasetError(f"{src_dir}: train images {splits['train'][0].shape[2:]} and test "
                            f"images {splits['test'][0].shape[2:]} differ in size")
     with DatasetWriter(out, class_names=class_names, source=f"{source} from {src_dir}",
-                       compression=compression) as w:
+                       compression=compression, encrypt_key=encrypt_key) as w:
         for name, (x, y) in splits.items():
             w.create_split(name, x.shape[0], x.shape[1:], np.uint8)
             w.write(name, 0, x, y)
@@ -230,7 +231,7 @@ def read_cifar_batch(path, num_classes: int = 10) -> tuple[np.ndarray, np.ndarra
     return x.reshape(-1, 3, 32, 32), y.astype(np.int64)
 
 
-def prepare_cifar10(src_dir, out, *, compression=None) -> str:
+def prepare_cifar10(src_dir, out, *, compression=None, encrypt_key=None) -> str:
     """CIFAR-10 from the python-pickle batches (``cifar-10-batches-py``).
 
     ``src_dir`` is the extracted ``cifar-10-batches-py`` directory (or its parent) with
@@ -261,7 +262,7 @@ def prepare_cifar10(src_dir, out, *, compression=None) -> str:
         raise DatasetError(f"{meta_path}: expected 10 label names, got {len(names)}")
     # one split in memory at a time (CIFAR-10 train: 150 MB of uint8)
     with DatasetWriter(out, class_names=names, source=f"CIFAR-10 python batches from {src_dir}",
-                       compression=compression) as w:
+                       compression=compression, encrypt_key=encrypt_key) as w:
         for split, files in (("train", train_files), ("test", test_files)):
             parts = [read_cifar_batch(p) for p in files]
             w.create_split(split, sum(x.shape[0] for x, _ in parts), (3, 32, 32), np.uint8)
@@ -277,7 +278,7 @@ def prepare_cifar10(src_dir, out, *, compression=None) -> str:
 
 def prepare_synthetic(out, *, n_train: int = 10000, n_test: int = 2000, shape=(3, 32, 32),
                       num_classes: int = 10, seed: int = 0, noise: float = 0.5,
-                      compression=None) -> str:
+                      compression=None, encrypt_key=None) -> str:
     """Learnable synthetic data of any size, for benchmarks: class prototypes + noise.
 
     Each class k has a prototype ``p_k`` drawn from ``default_rng(seed)``; a sample of
@@ -321,7 +322,8 @@ def prepare_synthetic(out, *, n_train: int = 10000, n_test: int = 2000, shape=(3
     src = (f"synthetic prototypes+noise: shape={shape} classes={num_classes} seed={seed} "
            f"noise={noise}")
     names = [f"class{k}" for k in range(num_classes)]
-    with DatasetWriter(out, class_names=names, source=src, compression=compression) as w:
+    with DatasetWriter(out, class_names=names, source=src, compression=compression,
+                       encrypt_key=encrypt_key) as w:
         for s_idx, (split, n) in enumerate((("train", n_train), ("test", n_test))):
             w.create_split(split, n, shape, dtype)
             for b, start in enumerate(range(0, n, block)):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mpifc.backend import get_array_module, to_device
 from mpifc.nn import functional as F
 from mpifc.nn import init as I
 from mpifc.nn._common import place, resolve_dtype, resolve_xp
@@ -44,10 +45,15 @@ class EmbeddingBag(Module):
 
     * flat tokens ``idx`` (T,) with ``offsets`` (N,): bag i holds
       ``idx[offsets[i]:offsets[i+1]]`` (the last bag runs to T; offsets[0] == 0,
-      non-decreasing; empty bags give zero vectors), or
+      non-decreasing; empty bags give zero vectors). The pair may also come as one
+      tuple ``forward((idx, offsets))``: the batch ``x`` of a text model
+      (:mod:`mpifc.models`), or
     * padded ``idx`` (N, L) with an optional ``mask`` (N, L) (true = real token).
-      With ``padding_idx`` set, tokens equal to it are masked out too, so a
-      padded batch works inside a Sequential without a mask.
+
+    With ``padding_idx`` set, tokens equal to it are real in neither form: the flat
+    form drops them (:func:`drop_padding`), the padded form masks them out (so a
+    padded batch works inside a Sequential without a mask). They contribute
+    nothing, their table row gets no gradient, and they do not count in the mean.
 
     mode "mean" divides by the number of real tokens (an empty bag gives zeros).
 
@@ -71,10 +77,14 @@ class EmbeddingBag(Module):
         self.input_grad = False
 
     def forward(self, idx, offsets=None, mask=None):
+        if isinstance(idx, tuple):
+            idx, offsets = idx
+        idx = to_device(idx, self.xp)                  # ids on the table's backend
+        offsets = None if offsets is None else to_device(offsets, self.xp)
         _check_ids(idx, self.num_embeddings)
-        if self.padding_idx is not None:
-            if offsets is not None:
-                raise ValueError("padding_idx applies to the padded (N, L) form, not offsets")
+        if self.padding_idx is not None and offsets is not None:
+            idx, offsets = drop_padding(idx, offsets, self.padding_idx)
+        elif self.padding_idx is not None:
             pad = idx != self.padding_idx
             mask = pad if mask is None else (mask.astype(bool) & pad)
         y, self._cache = F.embedding_bag_forward(self.weight.data, idx, offsets, mask, self.mode)
@@ -84,6 +94,32 @@ class EmbeddingBag(Module):
         self.weight.add_grad(F.embedding_bag_backward(dy, self._cache))
         self._cache = None
         return None
+
+    # --- description (see mpifc.parallel.describe): input_shape (N,) or (N, L) tokens per bag
+    def output_shape(self, input_shape):
+        return (int(input_shape[0]), self.embedding_dim)
+
+    def collectives(self, input_shape):
+        return []
+
+    def flops(self, input_shape):
+        N = int(input_shape[0])
+        L = float(input_shape[1]) if len(input_shape) > 1 else 1.0
+        f = int(round(2 * N * L * self.embedding_dim))
+        return f, f
+
+
+def drop_padding(idx, offsets, padding_idx):
+    """(tokens, offsets) without the tokens equal to ``padding_idx``, bags kept.
+
+    idx : (T,), offsets : (N,) -> idx' : (T',), offsets' : (N,): bag i of the result
+    holds bag i's tokens that are not padding (a bag of padding only becomes empty).
+    """
+    xp = get_array_module(idx)
+    keep = idx != padding_idx
+    # kept tokens before position t, for t = 0..T: the new start of a bag starting at t
+    before = xp.concatenate([xp.zeros(1, dtype=np.int64), xp.cumsum(keep, dtype=np.int64)])
+    return idx[keep], before[offsets]
 
 
 def _check_ids(idx, V):

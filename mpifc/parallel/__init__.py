@@ -18,5 +18,8 @@ __all__ += ["OutChannelParallelConv2d", "InChannelParallelConv2d", "SyncBatchNor
 from mpifc.parallel.data import DataParallel, clip_grad_norm_grid
 
 __all__ += ["DataParallel", "clip_grad_norm_grid"]
+from mpifc.parallel.embedding import VocabParallelEmbeddingBag
+
+__all__ += ["VocabParallelEmbeddingBag"]
 __all__ += ["SpatialParallelConv2d", "SpatialParallelMaxPool2d", "SpatialParallelAvgPool2d",
             "SpatialGather"]

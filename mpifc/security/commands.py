@@ -48,11 +48,14 @@ def _cmd_verify(args):
 
 def add_security(sub) -> None:
     """Register ``keys``, ``sign`` and ``verify`` on the top-level subparsers."""
-    k = sub.add_parser("keys", help="signing keys: generate an Ed25519 key pair")
+    k = sub.add_parser("keys", help="keys: an Ed25519 signing pair, or a data key for "
+                       "encryption at rest")
     ksub = k.add_subparsers(dest="action", required=True, metavar="ACTION")
     g = ksub.add_parser("generate", help="write DIR/mpifc-sign.key (0600) and DIR/mpifc-sign.pub")
     g.add_argument("dir", help="directory for the key pair (created 0700 if missing)")
     g.set_defaults(func=_cmd_keys_generate)
+    from mpifc.security.crypt_commands import add_data_key_command
+    add_data_key_command(ksub)                          # keys generate-data-key (encryption)
 
     s = sub.add_parser("sign", help="sign a checkpoint with a private key (replaces its file "
                        "atomically)")

@@ -119,9 +119,8 @@ def eval_config(cfg: dict, overrides) -> dict:
         name = data["dataset"]
         named = not (name.endswith((".h5", ".hdf5")) or os.path.sep in name)
         if named:
-            tag = ("-" + "x".join(map(str, cfg["model"]["input"]))
-                   if name.startswith("synthetic") else "")
-            stored = os.path.join(data["dir"], f"{name}{tag}.h5")
-            if not os.path.isfile(stored):
+            from mpifc.train import named_dataset_path
+
+            if not os.path.isfile(named_dataset_path(cfg)):
                 data["dir"] = DEFAULTS["data"]["dir"]
     return {**cfg, "train": train, "data": data}

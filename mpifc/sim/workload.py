@@ -23,6 +23,7 @@ clipping, optimizer), so the messages listed here are exactly those of a real st
                       bwd  allgather(v) of (b, C_r, H, W) only if its input was whole
     BatchNorm, dp > 1 fwd  allreduce over dp of 2C_r + 2 (sums, count)
                       bwd  allreduce over dp of 2C_r      unless it is the first layer
+    vocab EmbeddingBag fwd allreduce of (b, D) bag sums   (text; bwd: none, rows stay local)
     class-split logits   fwd allreduce max (b), allreduce sums (2b); accuracy: allreduce
                          min (b, int64); whole logits: a local loss, no message
     data parallel     iallreduce over dp of each gradient bucket (reverse parameter
@@ -208,7 +209,7 @@ PREFIX = {"linear": "fc", "conv2d": "conv", "batchnorm2d": "bn", "batchnorm1d": 
           "relu": "relu", "leakyrelu": "relu", "gelu": "gelu", "tanh": "tanh",
           "sigmoid": "sigmoid", "maxpool2d": "pool", "avgpool2d": "pool",
           "globalavgpool2d": "pool", "flatten": "flatten", "dropout": "dropout",
-          "layernorm": "ln", "residual": "res"}
+          "layernorm": "ln", "residual": "res", "embeddingbag": "emb"}
 _PRODUCERS = {("linear", "column"), ("conv2d", "out")}
 _CONSUMERS = {("linear", "row"), ("conv2d", "in")}
 
@@ -284,7 +285,8 @@ def _keeps_split(layers: list[dict], i: int, tp: int, at_end: bool = True) -> bo
 def _has_params(spec: dict) -> bool:
     if spec["type"] == "residual":
         return any(_has_params(s) for s in spec["layers"] + _projection(spec))
-    return spec["type"] in ("linear", "conv2d", "layernorm") or spec["type"] in NORMS
+    return (spec["type"] in ("linear", "conv2d", "layernorm", "embeddingbag")
+            or spec["type"] in NORMS)
 
 
 # ---- residual blocks (issue 18): the table is walked as one flat list of entries ----
@@ -364,7 +366,15 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
     overlap = bool(par.get("overlap", True) if overlap is None else overlap)
 
     layers = [dict(l) for l in cfg["model"]["layers"]]
-    act = _Act(tuple(int(v) for v in cfg["model"]["input"]))
+    inp = list(cfg["model"]["input"])
+    text = bool(inp) and inp[0] == "tokens"      # a text model: x = (tokens, offsets)
+    if text:
+        from mpifc.models import TOKENS_PER_DOC
+
+        L = int(inp[1]) if len(inp) > 1 else TOKENS_PER_DOC       # mean tokens per document
+        act = _Act(())
+    else:
+        act = _Act(tuple(int(v) for v in inp))
     entries = _flatten(layers)
     first_param = next((i for i, e in enumerate(entries)
                         if e["kind"] == "layer" and _has_params(e["spec"])), len(entries))
@@ -445,7 +455,33 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
         if t in ("linear", "conv2d") and act.counts is not None and (t, sh) not in _CONSUMERS:
             raise WorkloadError(f"{where} gets a split input")
 
-        if t == "linear":
+        if t == "embeddingbag":
+            # ---- embedding bag (issue 13): a text model's first layer ----
+            if i != 0 or not text:
+                raise WorkloadError(f"{where}: an embeddingbag must be the first layer of a model "
+                                    "with input = [\"tokens\"]")
+            V, Dm = int(spec["vocab"]), int(spec["dim"])
+            Vl = balanced_counts(V, tp)[0][r] if sh == "vocab" else V
+            tok = b * L * Vl / V          # tokens in this rank's rows (uniform ids)
+            mean = spec.get("mode", "mean") == "mean"
+            # gather E[rows] (read + write), scale (mean), add.at into y (read + write);
+            # searchsorted / masks over the b * L ids (int64)
+            f_ph.append(elem(f"{name}.forward", (4 + (2 if mean else 0)) * tok * Dm * s
+                             + 4 * 8 * b * L + 2 * b * Dm * s, "forward", 14 + (2 if mean else 0),
+                             b))
+            if sh == "vocab":
+                c, ph = comm(f"{name}.forward", "allreduce", b * Dm, "tp", "forward")
+                f_cc.append(c); f_ph.append(ph)
+            # dE zeros, dy[bag] (read + write), scale, add.at into dE; add_grad (grad_acc)
+            b_ph.append(elem(f"{name}.backward", Vl * Dm * s + (4 + (2 if mean else 0)) * tok * Dm * s,
+                             "backward", 5 + (1 if mean else 0), b))
+            b_ph.append(elem(f"{name}.backward.grad_acc", _PASSES["grad_acc"] * Vl * Dm * s,
+                             "backward", _CALLS["grad_acc"]))
+            lp, rows = [Vl * Dm], [Vl]
+            keep += 8 * 2 * tok + (s * tok if mean else 0)        # local rows, bags, weights
+            act = _Act((Dm,))
+
+        elif t == "linear":
             if len(act.shape) != 1:
                 raise WorkloadError(f"{where}: input {act.shape} is not a vector; add a flatten")
             D, Fo = act.shape[0], int(spec["out"])
@@ -844,6 +880,9 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
     # ---- the trainer around the step: data in scatter mode, the finite-loss check ----
     data_cc: list[Collective] = []
     data_ph: list[Phase] = []
+    if cfg.get("data", {}).get("mode") == "scatter" and text:
+        raise WorkloadError("data.mode = \"scatter\" of a text dataset is not described; "
+                            "use data.mode = \"slice\"")
     if cfg.get("data", {}).get("mode") == "scatter":
         # root reads the global batch and scatters rows over dp: images stored as uint8
         x_item = 1 if len(cfg["model"]["input"]) == 3 else s

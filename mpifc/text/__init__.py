@@ -8,5 +8,7 @@
 """
 from mpifc.text.tokenize import CJK_MODES, tokenize
 from mpifc.text.wordcount import CountResult, TextError, count_corpus, owner
+from mpifc.text.vocab import build_vocab, encode
 
-__all__ = ["tokenize", "CJK_MODES", "count_corpus", "CountResult", "TextError", "owner"]
+__all__ = ["tokenize", "CJK_MODES", "count_corpus", "CountResult", "TextError", "owner",
+           "build_vocab", "encode"]

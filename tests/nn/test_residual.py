@@ -214,3 +214,52 @@ def test_other_table_layers_build_and_train():
         for p in net.parameters():
             p.data -= 0.2 * p.grad
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+# ---- text models (main's embeddingbag) beside residual blocks (merge of main into resnet) ----
+_EMB = {"type": "embeddingbag", "vocab": 10, "dim": 4}
+_RES = {"type": "residual", "layers": [{"type": "linear", "out": 4}, {"type": "relu"}]}
+
+
+def test_embeddingbag_inside_a_residual_is_refused():
+    """The embeddingbag is the first top-level layer only: not the first layer of a block."""
+    grid = serial_grid()
+    for layers, msg in [
+        ([{"type": "residual", "layers": [_EMB]}, {"type": "linear", "out": 3}],
+         r"model\.layers\[0\]\.layers\[0\] \(embeddingbag\) must be the first layer of "
+         r"model\.layers, not inside a residual"),
+        ([_EMB, {"type": "residual", "layers": [{"type": "relu"}], "projection": [_EMB]},
+          {"type": "linear", "out": 3}],
+         r"model\.layers\[1\]\.projection\[0\] \(embeddingbag\) must be the first layer of "
+         r"model\.layers"),
+    ]:
+        with pytest.raises(ConfigError, match=msg):
+            validate_layers(layers)
+        with pytest.raises(ConfigError, match=msg):
+            build_model({"input": ["tokens"], "layers": layers}, grid, seed=0)
+
+
+def test_text_model_with_a_residual_block_builds_and_is_described():
+    """embeddingbag -> residual(linear, relu) -> linear: built (names, shapes, forward on
+    (tokens, offsets)), gradients reach the table, and the simulator describes it."""
+    from mpifc.config import load_config
+    from mpifc.sim.workload import describe_step
+
+    grid = serial_grid()
+    model = {"input": ["tokens", 5], "layers": [_EMB, _RES, {"type": "linear", "out": 3}]}
+    net = build_model(model, grid, seed=0, dtype=np.float64)
+    assert net.text and net.names == ["emb1", "res1", "fc1"]
+    assert [n for n, _ in net.named_parameters()] == [
+        "emb1.weight", "res1.body.fc1.weight", "res1.body.fc1.bias", "fc1.weight", "fc1.bias"]
+    assert net.shapes(2) == [(2, 5), (2, 4), (2, 4), (2, 3)]
+    y = net.forward((np.array([1, 3, 2, 7]), np.array([0, 3])))
+    assert y.shape == (2, 3)
+    net.zero_grad()
+    net.backward(np.ones_like(y))
+    emb_grad = dict(net.named_parameters())["emb1.weight"].grad
+    assert np.abs(emb_grad[[1, 2, 3, 7]]).sum() > 0 and not emb_grad[[0, 4, 5, 6, 8, 9]].any()
+
+    cfg = load_config("digits-mlp")
+    cfg["model"] = model
+    d = describe_step(cfg, 1, 1, global_batch=8)
+    assert d.params == 10 * 4 + (4 * 4 + 4) + (4 * 3 + 3)
