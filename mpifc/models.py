@@ -15,6 +15,11 @@ Layer table entries (``[model] layers = [{type = ..., ...}, ...]``):
     relu, gelu, tanh, sigmoid, leakyrelu (slope=0.01)
     maxpool2d / avgpool2d       kernel, stride=kernel, padding=0
     globalavgpool2d, flatten, dropout (p=0.5)
+    layernorm    eps=1e-5 (over the whole per-sample shape; needs a whole activation)
+    residual     layers = [...], projection = {...} or [...] (optional; default identity):
+                 y = layers(x) + projection(x), a :class:`mpifc.nn.Residual` whose
+                 children ``body`` / ``shortcut`` are built (and named, and seeded from
+                 ``[seed, i, 0 | 1, j]``) like the top-level table
     embeddingbag vocab, dim, mode = "mean" | "sum", padding_idx, shard = "vocab" | "none"
                  (text models only: the first layer, with ``input = ["tokens"]``)
 
@@ -35,7 +40,10 @@ layers is either replicated over the tensor group or split on its channel/featur
 axis. A column linear or output-channel conv keeps its output split when the next
 layer with parameters takes split input (a row linear, an input-channel conv) or
 when it is the last layer (class-split logits for the class-parallel loss), and
-gathers it otherwise. Layers without a ``shard`` run replicated. BatchNorm on
+gathers it otherwise. Layers without a ``shard`` run replicated. A residual block's
+input is whole (a producer before it gathers), and so are its branches' outputs (a
+producer last in a branch gathers), so the block adds whole tensors; the
+activation is split only between an out/in (column/row) pair inside a branch. BatchNorm on
 split channels normalises its own channels (its parameters and running stats are
 split like them). With dp > 1 BatchNorm becomes SyncBatchNorm over the data group,
 so dp ranks normalise with the statistics of the whole global batch.
@@ -80,6 +88,9 @@ LAYERS = {
     "globalavgpool2d": ("pool", set()),
     "flatten": ("flatten", set()),
     "dropout": ("dropout", {"p"}),
+    # --- residual networks (issue 18) ---
+    "layernorm": ("ln", {"eps"}),
+    "residual": ("res", {"layers", "projection"}),
     "embeddingbag": ("emb", {"vocab", "dim", "mode", "padding_idx", "shard"}),
 }
 SHARDS = {"linear": ("column", "row", "none"), "conv2d": ("out", "in", "none"),
@@ -304,45 +315,64 @@ LAYER_KEYS = {
     "padding_idx": ("an integer >= 0", lambda v: _is_int(v, 0)),
 }
 _REQUIRED = {"linear": ("out",), "conv2d": ("out", "kernel"), "maxpool2d": ("kernel",),
-             "avgpool2d": ("kernel",), "embeddingbag": ("vocab", "dim")}
+             "avgpool2d": ("kernel",), "residual": ("layers",),
+             "embeddingbag": ("vocab", "dim")}
 
 
-def validate_layers(specs) -> None:
+def _projection_list(p):
+    """A residual's ``projection``: one layer table or a list of them -> list."""
+    return [p] if isinstance(p, dict) else p
+
+
+def validate_layers(specs, path: str = "model.layers", *, top: bool = True) -> None:
     """Check a ``[model] layers`` value: raise ConfigError naming ``model.layers[i]``.
 
     Called by :func:`mpifc.config.validate` at load and by :func:`build_model`.
+    A residual's ``layers`` and ``projection`` are checked the same way, named by
+    their path (``model.layers[3].layers[1]``, ``model.layers[3].projection[0]``).
     Shapes are checked when the model is built (they need the input and the grid).
     """
     if not isinstance(specs, (list, tuple)):
-        raise ConfigError(f"model.layers must be a list of tables, got {type(specs).__name__}")
+        raise ConfigError(f"{path} must be a list of tables, got {type(specs).__name__}")
     if not specs:
-        raise ConfigError("model.layers is empty")
+        raise ConfigError(f"{path} is empty")
     for i, s in enumerate(specs):
         if not isinstance(s, dict) or "type" not in s:
-            raise ConfigError(f"model.layers[{i}] must be a table with a 'type' "
+            raise ConfigError(f"{path}[{i}] must be a table with a 'type' "
                               f"({{type = \"linear\", ...}}), got {s!r}")
         t = s["type"]
         if not isinstance(t, str) or t not in LAYERS:
-            raise ConfigError(f"model.layers[{i}]: unknown type {t!r}; known: "
+            raise ConfigError(f"{path}[{i}]: unknown type {t!r}; known: "
                               f"{', '.join(sorted(LAYERS))}")
         extra = set(s) - {"type"} - LAYERS[t][1]
         if extra:
-            raise ConfigError(f"model.layers[{i}] ({t}): unknown keys {sorted(extra)}; "
+            raise ConfigError(f"{path}[{i}] ({t}): unknown keys {sorted(extra)}; "
                               f"allowed: {sorted(LAYERS[t][1])}")
         for k in _REQUIRED.get(t, ()):
             if k not in s:
-                raise ConfigError(f"model.layers[{i}] ({t}): '{k}' is required")
+                raise ConfigError(f"{path}[{i}] ({t}): '{k}' is required")
         for k, v in s.items():
             want, ok = (f"one of {', '.join(SHARDS[t])}", lambda v: v in SHARDS[t]) \
                 if k == "shard" else LAYER_KEYS.get(k, (None, None))
             if ok is not None and not ok(v):
-                raise ConfigError(f"model.layers[{i}] ({t}): '{k}' must be {want}, got {v!r}")
-        if t == "embeddingbag" and i != 0:
-            raise ConfigError(f"model.layers[{i}] (embeddingbag) must be the first layer (it "
-                              "takes the (tokens, offsets) of a text batch)")
+                raise ConfigError(f"{path}[{i}] ({t}): '{k}' must be {want}, got {v!r}")
+        if t == "embeddingbag" and (i != 0 or not top):
+            raise ConfigError(f"{path}[{i}] (embeddingbag) must be the first layer"
+                              + ("" if top else " of model.layers, not inside a residual")
+                              + " (it takes the (tokens, offsets) of a text batch)")
         if t == "embeddingbag" and s.get("padding_idx", 0) >= s["vocab"]:
-            raise ConfigError(f"model.layers[{i}] (embeddingbag): 'padding_idx' must be < vocab "
+            raise ConfigError(f"{path}[{i}] (embeddingbag): 'padding_idx' must be < vocab "
                               f"= {s['vocab']}, got {s['padding_idx']}")
+        if t == "residual":
+            validate_layers(s["layers"], f"{path}[{i}].layers", top=False)
+            if "projection" in s:
+                p = s["projection"]
+                if not isinstance(p, (dict, list, tuple)):
+                    raise ConfigError(f"{path}[{i}] (residual): 'projection' must be a layer "
+                                      f"table or a list of them, got {p!r}")
+                validate_layers(_projection_list(p), f"{path}[{i}].projection", top=False)
+    if not top:
+        return                       # a residual branch: no classifier rule inside
     lin = [i for i, s in enumerate(specs) if s["type"] in ("linear", "conv2d")]
     if not lin or specs[lin[-1]]["type"] != "linear":
         raise ConfigError("model.layers: the last layer with parameters must be a linear layer "
@@ -371,14 +401,28 @@ def _validate(specs, input_shape):
         raise ConfigError(f"model.input must be a list of positive sizes, got {input_shape}")
 
 
-def _keeps_split(specs, i, tp) -> bool:
-    """Does the producer at ``i`` keep its output split (True) or gather it (False)?"""
+def _keeps_split(specs, i, tp, at_end=True) -> bool:
+    """Does the producer at ``i`` keep its output split (True) or gather it (False)?
+
+    It keeps it when the next layer with parameters takes split input; a layernorm
+    or a residual block first (they need the whole activation) makes it gather. At
+    the end of ``specs``: ``at_end`` (True for the model: class-split logits; False
+    in a residual branch, whose output is whole)."""
     if tp == 1:
         return False
     for s in specs[i + 1:]:
+        if s["type"] in ("layernorm", "residual"):
+            return False
         if s["type"] in ("linear", "conv2d"):
             return (s["type"], s.get("shard", "none")) in _CONSUMERS
-    return True          # the last layer: class-split logits
+    return at_end
+
+
+def _named_sequential(layers, names):
+    """A :class:`mpifc.nn.Sequential` whose children are named ``names`` (conv1, bn1, ...)."""
+    seq = nn.Sequential(*layers)
+    seq._child_names = list(names)
+    return seq
 
 
 def _rng(seed, *key):
@@ -402,131 +446,174 @@ def build_model(model_cfg: dict, grid, *, seed: int, dtype=np.float32, xp=None) 
     dtype = np.dtype(dtype)
     kw = {"dtype": dtype, "xp": xp}
 
-    layers, names, counter = [], [], {}
-    shape = () if text else input_shape     # per-sample logical (global) shape; () = tokens
-    split = None               # channel/feature counts over tp when the activation is split
+    def build_seq(specs, shape, split, path, key, prefix_name, at_end):
+        """Build ``specs`` from per-sample ``shape`` (split over tp as ``split``) ->
+        (layers, names, shape, split). ``path`` names them in errors (model.layers,
+        model.layers[3].layers), ``key`` seeds them (layer j: rng [seed, *key, j]),
+        ``prefix_name`` prefixes a sharded layer's trace name."""
+        layers, names, counter = [], [], {}
 
-    def need(ndim, i, t):
-        if len(shape) != ndim:
-            want = "(C, H, W)" if ndim == 3 else "(D,) features: add a flatten before it"
-            raise ConfigError(f"model.layers[{i}] ({t}) needs input {want}, gets {shape}")
+        def need(ndim, i, t):
+            if len(shape) != ndim:
+                want = "(C, H, W)" if ndim == 3 else "(D,) features: add a flatten before it"
+                raise ConfigError(f"{path}[{i}] ({t}) needs input {want}, gets {shape}")
 
-    for i, s in enumerate(specs):
-        t = s["type"]
-        prefix = LAYERS[t][0]
-        counter[prefix] = counter.get(prefix, 0) + 1
-        name = f"{prefix}{counter[prefix]}"
-        shard = s.get("shard", "none") if tp > 1 else "none"
-        rng = _rng(seed, i)
-        if t in ("linear", "conv2d") and split is not None and (t, shard) not in _CONSUMERS:
-            raise ConfigError(f"model.layers[{i}] ({t}, shard={shard}) gets a split input")  # planned away
+        for i, s in enumerate(specs):
+            t = s["type"]
+            prefix = LAYERS[t][0]
+            counter[prefix] = counter.get(prefix, 0) + 1
+            name = f"{prefix}{counter[prefix]}"
+            lname = name
+            name = prefix_name + name          # trace phase prefix of a sharded layer
+            shard = s.get("shard", "none") if tp > 1 else "none"
+            rng = _rng(seed, *key, i)
+            if t in ("linear", "conv2d") and split is not None and (t, shard) not in _CONSUMERS:
+                raise ConfigError(f"{path}[{i}] ({t}, shard={shard}) gets a split input")  # planned away
 
-        if t == "linear":
-            need(1, i, t)
-            Din, Fo = shape[0], int(s["out"])
-            lkw = dict(bias=bool(s.get("bias", True)), init=s.get("init", "kaiming_uniform"), rng=rng, **kw)
-            if shard == "column":
-                from mpifc.parallel.linear import ColumnParallelLinear
+            if t == "linear":
+                need(1, i, t)
+                Din, Fo = shape[0], int(s["out"])
+                lkw = dict(bias=bool(s.get("bias", True)), init=s.get("init", "kaiming_uniform"), rng=rng, **kw)
+                if shard == "column":
+                    from mpifc.parallel.linear import ColumnParallelLinear
 
-                keep = _keeps_split(specs, i, tp)
-                layer = ColumnParallelLinear(Din, Fo, tpc, gather_output=not keep, name=name, **lkw)
-                split = shard_counts(Fo, tpc) if keep else None
-            elif shard == "row":
-                from mpifc.parallel.linear import RowParallelLinear
+                    keep = _keeps_split(specs, i, tp, at_end)
+                    layer = ColumnParallelLinear(Din, Fo, tpc, gather_output=not keep, name=name, **lkw)
+                    split = shard_counts(Fo, tpc) if keep else None
+                elif shard == "row":
+                    from mpifc.parallel.linear import RowParallelLinear
 
-                layer = RowParallelLinear(Din, Fo, tpc, input_is_sharded=split is not None,
-                                          in_counts=split, name=name, **lkw)
-                split = None
-            else:
-                layer = nn.Linear(Din, Fo, **lkw)
-            shape = (Fo,)
+                    layer = RowParallelLinear(Din, Fo, tpc, input_is_sharded=split is not None,
+                                              in_counts=split, name=name, **lkw)
+                    split = None
+                else:
+                    layer = nn.Linear(Din, Fo, **lkw)
+                shape = (Fo,)
 
-        elif t == "conv2d":
-            need(3, i, t)
-            C, H, W = shape
-            K = int(s["out"])
-            ckw = dict(stride=s.get("stride", 1), padding=s.get("padding", 0),
-                       dilation=s.get("dilation", 1), bias=bool(s.get("bias", True)),
-                       init=s.get("init", "kaiming_uniform"), rng=rng, **kw)
-            if shard == "out":
-                from mpifc.parallel.conv import OutChannelParallelConv2d
+            elif t == "conv2d":
+                need(3, i, t)
+                C, H, W = shape
+                K = int(s["out"])
+                ckw = dict(stride=s.get("stride", 1), padding=s.get("padding", 0),
+                           dilation=s.get("dilation", 1), bias=bool(s.get("bias", True)),
+                           init=s.get("init", "kaiming_uniform"), rng=rng, **kw)
+                if shard == "out":
+                    from mpifc.parallel.conv import OutChannelParallelConv2d
 
-                keep = _keeps_split(specs, i, tp)
-                layer = OutChannelParallelConv2d(C, K, s["kernel"], tpc, gather_output=not keep,
-                                                 name=name, **ckw)
-                split = shard_counts(K, tpc) if keep else None
-            elif shard == "in":
-                from mpifc.parallel.conv import InChannelParallelConv2d
+                    keep = _keeps_split(specs, i, tp, at_end)
+                    layer = OutChannelParallelConv2d(C, K, s["kernel"], tpc, gather_output=not keep,
+                                                     name=name, **ckw)
+                    split = shard_counts(K, tpc) if keep else None
+                elif shard == "in":
+                    from mpifc.parallel.conv import InChannelParallelConv2d
 
-                layer = InChannelParallelConv2d(C, K, s["kernel"], tpc, input_is_sharded=split is not None,
-                                                in_counts=split, name=name, **ckw)
-                split = None
-            else:
-                layer = nn.Conv2d(C, K, s["kernel"], **ckw)
-            (pt, pb), (pl, pr) = F.normalize_padding(ckw["padding"])
-            (R, S_), (sh, sw), (dh, dw) = F._pair(s["kernel"]), F._pair(ckw["stride"]), F._pair(ckw["dilation"])
-            shape = (K, F.conv_output_size(H, R, sh, pt, pb, dh), F.conv_output_size(W, S_, sw, pl, pr, dw))
+                    layer = InChannelParallelConv2d(C, K, s["kernel"], tpc, input_is_sharded=split is not None,
+                                                    in_counts=split, name=name, **ckw)
+                    split = None
+                else:
+                    layer = nn.Conv2d(C, K, s["kernel"], **ckw)
+                (pt, pb), (pl, pr) = F.normalize_padding(ckw["padding"])
+                (R, S_), (sh, sw), (dh, dw) = F._pair(s["kernel"]), F._pair(ckw["stride"]), F._pair(ckw["dilation"])
+                shape = (K, F.conv_output_size(H, R, sh, pt, pb, dh), F.conv_output_size(W, S_, sw, pl, pr, dw))
 
-        elif t in ("batchnorm2d", "batchnorm1d"):
-            need(3 if t == "batchnorm2d" else 1, i, t)
-            c_local = split[tpc.rank] if split is not None else shape[0]
-            bkw = dict(eps=float(s.get("eps", 1e-5)), momentum=float(s.get("momentum", 0.1)), **kw)
-            if dp > 1 or split is not None:
-                # statistics over the dp group (the global batch); on split channels the
-                # layer's gamma, beta and running stats are split over tp like them
-                from mpifc.parallel import norm
+            elif t in ("batchnorm2d", "batchnorm1d"):
+                need(3 if t == "batchnorm2d" else 1, i, t)
+                c_local = split[tpc.rank] if split is not None else shape[0]
+                bkw = dict(eps=float(s.get("eps", 1e-5)), momentum=float(s.get("momentum", 0.1)), **kw)
+                if dp > 1 or split is not None:
+                    # statistics over the dp group (the global batch); on split channels the
+                    # layer's gamma, beta and running stats are split over tp like them
+                    from mpifc.parallel import norm
 
-                cls = norm.SyncBatchNorm2d if t == "batchnorm2d" else norm.SyncBatchNorm1d
-                layer = cls(c_local, dpc if dp > 1 else None, name=name,
-                            channel_group=tpc if split is not None else None,
-                            channel_counts=split, **bkw)
-            else:
-                layer = (nn.BatchNorm2d if t == "batchnorm2d" else nn.BatchNorm1d)(c_local, **bkw)
+                    cls = norm.SyncBatchNorm2d if t == "batchnorm2d" else norm.SyncBatchNorm1d
+                    layer = cls(c_local, dpc if dp > 1 else None, name=name,
+                                channel_group=tpc if split is not None else None,
+                                channel_counts=split, **bkw)
+                else:
+                    layer = (nn.BatchNorm2d if t == "batchnorm2d" else nn.BatchNorm1d)(c_local, **bkw)
 
-        elif t in ("maxpool2d", "avgpool2d"):
-            need(3, i, t)
-            C, H, W = shape
-            k = F._pair(s["kernel"])
-            st = F._pair(s.get("stride", k))
-            (pt, pb), (pl, pr) = F.normalize_padding(s.get("padding", 0))
-            cls = nn.MaxPool2d if t == "maxpool2d" else nn.AvgPool2d
-            layer = cls(k, stride=st, padding=s.get("padding", 0))
-            shape = (C, F.conv_output_size(H, k[0], st[0], pt, pb), F.conv_output_size(W, k[1], st[1], pl, pr))
+            elif t in ("maxpool2d", "avgpool2d"):
+                need(3, i, t)
+                C, H, W = shape
+                k = F._pair(s["kernel"])
+                st = F._pair(s.get("stride", k))
+                (pt, pb), (pl, pr) = F.normalize_padding(s.get("padding", 0))
+                cls = nn.MaxPool2d if t == "maxpool2d" else nn.AvgPool2d
+                layer = cls(k, stride=st, padding=s.get("padding", 0))
+                shape = (C, F.conv_output_size(H, k[0], st[0], pt, pb), F.conv_output_size(W, k[1], st[1], pl, pr))
 
-        elif t == "globalavgpool2d":
-            need(3, i, t)
-            layer = nn.GlobalAvgPool2d()
-            shape = (shape[0],)
+            elif t == "globalavgpool2d":
+                need(3, i, t)
+                layer = nn.GlobalAvgPool2d()
+                shape = (shape[0],)
 
-        elif t == "flatten":
-            if split is not None:       # (c_r, H, W) -> c_r*H*W features, channel-major
-                per = math.prod(shape[1:])
-                split = tuple(c * per for c in split)
-            layer = Flatten()
-            shape = (math.prod(shape),)
+            elif t == "flatten":
+                if split is not None:       # (c_r, H, W) -> c_r*H*W features, channel-major
+                    per = math.prod(shape[1:])
+                    split = tuple(c * per for c in split)
+                layer = Flatten()
+                shape = (math.prod(shape),)
 
-        elif t == "embeddingbag":
-            ekw = dict(mode=s.get("mode", "mean"), padding_idx=s.get("padding_idx"), rng=rng, **kw)
-            if shard == "vocab":
-                from mpifc.parallel.embedding import VocabParallelEmbeddingBag
+            elif t == "embeddingbag":
+                ekw = dict(mode=s.get("mode", "mean"), padding_idx=s.get("padding_idx"), rng=rng, **kw)
+                if shard == "vocab":
+                    from mpifc.parallel.embedding import VocabParallelEmbeddingBag
 
-                layer = VocabParallelEmbeddingBag(int(s["vocab"]), int(s["dim"]), tpc, name=name, **ekw)
-            else:
-                layer = nn.EmbeddingBag(int(s["vocab"]), int(s["dim"]), **ekw)
-            shape = (int(s["dim"]),)
+                    layer = VocabParallelEmbeddingBag(int(s["vocab"]), int(s["dim"]), tpc, name=name, **ekw)
+                else:
+                    layer = nn.EmbeddingBag(int(s["vocab"]), int(s["dim"]), **ekw)
+                shape = (int(s["dim"]),)
 
-        elif t == "dropout":
-            layer = nn.Dropout(float(s.get("p", 0.5)), rng=_rng(seed, i, grid.dp_rank))
+            elif t == "dropout":
+                layer = nn.Dropout(float(s.get("p", 0.5)), rng=_rng(seed, *key, i, grid.dp_rank))
 
-        else:  # elementwise activations
-            layer = {"relu": lambda: nn.ReLU(), "gelu": lambda: nn.GELU(), "tanh": lambda: nn.Tanh(),
-                     "sigmoid": lambda: nn.Sigmoid(),
-                     "leakyrelu": lambda: nn.LeakyReLU(float(s.get("slope", 0.01)))}[t]()
+            elif t == "layernorm":        # over the whole per-sample shape
+                if split is not None:         # planned away (_keeps_split gathers before it)
+                    raise ConfigError(f"{path}[{i}] (layernorm) gets a split input")
+                layer = nn.LayerNorm(shape, eps=float(s.get("eps", 1e-5)), **kw)
 
-        if any(d < 1 for d in shape):
-            raise ConfigError(f"model.layers[{i}] ({t}) produces an empty output {shape}")
-        layers.append(layer)
-        names.append(name)
+            elif t == "residual":
+                where = f"{path}[{i}] (residual)"
+                if split is not None:         # planned away (_keeps_split gathers before it)
+                    raise ConfigError(f"{where} gets a split input")
+                bl, bn, bshape, bsplit = build_seq(s["layers"], shape, None, f"{path}[{i}].layers",
+                                                   (*key, i, 0), f"{name}.body.", False)
+                if bsplit is not None:        # planned away (a branch's last producer gathers)
+                    raise ConfigError(f"{where}: its layers leave the output split over tp")
+                body = _named_sequential(bl, bn)
+                if "projection" in s:
+                    pl, pn, pshape, psplit = build_seq(
+                        _projection_list(s["projection"]), shape, None, f"{path}[{i}].projection",
+                        (*key, i, 1), f"{name}.shortcut.", False)
+                    if psplit is not None:
+                        raise ConfigError(f"{where}: its projection leaves the output split over tp")
+                    shortcut, what = _named_sequential(pl, pn), "projection output"
+                else:
+                    shortcut, pshape, what = None, shape, "input (identity shortcut)"
+                if tuple(bshape) != tuple(pshape):
+                    raise ConfigError(
+                        f"{where}: its layers produce {tuple(bshape)} per sample but its {what} "
+                        f"is {tuple(pshape)}; they are added, so they must match"
+                        + ("" if "projection" in s else
+                           " (add a projection, e.g. a 1x1 conv2d with the same stride and out)"))
+                layer = nn.Residual(body, shortcut)
+                shape = bshape
+
+            else:  # elementwise activations
+                layer = {"relu": lambda: nn.ReLU(), "gelu": lambda: nn.GELU(), "tanh": lambda: nn.Tanh(),
+                         "sigmoid": lambda: nn.Sigmoid(),
+                         "leakyrelu": lambda: nn.LeakyReLU(float(s.get("slope", 0.01)))}[t]()
+
+            if any(d < 1 for d in shape):
+                raise ConfigError(f"{path}[{i}] ({t}) produces an empty output {shape}")
+            layers.append(layer)
+            names.append(lname)
+        return layers, names, shape, split
+
+    # per-sample logical (global) shape; () = a text model's tokens (its embeddingbag
+    # first layer makes them (dim,))
+    layers, names, shape, split = build_seq(specs, () if text else input_shape, None,
+                                            "model.layers", (), "", True)
 
     if len(shape) != 1:
         raise ConfigError(f"model output per sample is {shape}; it must be (classes,)")

@@ -9,6 +9,7 @@ from mpifc.nn.loss import MSELoss, SoftmaxCrossEntropy
 from mpifc.nn.module import Module, Parameter, ShapeError, Sharding
 from mpifc.nn.norm import BatchNorm1d, BatchNorm2d, LayerNorm
 from mpifc.nn.pool import AvgPool2d, GlobalAvgPool2d, MaxPool2d
+from mpifc.nn.residual import Residual
 from mpifc.nn.shape import Flatten
 
 __all__ = [
@@ -16,5 +17,6 @@ __all__ = [
     "Linear", "Conv2d", "MaxPool2d", "AvgPool2d", "GlobalAvgPool2d",
     "ReLU", "LeakyReLU", "GELU", "Tanh", "Sigmoid", "Dropout", "Flatten",
     "BatchNorm1d", "BatchNorm2d", "LayerNorm", "Embedding", "EmbeddingBag", "Sequential",
+    "Residual",
     "SoftmaxCrossEntropy", "MSELoss",
 ]

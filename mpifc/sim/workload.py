@@ -44,6 +44,13 @@ tensor as it is, and flatten turns C_r channels into C_r*H*W features. The first
 layer with parameters computes no input gradient, and the layers before it run no
 backward.
 
+A residual block is walked as its body's layers, then its projection's (from the
+same input), then the add; its backward runs the projection's layers, the body's,
+then the add of the two input gradients. Its input and its branches' outputs are
+whole (a producer before a block, a layernorm, or at a branch's end gathers).
+DataParallel marks the block's conv/norm gradients final when the whole block is
+done (a linear layer's dW row blocks still start their buckets as they come).
+
 Compute: GEMM and convolution FLOPs (2 per multiply-add, the layers' own ``flops``);
 element-wise work as bytes moved (reads + writes) counted from the NumPy code of
 each layer (see ``_PASSES``), since those kernels are memory-bound.
@@ -202,7 +209,7 @@ PREFIX = {"linear": "fc", "conv2d": "conv", "batchnorm2d": "bn", "batchnorm1d": 
           "relu": "relu", "leakyrelu": "relu", "gelu": "gelu", "tanh": "tanh",
           "sigmoid": "sigmoid", "maxpool2d": "pool", "avgpool2d": "pool",
           "globalavgpool2d": "pool", "flatten": "flatten", "dropout": "dropout",
-          "embeddingbag": "emb"}
+          "layernorm": "ln", "residual": "res", "embeddingbag": "emb"}
 _PRODUCERS = {("linear", "column"), ("conv2d", "out")}
 _CONSUMERS = {("linear", "row"), ("conv2d", "in")}
 
@@ -259,20 +266,61 @@ def _prod(xs) -> int:
     return int(math.prod(xs))
 
 
-def _keeps_split(layers: list[dict], i: int, tp: int) -> bool:
+def _keeps_split(layers: list[dict], i: int, tp: int, at_end: bool = True) -> bool:
     """A column / out-channel layer at i keeps its output split (no allgather) when the
     next layer with GEMM parameters takes a split input, or when it is the last one
-    (its output is the class-split logits). On tp = 1 nothing is split."""
+    (its output is the class-split logits; ``at_end`` False: the last of a residual
+    branch, whose output is whole). A layernorm or residual block before the next
+    GEMM layer makes it gather. On tp = 1 nothing is split."""
     if tp == 1:
         return False
     for spec in layers[i + 1:]:
+        if spec["type"] in ("layernorm", "residual"):
+            return False
         if spec["type"] in ("linear", "conv2d"):
             return (spec["type"], spec.get("shard", "none")) in _CONSUMERS
-    return True
+    return at_end
 
 
 def _has_params(spec: dict) -> bool:
-    return spec["type"] in ("linear", "conv2d", "embeddingbag") or spec["type"] in NORMS
+    if spec["type"] == "residual":
+        return any(_has_params(s) for s in spec["layers"] + _projection(spec))
+    return (spec["type"] in ("linear", "conv2d", "layernorm", "embeddingbag")
+            or spec["type"] in NORMS)
+
+
+# ---- residual blocks (issue 18): the table is walked as one flat list of entries ----
+def _projection(spec: dict) -> list:
+    p = spec.get("projection", [])
+    return [p] if isinstance(p, dict) else list(p)
+
+
+def _flatten(layers, path="model.layers", prefix="", depth=0) -> list[dict]:
+    """The layers in forward order, a residual block as ``begin``, its body's layers,
+    ``shortcut``, its projection's layers, ``end``. Names and paths as mpifc.models
+    gives them (``res2.body.conv1``, ``model.layers[5].layers[0]``); ``depth`` > 0
+    inside a block; a layer's ``branch``/``j``/``at_end`` locate it for _keeps_split."""
+    out, counter = [], {}
+    for i, spec in enumerate(layers):
+        t = spec.get("type")
+        if t not in PREFIX:
+            raise WorkloadError(f"{path}[{i}]: unknown layer type {t!r}")
+        pre = PREFIX[t]
+        counter[pre] = counter.get(pre, 0) + 1
+        name, where = f"{prefix}{pre}{counter[pre]}", f"{path}[{i}]"
+        if t == "residual":
+            ident = "projection" not in spec
+            out.append(dict(kind="begin", spec=spec, path=where, name=name, depth=depth))
+            out += _flatten(spec["layers"], f"{where}.layers", f"{name}.body.", depth + 1)
+            out.append(dict(kind="shortcut", path=where, name=name, depth=depth))
+            if not ident:
+                out += _flatten(_projection(spec), f"{where}.projection", f"{name}.shortcut.",
+                                depth + 1)
+            out.append(dict(kind="end", path=where, name=name, depth=depth, identity=ident))
+        else:
+            out.append(dict(kind="layer", spec=spec, path=where, name=name, depth=depth,
+                            branch=layers, j=i, at_end=depth == 0))
+    return out
 
 
 def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = None,
@@ -327,7 +375,14 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
         act = _Act(())
     else:
         act = _Act(tuple(int(v) for v in inp))
-    first_param = next((i for i, l in enumerate(layers) if _has_params(l)), len(layers))
+    entries = _flatten(layers)
+    first_param = next((i for i, e in enumerate(entries)
+                        if e["kind"] == "layer" and _has_params(e["spec"])), len(entries))
+    if first_param < len(entries) and entries[first_param]["depth"] > 0:
+        raise WorkloadError(f"{entries[first_param]['path']}: a residual block as the model's "
+                            f"first layer with parameters is not described; put a layer with "
+                            f"parameters (a stem conv2d) before it")
+    res_stack: list[list] = []      # open residual blocks: [input act, body act, begin's block]
     r = tp_rank
 
     fwd_ph: list[Phase] = []
@@ -335,7 +390,6 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
     blocks: list[tuple] = []        # per layer run in backward: (phases, collectives, params,
                                     # their rows on axis 0, index of the dW-in-row-blocks phase)
     names: list[str] = []
-    counter: dict[str, int] = {}
     param_sizes: list[int] = []     # local parameter sizes, in parameters() order
     keep = 0.0                      # bytes the forward keeps for the backward
     peak = b * _prod(act.shape) * s
@@ -358,16 +412,41 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
     def elem3(label, cost, stage):
         return elem(label, cost[0], stage, cost[1], cost[2])
 
-    for i, spec in enumerate(layers):
-        t = spec.get("type")
-        if t not in PREFIX:
-            raise WorkloadError(f"model.layers[{i}]: unknown layer type {t!r}")
-        pre = PREFIX[t]
-        counter[pre] = counter.get(pre, 0) + 1
-        name = f"{pre}{counter[pre]}"
-        names.append(name)
+    for i, ent in enumerate(entries):
+        name, kind = ent["name"], ent["kind"]
+        if ent["depth"] == 0 and kind in ("layer", "begin"):
+            names.append(name)
+        if kind != "layer":
+            # a residual block: both branches from the same input; y = body + shortcut,
+            # and in backward dx = d_body + d_shortcut (after both branches, shortcut first)
+            if act.counts is not None:       # planned away: producers gather before/at its end
+                raise WorkloadError(f"{ent['path']} (residual): a split activation at its {kind}")
+            if kind == "begin":
+                # (a block before the first layer with parameters runs no backward)
+                res_stack.append([act, None, len(blocks) if i > first_param else None])
+                if i > first_param:
+                    blocks.append(([], [], [], [], None, ent["depth"] > 0,
+                                   [] if ent["depth"] == 0 else None))
+            elif kind == "shortcut":
+                res_stack[-1][1] = act
+                act = res_stack[-1][0]
+            else:
+                x_act, body_act, at = res_stack.pop()
+                if act.shape != body_act.shape:
+                    raise WorkloadError(f"{ent['path']} (residual): body output {body_act.shape} "
+                                        f"!= shortcut output {act.shape}")
+                n_out = b * _prod(act.local(r))
+                fwd_ph.append(elem(f"{name}.forward", 3 * n_out * s, "forward", 1))
+                if at is not None:
+                    blocks[at][0].append(elem(f"{name}.backward", 3 * n_out * s, "backward", 1))
+                    if blocks[at][6] is not None:     # a model-level block: DataParallel marks
+                        blocks[at][6].extend(range(at + 1, len(blocks)))  # its layers done here
+                act = body_act
+            continue
+        spec = ent["spec"]
+        t = spec["type"]
         sh = spec.get("shard", "none") if tp > 1 else "none"
-        where = f"model.layers[{i}] ({t}{', shard ' + sh if sh != 'none' else ''})"
+        where = f"{ent['path']} ({t}{', shard ' + sh if sh != 'none' else ''})"
         in_grad = i > first_param
         xl = act.local(r)
         n_in = b * _prod(xl)
@@ -411,7 +490,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             if sh == "column":
                 oc = balanced_counts(Fo, tp)[0]
                 Din, Fl, Fout = D, oc[r], oc[r]
-                keep_split = _keeps_split(layers, i, tp)
+                keep_split = _keeps_split(ent["branch"], ent["j"], tp, ent["at_end"])
                 f_ph.append(compute(f"{name}.forward", 2 * b * D * Fl, "gemm", "forward",
                                     _CALLS["linear_fwd"], (b, D, Fl)))
                 if bias:
@@ -502,7 +581,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             if sh == "out":
                 oc = balanced_counts(K, tp)[0]
                 Cl, Kl = C, oc[r]
-                keep_split = _keeps_split(layers, i, tp)
+                keep_split = _keeps_split(ent["branch"], ent["j"], tp, ent["at_end"])
                 if not keep_split:
                     gathered = True
                 if in_grad:
@@ -591,6 +670,15 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             lp = [c_loc, c_loc]
             keep += n_in * s
 
+        elif t == "layernorm":          # over the whole (replicated) per-sample shape
+            if act.counts is not None:
+                raise WorkloadError(f"{where} gets a split input")
+            f_ph.append(elem(f"{name}.forward", _PASSES["ln_fwd"] * n_in * s, "forward", 12, b))
+            b_ph.append(elem(f"{name}.backward", _PASSES["ln_bwd"] * n_in * s, "backward", 14, b))
+            n_w = _prod(act.shape)
+            lp, rows = [n_w, n_w], [act.shape[0]] * 2
+            keep += n_in * s
+
         elif t in ELEMENTWISE:
             if t == "relu":
                 f_ph.append(elem(f"{name}.forward", _PASSES["relu_fwd"] * n_in * s, "forward",
@@ -648,7 +736,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
         fwd_ph += f_ph
         fwd_cc += f_cc
         if i >= first_param:
-            blocks.append((b_ph, b_cc, lp, rows or list(lp), w_at))
+            blocks.append((b_ph, b_cc, lp, rows or list(lp), w_at, ent["depth"] > 0, None))
         param_sizes += lp
         peak = max(peak, b * _prod(act.local(r)) * s)
 
@@ -733,7 +821,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
         (bwd_ph if overlap else dp_ph).append(ph)
 
     for li in reversed(range(len(blocks))):
-        ph_list, cc, lp, rows, w_at = blocks[li]
+        ph_list, cc, lp, rows, w_at, deferred, release = blocks[li]
         bwd_cc += cc
         if w_at is None:
             bwd_ph += ph_list
@@ -759,10 +847,12 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                 piece_done(k)
             bwd_ph += ph_list[w_at + 2:]
         # the layer's gradients are final: the rest of its pieces, in buffer order
-        # (parameters reversed, rows ascending: DataParallel._layer_done)
-        for j in reversed(range(len(lp))):
-            for k, _, _ in pieces.pop((li, j), []):
-                piece_done(k)
+        # (parameters reversed, rows ascending: DataParallel._layer_done); inside a
+        # residual block only once the whole block (its begin entry) is done
+        for lj in ([] if deferred else [li]) + list(reversed(release or [])):
+            for j in reversed(range(len(blocks[lj][2]))):
+                for k, _, _ in pieces.pop((lj, j), []):
+                    piece_done(k)
     if not overlap:      # the blocking mode reduces every bucket after backward, in order
         order = sorted(range(len(dp_cc)), key=lambda i: int(dp_cc[i].phase[len("dp.grad_bucket"):]))
         dp_cc, dp_ph = [dp_cc[i] for i in order], [dp_ph[i] for i in order]
