@@ -10,14 +10,13 @@ both branches, and the data-parallel buckets started in DataParallel's order
 """
 import copy
 
-import numpy as np
 import pytest
 
-from mpifc.comm import Grid, balanced_counts, trace, world
+from mpifc.comm import Grid, world
 from mpifc.config import load_config
 from mpifc.parallel import describe as D
-from mpifc.parallel.describe import event_key
 from mpifc.sim.workload import WorkloadError, describe_step
+from step_oracle import step_messages
 
 MIX = {"input": [2, 6, 6], "layers": [
     {"type": "conv2d", "out": 4, "kernel": 3, "padding": 1, "shard": "out"},
@@ -49,44 +48,6 @@ def configs():
     return out
 
 
-_GRIDS = {}
-
-
-def _grid(comm, dp, tp):
-    if (dp, tp) not in _GRIDS:
-        _GRIDS[(dp, tp)] = Grid(comm, dp, tp)
-    return _GRIDS[(dp, tp)]
-
-
-def _one_step(cfg, grid, B, bucket_mb, overlap):
-    """The trainer's step on one global batch of B rows; returns this rank's events."""
-    from mpifc.models import build_model
-    from mpifc.optim import SGD
-    from mpifc.parallel import DataParallel, clip_grad_norm_grid
-    from mpifc.train import _agree_finite
-
-    net = build_model(cfg["model"], grid, seed=0, dtype=np.float32)
-    dp = DataParallel(net, grid.dp_comm, bucket_mb=bucket_mb, overlap=overlap)
-    opt = SGD(net.parameters(), lr=0.01, momentum=0.9)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((B, *cfg["model"]["input"])).astype(np.float32)
-    y = rng.integers(0, net.num_classes, B)
-    counts, displs = balanced_counts(B, grid.dp)
-    sl = slice(displs[grid.dp_rank], displs[grid.dp_rank] + counts[grid.dp_rank])
-    x, y = np.ascontiguousarray(x[sl]), y[sl]
-    trace.reset()
-    dp.zero_grad()
-    logits = net.forward(x)
-    loss = net.loss.forward(logits, y)
-    net.loss.correct()
-    dp.backward(net.loss.backward(grid.dp * len(y) / B))
-    dp.synchronize()
-    clip_grad_norm_grid(net.parameters(), cfg["optim"]["clip_norm"], grid)
-    opt.step()
-    _agree_finite(grid.world, loss)
-    return trace.events()
-
-
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("overlap", [True, False])
 @pytest.mark.parametrize("name", ["resnet-small", "residual-mix"])
@@ -94,17 +55,7 @@ def test_analytic_messages_equal_a_real_residual_step(comm, name, overlap):
     cfg = configs()[name]
     B, bucket_mb = 10, 0.004
     failures = []
-    for tp in range(1, comm.size + 1):
-        if comm.size % tp:
-            continue
-        dp = comm.size // tp
-        grid = _grid(comm, dp, tp)
-        events = [e for e in _one_step(cfg, grid, B, bucket_mb, overlap)
-                  if not e["phase"].startswith("dp.init")]
-        want = describe_step(cfg, dp, tp, global_batch=B, dp_rank=grid.dp_rank,
-                             tp_rank=grid.tp_rank, bucket_mb=bucket_mb, overlap=overlap)
-        got_keys = [event_key(e) for e in events]
-        want_keys = [c.key() for c in want.collectives]
+    for dp, tp, got_keys, want_keys, want in step_messages(comm, cfg, B, bucket_mb, overlap):
         if got_keys != want_keys:
             failures.append((dp, tp, [k for k in want_keys if k not in got_keys],
                              [k for k in got_keys if k not in want_keys], got_keys, want_keys))

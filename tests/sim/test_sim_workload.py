@@ -11,17 +11,16 @@ memory shrinks with tp, buckets, and 16384 ranks in well under a second.
 """
 import copy
 
-import numpy as np
 import pytest
 
-from mpifc.comm import Grid, balanced_counts, trace, world
+from mpifc.comm import Grid, world
 from mpifc.config import load_config
 from mpifc.parallel import describe as D
-from mpifc.parallel.describe import event_key
 from mpifc.sim.cluster import preset
 from mpifc.sim.engine import simulate
 from mpifc.sim.planner import LayoutInfeasible, plan, workload_cost
 from mpifc.sim.workload import WorkloadError, describe_step, workload_builder
+from step_oracle import step_messages
 
 # a config exercising what the presets do not: BN1d on split features, dropout,
 # gelu, a whole-input row layer (allgather in backward), clipping, adam
@@ -53,46 +52,6 @@ def configs():
 
 
 # --------------------------------------------------------------------------- oracle (MPI)
-_GRIDS = {}
-
-
-def _grid(comm, dp, tp):
-    if (dp, tp) not in _GRIDS:
-        _GRIDS[(dp, tp)] = Grid(comm, dp, tp)
-    return _GRIDS[(dp, tp)]
-
-
-def _one_step(cfg, grid, B, bucket_mb, overlap):
-    """The trainer's step on one global batch of B rows; returns this rank's events."""
-    from mpifc.models import build_model
-    from mpifc.optim import Adam, SGD
-    from mpifc.parallel import DataParallel, clip_grad_norm_grid
-    from mpifc.train import _agree_finite
-
-    net = build_model(cfg["model"], grid, seed=0, dtype=np.float32)
-    dp = DataParallel(net, grid.dp_comm, bucket_mb=bucket_mb, overlap=overlap)
-    o = cfg["optim"]
-    opt = (SGD(net.parameters(), lr=o["lr"], momentum=o["momentum"])
-           if o["name"] == "sgd" else Adam(net.parameters(), lr=o["lr"]))
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((B, *cfg["model"]["input"])).astype(np.float32)
-    y = rng.integers(0, net.num_classes, B)
-    counts, displs = balanced_counts(B, grid.dp)
-    sl = slice(displs[grid.dp_rank], displs[grid.dp_rank] + counts[grid.dp_rank])
-    x, y = np.ascontiguousarray(x[sl]), y[sl]
-    trace.reset()
-    dp.zero_grad()
-    logits = net.forward(x)
-    loss = net.loss.forward(logits, y)
-    net.loss.correct()
-    dp.backward(net.loss.backward(grid.dp * len(y) / B))
-    dp.synchronize()
-    if o["clip_norm"]:
-        clip_grad_norm_grid(net.parameters(), o["clip_norm"], grid)
-    opt.step()
-    _agree_finite(grid.world, loss)          # the trainer's per-step check
-    return trace.events()
-
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("overlap", [True, False])
@@ -101,17 +60,7 @@ def test_analytic_messages_equal_a_real_step(comm, name, overlap):
     cfg = configs()[name]
     B, bucket_mb = 10, 0.004          # uneven rows over 3, 4 ranks; several buckets
     failures = []
-    for tp in range(1, comm.size + 1):
-        if comm.size % tp:
-            continue
-        dp = comm.size // tp
-        grid = _grid(comm, dp, tp)
-        events = [e for e in _one_step(cfg, grid, B, bucket_mb, overlap)
-                  if not e["phase"].startswith("dp.init")]
-        want = describe_step(cfg, dp, tp, global_batch=B, dp_rank=grid.dp_rank,
-                             tp_rank=grid.tp_rank, bucket_mb=bucket_mb, overlap=overlap)
-        got_keys = [event_key(e) for e in events]
-        want_keys = [c.key() for c in want.collectives]
+    for dp, tp, got_keys, want_keys, want in step_messages(comm, cfg, B, bucket_mb, overlap):
         ok = got_keys == want_keys
         print(f"{'OK ' if ok else 'BAD'} {name} dp={dp} tp={tp} rank {comm.rank}: "
               f"{len(got_keys)} messages")
