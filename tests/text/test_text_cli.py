@@ -4,7 +4,6 @@ Every job runs under a timeout: an error must end all ranks, never leave one wai
 """
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -99,13 +98,17 @@ def test_unreadable_file_or_directory(tmp_path):
         if not shutil.which("setpriv"):
             pytest.skip("running as root without setpriv")
         prefix = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
-        probe = subprocess.run([*prefix, sys.executable, "-c", "import mpifc"],
-                               capture_output=True, text=True, timeout=60)
-        if probe.returncode != 0:     # e.g. a checkout under a 0700 directory (mktemp -d)
-            pytest.skip(f"nobody cannot import mpifc from this checkout: {probe.stderr.strip()}")
         d = tempfile.mkdtemp()        # outside pytest's root-only (0700) tmp tree
         os.chmod(d, 0o755)
         env = {"HOME": d}
+        # Probe the very launch the test makes: a checkout or a venv under a 0700 directory
+        # (mktemp -d) lets nobody start Python yet not import mpifc's comm layer or mpi4py.
+        probe, _ = run_job([*prefix, sys.executable, "-c", "import mpifc.cli, mpifc.comm"], 1,
+                           timeout=60, env=env)
+        if probe.returncode != 0:
+            shutil.rmtree(d, ignore_errors=True)
+            pytest.skip("nobody cannot import mpifc and mpi4py from this checkout: "
+                        + (probe.stderr.strip().splitlines() or ["?"])[-1])
     try:
         paths = write_case(d, "empty")
         os.chmod(paths[1], 0)
