@@ -34,6 +34,7 @@ import math
 import numpy as np
 
 from mpifc.backend import get_array_module
+from mpifc.nn.im2col import ConvPlan, col2im_block, im2col_block, workspace
 
 
 # --------------------------------------------------------------------------- #
@@ -157,73 +158,52 @@ def linear_backward_bias(dy, r0=0, r1=None, out=None):
 
 
 # --------------------------------------------------------------------------- #
-# convolution (im2col + one GEMM)
+# convolution: im2col a block of images, one batched GEMM per block (nn/im2col.py)
 # --------------------------------------------------------------------------- #
-# The column buffer is laid out (C*R*S, N*Ho*Wo), C-contiguous: filling it for one
-# kernel offset (r, s) is a strided copy whose innermost axis runs along Wo (unit
-# stride when stride == 1), and W reshaped to (K, C*R*S) multiplies it in place.
+def _conv_plan(x_shape, R, S, stride, padding, dilation):
+    N, C, H, W = x_shape
+    stride, dilation, pads = _pair(stride), _pair(dilation), normalize_padding(padding)
+    Ho = conv_output_size(H, R, stride[0], *pads[0], dilation[0])
+    Wo = conv_output_size(W, S, stride[1], *pads[1], dilation[1])
+    if Ho <= 0 or Wo <= 0:
+        raise ValueError(f"input {H}x{W} too small for kernel {R}x{S} (dilation {dilation}, "
+                         f"padding {pads}): output would be {Ho}x{Wo}")
+    return ConvPlan(x_shape, R, S, stride, pads, dilation, Ho, Wo)
+
+
 def im2col(x, R, S, stride=1, padding=0, dilation=1):
-    """Unfold (N, C, H, W) into columns (C*R*S, N*Ho*Wo) with a loop over the R*S offsets only.
+    """Unfold (N, C, H, W) into columns (N, C*R*S, Ho*Wo) (the layout conv2d's GEMM reads).
 
     Returns
     -------
-    col : (C*R*S, N*Ho*Wo), C-contiguous, row index c*R*S + r*S + s
+    col : (N, C*R*S, Ho*Wo), C-contiguous, row index c*R*S + r*S + s
     (Ho, Wo) : output size
     """
     xp = get_array_module(x)
-    N, C, H, W = x.shape
-    sh, sw = _pair(stride)
-    dh, dw = _pair(dilation)
-    pads = normalize_padding(padding)
-    Ho = conv_output_size(H, R, sh, *pads[0], dh)
-    Wo = conv_output_size(W, S, sw, *pads[1], dw)
-    if Ho <= 0 or Wo <= 0:
-        raise ValueError(f"input {H}x{W} too small for kernel {R}x{S} (dilation {dh},{dw}, "
-                         f"padding {pads}): output would be {Ho}x{Wo}")
-    xpad = _pad(x, pads)
-    col = xp.empty((C, R, S, N, Ho, Wo), dtype=x.dtype)
-    # (N, C, ...) -> (C, N, ...): the transpose is folded into the strided copy
-    xt = xpad.transpose(1, 0, 2, 3)
-    for r in range(R):
-        for s in range(S):
-            hs, ws = _window_slices(r, s, dh, dw, sh, sw, Ho, Wo)
-            col[:, r, s] = xt[:, :, hs, ws]
-    return col.reshape(C * R * S, N * Ho * Wo), (Ho, Wo)
+    plan = _conv_plan(x.shape, R, S, stride, padding, dilation)
+    col = xp.zeros(plan.col_shape(x.shape[0]), dtype=x.dtype)
+    im2col_block(x, col, plan)
+    return col.reshape(x.shape[0], -1, plan.Ho * plan.Wo), (plan.Ho, plan.Wo)
 
 
 def col2im(dcol, x_shape, R, S, stride=1, padding=0, dilation=1):
-    """Adjoint of :func:`im2col`: fold columns back, adding overlapping windows.
-
-    Parameters
-    ----------
-    dcol : (C*R*S, N*Ho*Wo)
-    x_shape : (N, C, H, W)
-
-    Returns
-    -------
-    dx : (N, C, H, W)
-    """
+    """Adjoint of :func:`im2col`: fold columns (N, C*R*S, Ho*Wo) back to (N, C, H, W),
+    adding overlapping windows."""
     xp = get_array_module(dcol)
-    N, C, H, W = x_shape
-    sh, sw = _pair(stride)
-    dh, dw = _pair(dilation)
-    (t, b), (l, r_) = pads = normalize_padding(padding)
-    Ho = conv_output_size(H, R, sh, t, b, dh)
-    Wo = conv_output_size(W, S, sw, l, r_, dw)
-    dcol = dcol.reshape(C, R, S, N, Ho, Wo)
-    Hp, Wp = H + t + b, W + l + r_
-    # accumulate in (C, N, Hp, Wp) so each add reads dcol[:, r, s] contiguously
-    dxt = xp.zeros((C, N, Hp, Wp), dtype=dcol.dtype)
-    for r in range(R):
-        for s in range(S):
-            hs, ws = _window_slices(r, s, dh, dw, sh, sw, Ho, Wo)
-            dxt[:, :, hs, ws] += dcol[:, r, s]
-    dxt = dxt[:, :, t:t + H, l:l + W]
-    return xp.ascontiguousarray(dxt.transpose(1, 0, 2, 3))
+    plan = _conv_plan(x_shape, R, S, stride, padding, dilation)
+    dx = xp.empty(x_shape, dtype=dcol.dtype)
+    col2im_block(dcol.reshape(plan.col_shape(x_shape[0])), dx, plan)
+    return dx
 
 
 def conv2d_forward(x, W, b=None, stride=1, padding=0, dilation=1, groups=1):
     """2-D convolution (cross-correlation), NCHW.
+
+    Per block of images (L2-sized columns, :mod:`mpifc.nn.im2col`): im2col, then one
+    batched GEMM ``y[i] = W2 @ col[i]`` over the block (and groups) written straight
+    into the NCHW output, then the bias. The columns are not kept: backward unfolds
+    each block again from x (a cache-resident copy, cheaper than storing and
+    re-reading a column matrix C*R*S times the size of x's spatial map).
 
     Parameters
     ----------
@@ -245,26 +225,27 @@ def conv2d_forward(x, W, b=None, stride=1, padding=0, dilation=1, groups=1):
     if C % G or K % G or Cg != C // G:
         raise ValueError(f"conv2d: input channels {C}, output channels {K} and weight {W.shape} "
                          f"do not fit groups={G}")
-    col, (Ho, Wo) = im2col(x, R, S, stride, padding, dilation)
-    M = N * Ho * Wo
-    if G == 1:
-        y = W.reshape(K, Cg * R * S) @ col                              # (K, M): one GEMM
-    else:
-        y = (W.reshape(G, K // G, Cg * R * S) @ col.reshape(G, Cg * R * S, M)).reshape(K, M)
-    xp = get_array_module(y)
-    y = y.reshape(K, N, Ho, Wo).transpose(1, 0, 2, 3)
-    out = xp.empty((N, K, Ho, Wo), dtype=y.dtype)   # C-contiguous NCHW (ufuncs would keep KNHW order)
-    if b is not None:
-        xp.add(y, b.reshape(1, K, 1, 1), out=out)   # the bias add writes the layout change
-    else:
-        out[...] = y
-    y = out
-    cache = (col, x.shape, W, (stride, padding, dilation, G))
-    return y, cache
+    xp = get_array_module(x)
+    plan = _conv_plan(x.shape, R, S, stride, padding, dilation)
+    L = plan.Ho * plan.Wo
+    y = xp.empty((N, K, plan.Ho, plan.Wo), dtype=xp.result_type(x.dtype, W.dtype))
+    n = plan.block(N, x.dtype.itemsize, xp)
+    col = workspace(("col", plan.key), plan.col_shape(n), x.dtype, xp)
+    Wg = W.reshape(G, K // G, Cg * R * S)
+    for n0 in range(0, N, n):
+        m = min(n, N - n0)
+        c = col[:m]
+        im2col_block(x[n0:n0 + m], c, plan)
+        yb = y[n0:n0 + m]
+        xp.matmul(Wg, c.reshape(m, G, Cg * R * S, L), out=yb.reshape(m, G, K // G, L))
+        if b is not None:
+            yb += b.reshape(K, 1, 1)        # while the block is in cache
+    return y, (x, W, plan, G)
 
 
 def conv2d_backward(dy, cache, need_dx=True, need_db=True):
-    """Gradients of :func:`conv2d_forward`.
+    """Gradients of :func:`conv2d_forward`, block by block as the forward:
+    ``dW += dy[i] @ col[i].T``, ``dcol[i] = W2.T @ dy[i]``, dx[i] = col2im(dcol[i]).
 
     Parameters
     ----------
@@ -276,24 +257,33 @@ def conv2d_backward(dy, cache, need_dx=True, need_db=True):
     dW : (K, C/G, R, S)
     db : (K,) or None when ``need_db`` is False
     """
-    col, x_shape, W, (stride, padding, dilation, G) = cache
+    x, W, plan, G = cache
     xp = get_array_module(dy)
     K, Cg, R, S = W.shape
-    N, K_, Ho, Wo = dy.shape
-    M = N * Ho * Wo
-    # (N, K, Ho, Wo) -> (K, N*Ho*Wo), the layout of the forward GEMM's output
-    dyt = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(K, M)
-    db = dyt.sum(axis=1) if need_db else None
-    if G == 1:
-        dW = (dyt @ col.T).reshape(W.shape)
-        dcol = (W.reshape(K, Cg * R * S).T @ dyt) if need_dx else None
-    else:
-        dyg = dyt.reshape(G, K // G, M)
-        colg = col.reshape(G, Cg * R * S, M)
-        dW = (dyg @ colg.transpose(0, 2, 1)).reshape(W.shape)
-        dcol = (W.reshape(G, K // G, Cg * R * S).transpose(0, 2, 1) @ dyg) if need_dx else None
-    dx = col2im(dcol, x_shape, R, S, stride, padding, dilation) if need_dx else None
-    return dx, dW, db
+    N = x.shape[0]
+    L = plan.Ho * plan.Wo
+    Kg, D = K // G, Cg * R * S
+    dy = xp.ascontiguousarray(dy)
+    db = dy.reshape(N, K, L).sum(axis=(0, 2)) if need_db else None
+    n = plan.block(N, x.dtype.itemsize, xp)
+    col = workspace(("col", plan.key), plan.col_shape(n), x.dtype, xp)
+    dWb = workspace(("dWb", plan.key), (n, G, Kg, D), W.dtype, xp)
+    dW = xp.zeros((G, Kg, D), dtype=W.dtype)
+    dx = xp.empty(x.shape, dtype=dy.dtype) if need_dx else None
+    dcol = workspace(("dcol", plan.key), plan.col_shape(n), dy.dtype, xp) if need_dx else None
+    Wt = W.reshape(G, Kg, D).transpose(0, 2, 1)
+    for n0 in range(0, N, n):
+        m = min(n, N - n0)
+        c = col[:m]
+        im2col_block(x[n0:n0 + m], c, plan)
+        dyb = dy[n0:n0 + m].reshape(m, G, Kg, L)
+        xp.matmul(dyb, c.reshape(m, G, D, L).transpose(0, 1, 3, 2), out=dWb[:m])
+        dW += dWb[:m].sum(axis=0)
+        if need_dx:
+            dc = dcol[:m]
+            xp.matmul(Wt, dyb, out=dc.reshape(m, G, D, L))
+            col2im_block(dc, dx[n0:n0 + m], plan)
+    return dx, dW.reshape(W.shape), db
 
 
 # --------------------------------------------------------------------------- #
