@@ -405,3 +405,27 @@ def test_gelu_relative_error_in_the_left_tail(xp, dtype, tol):
     ey = float(np.max(np.abs(y - ref)[ky] / np.abs(ref[ky])))
     ed = float(np.max(np.abs(dx - dref)[kd] / np.abs(dref[kd])))
     assert ey <= tol and ed <= 10 * tol, (ey, ed)
+
+
+@pytest.mark.parametrize("k,s,p", [(2, None, 0), ((3, 2), None, 0), ((2, 3), None, 0), (2, 1, 0),
+                                   (3, 2, 1)])
+def test_maxpool_ties_go_to_the_first_maximum(xp, k, s, p):
+    """With many tied values, dy reaches the first maximum of each window in raster order
+    (the two-stage path for tiling windows and the generic loop agree with a reference)."""
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 3, size=(2, 3, 7, 8)).astype(np.float64)
+    y, c = F.maxpool2d_forward(xp.asarray(x), k, s, p)
+    dy = rng.standard_normal(y.shape) + 2.0
+    dx = to_host(F.maxpool2d_backward(xp.asarray(dy), c))
+    R, S = F._pair(k)
+    sh, sw = F._pair(s if s is not None else k)
+    (t, _), (l, _) = F.normalize_padding(p)
+    xpad = np.pad(x, ((0, 0), (0, 0), (t, t), (l, l)), constant_values=-np.inf)
+    ref_y, ref_dx = np.empty(y.shape), np.zeros_like(xpad)
+    for n, ch, i, j in np.ndindex(*y.shape):
+        win = xpad[n, ch, i * sh:i * sh + R, j * sw:j * sw + S]
+        a = int(np.argmax(win))                     # first maximum in raster order
+        ref_y[n, ch, i, j] = win.flat[a]
+        ref_dx[n, ch, i * sh + a // S, j * sw + a % S] += dy[n, ch, i, j]
+    np.testing.assert_array_equal(to_host(y), ref_y)
+    np.testing.assert_allclose(dx, ref_dx[:, :, t:t + x.shape[2], l:l + x.shape[3]], rtol=1e-12)
