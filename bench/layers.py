@@ -117,11 +117,13 @@ def onepass_bn_run(x, gamma, beta, dy, eps=1e-5):
         var = np.maximum(np.einsum("ncl,ncl->c", x3, x3) / n - mean * mean, 0)
         invstd = 1.0 / (var + eps) ** 0.5
         xhat = (x - mean.reshape(v)) * invstd.reshape(v)
-        return xhat * gamma.reshape(v) + beta.reshape(v), xhat, invstd
+        return xhat * gamma.reshape(v) + beta.reshape(v), mean, invstd
 
     def run():
-        _, xhat, invstd = fwd()
-        nn.functional.batchnorm_backward(dy, (xhat, gamma, invstd, x.size // x.shape[1]))
+        _, mean, invstd = fwd()
+        # the shared backward, with shift 0 and mean - shift = the one-pass mean
+        nn.functional.batchnorm_backward(dy, (x, np.zeros_like(mean), mean, invstd, gamma,
+                                              x.size // x.shape[1]))
     return run, fwd
 
 

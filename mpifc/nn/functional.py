@@ -525,39 +525,63 @@ def _bn_shift(x):
     return x3[0].mean(axis=1)
 
 
+# Element-wise BN passes run per block of samples (BN_BLOCK_BYTES of x) through one
+# cache-resident scratch array: only y (forward) and dx (backward) are written to
+# main memory, and neither x - k nor xhat is ever stored whole (backward recomputes
+# d = x - k per block from the forward input, which the cache keeps by reference).
+BN_BLOCK_BYTES = 1 << 18
+
+
+def _bn_blocks(x3):
+    """Slices of axis 0 of (N, C, L) with about BN_BLOCK_BYTES each (one block on a GPU)."""
+    xp = get_array_module(x3)
+    N = x3.shape[0]
+    per = max(1, x3[:1].nbytes)
+    n = N if xp is not np else max(1, min(N, BN_BLOCK_BYTES // per))
+    return [slice(i, min(i + n, N)) for i in range(0, N, n)] or [slice(0, 0)], max(n, 1)
+
+
 def batchnorm_stats(x, return_shifted=False):
     """Per-channel moments of this rank's data: (mean, M2, count), exact for any offset.
 
     The sums over x see only the deviations d = x - k from a per-channel shift k
     (:func:`_bn_shift`), so they keep their precision when |mean| >> std (the
     one-pass E[x^2] - mean^2 in float32 loses all of it: an input offset of 1e4
-    gave an output error of 876). A synced BatchNorm merges the moments of its
-    ranks in one allreduce of :func:`batchnorm_moments_to_sums`.
+    gave an output error of 876). d lives one block at a time in a cache-resident
+    scratch array; block sums are added in float64. A synced BatchNorm merges the
+    moments of its ranks in one allreduce of :func:`batchnorm_moments_to_sums`.
 
     Parameters
     ----------
     x : (N, C), (N, C, L) or (N, C, H, W)
-    return_shifted : also return (d, k), which the forward reuses for xhat
+    return_shifted : also return the shift k : (C,) (x.dtype), which the forward reuses
 
     Returns
     -------
     mean : (C,) float64 mean of x over all axes but 1
     m2 : (C,) float64 sum of (x - mean)**2
     count : int, elements per channel (N or N*L or N*H*W)
-    (d, k) : only with ``return_shifted``: d = x - k (x.shape, x.dtype), k : (C,)
+    k : only with ``return_shifted``
     """
     xp = get_array_module(x)
     count = x.shape[0] * math.prod(x.shape[2:])
     k = _bn_shift(x)
-    d = x - _bn_view(k, x.ndim)
-    d3 = _bn_rows3(d)
-    # (N, C, L): a sum and a batched dot over the contiguous L axis, one pass each
-    sd = d3.sum(axis=(0, 2)).astype(np.float64)
-    sdd = xp.einsum("ncl,ncl->c", d3, d3).astype(np.float64)
-    n = max(count, 1)
-    mean = k.astype(np.float64) + sd / n
-    m2 = xp.maximum(sdd - sd * sd / n, 0.0)
-    return (mean, m2, count, (d, k)) if return_shifted else (mean, m2, count)
+    x3 = _bn_rows3(x)
+    blocks, n = _bn_blocks(x3)
+    d = workspace("bn.d", (n,) + x3.shape[1:], x.dtype, xp)
+    kv = k.reshape(-1, 1)
+    sd = xp.zeros(x.shape[1], dtype=np.float64)
+    sdd = xp.zeros(x.shape[1], dtype=np.float64)
+    for blk in blocks:
+        db = d[:blk.stop - blk.start]
+        xp.subtract(x3[blk], kv, out=db)
+        # (n, C, L): a sum and a batched dot over the contiguous L axis, one read each
+        sd += xp.einsum("ncl->c", db)
+        sdd += xp.einsum("ncl,ncl->c", db, db)
+    n_ = max(count, 1)
+    mean = k.astype(np.float64) + sd / n_
+    m2 = xp.maximum(sdd - sd * sd / n_, 0.0)
+    return (mean, m2, count, k) if return_shifted else (mean, m2, count)
 
 
 def batchnorm_moments_to_sums(mean, m2, count):
@@ -587,8 +611,8 @@ def batchnorm_forward_from_stats(x, gamma, beta, mean, m2, count, eps=1e-5, shif
     x : (N, C) or (N, C, H, W)
     gamma, beta : (C,)
     mean, m2, count : from :func:`batchnorm_stats` (merged over ranks for a synced BN)
-    shifted : (d, k) from ``batchnorm_stats(x, return_shifted=True)``; d is
-        overwritten (it becomes xhat). Without it d = x - k is computed here.
+    shifted : the shift k from ``batchnorm_stats(x, return_shifted=True)`` (computed
+        here when None)
 
     Returns
     -------
@@ -598,25 +622,33 @@ def batchnorm_forward_from_stats(x, gamma, beta, mean, m2, count, eps=1e-5, shif
 
     Notes
     -----
-    xhat = (d - (mean - k)) * invstd: the subtraction in x.dtype sees d and the small
-    mean - k, not x and a mean rounded to float32 (at an offset of 1e4 that rounding
-    alone is 5e-4 of the output).
+    y = d * a + c with d = x - k (exact: k is near the data), a = gamma * invstd and
+    c = beta - (mean - k) * a: the float32 arithmetic sees d and the small mean - k,
+    not x and a mean rounded to float32 (at an offset of 1e4 that rounding alone is
+    5e-4 of the output). One block at a time: d in cache, y written once.
     """
     xp = get_array_module(x)
     mean = xp.asarray(mean, dtype=np.float64)
     var = xp.asarray(m2, dtype=np.float64) / max(count, 1)
     invstd64 = 1.0 / xp.sqrt(var + eps)
-    d, k = shifted if shifted is not None else (None, _bn_shift(x))
-    nd, dt = x.ndim, x.dtype
-    if d is None:
-        d = x - _bn_view(k, nd)
-    # xhat in place in d: two passes; kept for backward
-    d -= _bn_view((mean - k.astype(np.float64)).astype(dt), nd)
-    invstd = invstd64.astype(dt)
-    d *= _bn_view(invstd, nd)
-    xhat = d
-    y = xhat * _bn_view(gamma, nd) + _bn_view(beta, nd)
-    cache = (xhat, gamma, invstd)
+    k = shifted if shifted is not None else _bn_shift(x)
+    dt = x.dtype
+    mk64 = mean - k.astype(np.float64)
+    a64 = gamma.astype(np.float64) * invstd64
+    a = a64.astype(dt).reshape(-1, 1)
+    c = (beta.astype(np.float64) - mk64 * a64).astype(dt).reshape(-1, 1)
+    x3 = _bn_rows3(x)
+    y = xp.empty(x.shape, dtype=dt)
+    y3 = _bn_rows3(y)
+    blocks, n = _bn_blocks(x3)
+    d = workspace("bn.d", (n,) + x3.shape[1:], dt, xp)
+    kv = k.reshape(-1, 1)
+    for blk in blocks:
+        db = d[:blk.stop - blk.start]
+        xp.subtract(x3[blk], kv, out=db)
+        xp.multiply(db, a, out=y3[blk])
+        y3[blk] += c
+    cache = (x, k, mk64.astype(dt), invstd64.astype(dt), gamma)
     return y, cache, mean, var
 
 
@@ -657,24 +689,38 @@ def batchnorm_backward_eval(dy, cache):
 def batchnorm_backward_stats(dy, cache):
     """Per-channel sums of the backward pass that a synced BatchNorm allreduces.
 
+    sum(dy * xhat) = invstd * (sum(dy * d) - (mean - k) * sum(dy)), d = x - k one block
+    at a time (xhat is not stored).
+
     Returns
     -------
     sum_dy : (C,)           (= dbeta on this rank)
     sum_dy_xhat : (C,)      (= dgamma on this rank)
     """
     xp = get_array_module(dy)
-    xhat = cache[0]
-    if dy.ndim >= 3:
-        d3 = dy.reshape(dy.shape[0], dy.shape[1], math.prod(dy.shape[2:]))
-        x3 = xhat.reshape(d3.shape)
-        return d3.sum(axis=(0, 2)), xp.einsum("ncl,ncl->c", d3, x3)
-    return dy.sum(axis=0), xp.einsum("nc,nc->c", dy, xhat)
+    x, k, mk, invstd, _ = cache
+    x3, dy3 = _bn_rows3(x), _bn_rows3(dy)
+    blocks, n = _bn_blocks(x3)
+    d = workspace("bn.d", (n,) + x3.shape[1:], x.dtype, xp)
+    kv = k.reshape(-1, 1)
+    acc = np.float64 if dy.dtype == np.float32 else dy.dtype
+    sdy = xp.zeros(x.shape[1], dtype=acc)
+    sdyd = xp.zeros(x.shape[1], dtype=acc)
+    for blk in blocks:
+        db = d[:blk.stop - blk.start]
+        xp.subtract(x3[blk], kv, out=db)
+        sdy += xp.einsum("ncl->c", dy3[blk])
+        sdyd += xp.einsum("ncl,ncl->c", dy3[blk], db)
+    sdx = (sdyd - mk.astype(acc) * sdy) * invstd.astype(acc)
+    return sdy.astype(dy.dtype), sdx.astype(dy.dtype)
 
 
 def batchnorm_backward_from_stats(dy, cache, sum_dy, sum_dy_xhat, count):
     """Input gradient from (possibly allreduced) backward sums.
 
-    dx = gamma * invstd * (dy - sum_dy/count - xhat * sum_dy_xhat/count)
+    dx = gamma * invstd * (dy - sum_dy/count - xhat * sum_dy_xhat/count), with
+    xhat = (d - (mean - k)) * invstd folded in: dx = a*dy - e*d + f per block
+    (a = gamma*invstd, e = a*invstd*sum_dy_xhat/count, f = e*(mean-k) - a*sum_dy/count).
 
     Parameters
     ----------
@@ -686,14 +732,26 @@ def batchnorm_backward_from_stats(dy, cache, sum_dy, sum_dy_xhat, count):
     -------
     dx : same shape as dy
     """
-    xhat, gamma, invstd = cache
-    nd = dy.ndim
-    k = gamma * invstd
-    a = _bn_view(k, nd)
-    # dx = a*dy - a*mean_dy - (a*mean_dy_xhat) * xhat, written as two fused-ish passes
-    dx = dy * a
-    dx -= _bn_view(k * sum_dy / count, nd)
-    dx -= xhat * _bn_view(k * sum_dy_xhat / count, nd)
+    xp = get_array_module(dy)
+    x, k, mk, invstd, gamma = cache
+    dt = dy.dtype
+    a64 = gamma.astype(np.float64) * invstd.astype(np.float64)
+    e64 = a64 * invstd.astype(np.float64) * sum_dy_xhat.astype(np.float64) / count
+    f64 = e64 * mk.astype(np.float64) - a64 * sum_dy.astype(np.float64) / count
+    a, e, f = (v.astype(dt).reshape(-1, 1) for v in (a64, e64, f64))
+    x3, dy3 = _bn_rows3(x), _bn_rows3(dy)
+    dx = xp.empty(dy.shape, dtype=dt)
+    dx3 = _bn_rows3(dx)
+    blocks, n = _bn_blocks(x3)
+    d = workspace("bn.d", (n,) + x3.shape[1:], dt, xp)
+    kv = k.reshape(-1, 1)
+    for blk in blocks:
+        db = d[:blk.stop - blk.start]
+        xp.subtract(x3[blk], kv, out=db)
+        db *= e
+        xp.multiply(dy3[blk], a, out=dx3[blk])
+        dx3[blk] -= db
+        dx3[blk] += f
     return dx
 
 
@@ -716,9 +774,9 @@ def batchnorm_backward(dy, cache):
     -------
     dx, dgamma, dbeta
     """
-    count = cache[3]
-    sum_dy, sum_dy_xhat = batchnorm_backward_stats(dy, cache)
-    dx = batchnorm_backward_from_stats(dy, cache[:3], sum_dy, sum_dy_xhat, count)
+    count = cache[-1]
+    sum_dy, sum_dy_xhat = batchnorm_backward_stats(dy, cache[:-1])
+    dx = batchnorm_backward_from_stats(dy, cache[:-1], sum_dy, sum_dy_xhat, count)
     return dx, sum_dy_xhat, sum_dy
 
 
