@@ -34,6 +34,7 @@ import math
 import numpy as np
 
 from mpifc.backend import get_array_module
+from mpifc.nn import blockpool
 from mpifc.nn.im2col import ConvPlan, col2im_block, im2col_block, workspace
 
 
@@ -230,16 +231,19 @@ def conv2d_forward(x, W, b=None, stride=1, padding=0, dilation=1, groups=1):
     L = plan.Ho * plan.Wo
     y = xp.empty((N, K, plan.Ho, plan.Wo), dtype=xp.result_type(x.dtype, W.dtype))
     n = plan.block(N, x.dtype.itemsize, xp)
-    col = workspace(("col", plan.key), plan.col_shape(n), x.dtype, xp)
     Wg = W.reshape(G, K // G, Cg * R * S)
-    for n0 in range(0, N, n):
-        m = min(n, N - n0)
-        c = col[:m]
-        im2col_block(x[n0:n0 + m], c, plan)
-        yb = y[n0:n0 + m]
-        xp.matmul(Wg, c.reshape(m, G, Cg * R * S, L), out=yb.reshape(m, G, K // G, L))
-        if b is not None:
-            yb += b.reshape(K, 1, 1)        # while the block is in cache
+
+    def share(i0, i1):          # images i0..i1, a block at a time (one thread)
+        col = workspace(("col", plan.key), plan.col_shape(n), x.dtype, xp)
+        for n0 in range(i0, i1, n):
+            m = min(n, i1 - n0)
+            c = col[:m]
+            im2col_block(x[n0:n0 + m], c, plan)
+            yb = y[n0:n0 + m]
+            xp.matmul(Wg, c.reshape(m, G, Cg * R * S, L), out=yb.reshape(m, G, K // G, L))
+            if b is not None:
+                yb += b.reshape(K, 1, 1)        # while the block is in cache
+    blockpool.run(share, blockpool.shares(N, x[:1].nbytes, xp))
     return y, (x, W, plan, G)
 
 
@@ -266,23 +270,27 @@ def conv2d_backward(dy, cache, need_dx=True, need_db=True):
     dy = xp.ascontiguousarray(dy)
     db = dy.reshape(N, K, L).sum(axis=(0, 2)) if need_db else None
     n = plan.block(N, x.dtype.itemsize, xp)
-    col = workspace(("col", plan.key), plan.col_shape(n), x.dtype, xp)
-    dWb = workspace(("dWb", plan.key), (n, G, Kg, D), W.dtype, xp)
-    dW = xp.zeros((G, Kg, D), dtype=W.dtype)
     dx = xp.empty(x.shape, dtype=dy.dtype) if need_dx else None
-    dcol = workspace(("dcol", plan.key), plan.col_shape(n), dy.dtype, xp) if need_dx else None
     Wt = W.reshape(G, Kg, D).transpose(0, 2, 1)
-    for n0 in range(0, N, n):
-        m = min(n, N - n0)
-        c = col[:m]
-        im2col_block(x[n0:n0 + m], c, plan)
-        dyb = dy[n0:n0 + m].reshape(m, G, Kg, L)
-        xp.matmul(dyb, c.reshape(m, G, D, L).transpose(0, 1, 3, 2), out=dWb[:m])
-        dW += dWb[:m].sum(axis=0)
-        if need_dx:
-            dc = dcol[:m]
-            xp.matmul(Wt, dyb, out=dc.reshape(m, G, D, L))
-            col2im_block(dc, dx[n0:n0 + m], plan)
+
+    def share(i0, i1):          # images i0..i1 (one thread): returns their dW
+        col = workspace(("col", plan.key), plan.col_shape(n), x.dtype, xp)
+        dWb = workspace(("dWb", plan.key), (n, G, Kg, D), W.dtype, xp)
+        dcol = workspace(("dcol", plan.key), plan.col_shape(n), dy.dtype, xp) if need_dx else None
+        dW = xp.zeros((G, Kg, D), dtype=W.dtype)
+        for n0 in range(i0, i1, n):
+            m = min(n, i1 - n0)
+            c = col[:m]
+            im2col_block(x[n0:n0 + m], c, plan)
+            dyb = dy[n0:n0 + m].reshape(m, G, Kg, L)
+            xp.matmul(dyb, c.reshape(m, G, D, L).transpose(0, 1, 3, 2), out=dWb[:m])
+            dW += dWb[:m].sum(axis=0)
+            if need_dx:
+                dc = dcol[:m]
+                xp.matmul(Wt, dyb, out=dc.reshape(m, G, D, L))
+                col2im_block(dc, dx[n0:n0 + m], plan)
+        return dW
+    dW = sum(blockpool.run(share, blockpool.shares(N, x[:1].nbytes, xp)))
     return dx, dW.reshape(W.shape), db
 
 
@@ -567,17 +575,22 @@ def batchnorm_stats(x, return_shifted=False):
     count = x.shape[0] * math.prod(x.shape[2:])
     k = _bn_shift(x)
     x3 = _bn_rows3(x)
-    blocks, n = _bn_blocks(x3)
-    d = workspace("bn.d", (n,) + x3.shape[1:], x.dtype, xp)
     kv = k.reshape(-1, 1)
-    sd = xp.zeros(x.shape[1], dtype=np.float64)
-    sdd = xp.zeros(x.shape[1], dtype=np.float64)
-    for blk in blocks:
-        db = d[:blk.stop - blk.start]
-        xp.subtract(x3[blk], kv, out=db)
-        # (n, C, L): a sum and a batched dot over the contiguous L axis, one read each
-        sd += xp.einsum("ncl->c", db)
-        sdd += xp.einsum("ncl,ncl->c", db, db)
+
+    def share(i0, i1):
+        blocks, n = _bn_blocks(x3[i0:i1])
+        d = workspace("bn.d", (n,) + x3.shape[1:], x.dtype, xp)
+        sd = xp.zeros(x.shape[1], dtype=np.float64)
+        sdd = xp.zeros(x.shape[1], dtype=np.float64)
+        for blk in blocks:
+            db = d[:blk.stop - blk.start]
+            xp.subtract(x3[i0:i1][blk], kv, out=db)
+            # (n, C, L): a sum and a batched dot over the contiguous L axis, one read each
+            sd += xp.einsum("ncl->c", db)
+            sdd += xp.einsum("ncl,ncl->c", db, db)
+        return sd, sdd
+    parts = blockpool.run(share, blockpool.shares(x3.shape[0], x3[:1].nbytes, xp))
+    sd, sdd = sum(p[0] for p in parts), sum(p[1] for p in parts)
     n_ = max(count, 1)
     mean = k.astype(np.float64) + sd / n_
     m2 = xp.maximum(sdd - sd * sd / n_, 0.0)
@@ -640,14 +653,18 @@ def batchnorm_forward_from_stats(x, gamma, beta, mean, m2, count, eps=1e-5, shif
     x3 = _bn_rows3(x)
     y = xp.empty(x.shape, dtype=dt)
     y3 = _bn_rows3(y)
-    blocks, n = _bn_blocks(x3)
-    d = workspace("bn.d", (n,) + x3.shape[1:], dt, xp)
     kv = k.reshape(-1, 1)
-    for blk in blocks:
-        db = d[:blk.stop - blk.start]
-        xp.subtract(x3[blk], kv, out=db)
-        xp.multiply(db, a, out=y3[blk])
-        y3[blk] += c
+
+    def share(i0, i1):
+        blocks, n = _bn_blocks(x3[i0:i1])
+        d = workspace("bn.d", (n,) + x3.shape[1:], dt, xp)
+        xs, ys = x3[i0:i1], y3[i0:i1]
+        for blk in blocks:
+            db = d[:blk.stop - blk.start]
+            xp.subtract(xs[blk], kv, out=db)
+            xp.multiply(db, a, out=ys[blk])
+            ys[blk] += c
+    blockpool.run(share, blockpool.shares(x3.shape[0], x3[:1].nbytes, xp))
     cache = (x, k, mk64.astype(dt), invstd64.astype(dt), gamma)
     return y, cache, mean, var
 
@@ -700,17 +717,23 @@ def batchnorm_backward_stats(dy, cache):
     xp = get_array_module(dy)
     x, k, mk, invstd, _ = cache
     x3, dy3 = _bn_rows3(x), _bn_rows3(dy)
-    blocks, n = _bn_blocks(x3)
-    d = workspace("bn.d", (n,) + x3.shape[1:], x.dtype, xp)
     kv = k.reshape(-1, 1)
     acc = np.float64 if dy.dtype == np.float32 else dy.dtype
-    sdy = xp.zeros(x.shape[1], dtype=acc)
-    sdyd = xp.zeros(x.shape[1], dtype=acc)
-    for blk in blocks:
-        db = d[:blk.stop - blk.start]
-        xp.subtract(x3[blk], kv, out=db)
-        sdy += xp.einsum("ncl->c", dy3[blk])
-        sdyd += xp.einsum("ncl,ncl->c", dy3[blk], db)
+
+    def share(i0, i1):
+        blocks, n = _bn_blocks(x3[i0:i1])
+        d = workspace("bn.d", (n,) + x3.shape[1:], x.dtype, xp)
+        xs, dys = x3[i0:i1], dy3[i0:i1]
+        sdy = xp.zeros(x.shape[1], dtype=acc)
+        sdyd = xp.zeros(x.shape[1], dtype=acc)
+        for blk in blocks:
+            db = d[:blk.stop - blk.start]
+            xp.subtract(xs[blk], kv, out=db)
+            sdy += xp.einsum("ncl->c", dys[blk])
+            sdyd += xp.einsum("ncl,ncl->c", dys[blk], db)
+        return sdy, sdyd
+    parts = blockpool.run(share, blockpool.shares(x3.shape[0], x3[:1].nbytes, xp))
+    sdy, sdyd = sum(p[0] for p in parts), sum(p[1] for p in parts)
     sdx = (sdyd - mk.astype(acc) * sdy) * invstd.astype(acc)
     return sdy.astype(dy.dtype), sdx.astype(dy.dtype)
 
@@ -742,16 +765,20 @@ def batchnorm_backward_from_stats(dy, cache, sum_dy, sum_dy_xhat, count):
     x3, dy3 = _bn_rows3(x), _bn_rows3(dy)
     dx = xp.empty(dy.shape, dtype=dt)
     dx3 = _bn_rows3(dx)
-    blocks, n = _bn_blocks(x3)
-    d = workspace("bn.d", (n,) + x3.shape[1:], dt, xp)
     kv = k.reshape(-1, 1)
-    for blk in blocks:
-        db = d[:blk.stop - blk.start]
-        xp.subtract(x3[blk], kv, out=db)
-        db *= e
-        xp.multiply(dy3[blk], a, out=dx3[blk])
-        dx3[blk] -= db
-        dx3[blk] += f
+
+    def share(i0, i1):
+        blocks, n = _bn_blocks(x3[i0:i1])
+        d = workspace("bn.d", (n,) + x3.shape[1:], dt, xp)
+        xs, dys, dxs = x3[i0:i1], dy3[i0:i1], dx3[i0:i1]
+        for blk in blocks:
+            db = d[:blk.stop - blk.start]
+            xp.subtract(xs[blk], kv, out=db)
+            db *= e
+            xp.multiply(dys[blk], a, out=dxs[blk])
+            dxs[blk] -= db
+            dxs[blk] += f
+    blockpool.run(share, blockpool.shares(x3.shape[0], x3[:1].nbytes, xp))
     return dx
 
 

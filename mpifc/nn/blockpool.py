@@ -1,0 +1,69 @@
+"""Run a blocked kernel's samples on every core this rank owns (host arrays only).
+
+A rank given n BLAS threads (mpifc.threads: the cores it owns) runs a GEMM on n
+cores, but a NumPy element-wise pass on one. The blocked kernels (conv, BatchNorm)
+split their samples into n contiguous shares and run each share on its own thread,
+BLAS limited to one thread meanwhile: the GEMMs of a share are small (one block of
+images), and ufuncs and matmul release the GIL, so the shares run side by side.
+With one BLAS thread (ranks that share a node) nothing changes: the caller's thread
+runs everything.
+
+``ENABLED = False`` turns the splitting off (bench/layers.py compares both).
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+ENABLED = True
+# a share below this many bytes of input is not worth a thread hand-off
+MIN_SHARE_BYTES = 1 << 18
+
+_state = {"blas": None, "pool": None, "size": 0}
+
+
+def _blas_controllers():
+    if _state["blas"] is None:
+        from threadpoolctl import ThreadpoolController  # noqa: PLC0415 - once
+
+        _state["blas"] = [c for c in ThreadpoolController().lib_controllers if c.user_api == "blas"]
+    return _state["blas"]
+
+
+def width() -> int:
+    """Threads the BLAS pool has now (the cores this rank was given); 1 when none is loaded."""
+    return max((c.get_num_threads() for c in _blas_controllers()), default=1)
+
+
+def shares(n_items: int, item_bytes: int, xp) -> list[tuple[int, int]]:
+    """Contiguous (i0, i1) shares of ``n_items``: one per thread of :func:`width`, or one."""
+    w = width() if ENABLED and xp is np else 1
+    w = max(1, min(w, n_items, (n_items * item_bytes) // MIN_SHARE_BYTES))
+    cuts = [n_items * i // w for i in range(w + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def run(fn, parts: list[tuple[int, int]]) -> list:
+    """``[fn(i0, i1) for (i0, i1) in parts]``, the parts on separate threads when several.
+
+    The calling thread runs the first part; BLAS runs one thread per part meanwhile.
+    """
+    if len(parts) == 1:
+        return [fn(*parts[0])]
+    libs = _blas_controllers()
+    before = [c.get_num_threads() for c in libs]
+    if _state["size"] < len(parts) - 1:
+        if _state["pool"] is not None:
+            _state["pool"].shutdown()
+        _state["pool"] = ThreadPoolExecutor(len(parts) - 1, thread_name_prefix="mpifc-block")
+        _state["size"] = len(parts) - 1
+    for c in libs:
+        c.set_num_threads(1)
+    try:
+        futures = [_state["pool"].submit(fn, *p) for p in parts[1:]]
+        first = fn(*parts[0])
+        return [first] + [f.result() for f in futures]
+    finally:
+        for c, n in zip(libs, before):
+            c.set_num_threads(n)
