@@ -234,11 +234,14 @@ def conv2d_forward(x, W, b=None, stride=1, padding=0, dilation=1, groups=1):
     Wg = W.reshape(G, K // G, Cg * R * S)
 
     def share(i0, i1):          # images i0..i1, a block at a time (one thread)
-        col = workspace(("col", plan.key), plan.col_shape(n), x.dtype, xp)
+        col = None if plan.identity else workspace(("col", plan.key), plan.col_shape(n), x.dtype, xp)
         for n0 in range(i0, i1, n):
             m = min(n, i1 - n0)
-            c = col[:m]
-            im2col_block(x[n0:n0 + m], c, plan)
+            if plan.identity:
+                c = xp.ascontiguousarray(x[n0:n0 + m])
+            else:
+                c = col[:m]
+                im2col_block(x[n0:n0 + m], c, plan)
             yb = y[n0:n0 + m]
             xp.matmul(Wg, c.reshape(m, G, Cg * R * S, L), out=yb.reshape(m, G, K // G, L))
             if b is not None:
@@ -274,21 +277,28 @@ def conv2d_backward(dy, cache, need_dx=True, need_db=True):
     Wt = W.reshape(G, Kg, D).transpose(0, 2, 1)
 
     def share(i0, i1):          # images i0..i1 (one thread): returns their dW
-        col = workspace(("col", plan.key), plan.col_shape(n), x.dtype, xp)
+        ident = plan.identity
+        col = None if ident else workspace(("col", plan.key), plan.col_shape(n), x.dtype, xp)
         dWb = workspace(("dWb", plan.key), (n, G, Kg, D), W.dtype, xp)
-        dcol = workspace(("dcol", plan.key), plan.col_shape(n), dy.dtype, xp) if need_dx else None
+        dcol = None
+        if need_dx and not ident:
+            dcol = workspace(("dcol", plan.key), plan.col_shape(n), dy.dtype, xp)
         dW = xp.zeros((G, Kg, D), dtype=W.dtype)
         for n0 in range(i0, i1, n):
             m = min(n, i1 - n0)
-            c = col[:m]
-            im2col_block(x[n0:n0 + m], c, plan)
+            if ident:
+                c = xp.ascontiguousarray(x[n0:n0 + m])
+            else:
+                c = col[:m]
+                im2col_block(x[n0:n0 + m], c, plan)
             dyb = dy[n0:n0 + m].reshape(m, G, Kg, L)
             xp.matmul(dyb, c.reshape(m, G, D, L).transpose(0, 1, 3, 2), out=dWb[:m])
             dW += dWb[:m].sum(axis=0)
-            if need_dx:
-                dc = dcol[:m]
+            if need_dx:         # 1x1: dcol is dx itself
+                dc = dx[n0:n0 + m] if ident else dcol[:m]
                 xp.matmul(Wt, dyb, out=dc.reshape(m, G, D, L))
-                col2im_block(dc, dx[n0:n0 + m], plan)
+                if not ident:
+                    col2im_block(dc, dx[n0:n0 + m], plan)
         return dW
     dW = sum(blockpool.run(share, blockpool.shares(N, x[:1].nbytes, xp)))
     return dx, dW.reshape(W.shape), db
@@ -309,7 +319,7 @@ def _pool_geometry(x_shape, kernel, stride, padding):
     return R, S, sh, sw, pads, Ho, Wo
 
 
-def _maxpool_tiles(x_shape, R, S, sh, sw, pads):
+def _maxpool_tiles(R, S, sh, sw, pads):
     """True when the windows tile the input without overlap or padding (stride == kernel)."""
     return (sh, sw) == (R, S) and pads == ((0, 0), (0, 0)) and R * S < 256
 
@@ -373,7 +383,7 @@ def maxpool2d_forward(x, kernel, stride=None, padding=0):
     """
     xp = get_array_module(x)
     R, S, sh, sw, pads, Ho, Wo = _pool_geometry(x.shape, kernel, stride, padding)
-    if _maxpool_tiles(x.shape, R, S, sh, sw, pads):
+    if _maxpool_tiles(R, S, sh, sw, pads):
         y, idx = _maxpool_tiled(x, R, S, Ho, Wo)
         return y, (idx, x.shape, (R, S, sh, sw, pads))
     xpad = _pad(x, pads, value=-np.inf)
