@@ -219,6 +219,11 @@ SCHEMA: dict[str, Key] = {
     "train.verify_key": key_file("public key file: resume only checkpoints it signed"),
     "train.encrypt_key_file": key_file("write checkpoints encrypted with this key (and read them)"),
     "train.encrypt_key_env": key_file("environment variable holding the checkpoint key, instead"),
+    # --- GPU (issue 15) ---
+    "train.device": choice("cpu", ("cpu", "cuda", "auto"), "cpu: NumPy; cuda: CuPy, one GPU per "
+                           "rank by node-local rank (MPIFC_DEVICE_ID overrides); auto: cuda when "
+                           "every rank sees a GPU"),
+    "train.share_gpu": flag(False, "cuda: let more ranks than GPUs on a node share them"),
 }
 
 

@@ -306,6 +306,11 @@ class Trainer:
         self.threads = setup_threads(self.comm)
         p, t = cfg["parallel"], cfg["train"]
         self.grid = Grid(self.comm, dp=p["dp"] or None, tp=p["tp"] or None)
+        # --- issue 15: train.device; model, optimizer state, batches on self.device.xp ---
+        from mpifc.device import select_device
+        self.device = select_device(t.get("device", "cpu"), self.comm,
+                                    share_gpu=t.get("share_gpu", False))
+        xp = self.device.xp
         self.dtype = np.dtype(t["dtype"])
         self.out = out or t["out"].format(name=cfg["name"])
         self.ckpt_dir = os.path.join(self.out, "checkpoints")
@@ -320,15 +325,16 @@ class Trainer:
         self.loader = DistributedLoader(self.data_path, dc, split="train",
                                         batch_size=t["batch_size"], seed=cfg["seed"],
                                         mode=cfg["data"]["mode"], dtype=self.dtype, cache=True,
-                                        key=self.data_key)
+                                        key=self.data_key, xp=xp)
         self.test_loader = DistributedLoader(self.data_path, dc, split="test", shuffle=False,
                                              batch_size=t["eval_batch_size"], seed=cfg["seed"],
                                              mode=cfg["data"]["mode"], dtype=self.dtype,
-                                             cache=True, key=self.data_key)
+                                             cache=True, key=self.data_key, xp=xp)
         check_data_fits_model(self.loader, cfg["model"], self.data_path)
         from mpifc.security.signing import check_keys   # security: bad key files fail now
         check_keys(cfg, self.comm)
-        self.model = build_model(cfg["model"], self.grid, seed=cfg["seed"], dtype=self.dtype)
+        self.model = build_model(cfg["model"], self.grid, seed=cfg["seed"], dtype=self.dtype,
+                                 xp=xp)
         if self.loader.num_classes > self.model.num_classes:
             raise TrainingError(f"the dataset has {self.loader.num_classes} classes but the "
                                 f"model's last layer has {self.model.num_classes} outputs")
@@ -342,7 +348,9 @@ class Trainer:
         self.exposed_s = 0.0     # seconds posting and waiting for the overlapped dp allreduce
         if self.rank0 and not quiet:
             print(f"mpifc train {cfg['name']}: {self.comm.size} rank(s) as dp={self.grid.dp} x "
-                  f"tp={self.grid.tp}, {self.threads} BLAS thread(s) per rank, "
+                  f"tp={self.grid.tp}, "
+                  + (f"{self.threads} BLAS thread(s) per rank, " if self.device.kind == "cpu"
+                     else f"one GPU per rank ({self.device} on rank 0), ") +
                   f"{self.loader.steps_per_epoch} steps/epoch of {t['batch_size']} samples"
                   + (f" in {t['accumulate']} micro-batches" if t.get("accumulate", 1) > 1 else "")
                   + ", "
