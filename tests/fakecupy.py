@@ -9,9 +9,10 @@ What it proves. Its arrays (:class:`ndarray`) wrap NumPy arrays and behave like
 CuPy's where CuPy is strict, stricter where it is lenient:
 
 * implicit conversion to NumPy raises, as CuPy's does: ``np.asarray(d)`` (``__array__``),
-  any NumPy ufunc or function on a device array (``__array_ufunc__ = None``,
-  ``__array_function__``), and mixing a host ``numpy.ndarray`` into device arithmetic
-  or into an ``xp`` function other than ``asarray``/``array``;
+  a NumPy ufunc on a device array (``__array_ufunc__ = None``; CuPy runs its own
+  ufunc there, the double is stricter), and mixing a host ``numpy.ndarray`` into
+  device arithmetic or into any function other than ``asarray``/``array``; a NumPy
+  function on device arrays runs on the device, as CuPy's ``__array_function__`` does;
 * the explicit copies are counted in :data:`counts`: ``h2d`` (``asarray``/``array`` of
   host data, ``ndarray.set``, assigning host data into a slice), ``d2h`` (``asnumpy``,
   ``ndarray.get``, ``tolist``), ``scalar`` (``float``/``int``/``bool``/``item`` on a
@@ -124,8 +125,8 @@ def _iop(name):
     return f
 
 
-_REFUSED = {"tobytes", "tofile", "dump", "dumps", "ctypes", "data", "__array_interface__",
-            "__array_struct__"}
+_REFUSED = {"tobytes", "tofile", "dump", "dumps", "ctypes", "data"}
+_ABSENT = {"__array_interface__", "__array_struct__", "__cuda_array_interface__"}
 
 
 class ndarray:
@@ -145,10 +146,13 @@ class ndarray:
         raise TypeError(_IMPLICIT)
 
     def __array_function__(self, func, types, args, kwargs):
-        raise TypeError(f"numpy.{func.__name__} called on a device array: use the data's "
-                        "xp (mpifc.backend.get_array_module)")
+        # as CuPy: numpy.f(device array) runs cupy.f (device in, device out); a host
+        # ndarray among the arguments is still refused (_unwrap)
+        return _Func(func, func.__name__)(*args, **kwargs)
 
     def __getattr__(self, name):
+        if name in _ABSENT:           # NumPy probes these first; then __array__ refuses
+            raise AttributeError(name)
         if name in _REFUSED:
             raise TypeError(f"fakecupy.ndarray.{name}: host access to device memory; use .get()")
         a = object.__getattribute__(self, "_a")

@@ -36,7 +36,7 @@ from mpi4py.util.dtlib import from_numpy_dtype
 
 from mpifc import backend
 from mpifc.comm.counts import displacements
-from mpifc.comm.staging import StagingPool, cuda_aware
+from mpifc.comm.staging import StagingPool, cuda_aware as _cuda_aware
 from mpifc.comm.trace import TRACER
 
 _perf = time.perf_counter
@@ -115,9 +115,13 @@ class Communicator:
     debug : bool, optional
         Check that all ranks issue the same collective sequence (slower: one small
         extra allgather per call). Defaults to ``MPIFC_DEBUG=1`` in the environment.
+    cuda_aware : bool, optional
+        Device buffers go to MPI as they are (True) or through pinned host staging
+        buffers (False); default: :func:`mpifc.comm.staging.cuda_aware` decides.
     """
 
-    def __init__(self, mpi_comm, name: str = "world", debug: bool | None = None, tracer=TRACER):
+    def __init__(self, mpi_comm, name: str = "world", debug: bool | None = None, tracer=TRACER,
+                 cuda_aware: bool | None = None):
         self.mpi = mpi_comm
         self.name = name
         self.rank = mpi_comm.Get_rank()
@@ -127,7 +131,8 @@ class Communicator:
         self.debug = (os.environ.get("MPIFC_DEBUG", "0") == "1") if debug is None else debug
         self._seq = 0
         self._dwatch = None          # debug mode: times each collective (comm/watchdog.py)
-        self._cuda_aware = cuda_aware()[0]
+        # device buffers straight to MPI (True) or staged (False); None: detect (staging.py)
+        self._cuda_aware = _cuda_aware()[0] if cuda_aware is None else bool(cuda_aware)
         self.staging = StagingPool()     # pinned host buffers for device data (staged path)
         self._path, self._copy_s, self._held = None, 0.0, []   # the device call in progress
         self._Allreduce, self._Allgather = mpi_comm.Allreduce, mpi_comm.Allgather
@@ -634,7 +639,8 @@ class Communicator:
         sub = self.mpi.Split(color, key)
         if self._dwatch:
             self._dwatch.disarm()
-        return Communicator(sub, name or f"{self.name}.{color}", debug=self.debug, tracer=self.tracer)
+        return Communicator(sub, name or f"{self.name}.{color}", debug=self.debug, tracer=self.tracer,
+                            cuda_aware=self._cuda_aware)
 
     def split_shared(self, name: str = "node") -> "Communicator":
         """Sub-communicator of the ranks that share memory (one node)."""
@@ -642,7 +648,8 @@ class Communicator:
         sub = self.mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         if self._dwatch:
             self._dwatch.disarm()
-        return Communicator(sub, name, debug=self.debug, tracer=self.tracer)
+        return Communicator(sub, name, debug=self.debug, tracer=self.tracer,
+                            cuda_aware=self._cuda_aware)
 
     def abort(self, code: int = 1) -> None:
         self.mpi.Abort(code)
