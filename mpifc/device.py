@@ -2,13 +2,14 @@
 
 cpu   NumPy arrays (the default).
 cuda  CuPy arrays on one GPU per rank. A rank takes the GPU of its rank among the
-      ranks of its node (node-local rank, from ``comm.split_shared``): local rank i
-      uses visible device i -- ``CUDA_VISIBLE_DEVICES`` decides which devices are
-      visible and numbers them from 0 -- unless ``MPIFC_DEVICE_ID`` (set per rank,
-      e.g. from ``SLURM_LOCALID`` by a wrapper) names the index. More ranks on a node
-      than visible GPUs is an error unless ``train.share_gpu = true`` (then local rank
-      i uses GPU i mod n). Without cupy or a visible GPU: one line naming
-      ``pip install mpifc[gpu]``.
+      ranks of its node (node-local rank, from ``comm.split_shared``) that see the
+      same devices: local rank i uses visible device i -- ``CUDA_VISIBLE_DEVICES``
+      decides which devices are visible and numbers them from 0; a launcher that
+      binds one GPU per rank (``srun --gpu-bind``) gives every rank its own device 0
+      -- unless ``MPIFC_DEVICE_ID`` (set per rank, e.g. from ``SLURM_LOCALID`` by a
+      wrapper) names the index. More such ranks on a node than visible GPUs is an
+      error unless ``train.share_gpu = true`` (then local rank i uses GPU i mod n).
+      Without cupy or a visible GPU: one line naming ``pip install mpifc[gpu]``.
 auto  cuda when every rank sees a GPU through cupy, else cpu (every rank the same).
 
 Every decision is agreed over the job (one ``allgather_obj``), so a problem on one
@@ -91,7 +92,12 @@ def select_device(requested: str, comm, *, share_gpu: bool = False) -> Device:
 
     with trace.disabled():
         node = comm.split_shared()
-    local_rank, local_size = node.rank, node.size
+    # the ranks of this node that see the same devices share them, in local rank order
+    # (all of them, usually; one each when the launcher binds a GPU per rank, e.g.
+    # srun --gpu-bind: every rank then sees "its" GPU as device 0)
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    peers = [r for r, v in enumerate(node.allgather_obj(vis)) if v == vis]
+    local_rank, local_size = peers.index(node.rank), len(peers)
     if n == 0:
         index, problem = None, (f"train.device = \"cuda\" but cupy "
                                 + ("sees no CUDA device" if backend.cupy_importable()

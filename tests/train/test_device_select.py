@@ -73,6 +73,15 @@ def test_cuda_visible_devices_and_the_per_rank_override(comm, dev, monkeypatch):
 
 
 @pytest.mark.mpi(min_size=2)
+def test_a_gpu_bound_to_each_rank_is_its_device_0(comm, dev, monkeypatch):
+    """srun --gpu-bind: each rank sees one GPU of its own (CUDA_VISIBLE_DEVICES differs)."""
+    monkeypatch.setenv("FAKECUPY_DEVICES", "8")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", str(comm.rank))
+    d = select_device("cuda", comm)
+    assert (d.index, d.local_rank, d.local_size) == (0, 0, 1)
+
+
+@pytest.mark.mpi(min_size=2)
 def test_more_ranks_than_gpus_needs_share_gpu(comm, dev, monkeypatch):
     monkeypatch.setenv("FAKECUPY_DEVICES", "1")
     _raises_everywhere(comm, lambda: select_device("cuda", comm),
