@@ -116,3 +116,30 @@ def test_backend_parametrised_layer_and_optimizer_tests_pass_on_the_double():
     last = out.stdout.strip().splitlines()[-1]
     assert " passed" in last and "failed" not in last, last
     assert int(last.split(" passed")[0].split()[-1]) >= 50, last     # the cupy cases ran
+
+
+def test_gradient_norm_on_the_device_is_read_back_once(dev):
+    """clip_grad_norm on device gradients: one scalar read for all parameters, the host norm."""
+    from mpifc.nn.module import Parameter
+    from mpifc.optim.clip import clip_grad_norm
+
+    rng = np.random.default_rng(0)
+    grads = [rng.standard_normal(s).astype(np.float32) for s in ((4, 3), (3,), (2, 2, 2))]
+
+    def params(xp):
+        ps = []
+        for g in grads:
+            p = Parameter(xp.zeros(g.shape, np.float32))
+            p.grad = xp.asarray(g).copy()     # clipping scales it in place
+            ps.append(p)
+        return ps
+
+    host = params(np)
+    want = clip_grad_norm(host, 1.0)
+    on_dev = params(dev)
+    dev.reset_counts()
+    got = clip_grad_norm(on_dev, 1.0)
+    assert dev.counts["scalar"] == 1 and dev.counts["d2h"] == 0
+    assert got == pytest.approx(want, rel=1e-6)
+    for p, q in zip(on_dev, host):
+        np.testing.assert_allclose(p.grad.get(), q.grad, rtol=1e-6)
