@@ -69,9 +69,11 @@ def _steps(tr, n=STEPS):
 
 
 def _layouts(size):
-    got = [("dp", [])]
-    if size > 1:
-        got.append(("tp", [f"parallel.tp={size}"]))
+    small = "parallel.bucket_mb=0.01"      # several gradient buckets (10 KiB each)
+    got = [("dp", [small])]
+    if size > 1:      # buckets allreduced after backward instead of overlapped; tensor parallel
+        got += [("dp-blocking", [small, "parallel.overlap=false"]),
+                ("tp", [f"parallel.tp={size}"])]
     return got
 
 
@@ -101,6 +103,13 @@ def test_digits_cnn_steps_on_the_double(comm, mpi_tmp_path, dev, aware):
         pinned0 = cp.counts["pinned_allocs"]
         steps = _steps(tr)
         d2h, h2d = (0, 2) if aware else _design_copies(cfg, tr)
+        if name.startswith("dp") and not aware:
+            # the same count by hand: one staged allreduce per non-empty gradient bucket,
+            # and SyncBatchNorm's two (statistics forward, gradient sums backward) per layer
+            n_bn = sum(1 for t in cfg["model"]["layers"] if t["type"].startswith("batchnorm"))
+            n_buckets = sum(1 for b in tr.dp.buckets if b.numel)
+            assert d2h == ((n_buckets + 2 * n_bn) if comm.size > 1 else 0), (d2h, n_buckets)
+            assert comm.size == 1 or n_buckets > 1
         norm = tr.loader.normalise and tr.loader.normalisation.kind != "none"
         for k, ((loss, c), (want_loss, _)) in enumerate(zip(steps, host)):
             assert abs(loss - want_loss) <= 1e-5 * max(1.0, abs(want_loss)), (name, k)
