@@ -350,7 +350,7 @@ class Trainer:
             print(f"mpifc train {cfg['name']}: {self.comm.size} rank(s) as dp={self.grid.dp} x "
                   f"tp={self.grid.tp}, "
                   + (f"{self.threads} BLAS thread(s) per rank, " if self.device.kind == "cpu"
-                     else f"one GPU per rank ({self.device} on rank 0), ") +
+                     else f"CuPy on {self.device} (rank 0), ") +
                   f"{self.loader.steps_per_epoch} steps/epoch of {t['batch_size']} samples"
                   + (f" in {t['accumulate']} micro-batches" if t.get("accumulate", 1) > 1 else "")
                   + ", "

@@ -104,7 +104,7 @@ def test_train_and_eval_with_device_on_the_command_line(tmp_path):
     p, _ = _job(["train", "digits-cnn", "--device", "cuda", "--set", "train.max_steps=3",
                  "--set", data, "--out", out], 2)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "one GPU per rank (cuda:0 on rank 0)" in p.stdout
+    assert "CuPy on cuda:0 (rank 0)" in p.stdout
     p, _ = _job(["eval", out, "--device", "cpu", "--set", data], 2)
     assert p.returncode == 0 and "test_acc" in p.stdout, p.stdout + p.stderr
     p, _ = _job(["train", "digits-cnn", "--device", "cuda", "--set", "train.max_steps=1",
