@@ -47,18 +47,17 @@ def absolute_data_paths(cfg: dict) -> dict:
 
 def named_dataset_path(cfg: dict) -> str:
     """Where a named dataset (digits, synthetic, ...) lives: ``data.dir/<name>[-<shape>].h5``."""
-    name = cfg["data"]["dataset"]
-    shape = cfg["model"]["input"]
-    tag = "-" + "x".join(map(str, shape)) if name in ("synthetic", "synthetic-images") else ""
-    return os.path.join(cfg["data"]["dir"], f"{name}{tag}.h5")
+    from mpifc.data.named import named_path
+
+    return named_path(cfg["data"]["dataset"], cfg["data"]["dir"], cfg["model"]["input"])
 
 
 def resolve_dataset(cfg: dict, comm) -> str:
-    """Path of the HDF5 dataset; a named dataset is prepared once, by rank 0, if missing."""
-    from mpifc.data import prepare, textprep
-
+    """Path of the HDF5 dataset; a named dataset is prepared once, by rank 0, if missing
+    (:func:`mpifc.data.named.prepared`)."""
     from mpifc.config import ConfigError
     from mpifc.data import DatasetError
+    from mpifc.data.named import NAMES, prepared
 
     name = cfg["data"]["dataset"]
     if _is_dataset_path(name):
@@ -67,33 +66,10 @@ def resolve_dataset(cfg: dict, comm) -> str:
             raise DatasetError(f"dataset {name!r} not found; create it with "
                                "`mpifc data prepare ...`")
         return name
-    shape = tuple(cfg["model"]["input"])
-    builders = {
-        "digits": lambda out: prepare.prepare_digits(out),
-        "synthetic-images": lambda out: prepare.prepare_synthetic(
-            out, n_train=4096, n_test=1024, shape=shape, num_classes=10, seed=cfg["seed"]),
-        "synthetic": lambda out: prepare.prepare_synthetic(
-            out, n_train=8192, n_test=1024, shape=shape, num_classes=10, seed=cfg["seed"]),
-        # issue 13: the bundled text set, generated (a fixed seed: the same set for every run)
-        "synthetic-text": lambda out: textprep.prepare_synthetic_text(
-            out, n_train=8000, n_test=2000, num_classes=4, seed=0),
-    }
-    if name not in builders:
-        raise ConfigError(f"data.dataset {name!r}: expected a .h5 path or one of {sorted(builders)}")
-    path = named_dataset_path(cfg)
-    err = None
-    if comm.rank == 0 and not os.path.exists(path):
-        try:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}"
-            builders[name](tmp)
-            os.replace(tmp, path)        # never leave a half-written dataset behind
-        except Exception as e:           # shared below so every rank raises, none waits
-            err = f"{type(e).__name__}: {e}"
-    err = comm.bcast_obj(err, root=0)
-    if err:
-        raise DatasetError(f"preparing dataset {name!r} failed on rank 0: {err}")
-    return path
+    if name not in NAMES:
+        raise ConfigError(f"data.dataset {name!r}: expected a .h5 path or one of {sorted(NAMES)}")
+    return prepared(name, comm, dir=cfg["data"]["dir"], shape=tuple(cfg["model"]["input"]),
+                    seed=cfg["seed"])
 
 
 def check_data_fits_model(loader, model_cfg: dict, path: str) -> None:
