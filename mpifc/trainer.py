@@ -785,6 +785,7 @@ def fit(model, train_data, *, optimizer, loss=None, grid=None, epochs: int = 1,
                              ("bucket_mb", "parallel.bucket_mb", bucket_mb),
                              ("overlap", "parallel.overlap", overlap)):
         check_value("fit", name, value, SCHEMA[key])
+    progress_mode(progress, False)             # an unknown mode fails here, on every rank
     loss = training_loss(loss, model)          # mistakes in the objects fail before any I/O
     grid = grid or model_grid(model)
     check_model_fits_grid(model, grid)
