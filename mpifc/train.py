@@ -12,7 +12,6 @@ there, once. :class:`Trainer` is that trainer built from a config; :func:`train`
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 
@@ -154,7 +153,6 @@ class Trainer(ObjectTrainer):
 
         self.cfg = cfg = absolute_data_paths(cfg)    # stored in checkpoints: any cwd reads it
         comm = comm or world()
-        rank0 = comm.rank == 0
         threads = setup_threads(comm)
         p, t = cfg["parallel"], cfg["train"]
         grid = Grid(comm, dp=p["dp"] or None, tp=p["tp"] or None)
@@ -179,20 +177,14 @@ class Trainer(ObjectTrainer):
         if loader.num_classes > model.num_classes:
             raise TrainingError(f"the dataset has {loader.num_classes} classes but the "
                                 f"model's last layer has {model.num_classes} outputs")
-        opt = build_optimizer(cfg, model.parameters())
-
-        def note(line):          # a change to what the config asked for (stderr; not --quiet)
-            if rank0 and not quiet:
-                print(f"mpifc train: note: {line}", file=sys.stderr, flush=True)
-
-        sched = build_schedule(cfg, opt, loader.steps_per_epoch, note=note)
-        super().__init__(model, loader, optimizer=opt, grid=grid, loss=model.loss,
-                         test_loader=test_loader, schedule=sched,
+        super().__init__(model, loader, optimizer=build_optimizer(cfg, model.parameters()),
+                         grid=grid, loss=model.loss, test_loader=test_loader,
                          settings=Settings.from_config(cfg),
                          out=out or t["out"].format(name=cfg["name"]), title="mpifc train",
                          name=cfg["name"], quiet=quiet, progress=progress,
                          config=to_toml(cfg), ckpt_key=ckpt_key, bucket_mb=p["bucket_mb"],
                          overlap=p["overlap"], threads=threads)
+        self.sched = build_schedule(cfg, self.opt, loader.steps_per_epoch, note=self._note)
 
 
 def train(cfg: dict, *, quiet: bool = False, resume: str | bool | None = None,

@@ -167,3 +167,23 @@ def test_fit_refuses_a_model_built_on_another_grid(comm, mpi_tmp_path):
     with pytest.raises(GridError, match=r"does not fit the grid dp=\d+ x tp=1"):
         mpifc.fit(model, "x.h5", optimizer=optim.SGD(model.parameters(), lr=0.1),
                   loss=nn.SoftmaxCrossEntropy(), grid=Grid(comm, dp=comm.size))
+
+
+def test_fit_without_a_test_split_steps_a_plateau_schedule_on_the_train_loss(comm, mpi_tmp_path):
+    """test_data=None: no evaluation (no test metrics, no best.h5); ReduceLROnPlateau then
+    watches the epoch's train loss. mode="max" on a falling loss: the 2nd epoch halves lr."""
+    tmp = str(comm.bcast_obj(str(mpi_tmp_path)))
+    from mpifc.data import prepared
+
+    path = prepared("digits", comm, dir=f"{tmp}/data")
+    model = _serial_mlp(0)
+    opt = optim.Adam(model.parameters(), lr=0.002)
+    last = mpifc.fit(model, path, optimizer=opt, loss=nn.SoftmaxCrossEntropy(), epochs=3,
+                     test_data=None, trace=False, out=f"{tmp}/fit", quiet=True,
+                     schedule=optim.ReduceLROnPlateau(opt, mode="max", factor=0.5, patience=0))
+    assert "test_loss" not in last
+    if comm.rank == 0:
+        recs = _records(f"{tmp}/fit/metrics.jsonl")
+        assert [r["lr"] for r in recs] == [0.002, 0.002, 0.001]
+        assert recs[0]["loss"] > recs[1]["loss"] > recs[2]["loss"]
+        assert "best" not in last["paths"]
