@@ -31,6 +31,7 @@ from mpifc.comm import Grid, job_in_progress, trace, watchdog, world
 from mpifc.comm.collect import sync_clock, write_trace
 from mpifc.config import to_toml
 from mpifc.errors import UserError
+from mpifc.optim.early_stop import watched_loss
 
 
 BEST_NAME = "best.h5"     # in the checkpoint directory: the best checkpoint by train.keep_best
@@ -294,7 +295,6 @@ class Trainer:
 
     def __init__(self, cfg: dict, *, quiet: bool = False, comm=None, out: str | None = None,
                  progress: str = "auto"):
-        from mpifc.data import DistributedLoader
         from mpifc.models import build_model
         from mpifc.parallel import DataParallel
 
@@ -317,14 +317,15 @@ class Trainer:
         self.data_key, self.ckpt_key = config_keys(cfg, self.comm)
         self.data_path = resolve_dataset(cfg, self.comm)
         dc = self.grid.dp_comm
-        self.loader = DistributedLoader(self.data_path, dc, split="train",
-                                        batch_size=t["batch_size"], seed=cfg["seed"],
-                                        mode=cfg["data"]["mode"], dtype=self.dtype, cache=True,
-                                        key=self.data_key)
-        self.test_loader = DistributedLoader(self.data_path, dc, split="test", shuffle=False,
-                                             batch_size=t["eval_batch_size"], seed=cfg["seed"],
-                                             mode=cfg["data"]["mode"], dtype=self.dtype,
-                                             cache=True, key=self.data_key)
+        # --- issue 18 item 3: train rows (less data.validation_split, augmented), validation,
+        # test (mpifc.data.pipeline); early stopping on the watched loss (mpifc.optim.early_stop)
+        from mpifc.data.pipeline import training_loaders
+        from mpifc.optim.early_stop import EarlyStopping
+
+        self.loader, self.val_loader, self.test_loader = training_loaders(
+            cfg, self.data_path, dc, dtype=self.dtype, key=self.data_key)
+        self.early = EarlyStopping(t.get("early_stop", 0))
+        # --- end issue 18 item 3
         check_data_fits_model(self.loader, cfg["model"], self.data_path)
         from mpifc.security.signing import check_keys   # security: bad key files fail now
         check_keys(cfg, self.comm)
@@ -465,15 +466,23 @@ class Trainer:
             if finished:
                 with trace.span("evaluate"):
                     rec.update(self.evaluate())
+                    if self.val_loader is not None:          # issue 18 item 3: validation
+                        v = self.evaluate(self.val_loader)
+                        rec.update(val_loss=v["test_loss"], val_acc=v["test_acc"])
                 watchdog.beat(self.step)
+                watched = watched_loss(rec)    # (name, value): val_loss, else test_loss
                 if self.sched is not None and self.sched[0] == "epoch":
                     self.sched[1].step()
                 elif self.sched is not None and self.sched[0] == "metric":
-                    self.sched[1].step(rec["test_loss"])
+                    self.sched[1].step(watched[1])
+                if self.early.step(*watched, epoch + 1):    # reduced metric: all ranks agree
+                    stop = rec["stopped_early"] = True
             self.log(rec)
             if self.rank0 and not self.quiet:
                 test = (f"  test_loss {rec['test_loss']:.4f}  test_acc {rec['test_acc']:.4f}"
                         if finished else "  (stopped mid-epoch)")
+                if "val_loss" in rec:
+                    test += f"  val_loss {rec['val_loss']:.4f}  val_acc {rec['val_acc']:.4f}"
                 print(f"epoch {epoch + 1:>3}/{t['epochs']}  loss {rec['loss']:.4f}  "
                       f"acc {rec['acc']:.4f}{test}  {rec['samples_per_s']:.0f} samples/s  "
                       f"comm {rec['comm_s']:.2f}s of {dt:.2f}s", flush=True)
@@ -483,6 +492,8 @@ class Trainer:
                           or self.loader.position[0] >= t["epochs"]):
                 with trace.span("checkpoint"):
                     self.save(rec if finished else None)
+            if rec.get("stopped_early") and self.rank0:    # one line, even with --quiet
+                print(f"mpifc train: {self.early.reason()}", flush=True)
         last["total_s"] = time.perf_counter() - t_start
         return last
 
@@ -501,7 +512,8 @@ class Trainer:
         ok = to_host(xp.isfinite(x.reshape(x.shape[0], int(np.prod(x.shape[1:])))).all(axis=1))
         bad = None
         if not ok.all():      # the sample index in the file, not the row of the batch
-            rows = self.loader.plan.local_indices(batch.epoch, batch.step, self.grid.dp_rank)
+            rows = self.loader.sample_rows(
+                self.loader.plan.local_indices(batch.epoch, batch.step, self.grid.dp_rank))
             bad = int(rows[np.flatnonzero(~ok)[0]])
         where = self.comm.allgather_obj(bad)
         ranks = [r for r, w in enumerate(where) if w is not None]
@@ -538,6 +550,7 @@ class Trainer:
             extra["best"] = best
         if self.sched is not None:
             extra["schedule"] = schedule_state(self.sched[1])
+        extra["early_stop"] = self.early.state_dict()      # issue 18 item 3
         path = save(self.ckpt_dir, self.model, self.opt, self.grid, step=self.step,
                     epoch=self.loader.position[0], data_position=self.loader.state_dict(),
                     rng_states=generators(self.model), config=to_toml(self.cfg),
@@ -614,6 +627,11 @@ class Trainer:
                      if skipped else "")
             print(f"resumed from {info['path']} (step {self.step}, saved as dp={lay['dp']} x "
                   f"tp={lay['tp']}){newer}", flush=True)
+        if "early_stop" in extra:                          # issue 18 item 3
+            self.early.load_state_dict(extra["early_stop"])
+            note = self.early.resumed()
+            if note and self.rank0:
+                print(f"mpifc train: {note}", flush=True)
         self._resume_lr(info)
         return info
 
@@ -649,6 +667,8 @@ class Trainer:
         """Why ``run()`` would not train a step (the run is past train.epochs/max_steps)."""
         t = self.cfg["train"]
         epoch = self.loader.position[0]
+        if self.early.still_stopped():                     # issue 18 item 3
+            return f"the run in {self.out} {self.early.reason()}"
         if epoch >= t["epochs"]:
             return (f"the run in {self.out} is already at epoch {epoch} >= train.epochs = "
                     f"{t['epochs']}")
@@ -721,9 +741,10 @@ def train(cfg: dict, *, quiet: bool = False, resume: str | bool | None = None,
             done = tr.nothing_to_do()
             if done:
                 if tr.rank0:
-                    print(f"mpifc train: {done}: nothing to do (raise train.epochs or "
-                          "train.max_steps to train further); outputs left as they were",
-                          flush=True)
+                    knob = ("train.early_stop (or set it to 0)" if tr.early.still_stopped()
+                            else "train.epochs or train.max_steps")
+                    print(f"mpifc train: {done}: nothing to do (raise {knob} to train "
+                          "further); outputs left as they were", flush=True)
                 return {"nothing_to_do": done}
         with watchdog.running(cfg["train"]["watchdog_s"], comm):
             last = tr.run()

@@ -274,8 +274,10 @@ class DistributedLoader:
         decrypts only the chunks holding its rows, and every batch read is agreed on by
         all ranks, so a chunk that fails authentication on one rank fails every rank
     rows : serve only these rows of the split (distinct indices, e.g. the training rows
-        left by :func:`mpifc.data.validation.split_rows`); the plan, the epoch order
-        and the batches run over them. Default: the whole split.
+        left by :func:`mpifc.data.validation.split_rows`), or a callable giving them
+        from the split's size; the plan, the epoch order and the batches run over
+        them, and augmentation and error messages use the rows' indices in the
+        split. Default: the whole split.
     augment : :class:`mpifc.data.augment.Augment` applied to each image batch (stored
         values, before normalisation), keyed by (seed, epoch, row in the split): the
         same augmented global batch under any dp size, mode or resume point. Training
@@ -306,7 +308,7 @@ class DistributedLoader:
         self._mem = None
         self._key, self._arrays, self._cache_agreed = key, None, False
         # issue 18 (data): a subset of the split's rows (validation_split) and augmentation
-        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        self.rows = None if rows is None or callable(rows) else np.asarray(rows, dtype=np.int64)
         self.augment = augment if augment is not None and augment.active else None
         reads = mode == "slice" or comm.rank == self.root
         settings = (int(batch_size), int(seed), bool(shuffle), bool(drop_last), mode, self.root,
@@ -357,6 +359,12 @@ class DistributedLoader:
         self.sample_shape = tuple(sample_shape)
         self.stored_dtype = np.dtype(sdtype)
         self.normalisation = Normalisation(kind, np.asarray(mean), np.asarray(std))
+        if callable(rows):          # rows of a split of n, known now that every rank agrees
+            try:
+                self.rows = np.asarray(rows(n), dtype=np.int64)
+            except Exception:
+                self.close()
+                raise
         if self.rows is not None:
             bad = self.rows[(self.rows < 0) | (self.rows >= n)]
             if bad.size or np.unique(self.rows).size != self.rows.size:

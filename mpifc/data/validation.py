@@ -22,14 +22,16 @@ VALIDATION_STREAM = 0x5EED_7A11
 def split_rows(n: int, fraction: float) -> tuple[np.ndarray, np.ndarray | None]:
     """(training rows, validation rows) of a split of ``n`` rows; (all, None) for f = 0.
 
-    Raises ValueError when the validation set would leave no training row."""
+    Raises ConfigError when the validation set would leave no training row."""
+    from mpifc.config import ConfigError
+
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
     if fraction == 0.0:
         return np.arange(n, dtype=np.int64), None
     v = math.ceil(fraction * n)
     if v >= n:
-        raise ValueError(f"data.validation_split = {fraction} of {n} training rows leaves no "
+        raise ConfigError(f"data.validation_split = {fraction} of {n} training rows leaves no "
                          "training row")
     perm = np.random.default_rng(VALIDATION_STREAM).permutation(n)
     return np.sort(perm[v:]).astype(np.int64), np.sort(perm[:v]).astype(np.int64)
