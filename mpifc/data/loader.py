@@ -28,6 +28,11 @@ the document lengths and of the labels; a bad batch on the root (a token id outs
 ``[0, vocab_size)``, a label outside the classes) is sent as a status and raised, with
 the root's message, on every rank.
 
+A loader may serve a subset of the split (``rows``: the training rows left by a
+validation split, :mod:`mpifc.data.validation`) and augment image batches
+(``augment``, :mod:`mpifc.data.augment`): the random choices are keyed by (seed,
+epoch, row in the split), so they too are the same for any P, mode or resume point.
+
 The loader is built on the data-parallel communicator (``grid.dp_comm``): its rank
 and size pick the slice, so tensor-parallel ranks of one data group, which share a
 dp rank, get the same batch. The sequence of global batches does not depend on P,
