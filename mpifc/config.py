@@ -224,7 +224,8 @@ SCHEMA: dict[str, Key] = {
                                      "tenth of the run when the run is not longer)"),
     "schedule.min_lr": number(0.0, ">= 0", "floor of every schedule: the end of the cosine, "
                               "the lowest step and plateau lr"),
-    "schedule.factor": number(0.5, "(0, 1)", "plateau: lr * factor when the test loss stalls"),
+    "schedule.factor": number(0.5, "(0, 1)", "plateau: lr * factor when the watched loss "
+                              "(val_loss with data.validation_split, else test_loss) stalls"),
     "schedule.patience": integer(2, ">= 0", "plateau: epochs without improvement first"),
     "train.epochs": integer(10, ">= 1", "passes over the training split"),
     "train.batch_size": integer(64, ">= 1", "global batch, split over the data-parallel ranks"),
