@@ -79,3 +79,42 @@ def _plain(path, alone, rows):
 
     with DistributedLoader(path, alone, batch_size=8, seed=11, rows=rows) as ld:
         return _epoch(ld, 2)
+
+
+@pytest.mark.parametrize("mode, cache", [("slice", False), ("scatter", False), ("slice", True)])
+def test_text_rows_subset_equals_dp1(comm, mpi_tmp_path, mode, cache):
+    """Text documents of a validation-style row subset: gathered == one rank, any mode."""
+    from mpifc.data.loader import DistributedLoader
+    from mpifc.data.textformat import write_text_dataset
+
+    path = str(comm.bcast_obj(str(mpi_tmp_path / "text.h5")))
+    if comm.rank == 0:
+        rng = np.random.default_rng(0)
+        lens = rng.integers(0, 9, N)
+        off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        tok = rng.integers(2, 30, int(off[-1])).astype(np.int32)
+        y = np.arange(N) % 3
+        write_text_dataset(path, {"train": (tok, off, y), "test": (tok[:off[5]], off[:6], y[:5])},
+                           vocab=["<pad>", "<unk>"] + [f"w{i}" for i in range(28)],
+                           class_names="abc", source="t")
+    comm.barrier()
+    rows = split_rows(N, 0.3)[1]
+    kw = dict(batch_size=5, seed=2, rows=rows)
+
+    def docs(ld):
+        out = []
+        for b in ld:
+            tok, starts = b.x
+            ends = np.append(starts[1:], tok.size)
+            out.append([(tok[s:e].tolist(), int(c)) for s, e, c in zip(starts, ends, b.y)])
+        return out
+
+    with DistributedLoader(path, comm.split(comm.rank), **kw) as ld:
+        want = docs(ld)
+    with DistributedLoader(path, comm, mode=mode, cache=cache, **kw) as ld:
+        mine = docs(ld)
+    parts = comm.allgather_obj(mine)
+    got = [sum((p[s] for p in parts), []) for s in range(len(want))]
+    ok = got == want and sorted(c for step in want for _, c in step) == sorted(rows % 3)
+    bad = _agree(comm, ok, "text batches differ")
+    assert not bad, f"failed on ranks {bad}"
