@@ -437,7 +437,11 @@ class DistributedLoader:
                 "drop_last": p.drop_last, "split": self.split, "rows": self._rows_tag()}
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if diff:
-            raise ValueError(f"data position was saved for another stream (saved, now): {diff}")
+            # DatasetError (a ValueError): one line on every rank, e.g. a resume that
+            # changed train.batch_size or data.validation_split
+            raise DatasetError(f"data position was saved for another stream (saved, now): "
+                               f"{diff}; resume with the run's train.batch_size, seed and "
+                               "data.validation_split, or start over with --overwrite")
         self.set_position(int(state["epoch"]), int(state["step"]))
 
     # ------------------------------------------------------------------ batches

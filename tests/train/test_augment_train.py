@@ -65,3 +65,16 @@ def test_augmented_losses_do_not_depend_on_dp(comm, mpi_tmp_path):
         one = _step_losses(f"{tmp}/alone-0/metrics.jsonl")
         assert sorted(dp) == sorted(one) == list(range(1, 7))
         np.testing.assert_allclose([dp[s] for s in one], list(one.values()), rtol=1e-5)
+
+
+def test_resume_with_another_validation_split_is_one_clear_error(comm, mpi_tmp_path):
+    from mpifc.data import DatasetError
+    from mpifc.errors import UserError
+    from mpifc.train import Trainer
+
+    tmp = str(comm.bcast_obj(str(mpi_tmp_path)))
+    _run(_cfg(tmp, "train.max_steps=2"), f"{tmp}/vs", comm)
+    tr = Trainer(_cfg(tmp, "data.validation_split=0.2"), quiet=True, comm=comm, out=f"{tmp}/vs")
+    with pytest.raises(DatasetError, match="another stream.*data.validation_split") as e:
+        tr.resume()
+    assert isinstance(e.value, UserError) and "\n" not in str(e.value)
