@@ -148,7 +148,7 @@ class Trainer(ObjectTrainer):
 
     def __init__(self, cfg: dict, *, quiet: bool = False, comm=None, out: str | None = None,
                  progress: str = "auto"):
-        from mpifc.data import DistributedLoader
+        from mpifc.data.pipeline import training_loaders
         from mpifc.models import build_model
 
         self.cfg = cfg = absolute_data_paths(cfg)    # stored in checkpoints: any cwd reads it
@@ -162,14 +162,9 @@ class Trainer(ObjectTrainer):
         self.data_key, ckpt_key = config_keys(cfg, comm)
         data_path = resolve_dataset(cfg, comm)
         dc = grid.dp_comm
-        loader = DistributedLoader(data_path, dc, split="train",
-                                   batch_size=t["batch_size"], seed=cfg["seed"],
-                                   mode=cfg["data"]["mode"], dtype=self.dtype, cache=True,
-                                   key=self.data_key)
-        test_loader = DistributedLoader(data_path, dc, split="test", shuffle=False,
-                                        batch_size=t["eval_batch_size"], seed=cfg["seed"],
-                                        mode=cfg["data"]["mode"], dtype=self.dtype,
-                                        cache=True, key=self.data_key)
+        # train rows (less data.validation_split; augmented by data.augment), validation, test
+        loader, val_loader, test_loader = training_loaders(cfg, data_path, dc, dtype=self.dtype,
+                                                           key=self.data_key)
         check_data_fits_model(loader, cfg["model"], data_path)
         from mpifc.security.signing import check_keys   # security: bad key files fail now
         check_keys(cfg, comm)
@@ -179,6 +174,7 @@ class Trainer(ObjectTrainer):
                                 f"model's last layer has {model.num_classes} outputs")
         super().__init__(model, loader, optimizer=build_optimizer(cfg, model.parameters()),
                          grid=grid, loss=model.loss, test_loader=test_loader,
+                         val_loader=val_loader,
                          settings=Settings.from_config(cfg),
                          out=out or t["out"].format(name=cfg["name"]), title="mpifc train",
                          name=cfg["name"], quiet=quiet, progress=progress,

@@ -42,6 +42,7 @@ import numpy as np
 from mpifc.comm import job_in_progress, trace, watchdog
 from mpifc.comm.collect import sync_clock, write_trace
 from mpifc.errors import UserError
+from mpifc.optim.early_stop import EarlyStopping, watched_loss
 
 
 BEST_NAME = "best.h5"     # in the checkpoint directory: the best checkpoint by keep_best
@@ -65,7 +66,8 @@ class Settings:
     log_every: int = 0            # also log every N steps
     checkpoint_every: int = 1     # epochs between checkpoints; 0 = none
     keep_last: int = 3            # checkpoints kept; 0 = all
-    keep_best: str = "test_acc"   # metric of checkpoints/best.h5: test_acc | test_loss | "" off
+    keep_best: str = "test_acc"   # metric of checkpoints/best.h5: test_acc | test_loss | val_acc | val_loss | "" off
+    early_stop: int = 0           # stop after N epochs without a lower watched loss; 0 = off
     trace: bool = True            # write the per-rank communication trace
     watchdog_s: float = 0.0       # seconds a rank may take for one step; 0 = off
     sign_key: str = ""            # Ed25519 private key file: sign every checkpoint
@@ -292,6 +294,8 @@ class Trainer:
     grid : :class:`~mpifc.comm.Grid`
     loss : see :func:`training_loss` (None: ``model.loss``)
     test_loader : loader of the split :meth:`evaluate` reports on after each epoch, or None
+    val_loader : loader of held-out train rows, evaluated after each epoch as val_loss /
+        val_acc, or None; the plateau schedule and early stop watch its loss when given
     schedule : an :mod:`mpifc.optim` schedule, a ("step" | "epoch" | "metric", schedule)
         pair, or None
     settings : :class:`Settings`
@@ -305,7 +309,7 @@ class Trainer:
     """
 
     def __init__(self, model, loader, *, optimizer, grid, loss=None, test_loader=None,
-                 schedule=None, settings: Settings = Settings(), out: str = "runs/fit",
+                 val_loader=None, schedule=None, settings: Settings = Settings(), out: str = "runs/fit",
                  title: str = "mpifc.fit", name: str = "", quiet: bool = False,
                  progress: str = "auto", config: str | None = None, ckpt_key=None,
                  bucket_mb: float = 25.0, overlap: bool = True, threads: int | None = None):
@@ -313,6 +317,8 @@ class Trainer:
 
         self.comm = grid.world
         self.grid, self.model, self.loader, self.test_loader = grid, model, loader, test_loader
+        self.val_loader = val_loader
+        self.early = EarlyStopping(settings.early_stop)     # train.early_stop on the watched loss
         self.settings, self.title, self.quiet = settings, title, quiet
         self.rank0 = self.comm.rank == 0
         self.progress = progress_mode(progress, self.rank0 and not quiet)
@@ -464,16 +470,23 @@ class Trainer:
             if finished:
                 with trace.span("evaluate"):
                     rec.update(self.evaluate())
+                    if self.val_loader is not None:
+                        v = self.evaluate(self.val_loader)
+                        rec.update(val_loss=v["test_loss"], val_acc=v["test_acc"])
                 watchdog.beat(self.step)
+                watched = watched_loss(rec)     # val_loss, else test_loss, else the train loss
                 if self.sched is not None and self.sched[0] == "epoch":
                     self.sched[1].step()
                 elif self.sched is not None and self.sched[0] == "metric":
-                    # the test loss; the train loss when there is no test split
-                    self.sched[1].step(rec.get("test_loss", rec["loss"]))
+                    self.sched[1].step(watched[1])
+                if self.early.step(*watched, epoch + 1):    # reduced metric: all ranks agree
+                    stop = rec["stopped_early"] = True
             self.log(rec)
             if self.rank0 and not self.quiet:
                 test = (f"  test_loss {rec['test_loss']:.4f}  test_acc {rec['test_acc']:.4f}"
                         if "test_loss" in rec else "" if finished else "  (stopped mid-epoch)")
+                if "val_loss" in rec:
+                    test += f"  val_loss {rec['val_loss']:.4f}  val_acc {rec['val_acc']:.4f}"
                 print(f"epoch {epoch + 1:>3}/{t.epochs}  loss {rec['loss']:.4f}  "
                       f"acc {rec['acc']:.4f}{test}  {rec['samples_per_s']:.0f} samples/s  "
                       f"comm {rec['comm_s']:.2f}s of {dt:.2f}s", flush=True)
@@ -483,6 +496,8 @@ class Trainer:
                           or self.loader.position[0] >= t.epochs):
                 with trace.span("checkpoint"):
                     self.save(rec if finished else None)
+            if rec.get("stopped_early") and self.rank0:    # one line, even with --quiet
+                print(f"{self.title}: {self.early.reason()}", flush=True)
         last["total_s"] = time.perf_counter() - t_start
         return last
 
@@ -501,7 +516,8 @@ class Trainer:
         ok = to_host(xp.isfinite(x.reshape(x.shape[0], int(np.prod(x.shape[1:])))).all(axis=1))
         bad = None
         if not ok.all():      # the sample index in the file, not the row of the batch
-            rows = self.loader.plan.local_indices(batch.epoch, batch.step, self.grid.dp_rank)
+            rows = self.loader.sample_rows(
+                self.loader.plan.local_indices(batch.epoch, batch.step, self.grid.dp_rank))
             bad = int(rows[np.flatnonzero(~ok)[0]])
         where = self.comm.allgather_obj(bad)
         ranks = [r for r, w in enumerate(where) if w is not None]
@@ -538,6 +554,7 @@ class Trainer:
             extra["best"] = best
         if self.sched is not None:
             extra["schedule"] = self.sched[1].state_dict()     # its position
+        extra["early_stop"] = self.early.state_dict()
         path = save(self.ckpt_dir, self.model, self.opt, self.grid, step=self.step,
                     epoch=self.loader.position[0], data_position=self.loader.state_dict(),
                     rng_states=generators(self.model), config=self.config,
@@ -614,6 +631,11 @@ class Trainer:
                      if skipped else "")
             print(f"resumed from {info['path']} (step {self.step}, saved as dp={lay['dp']} x "
                   f"tp={lay['tp']}){newer}", flush=True)
+        if "early_stop" in extra:
+            self.early.load_state_dict(extra["early_stop"])
+            note = self.early.resumed()
+            if note and self.rank0:
+                print(f"{self.title}: {note}", flush=True)
         self._resume_lr(info)
         return info
 
@@ -652,6 +674,8 @@ class Trainer:
         """Why ``run()`` would not train a step (the run is past train.epochs/max_steps)."""
         t = self.settings
         epoch = self.loader.position[0]
+        if self.early.still_stopped():
+            return f"the run in {self.out} {self.early.reason()}"
         if epoch >= t.epochs:
             return (f"the run in {self.out} is already at epoch {epoch} >= train.epochs = "
                     f"{t.epochs}")
@@ -724,9 +748,10 @@ def run_job(build, comm, out: str, *, resume: str | bool | None = None,
             done = tr.nothing_to_do()
             if done:
                 if tr.rank0:
-                    print(f"{title}: {done}: nothing to do (raise train.epochs or "
-                          "train.max_steps to train further); outputs left as they were",
-                          flush=True)
+                    knob = ("train.early_stop (or set it to 0)" if tr.early.still_stopped()
+                            else "train.epochs or train.max_steps")
+                    print(f"{title}: {done}: nothing to do (raise {knob} to train "
+                          "further); outputs left as they were", flush=True)
                 return {"nothing_to_do": done}
         with watchdog.running(tr.settings.watchdog_s, comm):
             last = tr.run()
@@ -738,7 +763,8 @@ def run_job(build, comm, out: str, *, resume: str | bool | None = None,
 
 def fit(model, train_data, *, optimizer, loss=None, grid=None, epochs: int = 1,
         batch_size: int = 64, seed: int = 0, test_data="test", schedule=None,
-        eval_batch_size: int = 512, data_mode: str = "slice", bucket_mb: float = 25.0,
+        eval_batch_size: int = 512, data_mode: str = "slice", validation_split: float = 0.0,
+        augment=None, crop_pad: int = 4, bucket_mb: float = 25.0,
         overlap: bool = True, out: str = "runs/fit", resume: str | bool | None = None,
         overwrite: bool = False, quiet: bool = False, progress: str = "auto",
         **settings) -> dict:
@@ -763,10 +789,16 @@ def fit(model, train_data, *, optimizer, loss=None, grid=None, epochs: int = 1,
     schedule : an :mod:`mpifc.optim` schedule on ``optimizer`` (CosineWarmup steps per
         step, StepLR per epoch, ReduceLROnPlateau on the test loss) or None
     data_mode : "slice" | "scatter" (``data.mode``); bucket_mb, overlap: ``parallel.*``
+    validation_split, augment, crop_pad : as ``data.validation_split`` (held-out train
+        rows evaluated each epoch as val_loss / val_acc; the plateau schedule and
+        ``early_stop`` watch val_loss), ``data.augment`` ("crop", "flip") and
+        ``data.crop_pad``; they apply when ``train_data`` is a path (a loader you build
+        takes ``rows=`` and ``augment=`` itself)
     out, resume, overwrite, quiet, progress : as ``mpifc train``'s ``--out``,
         ``--resume``, ``--overwrite``, ``--quiet``, ``--progress``
     **settings : max_steps, accumulate, clip_norm, log_every, checkpoint_every,
-        keep_last, keep_best, trace, watchdog_s, sign_key, verify_key (:class:`Settings`)
+        keep_last, keep_best, early_stop, trace, watchdog_s, sign_key, verify_key
+        (:class:`Settings`)
 
     Returns
     -------
@@ -774,17 +806,25 @@ def fit(model, train_data, *, optimizer, loss=None, grid=None, epochs: int = 1,
     samples_per_s, ...) plus ``paths`` on rank 0; ``{"nothing_to_do": why}`` when a
     resumed run is already done. Bad arguments raise ConfigError naming the argument.
     """
-    from mpifc.config import SCHEMA
-    from mpifc.data import DistributedLoader
+    from mpifc.config import SCHEMA, ConfigError
+    from mpifc.data import Augment, DistributedLoader, split_rows
     from mpifc.state import model_grid
 
     s = Settings.checked(epochs=epochs, **settings)
+    augment = [] if augment is None else list(augment) if isinstance(augment, tuple) else augment
     for name, key, value in (("batch_size", "train.batch_size", batch_size),
                              ("eval_batch_size", "train.eval_batch_size", eval_batch_size),
                              ("seed", "seed", seed), ("data_mode", "data.mode", data_mode),
                              ("bucket_mb", "parallel.bucket_mb", bucket_mb),
-                             ("overlap", "parallel.overlap", overlap)):
+                             ("overlap", "parallel.overlap", overlap),
+                             ("validation_split", "data.validation_split", validation_split),
+                             ("augment", "data.augment", augment),
+                             ("crop_pad", "data.crop_pad", crop_pad)):
         check_value("fit", name, value, SCHEMA[key])
+    aug = Augment(tuple(SCHEMA["data.augment"].cast(augment)), pad=crop_pad, seed=seed)
+    if isinstance(train_data, DistributedLoader) and (validation_split or aug.active):
+        raise ConfigError("fit: validation_split and augment apply to a dataset path; a "
+                          "DistributedLoader takes rows= and augment= when you build it")
     progress_mode(progress, False)             # an unknown mode fails here, on every rank
     loss = training_loss(loss, model)          # mistakes in the objects fail before any I/O
     grid = grid or model_grid(model)
@@ -803,7 +843,13 @@ def fit(model, train_data, *, optimizer, loss=None, grid=None, epochs: int = 1,
                                  mode=data_mode, dtype=dtype, cache=True, **kw)
 
     def build():
-        train = loader(train_data, "train", batch_size=batch_size)
+        frac, val = float(validation_split), None
+        train = loader(train_data, "train", batch_size=batch_size,
+                       **({"rows": lambda n: split_rows(n, frac)[0]} if frac else {}),
+                       **({"augment": aug} if aug.active else {}))
+        if frac:
+            val = loader(train.path, "train", batch_size=eval_batch_size, shuffle=False,
+                         rows=lambda n: split_rows(n, frac)[1])
         test = test_data
         if isinstance(test, str) and not test.endswith((".h5", ".hdf5")) and os.sep not in test:
             test = (train.path, test)                   # a split of the train file
@@ -811,7 +857,7 @@ def fit(model, train_data, *, optimizer, loss=None, grid=None, epochs: int = 1,
             path, split = test if isinstance(test, tuple) else (test, "test")
             test = loader(path, split, batch_size=eval_batch_size, shuffle=False)
         return Trainer(model, train, optimizer=optimizer, grid=grid, loss=loss,
-                       test_loader=test, schedule=schedule, settings=s, out=out,
+                       test_loader=test, val_loader=val, schedule=schedule, settings=s, out=out,
                        title="mpifc.fit", quiet=quiet, progress=progress,
                        bucket_mb=bucket_mb, overlap=overlap)
 

@@ -187,3 +187,51 @@ def test_fit_without_a_test_split_steps_a_plateau_schedule_on_the_train_loss(com
         assert [r["lr"] for r in recs] == [0.002, 0.002, 0.001]
         assert recs[0]["loss"] > recs[1]["loss"] > recs[2]["loss"]
         assert "best" not in last["paths"]
+
+
+def test_fit_with_validation_augment_and_early_stop_equals_the_cli(comm, mpi_tmp_path):
+    """validation_split, augment and early_stop given to fit do what the config keys do:
+    the same records (val metrics included) as mpifc train, the same stopping epoch."""
+    tmp = str(comm.bcast_obj(str(mpi_tmp_path)))
+    sets = ["data.validation_split=0.2", "data.augment=flip", "train.early_stop=1",
+            "train.epochs=6", "train.keep_best=val_loss", "optim.lr=0.05"]
+    # digits-mlp flattens 1x8x8 images: flip applies before Flatten
+    _cli(comm, tmp, "cli", *sets)
+    model = _serial_mlp(0)
+    opt = optim.Adam(model.parameters(), lr=0.05)
+    last = mpifc.fit(model, f"{tmp}/data/digits.h5", optimizer=opt,
+                     loss=nn.SoftmaxCrossEntropy(), epochs=6, validation_split=0.2,
+                     augment=["flip"], early_stop=1, keep_best="val_loss", trace=False,
+                     out=f"{tmp}/fit", quiet=True)
+    keys = KEYS + ("val_loss", "val_acc", "stopped_early")
+    verdict = None
+    if comm.rank == 0:
+        def recs(p):
+            with open(p) as f:
+                return [{k: r[k] for k in keys if k in r} for r in map(json.loads, f)]
+        a, b = recs(f"{tmp}/fit/metrics.jsonl"), recs(f"{tmp}/cli/metrics.jsonl")
+        verdict = (len(a) == len(b) and all(x.keys() == y.keys() and all(
+            abs(x[k] - y[k]) <= 1e-6 for k in x) for x, y in zip(a, b)), a, b)
+    ok, a, b = comm.bcast_obj(verdict)
+    assert ok, (a, b)
+    assert all("val_loss" in r for r in a)
+    assert a[-1].get("stopped_early") is True and len(a) < 6, a     # lr 0.05: it stops early
+    assert last.get("stopped_early") is True
+
+
+def test_fit_refuses_validation_split_on_a_loader(comm, mpi_tmp_path):
+    from mpifc.data import DistributedLoader, prepared
+
+    tmp = str(comm.bcast_obj(str(mpi_tmp_path)))
+    path = prepared("digits", comm, dir=f"{tmp}/data")
+    model = _serial_mlp(0)
+    loader = DistributedLoader(path, comm, batch_size=64)
+    try:
+        with pytest.raises(ConfigError, match="validation_split and augment apply to a dataset"):
+            mpifc.fit(model, loader, optimizer=optim.SGD(model.parameters(), lr=0.1),
+                      loss=nn.SoftmaxCrossEntropy(), validation_split=0.1, out=f"{tmp}/fit")
+        with pytest.raises(ConfigError, match="fit: augment must be"):
+            mpifc.fit(model, path, optimizer=optim.SGD(model.parameters(), lr=0.1),
+                      loss=nn.SoftmaxCrossEntropy(), augment=["rotate"], out=f"{tmp}/fit")
+    finally:
+        loader.close()
