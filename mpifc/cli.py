@@ -117,6 +117,7 @@ def _cmd_train(args):
     sets = args.set + ([f"train.watchdog_s={args.watchdog}"] if args.watchdog is not None else [])
     sets += [f"train.verify_key={json.dumps(args.pubkey)}"] if args.pubkey else []
     sets += [f"train.device={args.device}"] if args.device else []     # issue 15
+    sets += [f"train.early_stop={args.early_stop}"] if args.early_stop is not None else []
     cfg = _config_or_exit(args.config, sets, "train")
     if args.print_config:
         from mpifc.comm import world
@@ -297,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(train.watchdog_s; 0 = off)")
     tr.add_argument("--pubkey", metavar="PUB", help="resume only from a checkpoint signed by "
                     "this public key (sets train.verify_key)")
+    tr.add_argument("--early-stop", type=int, default=None, metavar="N",
+                    help="stop after N epochs without a lower val_loss (test_loss without "
+                         "data.validation_split) (train.early_stop; 0 = off)")
     tr.add_argument("--print-config", action="store_true",
                     help="print the resolved config (defaults + overrides) and exit")
     tr.set_defaults(func=_cmd_train)
