@@ -1,6 +1,7 @@
 """Layer and training-step throughput of mpifc.nn, beside plain GEMM and PyTorch CPU.
 
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python bench/layers.py [--threads N] [--repeat R]
+    python bench/layers.py --device cuda      # on a GPU: see bench/_layers_gpu.py
 
 Table 1: Linear and Conv2d forward+backward (dx, dW, db) as GFLOP/s, beside the
 GFLOP/s this machine's BLAS reaches on the three equivalent matrix products
@@ -38,7 +39,14 @@ ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
 ap.add_argument("--step-threads", default="1,2", help="thread counts of the training-step table")
 ap.add_argument("--rounds224", type=int, default=3, help="child processes per side for table 3")
 ap.add_argument("--child224", choices=["mpifc", "torch"], help=argparse.SUPPRESS)
+ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                help="cuda: the GPU tables of bench/_layers_gpu.py instead (issue 15)")
 args = ap.parse_args()
+if args.device == "cuda":             # GPU: layers beside cuBLAS GEMM, steps beside torch/CPU
+    import sys
+
+    from _layers_gpu import main
+    sys.exit(main(args))
 threadpool_limits(limits=args.threads)
 dt = np.dtype(args.dtype)
 rng = np.random.default_rng(0)

@@ -116,6 +116,8 @@ def _cmd_train(args):
     import json                         # --pubkey as a TOML string, whatever the path looks like
     sets = args.set + ([f"train.watchdog_s={args.watchdog}"] if args.watchdog is not None else [])
     sets += [f"train.verify_key={json.dumps(args.pubkey)}"] if args.pubkey else []
+    sets += [f"train.device={args.device}"] if args.device else []     # issue 15
+    sets += [f"train.early_stop={args.early_stop}"] if args.early_stop is not None else []
     cfg = _config_or_exit(args.config, sets, "train")
     if args.print_config:
         from mpifc.comm import world
@@ -186,12 +188,14 @@ def _cmd_eval(args):
     from mpifc.train import Trainer
 
     comm = world()
+    # issue 15: the device is this job's (a GPU run's checkpoint evaluates on a CPU node)
+    sets = [f"train.device={args.device}"] + args.set
     path, cfg = stored_run_config(comm, _eval_target(args.checkpoint, args.best), "eval",
-                                  verify_key=args.pubkey, overrides=args.set)
+                                  verify_key=args.pubkey, overrides=sets)
     from mpifc.rundir import stored_data_paths
     from mpifc.security.inputs import eval_config   # the stored config decides no writes
     cfg = stored_data_paths(cfg, path)          # relative paths of older checkpoints
-    cfg = eval_config(cfg, args.set)
+    cfg = eval_config(cfg, sets)
     tr = Trainer(cfg, quiet=True, comm=comm, out=args.out or os.path.dirname(os.path.dirname(path)))
     info = load(path, tr.model, None, tr.grid, verify_key=args.pubkey, key=tr.ckpt_key)
     res = tr.evaluate()
@@ -287,11 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rank 0's progress: a bar (terminal), a plain line every 10 s on stderr "
                     "(batch logs; what auto picks under mpiexec), or none")
     tr.add_argument("--quiet", action="store_true", help="no progress or per-epoch lines")
+    tr.add_argument("--device", choices=["cpu", "cuda", "auto"], default=None,
+                    help="train.device: cpu, cuda (one GPU per rank), auto (README: GPUs)")
     tr.add_argument("--watchdog", type=float, default=None, metavar="SECONDS",
                     help="abort the job, naming the slow rank(s), when a step takes longer "
                          "(train.watchdog_s; 0 = off)")
     tr.add_argument("--pubkey", metavar="PUB", help="resume only from a checkpoint signed by "
                     "this public key (sets train.verify_key)")
+    tr.add_argument("--early-stop", type=int, default=None, metavar="N",
+                    help="stop after N epochs without a lower val_loss (test_loss without "
+                         "data.validation_split) (train.early_stop; 0 = off)")
     tr.add_argument("--print-config", action="store_true",
                     help="print the resolved config (defaults + overrides) and exit")
     tr.set_defaults(func=_cmd_train)
@@ -304,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override the stored config, e.g. parallel.tp=1")
     ev.add_argument("--out", help="run directory for the evaluation (default: the checkpoint's)")
+    ev.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
+                    help="where to evaluate (default auto: cuda when every rank sees a GPU)")
     ev.add_argument("--pubkey", metavar="PUB", help="refuse a checkpoint not signed by this "
                     "public key, or altered since, before its config or tensors are used")
     ev.set_defaults(func=_cmd_eval)

@@ -7,7 +7,9 @@ and meaning: ``SCHEMA`` below; ``DEFAULTS`` is built from it)::
     [data]      dataset (a prepared name: digits, synthetic, synthetic-images; or a
                 path to an mpifc HDF5 file), mode ("slice" | "scatter"), dir,
                 key_file / key_env (key of an encrypted dataset: a key file, or the
-                NAME of an environment variable holding it; "" = clear dataset)
+                NAME of an environment variable holding it; "" = clear dataset),
+                augment (["crop", "flip"]: training images only), crop_pad,
+                validation_split (fraction of train held out for validation)
     [model]     input = [C, H, W] or [D]; layers = [{type=..., shard=...}, ...]
     [parallel]  dp, tp (0 = infer from the job size), bucket_mb, overlap
     [optim]     name (sgd | adam | adamw), lr, momentum, nesterov, weight_decay,
@@ -17,7 +19,8 @@ and meaning: ``SCHEMA`` below; ``DEFAULTS`` is built from it)::
                 (micro-batches per step), dtype,
                 out (run directory), checkpoint_every (epochs), keep_last, trace,
                 log_every (steps), max_steps (0 = no limit), keep_best (metric of
-                checkpoints/best.h5: "test_acc" | "test_loss" | "" off), watchdog_s (0 = off),
+                checkpoints/best.h5: "test_acc" | "test_loss" | "val_acc" | "val_loss" |
+                "" off), early_stop (epochs without improvement; 0 = off), watchdog_s (0 = off),
                 sign_key (Ed25519 private key file: sign every checkpoint; "" = off),
                 verify_key (public key file: resume only checkpoints it signed; "" = off),
                 encrypt_key_file / encrypt_key_env (write checkpoints encrypted and
@@ -156,6 +159,22 @@ def _formats_name(v: str) -> bool:
     return True
 
 
+def _augment_ok(v) -> bool:
+    from mpifc.data.augment import parse_augment
+
+    try:
+        parse_augment(v)
+    except ValueError:
+        return False
+    return True
+
+
+def _augment_list(v) -> list:
+    from mpifc.data.augment import parse_augment
+
+    return parse_augment(v)
+
+
 SCHEMA: dict[str, Key] = {
     "seed": integer(0, ">= 0", "seed of the weights, the data order and dropout"),
     "data.dataset": text("digits", "a prepared name (digits, synthetic, synthetic-images, "
@@ -166,6 +185,17 @@ SCHEMA: dict[str, Key] = {
     "data.dir": text("runs/data", "where named datasets are prepared"),
     "data.key_file": key_file("key of an encrypted dataset (32 bytes or 64 hex digits)"),
     "data.key_env": key_file("environment variable holding the dataset key, instead"),
+    # --- augmentation and validation (issue 18 item 3; mpifc.data.augment, .validation) ---
+    "data.augment": Key([], 'a list of "crop", "flip" (no repeats), or a string "crop,flip"',
+                        _augment_ok, "image augmentation of training batches (never evaluation): "
+                        "random crop with zero padding, horizontal flip; deterministic from "
+                        "(seed, epoch, sample index): the same under any layout or resume",
+                        cast=_augment_list),
+    "data.crop_pad": integer(4, ">= 0", "crop: zero pixels added per side before the random "
+                             "H x W crop"),
+    "data.validation_split": number(0.0, "[0, 1)", "fraction of the train split held out for "
+                                    "validation (fixed rows: the same for any seed or layout); "
+                                    "0 = none"),
     "model.input": Key([], 'a non-empty list of integers >= 1, or ["tokens"] (text)',   # text: issue 13
                        lambda v: sizes([], "").ok(v) or (isinstance(v, list) and 1 <= len(v) <= 2
                                                          and v[0] == "tokens"
@@ -194,7 +224,8 @@ SCHEMA: dict[str, Key] = {
                                      "tenth of the run when the run is not longer)"),
     "schedule.min_lr": number(0.0, ">= 0", "floor of every schedule: the end of the cosine, "
                               "the lowest step and plateau lr"),
-    "schedule.factor": number(0.5, "(0, 1)", "plateau: lr * factor when the test loss stalls"),
+    "schedule.factor": number(0.5, "(0, 1)", "plateau: lr * factor when the watched loss "
+                              "(val_loss with data.validation_split, else test_loss) stalls"),
     "schedule.patience": integer(2, ">= 0", "plateau: epochs without improvement first"),
     "train.epochs": integer(10, ">= 1", "passes over the training split"),
     "train.batch_size": integer(64, ">= 1", "global batch, split over the data-parallel ranks"),
@@ -213,12 +244,19 @@ SCHEMA: dict[str, Key] = {
     "train.eval_batch_size": integer(512, ">= 1", "global batch of evaluation"),
     "train.watchdog_s": number(0.0, ">= 0", "seconds a rank may take for one step (or an "
                                "evaluation, or a save) before the job is aborted; 0 = off"),
-    "train.keep_best": choice("test_acc", ("test_acc", "test_loss", ""),
+    "train.keep_best": choice("test_acc", ("test_acc", "test_loss", "val_acc", "val_loss", ""),
                               "metric kept in checkpoints/best.h5 (never pruned); \"\" = off"),
+    "train.early_stop": integer(0, ">= 0", "stop after N epochs without a lower watched loss "
+                                "(val_loss with data.validation_split, else test_loss); 0 = off"),
     "train.sign_key": key_file("Ed25519 private key file: sign every checkpoint written"),
     "train.verify_key": key_file("public key file: resume only checkpoints it signed"),
     "train.encrypt_key_file": key_file("write checkpoints encrypted with this key (and read them)"),
     "train.encrypt_key_env": key_file("environment variable holding the checkpoint key, instead"),
+    # --- GPU (issue 15) ---
+    "train.device": choice("cpu", ("cpu", "cuda", "auto"), "cpu: NumPy; cuda: CuPy, one GPU per "
+                           "rank by node-local rank (MPIFC_DEVICE_ID overrides); auto: cuda when "
+                           "every rank sees a GPU"),
+    "train.share_gpu": flag(False, "cuda: let more ranks than GPUs on a node share them"),
 }
 
 
@@ -395,6 +433,14 @@ def _cross_checks(cfg: dict) -> list[tuple[str, str]]:
     if s["name"] != "none" and s["min_lr"] > lr:
         out.append(("schedule.min_lr", f"schedule.min_lr ({s['min_lr']}) must not exceed "
                                        f"optim.lr ({lr}): it is the schedule's floor"))
+    d, t = cfg["data"], cfg["train"]                  # issue 18 item 3
+    if t["keep_best"].startswith("val_") and not d["validation_split"]:
+        out.append(("train.keep_best", f"train.keep_best = {t['keep_best']!r} needs a "
+                                        "validation set: set data.validation_split > 0"))
+    inp = cfg["model"]["input"]
+    if d["augment"] and not (len(inp) == 3 and all(isinstance(v, int) for v in inp)):
+        out.append(("data.augment", f"data.augment = {d['augment']} needs image input "
+                                    f"[C, H, W], but model.input is {inp}"))
     return out
 
 

@@ -127,17 +127,20 @@ class LocalLoss:
     """Softmax cross-entropy on whole logits (N, Q), replicated over the tensor group.
 
     No messages: every tensor rank holds the same logits and computes the same loss.
+    ``num_classes`` None: Q is not checked; ``ce``: the :class:`mpifc.nn.SoftmaxCrossEntropy`
+    to use (:func:`mpifc.fit` wraps a user's loss so, e.g. one with label smoothing).
     """
 
-    def __init__(self, num_classes):
-        self.num_classes = int(num_classes)
-        self._ce = nn.SoftmaxCrossEntropy()
+    def __init__(self, num_classes, ce=None):
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self._ce = nn.SoftmaxCrossEntropy() if ce is None else ce
         self._logits = self._target = None
 
     def forward(self, logits, target) -> float:
         """logits : (N, Q), target : (N,) -> mean loss over the N local rows (0.0 if N = 0)."""
-        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
-            raise ValueError(f"loss: expects logits (N, {self.num_classes}), got {logits.shape}")
+        if logits.ndim != 2 or (self.num_classes is not None
+                                and logits.shape[1] != self.num_classes):
+            raise ValueError(f"loss: expects logits (N, {self.num_classes or 'Q'}), got {logits.shape}")
         self._logits, self._target = logits, target
         if logits.shape[0] == 0:
             return 0.0

@@ -56,6 +56,8 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
         if steps:
             a.plot(*col(steps, key), "-", lw=0.8, alpha=0.6, label="train (step)")
         a.plot(*col(epochs, key), "o-", label="train (epoch)")
+        if any(f"val_{key}" in r for r in epochs):     # data.validation_split > 0
+            a.plot(*col(epochs, f"val_{key}"), "^-", label="validation (epoch)")
         a.plot(*col(epochs, f"test_{key}"), "s-", label="test (epoch)")
         a.set_ylabel(label)
         a.legend(fontsize=8)

@@ -1,7 +1,7 @@
 # Sourced by the scripts: a local virtual environment with mpifc installed from this checkout.
 #   MPIFC_VENV      the environment's location (default: .venv in the checkout)
 #   MPIFC_EXTRAS    pip extras to install (default: what the calling script needs --
-#                   test,security,export for the tests -- plus `mpich`, the embedded MPI wheel,
+#                   test,security,export,plot for the tests -- plus `mpich`, the embedded MPI wheel,
 #                   unless a site MPI's mpiexec is already on PATH: a site MPI never
 #                   gets a second mpiexec beside it)
 #   MPIFC_REINSTALL=1  install again even when everything imports
@@ -14,7 +14,7 @@ site_mpiexec="$(command -v mpiexec || true)"
 case "$site_mpiexec" in "$VENV"/*) site_mpiexec="" ;; esac
 if [ -z "${MPIFC_EXTRAS+x}" ]; then
   MPIFC_EXTRAS=""
-  [ "$NEED" = test ] && MPIFC_EXTRAS="test,security,export"   # signing: cryptography; export: safetensors
+  [ "$NEED" = test ] && MPIFC_EXTRAS="test,security,export,plot"   # signing: cryptography; export: safetensors; plot: matplotlib
   if [ -z "$site_mpiexec" ]; then
     MPIFC_EXTRAS="${MPIFC_EXTRAS:+$MPIFC_EXTRAS,}mpich"
   fi

@@ -32,7 +32,7 @@ def test_mpich_is_an_extra_not_a_dependency():
     assert proj["optional-dependencies"]["security"] == ["cryptography>=42"]   # not a dependency
     assert not any(d.startswith("cryptography") for d in proj["dependencies"])
     with open(os.path.join(ROOT, ".ci", "run")) as f:
-        assert '".[test,mpich,security,export]"' in f.read()   # CI runs signing, encryption, export tests
+        assert '".[test,mpich,security,export,plot]"' in f.read()   # CI runs signing, encryption, export, plot tests
 
 
 def _env_sh(tmp_path, need, site_mpiexec):
@@ -59,8 +59,8 @@ def _env_sh(tmp_path, need, site_mpiexec):
 @pytest.mark.skipif(shutil.which("mpiexec", path="/usr/bin:/bin") is not None,
                     reason="a system mpiexec in /usr/bin")
 @pytest.mark.parametrize("need, site, want", [
-    ("test", True, f"-e {ROOT}[test,security,export]"),          # site MPI: never the wheel
-    ("test", False, f"-e {ROOT}[test,security,export,mpich]"),   # laptop / CI: the wheel brings mpiexec
+    ("test", True, f"-e {ROOT}[test,security,export,plot]"),          # site MPI: never the wheel
+    ("test", False, f"-e {ROOT}[test,security,export,plot,mpich]"),   # laptop / CI: the wheel brings mpiexec
     ("run", True, f"-e {ROOT}\n"),                 # demo on a site MPI: mpifc alone
     ("run", False, f"-e {ROOT}[mpich]"),
 ])

@@ -57,3 +57,30 @@ def test_plot_of_a_directory_without_metrics(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("{not json\n")
     with pytest.raises(PlotError, match="line 1 is not JSON"):
         plot_run(str(tmp_path))
+
+
+def test_plot_draws_validation_when_logged(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    from mpifc.plot import plot_run
+
+    run = _run_dir(tmp_path)
+    labels, real = [], matplotlib.axes.Axes.plot
+
+    def spy(self, *a, **k):
+        labels.append((k.get("label"), list(a[1]) if len(a) > 1 else None))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    plot_run(run)
+    assert "validation (epoch)" not in [l for l, _ in labels]        # none logged
+    recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for r in recs:
+        if "test_loss" in r:
+            r.update(val_loss=r["test_loss"] * 2, val_acc=0.5)
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    labels.clear()
+    plot_run(run)
+    val = [ys for l, ys in labels if l == "validation (epoch)"]
+    assert val == [[0.2, 0.1], [0.5, 0.5]]                           # loss, then accuracy

@@ -65,6 +65,42 @@ def resolve_group(grid, name: str):
     return groups[name]
 
 
+def root_coordinates(grid, root: int = 0) -> tuple[int, int]:
+    """(dp_rank, tp_rank) of world rank ``root`` (world rank = dp_rank * tp + tp_rank)."""
+    return divmod(int(root), grid.tp)
+
+
+def in_root_copy(e: Entry, grid, root: int = 0) -> bool:
+    """Whether this rank holds a shard of the copy of sharded ``e`` that world rank
+    ``root`` assembles (the replicas over the other group hold the same tensor)."""
+    rdp, rtp = root_coordinates(grid, root)
+    g = e.sharding.group
+    if g == "tp":
+        return grid.dp_rank == rdp
+    if g == "dp":
+        return grid.tp_rank == rtp
+    return True   # "world"
+
+
+def group_root(e: Entry, grid, root: int = 0) -> int:
+    """The rank of world rank ``root`` inside ``e.group`` (for a rank of its copy)."""
+    rdp, rtp = root_coordinates(grid, root)
+    return {"tp": rtp, "dp": rdp, "world": int(root)}[e.sharding.group]
+
+
+def gather_full(e: Entry, grid, root: int = 0):
+    """Collective over ``e.group`` (ranks of the root's copy only): the full tensor of
+    sharded ``e`` on world rank ``root``, None elsewhere.
+
+    MPI gathers axis 0, so the split axis moves to the front (one contiguous copy),
+    the v-gather concatenates the uneven blocks, and the axis moves back.
+    """
+    ax = e.sharding.axis
+    t = np.ascontiguousarray(np.moveaxis(to_host(e.local), ax, 0))
+    full_t = e.group.gather(t, counts=list(e.sharding.counts), root=group_root(e, grid, root))
+    return None if full_t is None else np.moveaxis(full_t, 0, ax)
+
+
 def _buffer_shardings(module: Module, prefix: str = "") -> dict[str, Sharding]:
     """{qualified buffer name: Sharding} for buffers declared in ``buffer_shardings``."""
     out = {}

@@ -19,12 +19,12 @@ import datetime
 import os
 
 import h5py
-import numpy as np
 
 from mpifc.backend import to_host
 from mpifc.checkpoint import digest
 from mpifc.checkpoint.atomic import prune, publish, temporary_path
-from mpifc.checkpoint.entries import collect, host_digest, local_problems, sharding_attrs, signature
+from mpifc.checkpoint.entries import (collect, gather_full, host_digest, in_root_copy,
+                                      local_problems, sharding_attrs, signature)
 from mpifc.checkpoint.format import (BUFFERS, FORMAT_NAME, FORMAT_VERSION, OPTIMIZER, PARAMS,
                                      CheckpointError, checkpoint_name, dumps, is_file_path,
                                      rng_state)
@@ -33,35 +33,13 @@ from mpifc.security import crypt
 MODES = ("gather", "per-rank")
 
 
-def _agree(comm, problems: list[str], what: str) -> None:
-    """Raise the same CheckpointError on every rank if any rank found a problem."""
+def _agree(comm, problems: list[str], what: str, error=CheckpointError) -> None:
+    """Raise the same ``error`` on every rank if any rank found a problem."""
     allp = comm.allgather_obj(problems)
     msgs = [f"rank {r}: {m}" for r, ps in enumerate(allp) for m in ps]
     if msgs:
         more = f" (and {len(msgs) - 5} more)" if len(msgs) > 5 else ""
-        raise CheckpointError(f"{what}: " + "; ".join(msgs[:5]) + more)
-
-
-def _in_root_group(e, grid) -> bool:
-    """Whether this rank holds a shard of the copy of ``e`` that world rank 0 writes."""
-    g = e.sharding.group
-    if g == "tp":
-        return grid.dp_rank == 0
-    if g == "dp":
-        return grid.tp_rank == 0
-    return True   # "world"
-
-
-def _gather_full(e):
-    """Collective over ``e.group``: the full tensor on the group's rank 0, None elsewhere.
-
-    MPI gathers axis 0, so the split axis moves to the front (one contiguous copy),
-    the v-gather concatenates the uneven blocks, and the axis moves back.
-    """
-    ax = e.sharding.axis
-    t = np.ascontiguousarray(np.moveaxis(to_host(e.local), ax, 0))
-    full_t = e.group.gather(t, counts=list(e.sharding.counts), root=0)
-    return None if full_t is None else np.moveaxis(full_t, 0, ax)
+        raise error(f"{what}: " + "; ".join(msgs[:5]) + more)
 
 
 def _discard(f, tmp: str) -> None:
@@ -259,9 +237,9 @@ def save(path, model, optimizer, grid, *, step: int, epoch: int = 0, data_positi
                 if e.local is None:
                     continue
                 if e.sharded:
-                    if not _in_root_group(e, grid):
+                    if not in_root_copy(e, grid):
                         continue
-                    full = _gather_full(e)          # one full tensor at a time, on the root
+                    full = gather_full(e, grid)     # one full tensor at a time, on the root
                     if root:
                         attempt(write, e, full)
                     del full
@@ -282,7 +260,7 @@ def save(path, model, optimizer, grid, *, step: int, epoch: int = 0, data_positi
             for turn in range(comm.size):             # one writer at a time: HDF5 locks files
                 if turn == comm.rank:
                     mine = [e for e in entries if e.local is not None and e.sharded
-                            and _in_root_group(e, grid)]
+                            and in_root_copy(e, grid)]
                     if mine:
                         def write_slabs():
                             with h5py.File(tmp, "r+") as g:

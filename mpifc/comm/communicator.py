@@ -12,9 +12,11 @@ Conventions
 * Each call records one trace event whose ``count``/``bytes`` are this rank's
   buffer argument: the input of a reducing or gathering op, the received block of
   scatter, the buffer of bcast, the sent block of sendrecv.
-* CuPy arrays go to MPI directly when the library is CUDA-aware
-  (``MPIFC_CUDA_AWARE=1``) after a stream synchronise, and are staged through host
-  buffers otherwise (one copy each way, at this boundary only).
+* CuPy arrays go to MPI directly when the library is CUDA-aware (path "device",
+  after a stream synchronise), and are staged through pinned host buffers reused
+  across calls otherwise (path "staged": one copy per buffer MPI reads, one per
+  buffer it writes, at this boundary only); see :mod:`mpifc.comm.staging`. The trace
+  event of a device-buffer call carries its ``path`` and ``copy_s``.
 * Debug mode (``debug=True`` or ``MPIFC_DEBUG=1``) checks before every collective
   that all ranks issue the same call (op, dtype, root, and the element count that
   must match: the buffer of a reduction or bcast, the total gathered or scattered).
@@ -34,6 +36,7 @@ from mpi4py.util.dtlib import from_numpy_dtype
 
 from mpifc import backend
 from mpifc.comm.counts import displacements
+from mpifc.comm.staging import StagingPool, cuda_aware as _cuda_aware
 from mpifc.comm.trace import TRACER
 
 _perf = time.perf_counter
@@ -80,6 +83,7 @@ class Request:
         self._result, self._host_result, self._x, self._t0 = result, host_result, x, t0
         self._finish = finish
         self._done = False
+        self._dev = comm._take_call()      # device buffers: (path, copy_s, held buffers)
 
     def test(self) -> bool:
         """True when the operation has completed (does not record the event)."""
@@ -88,12 +92,15 @@ class Request:
     def wait(self):
         if not self._done:
             self._req.Wait()
+            c = self._comm
+            if self._dev is not None:
+                c._path, c._copy_s, c._held = self._dev
             if self._host_result is not None:       # GPU staging: copy the result back
-                self._result.set(self._host_result)
+                c._to_device(self._host_result, self._result)
             if self._finish is not None:
                 self._finish(self._result)
             self._done = True
-            self._comm._record(self._op, self._x, self._t0)
+            c._record(self._op, self._x, self._t0)
         return self._result
 
 
@@ -108,9 +115,13 @@ class Communicator:
     debug : bool, optional
         Check that all ranks issue the same collective sequence (slower: one small
         extra allgather per call). Defaults to ``MPIFC_DEBUG=1`` in the environment.
+    cuda_aware : bool, optional
+        Device buffers go to MPI as they are (True) or through pinned host staging
+        buffers (False); default: :func:`mpifc.comm.staging.cuda_aware` decides.
     """
 
-    def __init__(self, mpi_comm, name: str = "world", debug: bool | None = None, tracer=TRACER):
+    def __init__(self, mpi_comm, name: str = "world", debug: bool | None = None, tracer=TRACER,
+                 cuda_aware: bool | None = None):
         self.mpi = mpi_comm
         self.name = name
         self.rank = mpi_comm.Get_rank()
@@ -120,7 +131,10 @@ class Communicator:
         self.debug = (os.environ.get("MPIFC_DEBUG", "0") == "1") if debug is None else debug
         self._seq = 0
         self._dwatch = None          # debug mode: times each collective (comm/watchdog.py)
-        self._cuda_aware = backend.cuda_aware_mpi()
+        # device buffers straight to MPI (True) or staged (False); None: detect (staging.py)
+        self._cuda_aware = _cuda_aware()[0] if cuda_aware is None else bool(cuda_aware)
+        self.staging = StagingPool()     # pinned host buffers for device data (staged path)
+        self._path, self._copy_s, self._held = None, 0.0, []   # the device call in progress
         self._Allreduce, self._Allgather = mpi_comm.Allreduce, mpi_comm.Allgather
 
     @property
@@ -141,6 +155,11 @@ class Communicator:
     def _record(self, op, x, t0, count=None, nbytes=None):
         if self._dwatch:
             self._dwatch.disarm()
+        path = self._path
+        if path is not None:              # a device-buffer call: release its staging buffers
+            for b in self._held:
+                self.staging.give(b)
+            self._path, self._held = None, []
         tr = self.tracer
         if tr.enabled:
             if x is None:
@@ -148,33 +167,72 @@ class Communicator:
             else:
                 dt = x.dtype                      # a name only at export: .name is slow
                 cnt = int(x.size) if count is None else count
-            tr.record(op, self._ident, dt, cnt, nbytes, t0, _perf())
+            if path is None:
+                tr.record(op, self._ident, dt, cnt, nbytes, t0, _perf())
+            else:
+                tr.record(op, self._ident, dt, cnt, nbytes, t0, _perf(),
+                          device=(path, self._copy_s))
 
-    def _host(self, x):
-        """(buffer MPI may read, is_staged). Synchronises the stream for device arrays."""
+    # -- device buffers (see mpifc.comm.staging): "device" hands them to MPI, "staged"
+    #    copies through pooled pinned host buffers; the call's state lives in
+    #    _path / _copy_s / _held until _record (or a Request's wait) closes it
+    def _device_call(self) -> None:
+        if self._path is None:
+            self._path = "device" if self._cuda_aware else "staged"
+            self._copy_s, self._held = 0.0, []
+
+    def _take_call(self):
+        """Hand the device call in progress to a Request (completed at its wait)."""
+        if self._path is None:
+            return None
+        got = (self._path, self._copy_s, self._held)
+        self._path, self._held = None, []
+        return got
+
+    def _take(self, shape, dtype):
+        buf = self.staging.take(shape, dtype)
+        self._held.append(buf)
+        return buf
+
+    def _to_device(self, host, out) -> None:
+        t = _perf()
+        backend.copy_to_device(host, out)
+        self._copy_s += _perf() - t
+
+    def _host(self, x, copy: bool = True):
+        """(buffer MPI may use, is_staged). Synchronises the stream for device arrays.
+
+        Staged: a pinned host buffer holding a copy of ``x`` (``copy=False``: a
+        receive buffer, nothing copied)."""
         if type(x) is np.ndarray:        # fast path: host data goes to MPI as it is
             return x, False
         if x is not None and backend.is_device_array(x):
+            self._device_call()
             backend.synchronize(x)
             if not self._cuda_aware:
-                return backend.to_host(x), True
+                buf = self._take(x.shape, x.dtype)
+                if copy:
+                    t = _perf()
+                    backend.copy_to_host(x, buf)
+                    self._copy_s += _perf() - t
+                return buf, True
         return x, False
 
     def _empty_like_host(self, shape, x):
-        """Receive buffer: on the host when staging, else on x's device."""
+        """Receive buffer: a pinned host buffer when staging, else on x's device."""
         xp = backend.get_array_module(x)
         if xp is not np and not self._cuda_aware:
-            return np.empty(shape, dtype=x.dtype)
+            self._device_call()
+            return self._take(shape, x.dtype)
         return xp.empty(shape, dtype=x.dtype)
 
     def _finish_out(self, y_host, staged, like, out):
-        """Copy a host result back to the device (staging) or into ``out``."""
+        """Copy a staged host result to the device (into ``out``, or a new array)."""
         if staged:
-            if out is not None:
-                out.set(y_host)
-                return out
-            xp = backend.get_array_module(like)
-            return xp.asarray(y_host)
+            if out is None:
+                out = backend.get_array_module(like).empty(y_host.shape, dtype=y_host.dtype)
+            self._to_device(y_host, out)
+            return out
         return y_host
 
     def _check(self, op: str, dtype=None, root: int = -1, count: int = -1) -> None:
@@ -239,10 +297,10 @@ class Communicator:
         _check_contiguous(x, "bcast")
         self._check("bcast", x.dtype, root, x.size)
         t0 = _perf()
-        buf, staged = self._host(x)
+        buf, staged = self._host(x, copy=self.rank == root)
         self.mpi.Bcast(buf, root=root)
         if staged and self.rank != root:
-            x.set(buf)
+            self._to_device(buf, x)
         self._record("bcast", x, t0)
         return x
 
@@ -292,9 +350,9 @@ class Communicator:
         self._check("allreduce", x.dtype, -1, x.size)
         t0 = _perf()
         buf, staged = self._host(x)
-        if staged:
-            y = np.empty_like(buf)
-            self.mpi.Allreduce(buf, y, op=_mpi_op(op))
+        if staged:                  # reduce in place in the staging buffer
+            y = buf
+            self.mpi.Allreduce(MPI.IN_PLACE, y, op=_mpi_op(op))
         elif out is x:
             self.mpi.Allreduce(MPI.IN_PLACE, x, op=_mpi_op(op))
             y = x
@@ -317,11 +375,10 @@ class Communicator:
         buf, staged = self._host(x)
         mop = _mpi_op(op)
         finish = (lambda y: y.__itruediv__(self.size)) if op == "mean" else None
-        if staged:
-            host_y = np.empty_like(buf)
+        if staged:                  # in place in the staging buffer; copied back at wait
             result = out if out is not None else backend.get_array_module(x).empty_like(x)
-            req = self.mpi.Iallreduce(buf, host_y, op=mop)
-            return Request(self, req, "iallreduce", result, host_y, x, t0, finish)
+            req = self.mpi.Iallreduce(MPI.IN_PLACE, buf, op=mop)
+            return Request(self, req, "iallreduce", result, buf, x, t0, finish)
         if out is x:
             req = self.mpi.Iallreduce(MPI.IN_PLACE, x, op=mop)
             result = x
@@ -417,7 +474,7 @@ class Communicator:
                     recvbuf.size * self.size if counts is None
                     else _rowsize(recvbuf) * int(sum(counts)))
         t0 = _perf()
-        rbuf, staged = self._host(recvbuf)
+        rbuf, staged = self._host(recvbuf, copy=False)
         sbuf = None
         if self.rank == root:
             if sendbuf is None:
@@ -438,7 +495,7 @@ class Communicator:
                 sbuf = [sbuf, ec, ed, from_numpy_dtype(sendbuf.dtype)]
             self.mpi.Scatterv(sbuf, rbuf, root=root)
         if staged:
-            recvbuf.set(rbuf)
+            self._to_device(rbuf, recvbuf)
         self._record("scatter", recvbuf, t0)
         return recvbuf
 
@@ -518,11 +575,12 @@ class Communicator:
         d = MPI.PROC_NULL if dest is None else dest
         s = MPI.PROC_NULL if source is None else source
         t0 = _perf()
-        sbuf, _ = self._host(sendbuf) if sendbuf is not None else (None, False)
-        rbuf, staged = self._host(recvbuf) if recvbuf is not None else (None, False)
+        sbuf, _ = (self._host(sendbuf, copy=dest is not None) if sendbuf is not None
+                   else (None, False))
+        rbuf, staged = self._host(recvbuf, copy=False) if recvbuf is not None else (None, False)
         self.mpi.Sendrecv(sbuf, d, tag, rbuf, s, tag)
         if staged and source is not None:
-            recvbuf.set(rbuf)
+            self._to_device(rbuf, recvbuf)
         ref = sendbuf if sendbuf is not None else recvbuf
         nb = 0 if (sendbuf is None or dest is None) else int(sendbuf.nbytes)
         cnt = 0 if (sendbuf is None or dest is None) else int(sendbuf.size)
@@ -539,7 +597,7 @@ class Communicator:
 
     def irecv(self, out, source: int, tag: int = 0) -> Request:
         t0 = _perf()
-        buf, staged = self._host(out)
+        buf, staged = self._host(out, copy=False)
         req = self.mpi.Irecv(buf, source, tag)
         return Request(self, req, "irecv", out, buf if staged else None, out, t0)
 
@@ -581,7 +639,8 @@ class Communicator:
         sub = self.mpi.Split(color, key)
         if self._dwatch:
             self._dwatch.disarm()
-        return Communicator(sub, name or f"{self.name}.{color}", debug=self.debug, tracer=self.tracer)
+        return Communicator(sub, name or f"{self.name}.{color}", debug=self.debug, tracer=self.tracer,
+                            cuda_aware=self._cuda_aware)
 
     def split_shared(self, name: str = "node") -> "Communicator":
         """Sub-communicator of the ranks that share memory (one node)."""
@@ -589,7 +648,8 @@ class Communicator:
         sub = self.mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         if self._dwatch:
             self._dwatch.disarm()
-        return Communicator(sub, name, debug=self.debug, tracer=self.tracer)
+        return Communicator(sub, name, debug=self.debug, tracer=self.tracer,
+                            cuda_aware=self._cuda_aware)
 
     def abort(self, code: int = 1) -> None:
         self.mpi.Abort(code)

@@ -11,7 +11,10 @@ and the dtype is a NumPy dtype until export, where it becomes its name. ``events
 returns the flat dicts named by ``FIELDS``.
 
 ``phase`` is the label of the innermost ``with trace.phase(...)`` block, e.g.
-``"fc2.backward"``. Times are seconds from ``time.perf_counter`` on this rank;
+``"fc2.backward"``. A call on device (CuPy) buffers appends a ninth item,
+``(path, copy_s)``: "device" (CUDA-aware MPI took the GPU buffers) or "staged"
+(copied through pinned host buffers), and the seconds those copies took; its dict
+gets the fields ``path`` and ``copy_s`` (host-buffer calls have neither). Times are seconds from ``time.perf_counter`` on this rank;
 exports shift them by the rank's offset to a common epoch (see ``set_clock_offset``).
 
 Spans: ``with trace.span("forward"):`` records one span (name, t0, t1) of compute
@@ -97,9 +100,14 @@ class Tracer:
         self._spans: list[tuple] = []       # (name, step, samples, t0, t1)
 
     # --- recording (hot path) ---
-    def record(self, op, ident, dtype, count, nbytes, t0, t1) -> None:
-        """Append one event; ``ident`` is ``(comm_name, comm_size, rank)``."""
-        self._events.append((op, ident, dtype, count, nbytes, t0, t1, self._phases[-1]))
+    def record(self, op, ident, dtype, count, nbytes, t0, t1, device=None) -> None:
+        """Append one event; ``ident`` is ``(comm_name, comm_size, rank)``; ``device`` is
+        ``(path, copy_s)`` for a call on device buffers."""
+        if device is None:
+            self._events.append((op, ident, dtype, count, nbytes, t0, t1, self._phases[-1]))
+        else:
+            self._events.append((op, ident, dtype, count, nbytes, t0, t1, self._phases[-1],
+                                 device))
 
     def phase(self, label: str) -> "_Phase":
         """Label every event recorded inside the block with ``label``.
@@ -207,16 +215,19 @@ def spans_of(records: list[dict]) -> list[dict]:
 
 
 def _as_dict(e: tuple) -> dict:
-    op, (comm, comm_size, rank), dt, count, nbytes, t0, t1, phase = e
+    op, (comm, comm_size, rank), dt, count, nbytes, t0, t1, phase = e[:8]
     if isinstance(dt, str):                 # "" for calls that carry no array
         name = dt
     else:                                   # recorded as a numpy dtype
         name = dt.name
         if nbytes is None:
             nbytes = count * dt.itemsize
-    return {"op": op, "comm": comm, "comm_size": comm_size, "rank": rank, "dtype": name,
-            "count": count, "bytes": 0 if nbytes is None else nbytes, "t0": t0, "t1": t1,
-            "phase": phase}
+    d = {"op": op, "comm": comm, "comm_size": comm_size, "rank": rank, "dtype": name,
+         "count": count, "bytes": 0 if nbytes is None else nbytes, "t0": t0, "t1": t1,
+         "phase": phase}
+    if len(e) > 8:                          # a call on device buffers
+        d["path"], d["copy_s"] = e[8]
+    return d
 
 
 def summarize(events: list[dict]) -> dict[str, dict]:
@@ -295,7 +306,7 @@ def chrome_events(per_rank: list[list[dict]]) -> list[dict]:
                 "name": r["op"], "cat": r["phase"] or "comm", "ph": "X", "pid": 0,
                 "tid": P + w if nb else w, "ts": ts, "dur": dur,
                 "args": {k: r[k] for k in ("comm", "comm_size", "rank", "dtype", "count", "bytes",
-                                           "phase")},
+                                           "phase", "path", "copy_s") if k in r},
             })
         if nonblocking:
             track(P + w, f"rank {w} non-blocking", 2 * w + 1)

@@ -14,6 +14,9 @@ from mpifc.data.prepare import (CONVERTERS, prepare_cifar10, prepare_digits, pre
                                 prepare_synthetic, read_cifar_batch, read_idx)
 from mpifc.data.textformat import read_text_split, read_vocab, write_text_dataset
 from mpifc.data.textprep import prepare_synthetic_text, prepare_text
+from mpifc.data.named import prepared   # a named dataset (digits, ...) prepared by rank 0
+from mpifc.data.augment import Augment                  # issue 18 item 3
+from mpifc.data.validation import split_rows
 
 _LOADER_NAMES = ("DistributedLoader", "BatchPlan", "Batch", "epoch_order")
 
@@ -21,7 +24,7 @@ __all__ = ["FORMAT_VERSION", "DatasetError", "DatasetInfo", "DatasetWriter", "No
            "SplitInfo", "open_dataset", "read_info", "read_split", "write_dataset", "CONVERTERS",
            "prepare_cifar10", "prepare_digits", "prepare_mnist", "prepare_synthetic",
            "read_cifar_batch", "read_idx", "prepare_text", "prepare_synthetic_text",
-           "read_text_split", "read_vocab", "write_text_dataset"]
+           "read_text_split", "read_vocab", "write_text_dataset", "prepared", "Augment", "split_rows"]
 # loader names: not star-imported (MPI)
 
 

@@ -57,6 +57,8 @@ class Normalisation:
     kind: str = "none"
     mean: np.ndarray = field(default_factory=lambda: np.zeros(1))
     std: np.ndarray = field(default_factory=lambda: np.ones(1))
+    # device copies of (mean, 1/std) by (backend, dtype, shape): copied once, not per batch
+    _on_device: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def mean_std(cls, mean, std) -> "Normalisation":
@@ -99,8 +101,14 @@ class Normalisation:
         if self.kind == "none":
             return out
         bshape = (1, -1) + (1,) * (x.ndim - 2) if self.mean.shape[0] > 1 else (1,) * x.ndim
-        mean = xp.asarray(self.mean.reshape(bshape), dtype=dtype)
-        inv_std = xp.asarray((1.0 / self.std).reshape(bshape), dtype=dtype)
+        key = (xp.__name__, np.dtype(dtype).str, bshape)
+        got = self._on_device.get(key) if xp is not np else None
+        if got is None:
+            got = (xp.asarray(self.mean.reshape(bshape), dtype=dtype),
+                   xp.asarray((1.0 / self.std).reshape(bshape), dtype=dtype))
+            if xp is not np:
+                self._on_device[key] = got
+        mean, inv_std = got
         out -= mean
         out *= inv_std
         return out

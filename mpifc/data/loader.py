@@ -28,6 +28,11 @@ the document lengths and of the labels; a bad batch on the root (a token id outs
 ``[0, vocab_size)``, a label outside the classes) is sent as a status and raised, with
 the root's message, on every rank.
 
+A loader may serve a subset of the split (``rows``: the training rows left by a
+validation split, :mod:`mpifc.data.validation`) and augment image batches
+(``augment``, :mod:`mpifc.data.augment`): the random choices are keyed by (seed,
+epoch, row in the split), so they too are the same for any P, mode or resume point.
+
 The loader is built on the data-parallel communicator (``grid.dp_comm``): its rank
 and size pick the slice, so tensor-parallel ranks of one data group, which share a
 dp rank, get the same batch. The sequence of global batches does not depend on P,
@@ -273,6 +278,15 @@ class DistributedLoader:
         ``data.key_env``); required for one, refused for a clear file. Each reading rank
         decrypts only the chunks holding its rows, and every batch read is agreed on by
         all ranks, so a chunk that fails authentication on one rank fails every rank
+    rows : serve only these rows of the split (distinct indices, e.g. the training rows
+        left by :func:`mpifc.data.validation.split_rows`), or a callable giving them
+        from the split's size; the plan, the epoch order and the batches run over
+        them, and augmentation and error messages use the rows' indices in the
+        split. Default: the whole split.
+    augment : :class:`mpifc.data.augment.Augment` applied to each image batch (stored
+        values, before normalisation), keyed by (seed, epoch, row in the split): the
+        same augmented global batch under any dp size, mode or resume point. Training
+        loaders only; evaluation never passes one.
 
     Every rank constructs the loader (collective: a rank that cannot open the file
     makes all ranks raise the same :class:`DatasetError`).
@@ -281,7 +295,8 @@ class DistributedLoader:
     def __init__(self, path, comm, *, split: str = "train", batch_size: int, seed: int = 0,
                  shuffle: bool = True, drop_last: bool = False, mode: str = "slice",
                  root: int = 0, dtype=np.float32, normalise: bool = True, xp=None,
-                 cache: bool = False, validate: bool = True, key=None):
+                 cache: bool = False, validate: bool = True, key=None, rows=None,
+                 augment=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.comm = comm
@@ -297,8 +312,13 @@ class DistributedLoader:
         self._f = None
         self._mem = None
         self._key, self._arrays, self._cache_agreed = key, None, False
+        # issue 18 (data): a subset of the split's rows (validation_split) and augmentation
+        self.rows = None if rows is None or callable(rows) else np.asarray(rows, dtype=np.int64)
+        self.augment = augment if augment is not None and augment.active else None
         reads = mode == "slice" or comm.rank == self.root
-        settings = (int(batch_size), int(seed), bool(shuffle), bool(drop_last), mode, self.root)
+        settings = (int(batch_size), int(seed), bool(shuffle), bool(drop_last), mode, self.root,
+                    self._rows_tag(), None if self.augment is None else
+                    (self.augment.ops, self.augment.pad, self.augment.seed))
         # open and validate here, then agree on the result on every rank, so a
         # missing or bad file on one rank is an error everywhere, not a hang
         mine = {"settings": settings, "error": None, "meta": None}
@@ -332,7 +352,8 @@ class DistributedLoader:
             raise DatasetError("cannot load dataset on every rank: " + "; ".join(errors))
         if len({d["settings"] for d in everyone}) != 1:
             self.close()
-            raise ValueError("loader settings (batch_size, seed, shuffle, drop_last, mode, root) "
+            raise ValueError("loader settings (batch_size, seed, shuffle, drop_last, mode, root, "
+                             "rows, augment) "
                              f"differ between ranks: {[d['settings'] for d in everyone]}")
         metas = [d["meta"] for d in everyone if d["meta"] is not None]
         if any(m != metas[0] for m in metas):
@@ -343,6 +364,24 @@ class DistributedLoader:
         self.sample_shape = tuple(sample_shape)
         self.stored_dtype = np.dtype(sdtype)
         self.normalisation = Normalisation(kind, np.asarray(mean), np.asarray(std))
+        if callable(rows):          # rows of a split of n, known now that every rank agrees
+            try:
+                self.rows = np.asarray(rows(n), dtype=np.int64)
+            except Exception:
+                self.close()
+                raise
+        if self.rows is not None:
+            bad = self.rows[(self.rows < 0) | (self.rows >= n)]
+            if bad.size or np.unique(self.rows).size != self.rows.size:
+                self.close()
+                raise ValueError(f"rows must be distinct indices in [0, {n}) of split "
+                                 f"{split!r}, got {bad[:3].tolist() or 'repeats'}")
+            n = int(self.rows.size)
+        if self.augment is not None and len(self.sample_shape) != 3:
+            self.close()
+            raise DatasetError(f"{path}: augmentation ({', '.join(self.augment.ops)}) needs "
+                               f"image samples (C, H, W), split {split!r} holds "
+                               + ("text" if self.text else f"{self.sample_shape}"))
         self.plan = BatchPlan(n, int(batch_size), comm.size, int(seed), bool(shuffle),
                               bool(drop_last))
         self._epoch, self._step = 0, 0
@@ -381,19 +420,35 @@ class DistributedLoader:
         p = self.plan
         return {"epoch": self._epoch, "step": self._step, "n": p.n, "batch_size": p.batch_size,
                 "seed": p.seed, "shuffle": p.shuffle, "drop_last": p.drop_last,
-                "split": self.split}
+                "split": self.split, "rows": self._rows_tag()}
+
+    def _rows_tag(self):
+        """None (the whole split) or "COUNT:CRC32" of :attr:`rows`: which subset this is."""
+        if self.rows is None:
+            return None
+        import zlib
+
+        return f"{self.rows.size}:{zlib.crc32(self.rows.astype('<i8').tobytes()):08x}"
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at ``state``'s position; raise if it came from another data stream."""
         p = self.plan
         mine = {"n": p.n, "batch_size": p.batch_size, "seed": p.seed, "shuffle": p.shuffle,
-                "drop_last": p.drop_last, "split": self.split}
+                "drop_last": p.drop_last, "split": self.split, "rows": self._rows_tag()}
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if diff:
-            raise ValueError(f"data position was saved for another stream (saved, now): {diff}")
+            # DatasetError (a ValueError): one line on every rank, e.g. a resume that
+            # changed train.batch_size or data.validation_split
+            raise DatasetError(f"data position was saved for another stream (saved, now): "
+                               f"{diff}; resume with the run's train.batch_size, seed and "
+                               "data.validation_split, or start over with --overwrite")
         self.set_position(int(state["epoch"]), int(state["step"]))
 
     # ------------------------------------------------------------------ batches
+    def sample_rows(self, idx: np.ndarray) -> np.ndarray:
+        """Rows of the file's split for plan indices ``idx`` (the same without ``rows``)."""
+        return idx if self.rows is None else self.rows[idx]
+
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if self._order_epoch != epoch:
             self._order, self._order_epoch = self.plan.order(epoch), epoch
@@ -511,20 +566,21 @@ class DistributedLoader:
         order = self._epoch_order(epoch)
         counts, displs = plan.counts(step)
         me = self.comm.rank
+        mine = self.sample_rows(plan.local_indices(epoch, step, me, order))
         if self.text:
             if self.mode == "slice":
-                tokens, starts, y = self._read_text(plan.local_indices(epoch, step, me, order))
+                tokens, starts, y = self._read_text(mine)
             else:
                 tokens, starts, y = self._scatter_text(
-                    plan.global_indices(epoch, step, order) if me == self.root else None,
-                    counts, displs)
+                    self.sample_rows(plan.global_indices(epoch, step, order))
+                    if me == self.root else None, counts, displs)
             x = (backend.to_device(tokens, self.xp), backend.to_device(starts, self.xp))
             return Batch(x, backend.to_device(y, self.xp), epoch, step, plan.global_size(step))
         if self.mode == "slice":
-            x, y = self._read_agreed(plan.local_indices(epoch, step, me, order))
+            x, y = self._read_agreed(mine)
         else:
             # rows in batch order: rank r's block starts at displs[r]
-            got = self._read_agreed(plan.global_indices(epoch, step, order)
+            got = self._read_agreed(self.sample_rows(plan.global_indices(epoch, step, order))
                                     if me == self.root else None)
             xs, ys = got if got is not None else (None, None)
             x = np.empty((counts[me],) + self.sample_shape, dtype=self.stored_dtype)
@@ -533,6 +589,8 @@ class DistributedLoader:
             self.comm.scatter(ys, y, counts=list(counts), root=self.root)
         # move the stored (small, often uint8) rows first, then normalise on the backend
         x = backend.to_device(x, self.xp)
+        if self.augment is not None:      # keyed by (seed, epoch, file row): any P, any mode
+            x = self.augment(x, epoch, mine)
         if self.normalise:
             x = self.normalisation.apply(x, self.dtype, self.xp)
         else:

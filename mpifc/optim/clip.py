@@ -3,17 +3,29 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from mpifc.backend import get_array_module
 
 
 def grad_sq_sum(params):
-    """Sum of squared gradient entries over ``params`` on this rank (a Python float)."""
-    total = 0.0
+    """Sum of squared gradient entries over ``params`` on this rank (a Python float).
+
+    Device (CuPy) gradients are summed on the device (in float64) and read back once,
+    not once per parameter."""
+    total, on_device = 0.0, None
     for p in params:
         g = p.grad
         xp = get_array_module(g)
         g1 = g.reshape(-1)
-        total += float(xp.dot(g1, g1))   # one BLAS pass, no temporary g*g
+        sq = xp.dot(g1, g1)              # one BLAS pass, no temporary g*g
+        if xp is np:
+            total += float(sq)
+        else:
+            sq = sq.astype(np.float64)
+            on_device = sq if on_device is None else on_device + sq
+    if on_device is not None:
+        total += float(on_device)        # the one device-to-host read
     return total
 
 
