@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpifc.backend import get_array_module, to_device
+from mpifc.backend import get_array_module, is_device_array, to_device
 from mpifc.nn import functional as F
 from mpifc.nn import init as I
 from mpifc.nn._common import place, resolve_dtype, resolve_xp
@@ -125,5 +125,7 @@ def drop_padding(idx, offsets, padding_idx):
 def _check_ids(idx, V):
     if idx.dtype.kind not in "iu":
         raise TypeError(f"token ids must be integers, got dtype {idx.dtype}")
-    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= V):
+    # the range on host ids only: on a device it is two scalar reads per step (the
+    # loader checks token ids on the host, before the copy)
+    if idx.size and not is_device_array(idx) and (int(idx.min()) < 0 or int(idx.max()) >= V):
         raise ValueError(f"token ids must be in [0, {V}), got range [{int(idx.min())}, {int(idx.max())}]")

@@ -62,8 +62,9 @@ def _steps(tr, n=STEPS):
         c0 = cp.snapshot()
         batch = next(it)
         loss, _ = tr.train_step(batch)
-        assert _agree_finite(tr.grid.world, loss)
         c1 = cp.snapshot()
+        loss = float(loss)          # read back after the count: the trainer reads per window
+        assert _agree_finite(tr.grid.world, loss)
         out.append((loss / int(batch.y.shape[0]), {k: c1[k] - c0[k] for k in c1}))
     return out
 
@@ -117,11 +118,13 @@ def test_digits_cnn_steps_on_the_double(comm, mpi_tmp_path, dev, aware):
             assert (c["d2h"], c["h2d"]) == (d2h, h2d + once), (name, k, c)
             if k:
                 assert c["pinned_allocs"] == 0, (name, k)   # staging buffers reused
-            assert c["scalar"] == steps[0][1]["scalar"], (name, k)   # loss, correct, checks
+            # no scalar read inside a step: loss and correct stay on the device, the
+            # label/shape checks run on the host batch, SyncBatchNorm's count stays there
+            assert c["scalar"] == 0, (name, k, c)
         if not aware and comm.size > 1:
             assert cp.counts["pinned_allocs"] > pinned0
         print(f"OK {name} {'cuda-aware' if aware else 'staged'}: per step d2h {d2h}, h2d {h2d}, "
-              f"scalar reads {steps[0][1]['scalar']}")
+              "scalar reads 0")
         # optimizer state lives on the device too
         state = [v for slot in tr.opt.state.values() for v in slot if v is not None]
         assert state and all(type(v) is cp.ndarray for v in state)
