@@ -79,9 +79,9 @@ class EmbeddingBag(Module):
     def forward(self, idx, offsets=None, mask=None):
         if isinstance(idx, tuple):
             idx, offsets = idx
+        _check_ids(idx, self.num_embeddings)           # host ids: checked before the copy
         idx = to_device(idx, self.xp)                  # ids on the table's backend
         offsets = None if offsets is None else to_device(offsets, self.xp)
-        _check_ids(idx, self.num_embeddings)
         if self.padding_idx is not None and offsets is not None:
             idx, offsets = drop_padding(idx, offsets, self.padding_idx)
         elif self.padding_idx is not None:

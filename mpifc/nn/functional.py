@@ -971,10 +971,15 @@ def softmax_cross_entropy_forward(logits, target, label_smoothing=0.0, ignore_in
         raise ValueError(f"target shape {target.shape} does not match logits {logits.shape}")
     valid = target != ignore_index
     tgt = xp.where(valid, target, 0)
-    # host targets only: on a device the check is a device-to-host read per step (the
-    # loader checks labels on the host before the copy)
-    if not is_device_array(tgt) and bool(((tgt < 0) | (tgt >= Q)).any()):
+    outside = (tgt < 0) | (tgt >= Q)
+    on_device = is_device_array(tgt)
+    # host targets: an error. On a device, raising would need a device-to-host read per
+    # step (the loader checks labels on the host before the copy): the rows are indexed
+    # safely and the loss made NaN instead, which the trainer's check reports
+    if not on_device and bool(outside.any()):
         raise ValueError(f"target class ids must be in [0, {Q}) or equal ignore_index")
+    if on_device:
+        tgt = xp.where(outside, 0, tgt)
     logp = log_softmax(logits)
     nll = -logp[xp.arange(N), tgt]
     if label_smoothing:
@@ -982,6 +987,8 @@ def softmax_cross_entropy_forward(logits, target, label_smoothing=0.0, ignore_in
     n_valid = valid.sum()
     denom = xp.maximum(n_valid, 1).astype(logits.dtype)
     loss = (nll * valid).sum() / denom
+    if on_device:
+        loss = xp.where(outside.any(), np.nan, loss).astype(loss.dtype)   # no host copy
     return loss, (logp, tgt, valid, denom, label_smoothing)
 
 

@@ -79,6 +79,9 @@ class ParallelSoftmaxCrossEntropy(ParallelModule):
             self.group.allreduce(sums, out=sums)
         s, zt = sums[:N], sums[N:]
         loss = (xp.log(s) + m - zt).mean() if N else xp.zeros((), dtype=logits.dtype)
+        if N and is_device_array(target):    # out-of-range ids unchecked above: a NaN loss
+            bad = ((target < 0) | (target >= self.num_classes)).any()
+            loss = xp.where(bad, np.nan, loss).astype(loss.dtype)
         self._cache = (logits, e, s, m, local_t, mine)
         return loss
 

@@ -126,3 +126,26 @@ def test_nan_input_at_step_k_blames_the_row_on_a_device(comm, mpi_tmp_path, dev)
     assert msgs["cuda"] == msgs["cpu"]
     assert msgs["cpu"].startswith("non-finite input at step 2 (epoch 1, batch 2)") and \
         f"row {row} of split 'train'" in msgs["cpu"], msgs
+
+
+def test_losses_read_nothing_back_and_flag_bad_labels_with_nan(comm, dev):
+    """On a device the losses check no label range on the host (a scalar read per step);
+    an out-of-range class id makes the loss NaN instead of indexing past the logits."""
+    from mpifc import nn
+    from mpifc.parallel import ParallelSoftmaxCrossEntropy
+
+    world = Communicator(comm.mpi, "world", cuda_aware=True)
+    rng = np.random.default_rng(0)
+    full = rng.standard_normal((4, 6)).astype(np.float32)
+    for make, logits in ((lambda: nn.SoftmaxCrossEntropy(), full),
+                         (lambda: ParallelSoftmaxCrossEntropy(6, world), None)):
+        loss = make()
+        if logits is None:         # this rank's classes of the class-split logits
+            lo = sum(loss.counts[:world.rank])
+            logits = full[:, lo:lo + loss.Q_r]
+        x = cp.asarray(logits)
+        c0 = cp.snapshot()
+        good = loss.forward(x, cp.asarray(np.array([0, 5, 2, 1])))
+        bad = loss.forward(x, cp.asarray(np.array([0, 6, 2, 1])))
+        assert cp.counts["scalar"] == c0["scalar"]
+        assert np.isfinite(float(good)) and np.isnan(float(bad))
