@@ -172,8 +172,9 @@ class Progress:
     def update(self, loss: float | None, samples: int) -> None:
         """One step done; ``loss``: the last loss read back (None: none yet)."""
         self.step += 1
-        if self.bar is not None and loss is not None:
-            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        if self.bar is not None:
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             self.bar.update(1)
         if self.mode != "lines":
             return
