@@ -185,3 +185,38 @@ def copy_to_host(x, out: np.ndarray) -> np.ndarray:
 def copy_to_device(host: np.ndarray, out) -> None:
     """Host array ``host`` -> the device array ``out`` (same shape and dtype): one copy."""
     out.set(host)
+
+
+# ---------------------------------------------------------------------- streams (loader prefetch)
+def new_stream():
+    """A non-blocking CUDA stream (the loader's copy stream); None on the host."""
+    cp = _cupy if _cupy_tried else None
+    return None if cp is None else cp.cuda.Stream(non_blocking=True)
+
+
+def on_stream(stream):
+    """Context in which device work is issued on ``stream`` (a no-op for None)."""
+    import contextlib
+
+    return contextlib.nullcontext() if stream is None else stream
+
+
+def record_event(stream=None):
+    """An event marking the work issued so far on ``stream`` (default: the current one)."""
+    cp = _try_cupy()
+    ev = cp.cuda.Event(disable_timing=True)
+    ev.record(stream if stream is not None else cp.cuda.get_current_stream())
+    return ev
+
+
+def wait_event(event, stream=None) -> None:
+    """Make ``stream`` (default: the current one) wait for ``event`` on the device; the
+    host does not wait."""
+    cp = _try_cupy()
+    (stream if stream is not None else cp.cuda.get_current_stream()).wait_event(event)
+
+
+def copy_to_device_async(host: np.ndarray, out, stream) -> None:
+    """Host array ``host`` (pinned, for a truly asynchronous copy) -> the device array
+    ``out`` on ``stream``: returns at once; wait on an event recorded after it."""
+    out.set(host, stream=stream)

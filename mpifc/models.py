@@ -123,6 +123,14 @@ class Flatten(nn.Flatten):
 # --------------------------------------------------------------------------- #
 # losses with the trainer's interface
 # --------------------------------------------------------------------------- #
+def _host_float(loss):
+    """The loss as a float on the host; on a device the 0-d array itself (reading it
+    back is a scalar read: the trainer reads its losses once per log line)."""
+    from mpifc.backend import is_device_array
+
+    return loss if is_device_array(loss) else float(loss)
+
+
 class LocalLoss:
     """Softmax cross-entropy on whole logits (N, Q), replicated over the tensor group.
 
@@ -137,14 +145,15 @@ class LocalLoss:
         self._logits = self._target = None
 
     def forward(self, logits, target) -> float:
-        """logits : (N, Q), target : (N,) -> mean loss over the N local rows (0.0 if N = 0)."""
+        """logits : (N, Q), target : (N,) -> mean loss over the N local rows (0.0 if N = 0);
+        a float on the host, a 0-d array on a device (read back by the caller)."""
         if logits.ndim != 2 or (self.num_classes is not None
                                 and logits.shape[1] != self.num_classes):
             raise ValueError(f"loss: expects logits (N, {self.num_classes or 'Q'}), got {logits.shape}")
         self._logits, self._target = logits, target
         if logits.shape[0] == 0:
             return 0.0
-        return float(self._ce.forward(logits, target))
+        return _host_float(self._ce.forward(logits, target))
 
     def backward(self, scale=1.0):
         """-> dlogits (N, Q) of ``scale * loss``."""
@@ -153,9 +162,13 @@ class LocalLoss:
         return self._ce.backward(scale)
 
     def correct(self) -> int:
+        return int(self.correct_array())
+
+    def correct_array(self):
+        """Rows right as a 0-d array where the logits live (no host read)."""
         if self._logits.shape[0] == 0:
             return 0
-        return int((self._logits.argmax(axis=1) == self._target).sum())
+        return (self._logits.argmax(axis=1) == self._target).sum()
 
     def collectives(self, logits_shape, accuracy=False):
         return []
@@ -172,13 +185,17 @@ class ClassParallelLoss:
         self.inner = ParallelSoftmaxCrossEntropy(num_classes, group, dtype=dtype)
 
     def forward(self, logits, target) -> float:
-        return float(self.inner.forward(logits, target))
+        return _host_float(self.inner.forward(logits, target))
 
     def backward(self, scale=1.0):
         return self.inner.backward(scale)
 
     def correct(self) -> int:
         return int(self.inner.correct())
+
+    def correct_array(self):
+        """Rows right as a 0-d array where the logits live (no host read)."""
+        return self.inner.correct_array()
 
     def collectives(self, logits_shape, accuracy=False):
         return self.inner.collectives(logits_shape, accuracy=accuracy)

@@ -43,6 +43,7 @@ from mpifc.comm import job_in_progress, trace, watchdog
 from mpifc.comm.collect import sync_clock, write_trace
 from mpifc.errors import UserError
 from mpifc.optim.early_stop import EarlyStopping, watched_loss
+from mpifc.stepmetrics import StepMetrics, StepRecord
 
 
 BEST_NAME = "best.h5"     # in the checkpoint directory: the best checkpoint by keep_best
@@ -168,10 +169,12 @@ class Progress:
                             desc=f"epoch {epoch + 1}/{self.epochs}", leave=False,
                             dynamic_ncols=True)
 
-    def update(self, loss: float, samples: int) -> None:
+    def update(self, loss: float | None, samples: int) -> None:
+        """One step done; ``loss``: the last loss read back (None: none yet)."""
         self.step += 1
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
             self.bar.update(1)
         if self.mode != "lines":
             return
@@ -190,7 +193,8 @@ class Progress:
                 secs = int(left * (now - self.t0) / self.done)
                 eta = f"  ETA {secs // 3600}:{secs // 60 % 60:02d}:{secs % 60:02d}"
             print(f"progress: epoch {self.epoch + 1}/{self.epochs}  step {self.step}/"
-                  f"{self.steps}  loss {loss:.4f}{rate}{eta}", file=sys.stderr, flush=True)
+                  f"{self.steps}  loss {'-' if loss is None else format(loss, '.4f')}{rate}{eta}",
+                  file=sys.stderr, flush=True)
 
     def close(self):
         if self.bar is not None:
@@ -207,6 +211,25 @@ def generators(module, prefix: str = "") -> dict:
     for name, child in zip(module._names_of_children(), module._children):
         out.update(generators(child, f"{prefix}.{name}" if prefix else name))
     return out
+
+
+def _as_f64(v):
+    """A loss value in float64: a float on the host, a 0-d float64 array on a device."""
+    from mpifc.backend import is_device_array
+
+    return v.astype(np.float64) if is_device_array(v) else float(v)
+
+
+def _correct(loss):
+    """Rows right: an int on the host, a 0-d array on a device (a loss's ``correct_array``,
+    when it has one, counts without reading the device)."""
+    from mpifc.backend import is_device_array
+
+    arr = getattr(loss, "correct_array", None)
+    if arr is None:
+        return int(loss.correct())
+    c = arr()
+    return c if is_device_array(c) else int(c)
 
 
 def _agree_finite(comm, value: float) -> bool:
@@ -372,8 +395,10 @@ class Trainer:
             return self.grid.dp_comm.allreduce(np.asarray(values, dtype=np.float64))
 
     # --- one step ---
-    def train_step(self, batch) -> tuple[float, int]:
-        """Forward, backward, gradient sync, clip, update. Returns (loss sum, correct) here.
+    def train_step(self, batch):
+        """Forward, backward, gradient sync, clip, update. Returns (loss sum, correct) of
+        this rank's rows where the model lives: Python numbers on the host, 0-d arrays on a
+        device (``float()`` reads one back; :meth:`run` reads them once per log line).
 
         ``train.accumulate`` = K: the rank's rows run as K micro-batches
         (:func:`~mpifc.data.loader.micro_batches`); the first K - 1 backwards run under
@@ -390,8 +415,8 @@ class Trainer:
             m, last = int(mb.y.shape[0]), i == len(parts) - 1
             with trace.span("forward"):      # spans: the trace shows compute beside the calls
                 logits = model.forward(mb.x)
-                loss_sum += float(loss.forward(logits, mb.y)) * m
-                correct += int(loss.correct())
+                loss_sum = loss_sum + _as_f64(loss.forward(logits, mb.y)) * m
+                correct = correct + _correct(loss)
             with trace.span("backward"):
                 # The loss is a mean over the m rows here and data parallel averages over
                 # the dp ranks; scaling by dp * m / B makes the sum over micro-batches and
@@ -420,16 +445,23 @@ class Trainer:
         loader = loader or self.test_loader
         if loader is None:
             return {}
+        from mpifc.backend import get_array_module, to_host
+
         self.model.eval()
-        tot = np.zeros(3)
+        params = self.model.parameters()
+        # loss sum and correct where the model lives: one read back per split
+        sums = get_array_module(params[0].data if params else None).zeros(2, dtype=np.float64)
+        rows = 0
         loader.set_position(0, 0)
         for batch in loader:
             b = int(batch.y.shape[0])
             logits = self.model.forward(batch.x)
-            loss = float(self.loss.forward(logits, batch.y))
-            tot += (loss * b, int(self.loss.correct()), b)
+            loss = _as_f64(self.loss.forward(logits, batch.y))
+            sums[0] += loss * b
+            sums[1] += _correct(self.loss)
+            rows += b
         self.model.train()
-        s = self._sum_over_dp(tot)
+        s = self._sum_over_dp([*to_host(sums), rows])
         return {"test_loss": s[0] / s[2], "test_acc": s[1] / s[2]}
 
     def run(self) -> dict:
@@ -440,25 +472,35 @@ class Trainer:
         t_start = time.perf_counter()
         stop = False
         bar = Progress(self.progress, steps, t.epochs)
+        shown = None          # no loss read back yet (a device reads them once per window)
         while not stop and self.loader.position[0] < t.epochs:
             epoch, first = self.loader.position
             bar.start_epoch(epoch, first)
             tot = np.zeros(3)
             n_events, self.exposed_s = len(trace.TRACER), 0.0
             t0 = time.perf_counter()
+            # per-step metrics stay where the model computes; read back once per window:
+            # every step on the host, each log line and the epoch's end on a device
+            window = StepMetrics(self._xp(), t.log_every or steps,
+                                 every_step=self._xp() is np)
             for batch in self.loader:
+                b = int(batch.y.shape[0])
+                logs = bool(t.log_every) and (self.step + 1) % t.log_every == 0
+                ends = batch.step + 1 == steps or bool(t.max_steps and self.step + 1 >= t.max_steps)
+                vals = None
                 with trace.step(self.step + 1, batch.global_size):   # replay splits on these
                     loss_sum, correct = self.train_step(batch)
-                    finite = _agree_finite(self.grid.world, loss_sum)
-                b = int(batch.y.shape[0])
-                if not finite:
-                    self._non_finite(batch)
-                tot += (loss_sum, correct, b)
+                    window.add(loss_sum, correct, StepRecord(self.step, batch.epoch, batch.step, b))
+                    if window.every_step or window.full or logs or ends:
+                        vals, rows = self._read_window(window, batch)
+                        tot += (vals[:, 0].sum(), vals[:, 1].sum(), rows)
                 self.step += 1
                 watchdog.beat(self.step)          # train.watchdog_s: progress (no communication)
-                bar.update(loss_sum / max(b, 1), b * self.grid.dp)
-                if t.log_every and self.step % t.log_every == 0:
-                    s = self._sum_over_dp([loss_sum, correct, b])
+                if vals is not None:       # the loss the progress display shows: the last read
+                    shown = vals[-1, 0] / max(b, 1)
+                bar.update(shown, b * self.grid.dp)
+                if logs:
+                    s = self._sum_over_dp([vals[-1, 0], vals[-1, 1], b])
                     self.log({"step": self.step, "epoch": epoch + 1, "loss": s[0] / s[2],
                               "acc": s[1] / s[2], "lr": self.opt.lr})
                 if t.max_steps and self.step >= t.max_steps:
@@ -506,11 +548,42 @@ class Trainer:
         last["total_s"] = time.perf_counter() - t_start
         return last
 
-    def _non_finite(self, batch) -> None:
+    def _xp(self):
+        """The array module the model computes with (numpy, or cupy on a device)."""
+        from mpifc.backend import get_array_module
+
+        params = self.model.parameters()
+        return get_array_module(params[0].data) if params else np
+
+    def _read_window(self, window: StepMetrics, batch) -> tuple[np.ndarray, int]:
+        """The window's (loss sum, correct) per step on the host, and its rows; raises
+        for a non-finite loss, naming the first step of the window that had one on any rank.
+
+        Collective: one device-to-host copy, the finite check's allreduce (as per step on
+        the host); on failure, an allreduce min of the first bad step over the ranks.
+        """
+        vals, steps = window.take()
+        bad = np.flatnonzero(~np.isfinite(vals[:, 0]))
+        if _agree_finite(self.grid.world, math.inf if bad.size else 0.0):
+            return vals, sum(r.rows for r in steps)
+        first = 0
+        if len(steps) > 1:        # which step went bad first, on any rank
+            mine = float(bad[0]) if bad.size else float(len(steps))
+            first = int(self.grid.world.allreduce(np.array([mine]), op="min")[0])
+        rec = steps[first]
+        if (rec.epoch, rec.batch) != (batch.epoch, batch.step):
+            # that step's batch again (get_batch is deterministic, augmentation included;
+            # collective in scatter mode: every rank is here for the same step)
+            batch = self.loader.get_batch(rec.epoch, rec.batch)
+        self._non_finite(batch, rec.step)
+
+    def _non_finite(self, batch, step: int | None = None) -> None:
         """Raise for a non-finite loss: bad input data if any rank's batch had it, else the lr.
 
-        Collective (every rank gets here together, after the finite check agreed).
+        ``step``: steps completed before ``batch`` (default: :attr:`step`). Collective
+        (every rank gets here together, after the finite check agreed).
         """
+        step = self.step if step is None else step
         from mpifc.backend import get_array_module, to_host
         from mpifc.data import DatasetError
 
@@ -527,11 +600,11 @@ class Trainer:
         where = self.comm.allgather_obj(bad)
         ranks = [r for r, w in enumerate(where) if w is not None]
         if ranks:
-            raise DatasetError(f"non-finite input at step {self.step} (epoch {batch.epoch + 1}, "
+            raise DatasetError(f"non-finite input at step {step} (epoch {batch.epoch + 1}, "
                                f"batch {batch.step}): row {where[ranks[0]]} of split 'train' of "
                                f"{self.data_path} holds NaN or Inf after normalisation (rank "
                                f"{ranks[0]}); fix the dataset, lowering optim.lr will not help")
-        raise TrainingError(f"non-finite loss at step {self.step} (epoch {batch.epoch + 1}, "
+        raise TrainingError(f"non-finite loss at step {step} (epoch {batch.epoch + 1}, "
                             f"batch {batch.step + 1}); the input was finite: lower optim.lr or "
                             "set optim.clip_norm")
 

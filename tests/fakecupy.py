@@ -18,7 +18,10 @@ CuPy's where CuPy is strict, stricter where it is lenient:
   ``ndarray.get``, ``tolist``), ``scalar`` (``float``/``int``/``bool``/``item`` on a
   one-element array: a device-to-host read of one value, which CuPy allows), with
   their bytes; ``pinned_allocs`` counts ``cuda.alloc_pinned_memory`` calls and
-  ``syncs`` the stream synchronisations;
+  ``syncs`` the stream and event synchronisations;
+* streams and events (``cuda.Stream``, ``cuda.Event``, ``with stream:``) do their work
+  at once, in order, and log it in :data:`ops` (h2d copies with the stream they were
+  issued on, event records and waits): tests read the order of operations there;
 * ``cuda.runtime.getDeviceCount()`` is ``FAKECUPY_DEVICES`` (default 1), or the
   number of entries of ``CUDA_VISIBLE_DEVICES`` when that is set, as CUDA counts;
   ``cuda.Device(i).use()`` records :data:`current_device`.
@@ -35,6 +38,10 @@ import numpy as _np
 counts = {"h2d": 0, "d2h": 0, "scalar": 0, "h2d_bytes": 0, "d2h_bytes": 0,
           "pinned_allocs": 0, "syncs": 0}
 current_device = 0
+# the order of stream operations: (op, stream name, detail) tuples -- "h2d" copies
+# (with their bytes), "record" and "wait_event" of events, "sync"; tests add their own
+# markers with mark(); cleared by reset_counts()
+ops: list = []
 _IMPLICIT = ("Implicit conversion to a NumPy array is not allowed. Please use `.get()` to "
              "construct a NumPy array explicitly.")      # CuPy's own message
 
@@ -42,16 +49,24 @@ _IMPLICIT = ("Implicit conversion to a NumPy array is not allowed. Please use `.
 def reset_counts() -> None:
     for k in counts:
         counts[k] = 0
+    ops.clear()
+
+
+def mark(what, detail=None) -> None:
+    """A test's marker in :data:`ops` (e.g. "backward end" of a step)."""
+    ops.append((what, None, detail))
 
 
 def snapshot() -> dict:
     return dict(counts)
 
 
-def _count(kind: str, nbytes: int) -> None:
+def _count(kind: str, nbytes: int, stream=None) -> None:
     counts[kind] += 1
     if kind in ("h2d", "d2h"):
         counts[kind + "_bytes"] += int(nbytes)
+    if kind == "h2d":
+        ops.append(("h2d", (stream or _current_stream()).name, int(nbytes)))
 
 
 # --------------------------------------------------------------------------- wrapping
@@ -181,7 +196,7 @@ class ndarray:
         if arr.shape != self.shape or arr.dtype != self.dtype:
             raise ValueError(f"fakecupy.ndarray.set: shape/dtype {arr.shape} {arr.dtype} "
                              f"differ from {self.shape} {self.dtype}")
-        _count("h2d", arr.nbytes)
+        _count("h2d", arr.nbytes, stream)
         _np.copyto(self._a, arr)
 
     def tolist(self):
@@ -334,8 +349,68 @@ def _visible() -> int:
 
 
 class _Stream:
+    """A stream: records its operations in :data:`ops`; ``with stream:`` makes it current."""
+
+    _made = 0
+
+    def __init__(self, null=False, non_blocking=False, ptds=False, name=None):
+        if name is None:
+            _Stream._made += 1
+            name = f"stream{_Stream._made}"
+        self.name = name
+        self._prev = []
+
     def synchronize(self):
         counts["syncs"] += 1
+        ops.append(("sync", self.name, None))
+
+    def record(self, event=None):
+        event = event or _Event()
+        event.record(self)
+        return event
+
+    def wait_event(self, event):
+        ops.append(("wait_event", self.name, event.id))
+
+    def __enter__(self):
+        global _current
+        self._prev.append(_current)
+        _current = self
+        return self
+
+    def __exit__(self, *exc):
+        global _current
+        _current = self._prev.pop()
+        return False
+
+
+class _Event:
+    _made = 0
+
+    def __init__(self, block=False, disable_timing=False, interprocess=False):
+        _Event._made += 1
+        self.id = _Event._made
+        self.stream = None
+
+    def record(self, stream=None):
+        self.stream = (stream or _current_stream()).name
+        ops.append(("record", self.stream, self.id))
+
+    def synchronize(self):
+        counts["syncs"] += 1
+        ops.append(("sync", self.stream, self.id))
+
+    @property
+    def done(self):
+        return True
+
+
+_NULL = _Stream(name="null")
+_current = _NULL
+
+
+def _current_stream():
+    return _current
 
 
 class cuda:                     # noqa: N801 - a namespace, as cupy.cuda
@@ -366,9 +441,12 @@ class cuda:                     # noqa: N801 - a namespace, as cupy.cuda
 
         compute_capability = "00"
 
+    Stream = _Stream
+    Event = _Event
+
     @staticmethod
     def get_current_stream():
-        return _Stream()
+        return _current_stream()
 
     @staticmethod
     def alloc_pinned_memory(nbytes):

@@ -287,6 +287,10 @@ class DistributedLoader:
         values, before normalisation), keyed by (seed, epoch, row in the split): the
         same augmented global batch under any dp size, mode or resume point. Training
         loaders only; evaluation never passes one.
+    prefetch : on a device (``xp`` cupy, not text), read and copy batch k + 1 through
+        pinned host buffers on a copy stream while batch k computes
+        (:mod:`mpifc.data.prefetch`); None (default): on whenever it applies. The
+        batches are the same either way.
 
     Every rank constructs the loader (collective: a rank that cannot open the file
     makes all ranks raise the same :class:`DatasetError`).
@@ -296,7 +300,7 @@ class DistributedLoader:
                  shuffle: bool = True, drop_last: bool = False, mode: str = "slice",
                  root: int = 0, dtype=np.float32, normalise: bool = True, xp=None,
                  cache: bool = False, validate: bool = True, key=None, rows=None,
-                 augment=None):
+                 augment=None, prefetch: bool | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.comm = comm
@@ -386,6 +390,14 @@ class DistributedLoader:
                               bool(drop_last))
         self._epoch, self._step = 0, 0
         self._order_epoch, self._order = None, None
+        # issue 15: on a device, read and copy the next batch while this one computes
+        wants = self.xp is not np and not self.text
+        if prefetch and not wants:
+            self.close()
+            raise ValueError("prefetch needs batches on a device (xp = cupy) of image or "
+                             "feature data")
+        self.prefetch = wants if prefetch is None else bool(prefetch)
+        self._prefetcher = None
 
     # ------------------------------------------------------------------ position
     @property
@@ -566,7 +578,7 @@ class DistributedLoader:
         order = self._epoch_order(epoch)
         counts, displs = plan.counts(step)
         me = self.comm.rank
-        mine = self.sample_rows(plan.local_indices(epoch, step, me, order))
+        mine = self._local_rows(epoch, step)
         if self.text:
             if self.mode == "slice":
                 tokens, starts, y = self._read_text(mine)
@@ -576,9 +588,26 @@ class DistributedLoader:
                     if me == self.root else None, counts, displs)
             x = (backend.to_device(tokens, self.xp), backend.to_device(starts, self.xp))
             return Batch(x, backend.to_device(y, self.xp), epoch, step, plan.global_size(step))
+        x, y = self._host_rows(epoch, step, mine)
+        return self._place(backend.to_device(x, self.xp), backend.to_device(y, self.xp),
+                           epoch, step, mine)
+
+    def _local_rows(self, epoch: int, step: int) -> np.ndarray:
+        """This rank's rows of the split in batch ``step`` of ``epoch``."""
+        return self.sample_rows(self.plan.local_indices(epoch, step, self.comm.rank,
+                                                        self._epoch_order(epoch)))
+
+    def _host_rows(self, epoch: int, step: int, mine: np.ndarray):
+        """(x, y) of this rank's rows of batch ``step`` on the host, as stored (not text).
+
+        Collective in scatter mode."""
+        plan = self.plan
+        counts, _ = plan.counts(step)
+        me = self.comm.rank
         if self.mode == "slice":
             x, y = self._read_agreed(mine)
         else:
+            order = self._epoch_order(epoch)
             # rows in batch order: rank r's block starts at displs[r]
             got = self._read_agreed(self.sample_rows(plan.global_indices(epoch, step, order))
                                     if me == self.root else None)
@@ -587,15 +616,18 @@ class DistributedLoader:
             y = np.empty((counts[me],), dtype=np.int64)
             self.comm.scatter(xs, x, counts=list(counts), root=self.root)
             self.comm.scatter(ys, y, counts=list(counts), root=self.root)
-        # move the stored (small, often uint8) rows first, then normalise on the backend
-        x = backend.to_device(x, self.xp)
+        return x, y
+
+    def _place(self, x, y, epoch: int, step: int, mine: np.ndarray) -> Batch:
+        """The batch from its stored rows already on the backend: augment, normalise."""
+        # the stored (small, often uint8) rows were moved first; normalise on the backend
         if self.augment is not None:      # keyed by (seed, epoch, file row): any P, any mode
             x = self.augment(x, epoch, mine)
         if self.normalise:
             x = self.normalisation.apply(x, self.dtype, self.xp)
         else:
             x = x.astype(self.dtype)
-        return Batch(x, backend.to_device(y, self.xp), epoch, step, plan.global_size(step))
+        return Batch(x, y, epoch, step, self.plan.global_size(step))
 
     def __iter__(self):
         """Yield the rest of the current epoch from :attr:`position`, advancing it.
@@ -604,8 +636,22 @@ class DistributedLoader:
         while processing it records the next batch; after the last batch it is
         ``(epoch + 1, 0)``.
         """
-        epoch = self._epoch
-        for step in range(self._step, self.steps_per_epoch):
+        epoch, steps = self._epoch, self.steps_per_epoch
+        if self.prefetch:             # on a device: mpifc.data.prefetch
+            if self._prefetcher is None:
+                from mpifc.data.prefetch import Prefetcher
+
+                self._prefetcher = Prefetcher(self)
+            pending = self._prefetcher.issue(epoch, self._step) if self._step < steps else None
+            for step in range(self._step, steps):
+                batch, ready = pending
+                backend.wait_event(ready)        # the compute stream waits for its copy
+                # the next batch's read and copy go ahead while this one computes
+                pending = self._prefetcher.issue(epoch, step + 1) if step + 1 < steps else None
+                self.set_position(epoch, step + 1)
+                yield batch
+            return
+        for step in range(self._step, steps):
             batch = self.get_batch(epoch, step)
             self.set_position(epoch, step + 1)
             yield batch

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpifc.backend import get_array_module, to_device
+from mpifc.backend import get_array_module, is_device_array, to_device
 from mpifc.nn import functional as F
 from mpifc.nn import init as I
 from mpifc.nn._common import place, resolve_dtype, resolve_xp
@@ -79,9 +79,9 @@ class EmbeddingBag(Module):
     def forward(self, idx, offsets=None, mask=None):
         if isinstance(idx, tuple):
             idx, offsets = idx
+        _check_ids(idx, self.num_embeddings)           # host ids: checked before the copy
         idx = to_device(idx, self.xp)                  # ids on the table's backend
         offsets = None if offsets is None else to_device(offsets, self.xp)
-        _check_ids(idx, self.num_embeddings)
         if self.padding_idx is not None and offsets is not None:
             idx, offsets = drop_padding(idx, offsets, self.padding_idx)
         elif self.padding_idx is not None:
@@ -125,5 +125,7 @@ def drop_padding(idx, offsets, padding_idx):
 def _check_ids(idx, V):
     if idx.dtype.kind not in "iu":
         raise TypeError(f"token ids must be integers, got dtype {idx.dtype}")
-    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= V):
+    # the range on host ids only: on a device it is two scalar reads per step (the
+    # loader checks token ids on the host, before the copy)
+    if idx.size and not is_device_array(idx) and (int(idx.min()) < 0 or int(idx.max()) >= V):
         raise ValueError(f"token ids must be in [0, {V}), got range [{int(idx.min())}, {int(idx.max())}]")

@@ -33,7 +33,7 @@ import math
 
 import numpy as np
 
-from mpifc.backend import get_array_module
+from mpifc.backend import get_array_module, is_device_array
 from mpifc.nn import blockpool
 from mpifc.nn.im2col import ConvPlan, col2im_block, im2col_block, workspace
 
@@ -619,10 +619,16 @@ def batchnorm_moments_to_sums(mean, m2, count):
     return count * mean, m2 + count * mean * mean
 
 
+def _at_least_1(count, xp):
+    """max(count, 1) for a count that is a number or a 0-d array (a count merged over
+    ranks stays on the device: reading it back would cost a scalar read per step)."""
+    return max(count, 1) if isinstance(count, (int, float)) else xp.maximum(count, 1)
+
+
 def batchnorm_sums_to_moments(s, ss, count):
     """Inverse of :func:`batchnorm_moments_to_sums` (M2 clamped at 0)."""
     xp = get_array_module(s)
-    mean = s / max(count, 1)
+    mean = s / _at_least_1(count, xp)
     return mean, xp.maximum(ss - count * mean * mean, 0.0)
 
 
@@ -652,7 +658,7 @@ def batchnorm_forward_from_stats(x, gamma, beta, mean, m2, count, eps=1e-5, shif
     """
     xp = get_array_module(x)
     mean = xp.asarray(mean, dtype=np.float64)
-    var = xp.asarray(m2, dtype=np.float64) / max(count, 1)
+    var = xp.asarray(m2, dtype=np.float64) / _at_least_1(count, xp)
     invstd64 = 1.0 / xp.sqrt(var + eps)
     k = shifted if shifted is not None else _bn_shift(x)
     dt = x.dtype
@@ -1033,9 +1039,13 @@ def embedding_bag_forward(E, idx, offsets=None, mask=None, mode="mean"):
             raise ValueError("with offsets, idx must be 1-D (all tokens back to back)")
         T = idx.shape[0]
         N = offsets.shape[0]
-        ends = xp.concatenate([offsets[1:], xp.asarray([T], dtype=offsets.dtype)])
+        # the end of the last bag made where the offsets live (no host-to-device copy)
+        ends = xp.concatenate([offsets[1:], xp.full(1, T, dtype=offsets.dtype)])
         counts = (ends - offsets).astype(np.int64)
-        if bool((counts < 0).any()) or (N and (int(offsets[0]) != 0 if T else False)):
+        # checked on host offsets only: on a device each check is a device-to-host read
+        # per call (the loader checks its batches on the host, before the copy)
+        if not is_device_array(offsets) and (
+                bool((counts < 0).any()) or (N and (int(offsets[0]) != 0 if T else False))):
             raise ValueError("offsets must start at 0 and be non-decreasing")
         # (T,) bag id of each token; searchsorted (not repeat with array counts) runs on CuPy too
         bag = xp.searchsorted(offsets, xp.arange(T), side="right") - 1
@@ -1099,8 +1109,15 @@ def softmax_cross_entropy_forward(logits, target, label_smoothing=0.0, ignore_in
         raise ValueError(f"target shape {target.shape} does not match logits {logits.shape}")
     valid = target != ignore_index
     tgt = xp.where(valid, target, 0)
-    if bool(((tgt < 0) | (tgt >= Q)).any()):
+    outside = (tgt < 0) | (tgt >= Q)
+    on_device = is_device_array(tgt)
+    # host targets: an error. On a device, raising would need a device-to-host read per
+    # step (the loader checks labels on the host before the copy): the rows are indexed
+    # safely and the loss made NaN instead, which the trainer's check reports
+    if not on_device and bool(outside.any()):
         raise ValueError(f"target class ids must be in [0, {Q}) or equal ignore_index")
+    if on_device:
+        tgt = xp.where(outside, 0, tgt)
     logp = log_softmax(logits)
     nll = -logp[xp.arange(N), tgt]
     if label_smoothing:
@@ -1108,6 +1125,8 @@ def softmax_cross_entropy_forward(logits, target, label_smoothing=0.0, ignore_in
     n_valid = valid.sum()
     denom = xp.maximum(n_valid, 1).astype(logits.dtype)
     loss = (nll * valid).sum() / denom
+    if on_device:
+        loss = xp.where(outside.any(), np.nan, loss).astype(loss.dtype)   # no host copy
     return loss, (logp, tgt, valid, denom, label_smoothing)
 
 

@@ -64,11 +64,13 @@ class _BatchNorm(Module):
                                                 self.running_var, self.eps)
             self._cache = ("eval", cache)
             return y
-        mean, m2, count, shifted = F.batchnorm_stats(x, return_shifted=True)
-        mean, m2, count = self.reduce_stats(mean, m2, count)
-        if count < 2:
+        mean, m2, local, shifted = F.batchnorm_stats(x, return_shifted=True)
+        mean, m2, count = self.reduce_stats(mean, m2, local)
+        # a merged count (SyncBatchNorm: a 0-d array where x lives) is at least the local
+        # one: read it back only when the local count alone is too small
+        if local < 2 and count < 2:
             raise ValueError(f"{type(self).__name__} needs more than one value per channel "
-                             f"in training mode (got {count})")
+                             f"in training mode (got {int(count)})")
         y, cache, mean, var = F.batchnorm_forward_from_stats(x, gamma, beta, mean, m2, count, self.eps,
                                                              shifted)
         m, dt = self.momentum, self.dtype

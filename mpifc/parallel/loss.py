@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpifc.backend import get_array_module
+from mpifc.backend import get_array_module, is_device_array
 from mpifc.nn.module import ShapeError
 from mpifc.parallel.base import ParallelModule
 from mpifc.parallel.init import shard_counts
@@ -57,7 +57,10 @@ class ParallelSoftmaxCrossEntropy(ParallelModule):
             self._refuse("target", target.shape, f"({N},) to match logits {tuple(logits.shape)}")
         if target.dtype.kind not in "iu":
             raise ShapeError(f"{self._where()}: target has dtype {target.dtype}, expected integer class ids")
-        if N and (int(target.min()) < 0 or int(target.max()) >= self.num_classes):
+        # host targets only: on a device the range is two scalar reads per step (the
+        # loader checks labels on the host, before the copy)
+        if N and not is_device_array(target) and (
+                int(target.min()) < 0 or int(target.max()) >= self.num_classes):
             raise ValueError(f"{self.name}: target class ids must be in [0, {self.num_classes})")
         with self.phase("forward"):
             # an empty shard contributes -inf to the max and 0 to the sums
@@ -76,6 +79,9 @@ class ParallelSoftmaxCrossEntropy(ParallelModule):
             self.group.allreduce(sums, out=sums)
         s, zt = sums[:N], sums[N:]
         loss = (xp.log(s) + m - zt).mean() if N else xp.zeros((), dtype=logits.dtype)
+        if N and is_device_array(target):    # out-of-range ids unchecked above: a NaN loss
+            bad = ((target < 0) | (target >= self.num_classes)).any()
+            loss = xp.where(bad, np.nan, loss).astype(loss.dtype)
         self._cache = (logits, e, s, m, local_t, mine)
         return loss
 
@@ -101,6 +107,11 @@ class ParallelSoftmaxCrossEntropy(ParallelModule):
         (N,) int64 candidates, in phase "<name>.metrics". Ties resolve to the
         first class, as ``numpy.argmax`` does on the full logits.
         """
+        return int(self.correct_array())
+
+    def correct_array(self):
+        """:meth:`correct` as a 0-d int64 array where the logits live (no host read;
+        the trainer reads its counts back once per log line)."""
         logits, e, s, m, local_t, mine = self._cache
         xp = get_array_module(logits)
         N = logits.shape[0]
@@ -112,7 +123,7 @@ class ParallelSoftmaxCrossEntropy(ParallelModule):
             cand[has] = first[has] + self.offset
         with self.phase("metrics"):
             self.group.allreduce(cand, op="min", out=cand)
-        return int((cand == (local_t + self.offset)).sum())
+        return (cand == (local_t + self.offset)).sum()
 
     # --- description ---
     def output_shape(self, input_shape):

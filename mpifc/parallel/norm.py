@@ -116,7 +116,9 @@ class _SyncBatchNorm(_BatchNorm):
         buf[2 * C] = count
         with self.phase("forward"):
             self.group.allreduce(buf, out=buf)
-        count = int(round(float(buf[2 * C])))
+        # the merged count stays a 0-d float64 array where x lives (exact: a sum of
+        # integers below 2**53); reading it back would be a scalar read per layer and step
+        count = buf[2 * C]
         return (*F.batchnorm_sums_to_moments(buf[:C], buf[C:2 * C], count), count)
 
     def reduce_backward_stats(self, sum_dy, sum_dy_xhat):
@@ -147,12 +149,12 @@ class _SyncBatchNorm(_BatchNorm):
         if self.num_features == 0 and self.training:
             # an empty channel shard: no statistics, but the same messages as its group
             self._check(x)
-            count = x.shape[0] * math.prod(x.shape[2:])
+            local = x.shape[0] * math.prod(x.shape[2:])
             empty = get_array_module(x).zeros(0, dtype=np.float64)
-            _, _, count = self.reduce_stats(empty, empty, count)
-            if count < 2:
+            _, _, count = self.reduce_stats(empty, empty, local)
+            if local < 2 and count < 2:       # read the merged count only when it may be short
                 raise ValueError(f"{type(self).__name__} needs more than one value per channel "
-                                 f"in training mode (got {count})")
+                                 f"in training mode (got {int(count)})")
             self.num_batches_tracked += 1
             self._cache = ("empty",)
             self._x_shape = x.shape

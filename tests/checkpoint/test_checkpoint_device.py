@@ -38,7 +38,7 @@ def _losses(tr, n):
     out = []
     for batch, _ in zip(tr.loader, range(n)):
         loss, _ = tr.train_step(batch)
-        out.append(loss / int(batch.y.shape[0]))
+        out.append(float(loss) / int(batch.y.shape[0]))     # a 0-d device array: read it
     return np.array(out)
 
 

@@ -348,8 +348,12 @@ def test_cross_entropy_values(xp):
     np.testing.assert_allclose(float(loss), -(q * lp).sum(), rtol=1e-12)
     loss, c = F.softmax_cross_entropy_forward(z, xp.asarray([-100, -100, -100]))
     assert float(loss) == 0.0 and float(xp.abs(F.softmax_cross_entropy_backward(c)).max()) == 0.0
-    with pytest.raises(ValueError):
-        F.softmax_cross_entropy_forward(z, xp.asarray([0, 3, 1]))
+    if xp is np:
+        with pytest.raises(ValueError):
+            F.softmax_cross_entropy_forward(z, xp.asarray([0, 3, 1]))
+    else:       # on a device: no host read per call; a NaN loss instead
+        loss, _ = F.softmax_cross_entropy_forward(z, xp.asarray([0, 3, 1]))
+        assert np.isnan(float(loss))
 
 
 def test_mse_gradcheck(xp):

@@ -4,8 +4,9 @@ The double's arrays refuse every implicit conversion to NumPy, so a step that ru
 at all keeps model, gradients, optimizer state, batch and loss on the "device"; its
 copy counters then check the copies against the design:
 
-* the loader: one host-to-device copy per batch array (x, y) per step, and the
-  normalisation's (mean, 1/std) once, with the first batch;
+* the loader: one host-to-device copy per batch array (x, y) per step (prefetched: the
+  first request issues the first two batches), and the normalisation's (mean, 1/std)
+  once, with the first batch;
 * staged communication (mpifc/comm/staging.py): every collective of the step on a
   device buffer -- the messages mpifc.sim.workload.describe_step predicts, less the
   trainer's host-side checks (check.finite, clip.norm) -- one device-to-host copy
@@ -62,8 +63,9 @@ def _steps(tr, n=STEPS):
         c0 = cp.snapshot()
         batch = next(it)
         loss, _ = tr.train_step(batch)
-        assert _agree_finite(tr.grid.world, loss)
         c1 = cp.snapshot()
+        loss = float(loss)          # read back after the count: the trainer reads per window
+        assert _agree_finite(tr.grid.world, loss)
         out.append((loss / int(batch.y.shape[0]), {k: c1[k] - c0[k] for k in c1}))
     return out
 
@@ -114,14 +116,18 @@ def test_digits_cnn_steps_on_the_double(comm, mpi_tmp_path, dev, aware):
         for k, ((loss, c), (want_loss, _)) in enumerate(zip(steps, host)):
             assert abs(loss - want_loss) <= 1e-5 * max(1.0, abs(want_loss)), (name, k)
             once = 2 if (k == 0 and norm) else 0     # the normalisation's mean, 1/std: once
+            # prefetch: the first step's batch request also issues the second batch's copies
+            once += 2 if (k == 0 and tr.loader.prefetch) else 0
             assert (c["d2h"], c["h2d"]) == (d2h, h2d + once), (name, k, c)
             if k:
                 assert c["pinned_allocs"] == 0, (name, k)   # staging buffers reused
-            assert c["scalar"] == steps[0][1]["scalar"], (name, k)   # loss, correct, checks
+            # no scalar read inside a step: loss and correct stay on the device, the
+            # label/shape checks run on the host batch, SyncBatchNorm's count stays there
+            assert c["scalar"] == 0, (name, k, c)
         if not aware and comm.size > 1:
             assert cp.counts["pinned_allocs"] > pinned0
         print(f"OK {name} {'cuda-aware' if aware else 'staged'}: per step d2h {d2h}, h2d {h2d}, "
-              f"scalar reads {steps[0][1]['scalar']}")
+              "scalar reads 0")
         # optimizer state lives on the device too
         state = [v for slot in tr.opt.state.values() for v in slot if v is not None]
         assert state and all(type(v) is cp.ndarray for v in state)
