@@ -56,8 +56,10 @@ element-wise work as bytes moved (reads + writes) counted from the NumPy code of
 each layer (see ``_PASSES``), since those kernels are memory-bound.
 
 Memory per rank: parameters + gradients (the bucket buffers) + optimizer slots +
-what the forward keeps for the backward (layer inputs, im2col columns,
-masks, normalised activations) + the largest live activation.
+what the forward keeps for the backward (StepDescription.kept: layer inputs by
+reference -- no im2col columns, no normalised copy --, 1-byte masks, uint8 argmax
+offsets) + twice the largest live activation + the kernels' reusable scratch (conv
+column / dcol / per-image dW blocks per geometry, a BatchNorm block).
 """
 from __future__ import annotations
 
@@ -689,12 +691,13 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             else:
                 Cl, Kl = C, K
                 new = _Act((K, Ho, Wo))
-            # conv2d_forward: im2col (C_r R S, b Ho Wo), one GEMM, the (K, b, Ho, Wo) ->
-            # NCHW copy (with the bias add on an out-channel or serial conv)
+            # conv2d_forward, per block of images (conv_blocks): unfold into the reused
+            # column buffer, one batched GEMM written into the NCHW output, the bias (on
+            # an out-channel or serial conv) while the block is in cache
             M = b * Ho * Wo
             f = 2 * b * Kl * Ho * Wo * Cl * R * S_
-            # the conv rate is calibrated on conv2d_forward itself (im2col, GEMM, output
-            # copy), so the forward is one phase at that rate
+            # the conv rate is calibrated on conv2d_forward itself (unfold and GEMM per
+            # block), so the forward is one phase at that rate
             f_ph += pre_f
             f_ph.append(compute(f"{name}.forward", f, "conv", "forward", 1))
             if gathered:
