@@ -163,7 +163,13 @@ def col2im_cost(N, C, H, W, R, S, Ho, Wo, pads, s, stride=1, dilation=1):
     stride-1 'same' conv) assigns dx first (a copy), else dx is zero-filled; every
     other offset adds its rectangle into dx with a strided += (reads both, writes dx).
     Nothing is padded or cropped. A 1x1 stride-1 unpadded conv folds nothing (its
-    dcol GEMM writes dx)."""
+    dcol GEMM writes dx).
+
+    Rows count once per strided operand of a ufunc pass (NumPy restarts the inner
+    loop of each; calibrate's row_s is measured with one): a += into a strided view of
+    dx from a strided view of dcol has three (dx read, dcol read, dx written) -- 92 us
+    for 6144 rows of 3 here against 29 us for the strided copy that im2col makes. A
+    copy is one pass whatever its operands."""
     plan = conv_plan(C, H, W, R, S, Ho, Wo, pads, stride, dilation)
     if plan.identity:
         return 0.0, 0, 0
@@ -174,7 +180,7 @@ def col2im_cost(N, C, H, W, R, S, Ho, Wo, pads, s, stride=1, dilation=1):
     first = (2.0 if full else 1.0) * N * C * H * W * s
     rest = [o for o in offs if not full or o is not full[0]]
     area = sum((o[3] - o[2]) * (o[5] - o[4]) for o in rest)
-    rows = N * C * sum(o[3] - o[2] for o in rest) + (N * C if full else 0)
+    rows = 3 * N * C * sum(o[3] - o[2] for o in rest) + (N * C if full else 0)
     return first + 3.0 * N * C * area * s, blocks * (1 + len(rest)), rows
 
 
@@ -205,7 +211,16 @@ def maxpool_cost(N, C, H, W, R, S, sh, sw, pads, Ho, Wo, s):
         fb = (S - 1) * e1 * (5.0 * s + 1) + max(S - 2, 0) * 8.0 * e1 + (e1 if S == 1 else 0)
         fb += (R - 1) * out * (5.0 * s + 12)
         fc = 6 + 2 * (S - 1) + 3 * max(S - 2, 0) + 6 * (R - 1) + (1 if S == 1 else 0)
-        fr = (S - 1) * 2 * N * C * Ho * R + (R - 1) * 3 * rows
+        # rows: once per strided operand whose rows are not contiguous with each
+        # other (see col2im_cost). Stage 1's column views x[..., s::S] merge H and W
+        # into one strided run when the windows cover W (a row per (n, c)), else a
+        # row per window row; its first column compares and takes the maximum of two
+        # such views (4), later ones of one (2). Stage 2's row views have rows of Wo
+        # elements; its first row has y and idx strided too (7: compare 2, index + 1,
+        # subtract 1, + 1, maximum 2), later rows 3
+        r1 = N * C if Wo * S == W else N * C * Ho * R
+        fr = (min(S - 1, 1) * 4 + max(S - 2, 0) * 2) * r1
+        fr += (min(R - 1, 1) * 7 + max(R - 2, 0) * 3) * rows
         if R == 1 or S == 1:                      # the contiguous copies of y / idx
             fb += out * (2.0 * s + 2)
             fc += 2

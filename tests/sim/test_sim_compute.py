@@ -122,13 +122,14 @@ def test_im2col_and_col2im_costs_by_hand():
     nb, calls, rows = im2col_cost(2, 3, 4, 4, 3, 3, 4, 4, pads, 4)
     assert (nb, calls, rows) == (2 * 6 * 100 * 4, 9, 6 * 30)
     # col2im_block: the centre offset assigns dx (a copy of 16 pixels), the other 8 add
-    # their 84 pixels with a strided += (3 passes); no zero fill, no crop
+    # their 84 pixels with a strided += (3 passes); no zero fill, no crop; a += has
+    # three strided operands (dx read and written, dcol read): 3 rows per view row
     nb, calls, rows = col2im_cost(2, 3, 4, 4, 3, 3, 4, 4, pads, 4)
-    assert (nb, calls, rows) == (2 * 6 * 16 * 4 + 3 * 6 * 84 * 4, 9, 6 * 26 + 6)
+    assert (nb, calls, rows) == (2 * 6 * 16 * 4 + 3 * 6 * 84 * 4, 9, 3 * 6 * 26 + 6)
     # no padding: no offset covers the input, dx is zero-filled, 9 strided +=
     assert im2col_cost(2, 3, 4, 4, 3, 3, 2, 2, ((0, 0), (0, 0)), 4) == (2 * 6 * 36 * 4, 9, 108)
     assert col2im_cost(2, 3, 4, 4, 3, 3, 2, 2, ((0, 0), (0, 0)), 4) == (
-        6 * 16 * 4 + 3 * 6 * 36 * 4, 10, 108)
+        6 * 16 * 4 + 3 * 6 * 36 * 4, 10, 3 * 108)
     # a 1x1 stride-1 conv: x is the columns and dcol is dx (nothing copied)
     assert im2col_cost(2, 3, 4, 4, 1, 1, 4, 4, ((0, 0), (0, 0)), 4) == (0.0, 0, 0)
     assert col2im_cost(2, 3, 4, 4, 1, 1, 4, 4, ((0, 0), (0, 0)), 4) == (0.0, 0, 0)
@@ -154,9 +155,14 @@ def test_maxpool_cost_by_hand():
     # (2, 3, 4, 4) -> 2x2 windows, stride 2: tiling, two stages. Stage 1 on the 48
     # window-row elements (compare 2s+1, maximum 3s; column index = the mask itself);
     # stage 2 on the 24 outputs (compare 2s+1, index + 2, subtract, *=, + (3 each),
-    # maximum 3s); strided rows: 2 ops on N*C*Ho*R = 24 rows, 3 ops on N*C*Ho = 12 rows
+    # maximum 3s); strided rows once per strided operand: stage 1's column views run
+    # over H and W in one strided run (a row per (n, c): 6), compare and maximum each
+    # read two; stage 2 on rows of Wo (N*C*Ho = 12): 7 strided operands
     fwd, bwd = maxpool_cost(2, 3, 4, 4, 2, 2, 2, 2, ((0, 0), (0, 0)), 2, 2, 4)
-    assert fwd == (48 * 21 + 24 * 32, 6 + 2 + 6, 2 * 24 + 3 * 12)
+    assert fwd == (48 * 21 + 24 * 32, 6 + 2 + 6, 4 * 6 + 7 * 12)
+    # a 5x5 input with 2x2 windows: stage 1 views leave column 4 out (a row per
+    # window row, N*C*Ho*R = 24)
+    assert maxpool_cost(2, 3, 5, 5, 2, 2, 2, 2, ((0, 0), (0, 0)), 2, 2, 4)[0][2] == 4 * 24 + 7 * 12
     # windows cover the input exactly: no zero fill; 4 offsets x (idx == k: 2,
     # dy * mask into the window: 1 + 2s)
     assert bwd == (4 * 24 * 11, 3 + 12, 4 * 12)
