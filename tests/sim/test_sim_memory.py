@@ -99,3 +99,31 @@ def test_scratch_equals_the_workspaces_a_step_leaves():
     real = sum(a.nbytes for a in I._local.buffers.values())
     d = describe_step(cfg, 1, 1, global_batch=rows)
     assert d.memory["scratch"] == real
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("name", ["digits-mlp", "digits-cnn"])
+def test_kept_bytes_per_layer_on_every_layout(name):
+    """Sharded layers (column/row linear, out/in-channel conv, SyncBatchNorm): each
+    rank's layers keep what describe_step says for that rank (its own shards and the
+    copies a row linear / in-channel conv takes of a whole input)."""
+    from mpifc.comm import balanced_counts
+    from mpifc.models import build_model
+    from step_oracle import grid_for
+
+    comm = world()
+    N, B = comm.size, 24
+    cfg = load_config(name)
+    for tp in (t for t in range(1, N + 1) if N % t == 0):
+        grid = grid_for(comm, N // tp, tp)
+        net = build_model(cfg["model"], grid, seed=0)
+        net.train()
+        counts, displs = balanced_counts(B, grid.dp)
+        x = np.random.default_rng(0).standard_normal((B,) + tuple(cfg["model"]["input"]))
+        x = x[displs[grid.dp_rank]:displs[grid.dp_rank] + counts[grid.dp_rank]]
+        net.forward(np.ascontiguousarray(x, dtype=np.float32))
+        real = layer_kept_bytes(net)
+        d = describe_step(cfg, grid.dp, tp, global_batch=B, dp_rank=grid.dp_rank,
+                          tp_rank=grid.tp_rank)
+        assert {nm: d.kept.get(nm, 0.0) for nm in net.names} == pytest.approx(real), \
+            (name, grid.dp, tp, grid.tp_rank)
