@@ -765,7 +765,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                 scratch[("col", plan.key)] = nblk * Cl * R * S_ * Ho * Wo * s
                 if in_grad:
                     scratch[("dcol", plan.key)] = nblk * Cl * R * S_ * Ho * Wo * s
-            scratch[("dWb", plan.key)] = nblk * KD * s
+            scratch[("dWb", plan.key, Kl)] = nblk * KD * s
             act = new
 
         elif t in NORMS:
@@ -781,7 +781,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             per = max(1, n_in // max(b, 1) * s)
             nbn = max(1, min(b, F.BN_BLOCK_BYTES // per))
             bn_blocks = -(-b // nbn) if b else 1
-            scratch[("bn.d", per)] = nbn * per
+            scratch[("bn.d", nbn, c_loc, per)] = nbn * per
             f_ph.append(elem(f"{name}.forward", _PASSES["bn_fwd"] * n_in * s, "forward",
                              _CALLS["bn_fwd"] + bn_blocks * _CALLS["bn_fwd_block"]
                              + sync * _CALLS["bn_sync_fwd"], 6 * bc_rows))

@@ -89,16 +89,40 @@ def test_conv_keeps_its_input_not_columns():
     assert d.kept["pool1"] == rows * 32 * 4 * 4          # uint8 argmax offsets
 
 
+def _same_geometry():
+    """Two convs on the same (8, 8, 8) geometry with different K (one column buffer,
+    two per-image dW blocks), a 1x1 conv (no columns), BN on two shapes."""
+    import copy
+    cfg = copy.deepcopy(load_config("digits-cnn"))
+    cfg["name"] = "geometry"
+    cfg["model"]["layers"] = [
+        {"type": "conv2d", "out": 8, "kernel": 3, "padding": 1},
+        {"type": "batchnorm2d"}, {"type": "relu"},
+        {"type": "conv2d", "out": 8, "kernel": 3, "padding": 1},
+        {"type": "conv2d", "out": 16, "kernel": 1},
+        {"type": "batchnorm2d"}, {"type": "relu"},
+        {"type": "maxpool2d", "kernel": 2}, {"type": "flatten"},
+        {"type": "linear", "out": 10}]
+    return cfg
+
+
 @serial
-def test_scratch_equals_the_workspaces_a_step_leaves():
+@pytest.mark.parametrize("name", ["digits-cnn", "cifar-cnn", "geometry"])
+def test_scratch_equals_the_workspaces_a_step_leaves(name):
+    from mpifc.models import build_model
+
     rows = 64
-    cfg, net = _forward("digits-cnn", rows)
+    cfg = _same_geometry() if name == "geometry" else load_config(name)
+    net = build_model(cfg["model"], Grid(world(), 1, 1), seed=0)
+    net.train()
     I._local.buffers = {}                  # only this step's workspaces
-    net.forward(np.zeros((rows, 1, 8, 8), np.float32))
-    net.backward(np.ones((rows, 10), np.float32))
+    y = net.forward(np.zeros((rows,) + tuple(cfg["model"]["input"]), np.float32))
+    kept = layer_kept_bytes(net)
+    net.backward(np.ones_like(y))
     real = sum(a.nbytes for a in I._local.buffers.values())
     d = describe_step(cfg, 1, 1, global_batch=rows)
     assert d.memory["scratch"] == real
+    assert {nm: d.kept.get(nm, 0.0) for nm in net.names} == pytest.approx(kept)
 
 
 @pytest.mark.mpi(min_size=2)
