@@ -99,6 +99,7 @@ def _same_geometry():
         {"type": "conv2d", "out": 8, "kernel": 3, "padding": 1},
         {"type": "batchnorm2d"}, {"type": "relu"},
         {"type": "conv2d", "out": 8, "kernel": 3, "padding": 1},
+        {"type": "conv2d", "out": 16, "kernel": 3, "padding": 1},
         {"type": "conv2d", "out": 16, "kernel": 1},
         {"type": "batchnorm2d"}, {"type": "relu"},
         {"type": "maxpool2d", "kernel": 2}, {"type": "flatten"},
