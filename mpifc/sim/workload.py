@@ -90,7 +90,10 @@ _PASSES = {
     # stats d = x-k (2), einsum sum (1), einsum dot (2); normalise d = x-k (2), y = d*a
     # (2), y += c (2) ; backward stats d = x-k (2), einsum dy (1), einsum dy.d (2); dx:
     # d = x-k (2), d *= e (2), dx = dy*a (2), dx -= d (3), dx += f (2)
-    "bn_fwd": 11, "bn_bwd": 16,
+    # Of these, the passes over whole tensors in main memory: x read by the stats and
+    # by the normalise loop, y written (y += c finds its block in cache) ; x and dy
+    # read by the stats loop and again by the dx loop, dx written
+    "bn_fwd": 11, "bn_bwd": 16, "bn_fwd_io": 3, "bn_bwd_io": 5,
     "ln_fwd": 11, "ln_bwd": 20,
     "loss_fwd": 7, "loss_bwd": 5, "metrics": 3,
     "grad_acc": 3,                           # grad[...] += block (read both, write)
@@ -782,12 +785,19 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             nbn = max(1, min(b, F.BN_BLOCK_BYTES // per))
             bn_blocks = -(-b // nbn) if b else 1
             scratch[("bn.d", nbn, c_loc, per)] = nbn * per
-            f_ph.append(elem(f"{name}.forward", _PASSES["bn_fwd"] * n_in * s, "forward",
-                             _CALLS["bn_fwd"] + bn_blocks * _CALLS["bn_fwd_block"]
+            # two phases: the passes on the scratch block (all the calls, each of a
+            # block's size: the cached rate) and the passes over x, y, dy and dx
+            # themselves ("io": priced as calls of the whole tensor's size, the rate of
+            # an array that size -- main memory once it outgrows the caches)
+            fio, bio = _PASSES["bn_fwd_io"], _PASSES["bn_bwd_io"]
+            f_ph.append(elem(f"{name}.forward", (_PASSES["bn_fwd"] - fio) * n_in * s, "forward",
+                             _CALLS["bn_fwd"] + bn_blocks * _CALLS["bn_fwd_block"] - fio
                              + sync * _CALLS["bn_sync_fwd"], 6 * bc_rows))
-            b_ph.append(elem(f"{name}.backward", _PASSES["bn_bwd"] * n_in * s, "backward",
-                             _CALLS["bn_bwd"] + bn_blocks * _CALLS["bn_bwd_block"]
+            f_ph.append(elem(f"{name}.forward.io", fio * n_in * s, "forward", fio))
+            b_ph.append(elem(f"{name}.backward", (_PASSES["bn_bwd"] - bio) * n_in * s, "backward",
+                             _CALLS["bn_bwd"] + bn_blocks * _CALLS["bn_bwd_block"] - bio
                              + sync * _CALLS["bn_sync_bwd"], 7 * bc_rows))
+            b_ph.append(elem(f"{name}.backward.io", bio * n_in * s, "backward", bio))
             if dp > 1:       # SyncBatchNorm over the data group
                 # float64 [sum x, sum x^2, count] (parallel/norm.py), whatever the model dtype
                 c, ph = comm(f"{name}.forward", "allreduce", 2 * c_loc + 1, "dp", "forward",

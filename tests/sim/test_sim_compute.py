@@ -191,9 +191,15 @@ def test_batchnorm_blocks():
     d = describe_step(load_config("digits-cnn"), 1, 1, global_batch=64)
     by = {p.label: p for p in d.workload.phases}
     from mpifc.sim.workload import _CALLS, _PASSES
-    assert by["bn1.forward"].calls == _CALLS["bn_fwd"] + 2 * _CALLS["bn_fwd_block"]
-    assert by["bn2.backward"].calls == _CALLS["bn_bwd"] + _CALLS["bn_bwd_block"]
-    assert by["bn1.backward"].bytes == _PASSES["bn_bwd"] * 64 * 32 * 64 * 4
+    def both(label):         # the block passes and the passes over the tensors (io)
+        return [by[label].calls + by[label + ".io"].calls, by[label].bytes + by[label + ".io"].bytes]
+    n1, n2 = 64 * 32 * 64 * 4, 64 * 64 * 16 * 4
+    assert both("bn1.forward") == [_CALLS["bn_fwd"] + 2 * _CALLS["bn_fwd_block"], 11 * n1]
+    assert both("bn2.backward") == [_CALLS["bn_bwd"] + _CALLS["bn_bwd_block"], 16 * n2]
+    # io: x twice and y once forward; x and dy twice and dx once backward, each call
+    # the size of the whole tensor (the rate of an array that size)
+    assert by["bn1.forward.io"].bytes / by["bn1.forward.io"].calls == n1
+    assert by["bn1.backward.io"].bytes == 5 * n1 and by["bn1.backward.io"].calls == 5
     assert d.memory["scratch"] > 0
 
 
