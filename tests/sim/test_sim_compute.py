@@ -192,7 +192,8 @@ def test_batchnorm_blocks():
     by = {p.label: p for p in d.workload.phases}
     from mpifc.sim.workload import _CALLS, _PASSES
     def both(label):         # the block passes and the passes over the tensors (io)
-        return [by[label].calls + by[label + ".io"].calls, by[label].bytes + by[label + ".io"].bytes]
+        io = by[label + ".io"]
+        return [by[label].calls + io.calls, by[label].bytes + io.bytes]
     n1, n2 = 64 * 32 * 64 * 4, 64 * 64 * 16 * 4
     assert both("bn1.forward") == [_CALLS["bn_fwd"] + 2 * _CALLS["bn_fwd_block"], 11 * n1]
     assert both("bn2.backward") == [_CALLS["bn_bwd"] + _CALLS["bn_bwd_block"], 16 * n2]
