@@ -56,8 +56,10 @@ element-wise work as bytes moved (reads + writes) counted from the NumPy code of
 each layer (see ``_PASSES``), since those kernels are memory-bound.
 
 Memory per rank: parameters + gradients (the bucket buffers) + optimizer slots +
-what the forward keeps for the backward (layer inputs, im2col columns,
-masks, normalised activations) + the largest live activation.
+what the forward keeps for the backward (StepDescription.kept: layer inputs by
+reference -- no im2col columns, no normalised copy --, 1-byte masks, uint8 argmax
+offsets) + twice the largest live activation + the kernels' reusable scratch (conv
+column / dcol / per-image dW blocks per geometry, a BatchNorm block).
 """
 from __future__ import annotations
 
@@ -69,6 +71,7 @@ import numpy as np
 from mpifc.comm.counts import balanced_counts
 from mpifc.errors import UserError
 from mpifc.nn import functional as F
+from mpifc.nn.im2col import COL_BLOCK_BYTES, ConvPlan
 from mpifc.parallel.data import MIN_BUCKETS, bucket_cap
 from mpifc.parallel.describe import Collective
 from mpifc.sim.engine import Phase, Workload
@@ -83,8 +86,14 @@ _PASSES = {
     "bias_fwd": 2, "bias_bwd": 1,            # y += b ; db = dy.sum(0)
     "relu_fwd": 3.25, "relu_bwd": 2.25,      # max(x,0), mask=y>0 (1 byte) ; dy*mask
     "act_fwd": 6, "act_bwd": 8,              # tanh / sigmoid / gelu / leaky: a few passes
-    "bn_fwd": 11, "bn_bwd": 12,              # sum, einsum (2), (x-m), *invstd, *g, +b ;
-                                             # sum, einsum (2), dy*a, dx-=c, xhat*c, dx-=
+    # per block of samples, through a cache-resident scratch d (functional._bn_blocks):
+    # stats d = x-k (2), einsum sum (1), einsum dot (2); normalise d = x-k (2), y = d*a
+    # (2), y += c (2) ; backward stats d = x-k (2), einsum dy (1), einsum dy.d (2); dx:
+    # d = x-k (2), d *= e (2), dx = dy*a (2), dx -= d (3), dx += f (2)
+    # Of these, the passes over whole tensors in main memory: x read by the stats and
+    # by the normalise loop, y written (y += c finds its block in cache) ; x and dy
+    # read by the stats loop and again by the dx loop, dx written
+    "bn_fwd": 11, "bn_bwd": 16, "bn_fwd_io": 3, "bn_bwd_io": 5,
     "ln_fwd": 11, "ln_bwd": 20,
     "loss_fwd": 7, "loss_bwd": 5, "metrics": 3,
     "grad_acc": 3,                           # grad[...] += block (read both, write)
@@ -99,7 +108,10 @@ _CALLS = {
     "relu_fwd": 3, "relu_bwd": 2,                     # with the layer dispatch
     "act_fwd": {"leakyrelu": 4, "gelu": 9, "tanh": 2, "sigmoid": 4},
     "act_bwd": {"leakyrelu": 3, "gelu": 11, "tanh": 4, "sigmoid": 4},
-    "bn_fwd": 22, "bn_bwd": 14, "bn_sync_fwd": 6, "bn_sync_bwd": 4,
+    # BatchNorm: calls outside the block loop (shift, per-channel float64 coefficients,
+    # running statistics, workspace and share set-up) and calls per block of samples
+    "bn_fwd": 50, "bn_bwd": 50, "bn_fwd_block": 8, "bn_bwd_block": 10,
+    "bn_sync_fwd": 6, "bn_sync_bwd": 4,
     "flatten": 2,
     "loss_fwd": 24, "loss_bwd": 10, "metrics": 5,
     "ploss_fwd": 20, "ploss_bwd": 8, "pmetrics": 10,
@@ -118,50 +130,116 @@ def _pad_cost(N, C, H, W, pads, s):
     return float((2 * N * C * H * W + N * C * (Hp * Wp - H * W)) * s), 2 + sides, N * C * H
 
 
-def im2col_cost(N, C, H, W, R, S, Ho, Wo, pads, s):
-    """(bytes, calls, rows) of functional.im2col: pad, then one strided copy of
-    (C, N, Ho, Wo) per kernel offset (rows of Wo elements)."""
-    pb, pc, pr = _pad_cost(N, C, H, W, pads, s)
-    return (pb + R * S * 2.0 * C * N * Ho * Wo * s, pc + 3 + 3 * R * S,
-            pr + R * S * C * N * Ho)
+def conv_plan(C, H, W, R, S, Ho, Wo, pads, stride=1, dilation=1) -> ConvPlan:
+    """The kernel's own geometry (:class:`mpifc.nn.im2col.ConvPlan`: per kernel offset,
+    the output rectangle whose input pixels lie inside the image); no array is built."""
+    return ConvPlan((1, C, H, W), R, S, F._pair(stride), pads, F._pair(dilation), Ho, Wo)
 
 
-def col2im_cost(N, C, H, W, R, S, Ho, Wo, pads, s):
-    """(bytes, calls, rows) of functional.col2im: zero the padded (C, N, Hp, Wp) sum,
-    one strided += per kernel offset, then the cropped transposed copy to NCHW."""
-    (t, b), (l, r) = pads
-    Hp, Wp = H + t + b, W + l + r
-    padded = bool(t or b or l or r)
-    nbytes = (C * N * Hp * Wp + R * S * 3.0 * C * N * Ho * Wo + 2.0 * N * C * H * W) * s
-    rows = R * S * C * N * Ho + (N * C * H if padded else N * C)
-    return nbytes, 6 + 3 * R * S, rows
+def conv_blocks(N, plan: ConvPlan, s) -> tuple[int, int]:
+    """(images per block, blocks) of conv2d_forward/backward on the host: a block's
+    columns fit COL_BLOCK_BYTES (ConvPlan.block)."""
+    per_image = plan.C * plan.R * plan.S * plan.Ho * plan.Wo * s
+    n = max(1, min(N, COL_BLOCK_BYTES // max(per_image, 1)))
+    return n, -(-N // n) if N else 0
+
+
+def im2col_cost(N, C, H, W, R, S, Ho, Wo, pads, s, stride=1, dilation=1):
+    """(bytes, calls, rows) of unfolding N images a block at a time (im2col_block) into
+    the reused column buffer: per block, one strided copy per kernel offset of the
+    output rectangle whose input lies inside the image (the padded margins of the
+    buffer stay zero from its first use: no pad pass, no zero fill per step); rows of
+    that rectangle's width. A 1x1 stride-1 unpadded conv unfolds nothing (x is the
+    columns)."""
+    plan = conv_plan(C, H, W, R, S, Ho, Wo, pads, stride, dilation)
+    if plan.identity:
+        return 0.0, 0, 0
+    _, blocks = conv_blocks(N, plan, s)
+    area = sum((o[3] - o[2]) * (o[5] - o[4]) for o in plan.offsets)
+    rows = sum(o[3] - o[2] for o in plan.offsets)
+    return 2.0 * N * C * area * s, blocks * len(plan.offsets), N * C * rows
+
+
+def col2im_cost(N, C, H, W, R, S, Ho, Wo, pads, s, stride=1, dilation=1):
+    """(bytes, calls, rows) of folding dcol back into dx a block at a time
+    (col2im_block): an offset that reads every input pixel once (the centre of a
+    stride-1 'same' conv) assigns dx first (a copy), else dx is zero-filled; every
+    other offset adds its rectangle into dx with a strided += (reads both, writes dx).
+    Nothing is padded or cropped. A 1x1 stride-1 unpadded conv folds nothing (its
+    dcol GEMM writes dx).
+
+    Rows count once per strided operand of a ufunc pass (NumPy restarts the inner
+    loop of each; calibrate's row_s is measured with one): a += into a strided view of
+    dx from a strided view of dcol has three (dx read, dcol read, dx written) -- 92 us
+    for 6144 rows of 3 here against 29 us for the strided copy that im2col makes. A
+    copy is one pass whatever its operands."""
+    plan = conv_plan(C, H, W, R, S, Ho, Wo, pads, stride, dilation)
+    if plan.identity:
+        return 0.0, 0, 0
+    _, blocks = conv_blocks(N, plan, s)
+    offs = plan.offsets
+    full = [o for o in offs if o[6].step == 1 and o[7].step == 1
+            and (o[3] - o[2], o[5] - o[4]) == (H, W)]
+    first = (2.0 if full else 1.0) * N * C * H * W * s
+    rest = [o for o in offs if not full or o is not full[0]]
+    area = sum((o[3] - o[2]) * (o[5] - o[4]) for o in rest)
+    rows = 3 * N * C * sum(o[3] - o[2] for o in rest) + (N * C if full else 0)
+    return first + 3.0 * N * C * area * s, blocks * (1 + len(rest)), rows
 
 
 def maxpool_cost(N, C, H, W, R, S, sh, sw, pads, Ho, Wo, s):
     """((fwd bytes, calls, rows), (bwd bytes, calls, rows)) of maxpool2d_forward/backward.
 
-    Forward, per output element: the first offset copies the window (a strided read);
-    each further offset compares (v > y), stores the offset where better (1-byte mask
-    and index, putmask) and takes the maximum; v is a strided view (rows of Wo).
-    Backward: zero dx, then per offset idx == k and dy * mask multiplied straight into
-    the strided window (or into a temporary then += when windows overlap); a padded
-    input is cropped with a copy.
+    Windows that tile the input (stride == kernel, no padding: functional._maxpool_tiles)
+    reduce in two stages: stage 1 over the S columns of each window row on the
+    (N, C, Ho*R, Wo) strided views (compare 2s+1, maximum 3s; from the third column on,
+    the uint8 column index updated without a branch: subtract 2, *= 3, += 3), stage 2
+    over the R row maxima on (N, C, Ho, Wo) (compare, the row's column index + r*S 2,
+    subtract 3, *= 3, + 3, maximum 3s). Other windows: pad with -inf, copy the first
+    window, then per further offset compare, the branch-free index update (8) and
+    maximum. The argmax offset is uint8 (int32 from 256 window positions).
+    Backward: per offset ``idx == k`` (read idx, write the mask) and ``dy * mask`` into
+    the strided window (or into a temporary that += adds when windows overlap); dx
+    is zero-filled unless the windows cover it exactly; a padded input is cropped with
+    a copy.
     """
     out, n_in = N * C * Ho * Wo, N * C * H * W
     rows = N * C * Ho
     k = R * S
-    pb, pc, pr = _pad_cost(N, C, H, W, pads, s)
     idx = 1 if k < 256 else 4
-    fwd = (pb + out * idx + 2.0 * out * s + (k - 1) * out * (5.0 * s + 3),
-           pc + 4 + 2 * k + 3 * (k - 1), pr + rows * (1 + 2 * (k - 1)))
+    (t, b), (l, r) = pads
+    padded = bool(t or b or l or r)
+    if F._maxpool_tiles(R, S, sh, sw, pads):
+        e1 = N * C * Ho * R * Wo                  # stage 1 elements (window rows)
+        fb = (S - 1) * e1 * (5.0 * s + 1) + max(S - 2, 0) * 8.0 * e1 + (e1 if S == 1 else 0)
+        fb += (R - 1) * out * (5.0 * s + 12)
+        fc = 6 + 2 * (S - 1) + 3 * max(S - 2, 0) + 6 * (R - 1) + (1 if S == 1 else 0)
+        # rows: once per strided operand whose rows are not contiguous with each
+        # other (see col2im_cost). Stage 1's column views x[..., s::S] merge H and W
+        # into one strided run when the windows cover W (a row per (n, c)), else a
+        # row per window row; its first column compares and takes the maximum of two
+        # such views (4), later ones of one (2). Stage 2's row views have rows of Wo
+        # elements; its first row has y and idx strided too (7: compare 2, index + 1,
+        # subtract 1, + 1, maximum 2), later rows 3
+        r1 = N * C if Wo * S == W else N * C * Ho * R
+        fr = (min(S - 1, 1) * 4 + max(S - 2, 0) * 2) * r1
+        fr += (min(R - 1, 1) * 7 + max(R - 2, 0) * 3) * rows
+        if R == 1 or S == 1:                      # the contiguous copies of y / idx
+            fb += out * (2.0 * s + 2)
+            fc += 2
+            fr += 2 * rows
+        fwd = (fb, fc, fr)
+    else:
+        pb, pc, pr = _pad_cost(N, C, H, W, pads, s)
+        fwd = (pb + out * idx + 2.0 * out * s + (k - 1) * out * (5.0 * s + 9),
+               pc + 4 + 2 * k + 5 * (k - 1), pr + rows * (1 + 2 * (k - 1)))
     overlap = sh < R or sw < S
     # idx == k (read idx, write the mask), then dy * mask: into the window (read dy and
     # the mask, write dx) or, overlapping, into a temporary that += adds (3 s more)
     per_out = idx + 2 + (5 * s if overlap else 2 * s)
-    (t, b), (l, r) = pads
-    padded = bool(t or b or l or r)
     Hp, Wp = H + t + b, W + l + r
-    bwd = (N * C * Hp * Wp * s + k * out * per_out
+    covered = not padded and (sh, sw) == (R, S) and (Ho * R, Wo * S) == (H, W)
+    bwd = ((0 if covered else N * C * Hp * Wp * s) + k * out * per_out
            + (2.0 * n_in * s if padded else 0), 3 + (4 if overlap else 3) * k + (1 if padded else 0),
            k * rows + (N * C * H if padded else 0))
     return fwd, bwd
@@ -246,6 +324,9 @@ class StepDescription:
     params        parameter elements held by this rank
     memory        bytes per rank, by part
     names         trace name of each config layer
+    kept          bytes the forward keeps for the backward, per trace name (a residual
+                  block's layers under the block's name); arrays referenced, not
+                  copied, count under the layer that keeps them
     """
 
     collectives: list[Collective]
@@ -253,6 +334,7 @@ class StepDescription:
     params: int
     memory: dict[str, float] = field(default_factory=dict)
     names: list[str] = field(default_factory=list)
+    kept: dict[str, float] = field(default_factory=dict)
 
 
 def gemm_aspect(m: int, k: int, n: int) -> float:
@@ -391,8 +473,24 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                                     # their rows on axis 0, index of the dW-in-row-blocks phase)
     names: list[str] = []
     param_sizes: list[int] = []     # local parameter sizes, in parameters() order
-    keep = 0.0                      # bytes the forward keeps for the backward
+    kept: dict[str, float] = {}     # bytes the forward keeps for the backward, per layer
+    scratch: dict[tuple, float] = {}    # reusable kernel workspaces (per geometry)
     peak = b * _prod(act.shape) * s
+
+    def kept_add(nbytes):
+        """What the layer being walked keeps for the backward (a residual block's layers
+        count under the block's name)."""
+        top = name.split(".")[0]
+        kept[top] = kept.get(top, 0.0) + float(nbytes)
+
+    held: list = []
+
+    def kept_input(nbytes):
+        """The layer keeps its input activation by reference: counted once, though a
+        residual block's body and projection both keep the block's input."""
+        if not any(a is act for a in held):
+            held.append(act)
+            kept_add(nbytes)
 
     def comm(label, op, count, group, stage, sim_op=None, sim_bytes=None, itemsize=s):
         c = Collective(label, op, group, int(count), int(itemsize))
@@ -441,7 +539,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                     blocks[at][0].append(elem(f"{name}.backward", 3 * n_out * s, "backward", 1))
                     if blocks[at][6] is not None:     # a model-level block: DataParallel marks
                         blocks[at][6].extend(range(at + 1, len(blocks)))  # its layers done here
-                act = body_act
+                act = _Act(body_act.shape, body_act.counts)     # the sum: a new array
             continue
         spec = ent["spec"]
         t = spec["type"]
@@ -478,7 +576,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             b_ph.append(elem(f"{name}.backward.grad_acc", _PASSES["grad_acc"] * Vl * Dm * s,
                              "backward", _CALLS["grad_acc"]))
             lp, rows = [Vl * Dm], [Vl]
-            keep += 8 * 2 * tok + (s * tok if mean else 0)        # local rows, bags, weights
+            kept_add(8 * 2 * tok + (s * tok if mean else 0))        # local rows, bags, weights
             act = _Act((Dm,))
 
         elif t == "linear":
@@ -558,7 +656,10 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             b_ph += post
             lp = [Fl * Din] + ([Fl] if bias else [])
             rows = [Fl] * len(lp)
-            keep += b * Din * s
+            if sh == "row" and not split_in:
+                kept_add(b * Din * s)            # its copy of the input block
+            else:
+                kept_input(b * Din * s)
             act = new
 
         elif t == "conv2d":
@@ -608,12 +709,13 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             else:
                 Cl, Kl = C, K
                 new = _Act((K, Ho, Wo))
-            # conv2d_forward: im2col (C_r R S, b Ho Wo), one GEMM, the (K, b, Ho, Wo) ->
-            # NCHW copy (with the bias add on an out-channel or serial conv)
+            # conv2d_forward, per block of images (conv_blocks): unfold into the reused
+            # column buffer, one batched GEMM written into the NCHW output, the bias (on
+            # an out-channel or serial conv) while the block is in cache
             M = b * Ho * Wo
             f = 2 * b * Kl * Ho * Wo * Cl * R * S_
-            # the conv rate is calibrated on conv2d_forward itself (im2col, GEMM, output
-            # copy), so the forward is one phase at that rate
+            # the conv rate is calibrated on conv2d_forward itself (unfold and GEMM per
+            # block), so the forward is one phase at that rate
             f_ph += pre_f
             f_ph.append(compute(f"{name}.forward", f, "conv", "forward", 1))
             if gathered:
@@ -626,25 +728,47 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                 c, ph = comm(f"{name}.forward", "allreduce", b * K * Ho * Wo, "tp", "forward")
                 f_cc.append(c); f_ph.append(ph)
             f_ph += after_f
-            # conv2d_backward: (for a gathered output, my block of dy), dy to (K, M), db,
-            # dW = dy col^T, with the input gradient dcol = W^T dy and col2im; then the
-            # gradients accumulate into the buffers
+            # conv2d_backward, block by block as the forward: (for a gathered output, my
+            # block of dy), db = dy summed; per block x unfolded again into the column
+            # buffer and dW_i = dy_i col_i^T per image (the forward's work: unfold + GEMM,
+            # so at the conv rate), the per-image dW summed into dW; with the input
+            # gradient, dcol = W^T dy at the conv rate (a batched GEMM of the same FLOPs)
+            # and col2im into dx; then the gradients accumulate into the buffers
+            plan = conv_plan(Cl, H, W, R, S_, Ho, Wo, pads, st, dl)
+            nblk, blocks_n = conv_blocks(b, plan, s)
+            KD = Kl * Cl * R * S_
             if gathered:
                 b_ph.append(elem(f"{name}.backward.take", 2 * M * Kl * s, "backward", 3, b * Kl))
-            b_ph.append(elem(f"{name}.backward.dy", (2.0 + (1 if bias else 0)) * M * Kl * s,
-                             "backward", 4 + (1 if bias else 0), b * Kl))
+            b_ph.append(elem(f"{name}.backward.dy", (1 if bias else 0) * M * Kl * s,
+                             "backward", 2 + (2 if bias else 0), b * Kl if bias else 0))
             b_ph.append(compute(f"{name}.backward", f, "conv", "backward"))
+            # dW += dWb[:m].sum(axis=0): the block's per-image dW read, the block sum
+            # written, then added (read both, write)
+            b_ph.append(elem(f"{name}.backward.dW_sum", (b + 4.0 * blocks_n) * KD * s,
+                             "backward", 2 * blocks_n))
             if in_grad:
                 b_ph.append(compute(f"{name}.backward.dx", f, "conv", "backward"))
                 b_ph.append(elem3(f"{name}.backward.col2im",
-                                  col2im_cost(b, Cl, H, W, R, S_, Ho, Wo, pads, s), "backward"))
+                                  col2im_cost(b, Cl, H, W, R, S_, Ho, Wo, pads, s, st, dl),
+                                  "backward"))
             b_ph.append(elem(f"{name}.backward.grad_acc",
-                             _PASSES["grad_acc"] * (Kl * Cl * R * S_ + (Kl if bias else 0)) * s,
+                             _PASSES["grad_acc"] * (KD + (Kl if bias else 0)) * s,
                              "backward", 1 + (1 if bias else 0)))
             b_ph += post
-            lp = [Kl * Cl * R * S_] + ([Kl] if bias else [])
+            lp = [KD] + ([Kl] if bias else [])
             rows = [Kl] * len(lp)
-            keep += Cl * R * S_ * b * Ho * Wo * s        # the im2col columns
+            # the forward keeps its input x (a reference, or this rank's channel copy),
+            # no columns; the reusable per-thread scratch (column buffer, per-image dW
+            # block, dcol buffer) is counted once per conv geometry in "scratch"
+            if sh == "in" and act.counts is None:
+                kept_add(b * Cl * H * W * s)     # its copy of the input channels
+            else:
+                kept_input(b * Cl * H * W * s)
+            if not plan.identity:
+                scratch[("col", plan.key)] = nblk * Cl * R * S_ * Ho * Wo * s
+                if in_grad:
+                    scratch[("dcol", plan.key)] = nblk * Cl * R * S_ * Ho * Wo * s
+            scratch[("dWb", plan.key, Kl)] = nblk * KD * s
             act = new
 
         elif t in NORMS:
@@ -655,10 +779,25 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             # a 4-d input, a row per sample of a 2-d one
             bc_rows = b * c_loc if t == "batchnorm2d" else b
             sync = 1 if dp > 1 else 0
-            f_ph.append(elem(f"{name}.forward", _PASSES["bn_fwd"] * n_in * s, "forward",
-                             _CALLS["bn_fwd"] + sync * _CALLS["bn_sync_fwd"], 6 * bc_rows))
-            b_ph.append(elem(f"{name}.backward", _PASSES["bn_bwd"] * n_in * s, "backward",
-                             _CALLS["bn_bwd"] + sync * _CALLS["bn_sync_bwd"], 5 * bc_rows))
+            # the element-wise passes run per block of about BN_BLOCK_BYTES of x
+            # (functional._bn_blocks) through one scratch block d (in "scratch")
+            per = max(1, n_in // max(b, 1) * s)
+            nbn = max(1, min(b, F.BN_BLOCK_BYTES // per))
+            bn_blocks = -(-b // nbn) if b else 1
+            scratch[("bn.d", nbn, c_loc, per)] = nbn * per
+            # two phases: the passes on the scratch block (all the calls, each of a
+            # block's size: the cached rate) and the passes over x, y, dy and dx
+            # themselves ("io": priced as calls of the whole tensor's size, the rate of
+            # an array that size -- main memory once it outgrows the caches)
+            fio, bio = _PASSES["bn_fwd_io"], _PASSES["bn_bwd_io"]
+            f_ph.append(elem(f"{name}.forward", (_PASSES["bn_fwd"] - fio) * n_in * s, "forward",
+                             _CALLS["bn_fwd"] + bn_blocks * _CALLS["bn_fwd_block"] - fio
+                             + sync * _CALLS["bn_sync_fwd"], 6 * bc_rows))
+            f_ph.append(elem(f"{name}.forward.io", fio * n_in * s, "forward", fio))
+            b_ph.append(elem(f"{name}.backward", (_PASSES["bn_bwd"] - bio) * n_in * s, "backward",
+                             _CALLS["bn_bwd"] + bn_blocks * _CALLS["bn_bwd_block"] - bio
+                             + sync * _CALLS["bn_sync_bwd"], 7 * bc_rows))
+            b_ph.append(elem(f"{name}.backward.io", bio * n_in * s, "backward", bio))
             if dp > 1:       # SyncBatchNorm over the data group
                 # float64 [sum x, sum x^2, count] (parallel/norm.py), whatever the model dtype
                 c, ph = comm(f"{name}.forward", "allreduce", 2 * c_loc + 1, "dp", "forward",
@@ -668,7 +807,9 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                     c, ph = comm(f"{name}.backward", "allreduce", 2 * c_loc, "dp", "backward")
                     b_cc.append(c); b_ph.insert(1, ph)
             lp = [c_loc, c_loc]
-            keep += n_in * s
+            # x by reference (no xhat) and the shift, mean - shift and invstd (C,) each
+            kept_input(n_in * s)
+            kept_add(3 * c_loc * s)
 
         elif t == "layernorm":          # over the whole (replicated) per-sample shape
             if act.counts is not None:
@@ -677,7 +818,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             b_ph.append(elem(f"{name}.backward", _PASSES["ln_bwd"] * n_in * s, "backward", 14, b))
             n_w = _prod(act.shape)
             lp, rows = [n_w, n_w], [act.shape[0]] * 2
-            keep += n_in * s
+            kept_add(n_in * s)
 
         elif t in ELEMENTWISE:
             if t == "relu":
@@ -694,7 +835,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                                  _CALLS["act_fwd"][t]))
                 b_ph.append(elem(f"{name}.backward", _PASSES["act_bwd"] * n_in * s, "backward",
                                  _CALLS["act_bwd"][t]))
-            keep += n_in * (1 if t in ("relu", "dropout", "leakyrelu") else s)
+            kept_add(n_in * (1 if t in ("relu", "dropout", "leakyrelu") else s))
 
         elif t in POOLS:
             if len(act.shape) != 3:
@@ -711,12 +852,12 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             out_n = b * xl[0] * Ho * Wo
             cost = maxpool_cost if t == "maxpool2d" else avgpool_cost
             fc, bc = cost(b, xl[0], H, W, R, S_, st[0], st[1], pads, Ho, Wo, s)
-            # max pooling stores the argmax offset with np.putmask once per further
-            # window offset: a data-dependent branch per output element
-            masked = (R * S_ - 1) * out_n if t == "maxpool2d" else 0
-            f_ph.append(elem(f"{name}.forward", fc[0], "forward", fc[1], fc[2], masked=masked))
+            # the argmax offset is updated without a branch (functional._select_where):
+            # no masked store
+            f_ph.append(elem3(f"{name}.forward", fc, "forward"))
             b_ph.append(elem3(f"{name}.backward", bc, "backward"))
-            keep += out_n
+            # max: the argmax offset per output (uint8; int32 from 256 window positions)
+            kept_add(out_n * (1 if t != "maxpool2d" or R * S_ < 256 else 4))
             act = _Act((C, Ho, Wo), act.counts)
 
         elif t == "globalavgpool2d":
@@ -733,6 +874,8 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             act = _Act((_prod(act.shape),),
                        None if act.counts is None else tuple(c * per for c in act.counts))
 
+        if t in ELEMENTWISE or t in NORMS or t == "layernorm":
+            act = _Act(act.shape, act.counts)        # a new array of the same shape
         fwd_ph += f_ph
         fwd_cc += f_cc
         if i >= first_param:
@@ -905,12 +1048,13 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
         "parameters": params * s,
         "gradients": params * s,       # the bucket buffers themselves (grads are views)
         "optimizer": slots * params * s,
-        "activations": keep + 2 * peak,
+        "activations": sum(kept.values()) + 2 * peak,
+        "scratch": float(sum(scratch.values())),
     }
     wl = Workload(name=f"{cfg.get('name', 'model')} dp={dp} tp={tp} batch={B}", phases=phases,
                   samples_per_step=B, memory_bytes_per_rank=float(sum(memory.values())),
                   dp=dp, tp=tp)
-    return StepDescription(collectives, wl, params, memory, names)
+    return StepDescription(collectives, wl, params, memory, names, kept)
 
 
 def config_workload(cfg: dict, dp: int, tp: int, **kw) -> Workload:

@@ -115,46 +115,93 @@ def test_toml_round_trip_and_shared_cores():
 
 def test_im2col_and_col2im_costs_by_hand():
     pads = ((1, 1), (1, 1))
-    # N=2, C=3, 4x4 input, 3x3 kernel, padding 1 -> 4x4 output, float32
-    # pad: 2*N*C*H*W*s interior copy + border N*C*(36-16)*s; 2 + 4 sides calls; N*C*H rows
-    # im2col: 9 offsets x 2 x (C N Ho Wo) x s; 3 + 3*9 calls; 9 x C*N*Ho rows
+    # N=2, C=3, 4x4 input, 3x3 kernel, padding 1 -> 4x4 output, float32, one block.
+    # im2col_block: per offset one strided copy of the output rectangle whose input lies
+    # inside the image (rows 3, 4, 3 by columns 3, 4, 3: 100 pixels over the 9 offsets);
+    # the padding is never written (the reused buffer's margins stay zero)
     nb, calls, rows = im2col_cost(2, 3, 4, 4, 3, 3, 4, 4, pads, 4)
-    assert (nb, calls, rows) == (1248 + 6912, 6 + 30, 24 + 216)
-    # col2im: zero (C, N, 6, 6), 9 strided += (3 passes), cropped copy to NCHW
+    assert (nb, calls, rows) == (2 * 6 * 100 * 4, 9, 6 * 30)
+    # col2im_block: the centre offset assigns dx (a copy of 16 pixels), the other 8 add
+    # their 84 pixels with a strided += (3 passes); no zero fill, no crop; a += has
+    # three strided operands (dx read and written, dcol read): 3 rows per view row
     nb, calls, rows = col2im_cost(2, 3, 4, 4, 3, 3, 4, 4, pads, 4)
-    assert (nb, calls, rows) == ((216 + 2592 + 192) * 4, 6 + 27, 216 + 24)
-    # no padding: no pad pass; the final copy runs a row per (n, c)
-    assert im2col_cost(2, 3, 4, 4, 3, 3, 2, 2, ((0, 0), (0, 0)), 4) == (9 * 2 * 3 * 2 * 4 * 4, 30, 108)
-    assert col2im_cost(2, 3, 4, 4, 3, 3, 2, 2, ((0, 0), (0, 0)), 4)[2] == 9 * 3 * 2 * 2 + 6
+    assert (nb, calls, rows) == (2 * 6 * 16 * 4 + 3 * 6 * 84 * 4, 9, 3 * 6 * 26 + 6)
+    # no padding: no offset covers the input, dx is zero-filled, 9 strided +=
+    assert im2col_cost(2, 3, 4, 4, 3, 3, 2, 2, ((0, 0), (0, 0)), 4) == (2 * 6 * 36 * 4, 9, 108)
+    assert col2im_cost(2, 3, 4, 4, 3, 3, 2, 2, ((0, 0), (0, 0)), 4) == (
+        6 * 16 * 4 + 3 * 6 * 36 * 4, 10, 3 * 108)
+    # a 1x1 stride-1 conv: x is the columns and dcol is dx (nothing copied)
+    assert im2col_cost(2, 3, 4, 4, 1, 1, 4, 4, ((0, 0), (0, 0)), 4) == (0.0, 0, 0)
+    assert col2im_cost(2, 3, 4, 4, 1, 1, 4, 4, ((0, 0), (0, 0)), 4) == (0.0, 0, 0)
+    # digits-cnn conv2 at batch 64: 18432 bytes of columns per image, 56 per 1 MiB
+    # block: two blocks, each copying per offset
+    assert im2col_cost(64, 32, 4, 4, 3, 3, 4, 4, pads, 4)[1] == 2 * 9
+
+
+def test_conv_backward_phases():
+    # digits-cnn conv2 (32 -> 64 channels, 4x4, batch 64): dW in 2 blocks of per-image
+    # products summed (read 64 x K x D, write and add the block sums), col2im's new form
+    by = {p.label: p for p in describe_step(load_config("digits-cnn"), 1, 1,
+                                            global_batch=64).workload.phases}
+    KD = 64 * 32 * 9
+    assert by["conv2.backward.dW_sum"].bytes == (64 + 4 * 2) * KD * 4
+    assert by["conv2.backward.col2im"].bytes == col2im_cost(
+        64, 32, 4, 4, 3, 3, 4, 4, ((1, 1), (1, 1)), 4)[0]
+    assert by["conv2.backward.dy"].bytes == 64 * 16 * 64 * 4       # db: one read of dy
+    assert "conv1.backward.col2im" not in by                       # first layer: no dx
 
 
 def test_maxpool_cost_by_hand():
-    # (2, 3, 4, 4) -> 2x2 windows, stride 2: 24 outputs, rows of Wo = 2 (N*C*Ho = 12 rows)
+    # (2, 3, 4, 4) -> 2x2 windows, stride 2: tiling, two stages. Stage 1 on the 48
+    # window-row elements (compare 2s+1, maximum 3s; column index = the mask itself);
+    # stage 2 on the 24 outputs (compare 2s+1, index + 2, subtract, *=, + (3 each),
+    # maximum 3s); strided rows once per strided operand: stage 1's column views run
+    # over H and W in one strided run (a row per (n, c): 6), compare and maximum each
+    # read two; stage 2 on rows of Wo (N*C*Ho = 12): 7 strided operands
     fwd, bwd = maxpool_cost(2, 3, 4, 4, 2, 2, 2, 2, ((0, 0), (0, 0)), 2, 2, 4)
-    # index zeros (1 B) + first window copy (2 s) + 3 offsets x (compare 2s+1, masked store 2,
-    # maximum 3s) per output; calls: zeros, dispatch, geometry, copy + 2 per offset + 3 per
-    # further offset; rows: the copy and 2 strided passes per further offset
-    assert fwd == (24 + 192 + 3 * 24 * 23, 4 + 8 + 9, 12 * 7)
-    # zero dx (n_in s) + 4 offsets x (idx == k: 2, dy * mask into the window: 1 + 2s)
-    assert bwd == (96 * 4 + 4 * 24 * 11, 3 + 12, 4 * 12)
-    # overlapping windows go through a temporary and += (reads the destination too)
-    _, bwd3 = maxpool_cost(2, 3, 4, 4, 2, 2, 1, 1, ((0, 0), (0, 0)), 3, 3, 4)
+    assert fwd == (48 * 21 + 24 * 32, 6 + 2 + 6, 4 * 6 + 7 * 12)
+    # a 5x5 input with 2x2 windows: stage 1 views leave column 4 out (a row per
+    # window row, N*C*Ho*R = 24)
+    assert maxpool_cost(2, 3, 5, 5, 2, 2, 2, 2, ((0, 0), (0, 0)), 2, 2, 4)[0][2] == 4 * 24 + 7 * 12
+    # windows cover the input exactly: no zero fill; 4 offsets x (idx == k: 2,
+    # dy * mask into the window: 1 + 2s)
+    assert bwd == (4 * 24 * 11, 3 + 12, 4 * 12)
+    # overlapping windows: the generic loop (first window copied, then per offset
+    # compare, branch-free index update 8, maximum), zero-filled dx, += via a temporary
+    fwd3, bwd3 = maxpool_cost(2, 3, 4, 4, 2, 2, 1, 1, ((0, 0), (0, 0)), 3, 3, 4)
+    assert fwd3[0] == 54 + 2 * 54 * 4 + 3 * 54 * 29
     assert bwd3[0] == 96 * 4 + 4 * 54 * 23 and bwd3[1] == 3 + 16
 
 
-def test_masked_stores_of_max_pooling():
-    # digits-cnn: pool1 (64, 32, 8, 8) -> 4x4 outputs, 3 further offsets of the 2x2 window
-    # store the argmax with np.putmask: 3 x 64 x 32 x 16 masked elements; pool2 likewise
+def test_max_pooling_has_no_masked_stores():
+    # the argmax offset is updated arithmetically (functional._select_where): no
+    # data-dependent branch, so no phase pays masked_s
     by = {p.label: p for p in describe_step(load_config("digits-cnn"), 1, 1,
                                             global_batch=64).workload.phases}
-    assert by["pool1.forward"].masked == 3 * 64 * 32 * 16
-    assert by["pool2.forward"].masked == 3 * 64 * 64 * 4
-    assert by["pool1.backward"].masked == 0 and by["relu1.forward"].masked == 0
+    assert by["pool1.forward"].masked == 0 and by["pool2.forward"].masked == 0
     r = _rates(masked_s=5e-9)
     ph = by["pool1.forward"]
     args = dict(nbytes=ph.bytes, calls=ph.calls, rows=ph.rows, stream=False)
-    assert r.seconds("elementwise", masked=ph.masked, **args) == pytest.approx(
-        r.seconds("elementwise", **args) + ph.masked * 5e-9)
+    assert r.seconds("elementwise", masked=ph.masked, **args) == r.seconds("elementwise", **args)
+
+
+def test_batchnorm_blocks():
+    # bn1 of digits-cnn at batch 64: (64, 32, 8, 8) float32, 8 KiB a sample, 32 samples
+    # per 256 KiB block: 2 blocks; bn2 (64, 64, 4, 4): 1 block
+    d = describe_step(load_config("digits-cnn"), 1, 1, global_batch=64)
+    by = {p.label: p for p in d.workload.phases}
+    from mpifc.sim.workload import _CALLS, _PASSES
+    def both(label):         # the block passes and the passes over the tensors (io)
+        io = by[label + ".io"]
+        return [by[label].calls + io.calls, by[label].bytes + io.bytes]
+    n1, n2 = 64 * 32 * 64 * 4, 64 * 64 * 16 * 4
+    assert both("bn1.forward") == [_CALLS["bn_fwd"] + 2 * _CALLS["bn_fwd_block"], 11 * n1]
+    assert both("bn2.backward") == [_CALLS["bn_bwd"] + _CALLS["bn_bwd_block"], 16 * n2]
+    # io: x twice and y once forward; x and dy twice and dx once backward, each call
+    # the size of the whole tensor (the rate of an array that size)
+    assert by["bn1.forward.io"].bytes / by["bn1.forward.io"].calls == n1
+    assert by["bn1.backward.io"].bytes == 5 * n1 and by["bn1.backward.io"].calls == 5
+    assert d.memory["scratch"] > 0
 
 
 def test_optimizer_costs():
