@@ -79,6 +79,18 @@ def comm():
     trace.reset()
 
 
+@pytest.fixture
+def dev():
+    """The CuPy test double (tests/fakecupy.py) as mpifc's device module, counters at 0."""
+    import fakecupy as cp
+    from mpifc import backend
+
+    old = backend.set_device_module(cp)
+    cp.reset_counts()
+    yield cp
+    backend.set_device_module(old)
+
+
 def all_ranks_ok(comm, ok: bool) -> bool:
     """True when ``ok`` holds on every rank (collective: call it on all ranks)."""
     return all(comm.mpi.allgather(bool(ok)))

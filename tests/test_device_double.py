@@ -16,14 +16,6 @@ from mpifc import backend
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture
-def dev():
-    old = backend.set_device_module(cp)
-    cp.reset_counts()
-    yield cp
-    backend.set_device_module(old)
-
-
 def test_implicit_conversion_to_numpy_is_refused():
     d = cp.asarray(np.arange(6.0).reshape(2, 3))
     with pytest.raises(TypeError, match="Implicit conversion"):

@@ -10,19 +10,10 @@ import numpy as np
 import pytest
 
 import fakecupy as cp
-from mpifc import backend
 from mpifc.comm import Communicator
 from mpifc.config import load_config
 
 pytestmark = pytest.mark.mpi(min_size=1)
-
-
-@pytest.fixture
-def dev():
-    old = backend.set_device_module(cp)
-    cp.reset_counts()
-    yield cp
-    backend.set_device_module(old)
 
 
 def _trainer(comm, tmp, out, device, *extra):

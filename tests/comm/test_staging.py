@@ -18,14 +18,6 @@ from mpifc.comm import staging
 pytestmark = pytest.mark.mpi(min_size=1)
 
 
-@pytest.fixture
-def dev():
-    old = backend.set_device_module(cp)
-    cp.reset_counts()
-    yield cp
-    backend.set_device_module(old)
-
-
 def _calls(c, x):
     """(name, inputs(xp) -> args, call(*args) -> result, (d2h, h2d) copies by the design)."""
     P, r = c.size, c.rank

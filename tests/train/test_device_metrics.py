@@ -17,29 +17,10 @@ import numpy as np
 import pytest
 
 import fakecupy as cp
-from mpifc import backend
+from devicerun import digits_cnn_trainer as _trainer
 from mpifc.comm import Communicator
 
 pytestmark = pytest.mark.mpi(min_size=1)
-
-
-@pytest.fixture
-def dev():
-    old = backend.set_device_module(cp)
-    cp.reset_counts()
-    yield cp
-    backend.set_device_module(old)
-
-
-def _trainer(comm, tmp, out, *extra, device="cuda"):
-    from mpifc.config import load_config
-    from mpifc.train import Trainer
-
-    cfg = load_config("digits-cnn", [f"data.dir={tmp}/data", "train.trace=false",
-                                     "train.checkpoint_every=0", "train.share_gpu=true",
-                                     f"train.device={device}", *extra])
-    world = Communicator(comm.mpi, "world", cuda_aware=True)    # no staging copies
-    return Trainer(cfg, quiet=True, comm=world, out=f"{tmp}/{out}")
 
 
 @pytest.mark.parametrize("n,every", [(5, 2), (4, 2), (3, 0), (3, 1)])

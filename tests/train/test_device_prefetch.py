@@ -13,29 +13,9 @@ import numpy as np
 import pytest
 
 import fakecupy as cp
-from mpifc import backend
-from mpifc.comm import Communicator
+from devicerun import digits_cnn_trainer as _trainer
 
 pytestmark = pytest.mark.mpi(min_size=1)
-
-
-@pytest.fixture
-def dev():
-    old = backend.set_device_module(cp)
-    cp.reset_counts()
-    yield cp
-    backend.set_device_module(old)
-
-
-def _trainer(comm, tmp, out, *extra, device="cuda"):
-    from mpifc.config import load_config
-    from mpifc.train import Trainer
-
-    cfg = load_config("digits-cnn", [f"data.dir={tmp}/data", "train.trace=false",
-                                     "train.checkpoint_every=0", "train.share_gpu=true",
-                                     f"train.device={device}", *extra])
-    world = Communicator(comm.mpi, "world", cuda_aware=True)    # no staging copies
-    return Trainer(cfg, quiet=True, comm=world, out=f"{tmp}/{out}")
 
 
 def _loader(tr, prefetch, mode="slice", augment=True):
@@ -134,9 +114,8 @@ def test_one_copy_per_batch_array_issued_before_the_previous_backward_ends(
 
 def test_resume_mid_epoch_with_prefetch_is_exact(comm, mpi_tmp_path, dev):
     tmp = str(comm.bcast_obj(str(mpi_tmp_path)))
-    straight = _trainer(comm, tmp, "straight", "train.max_steps=6", "train.log_every=1").run()
-    first = _trainer(comm, tmp, "resumed", "train.max_steps=3", "train.checkpoint_every=1")
-    first.run()
+    _trainer(comm, tmp, "straight", "train.max_steps=6", "train.log_every=1").run()
+    _trainer(comm, tmp, "resumed", "train.max_steps=3", "train.checkpoint_every=1").run()
     again = _trainer(comm, tmp, "resumed", "train.max_steps=6", "train.log_every=1",
                      "train.checkpoint_every=1")
     again.resume()

@@ -23,7 +23,6 @@ import numpy as np
 import pytest
 
 import fakecupy as cp
-from mpifc import backend
 from mpifc.comm import Communicator, trace
 from mpifc.config import load_config
 
@@ -31,14 +30,6 @@ pytestmark = pytest.mark.mpi(min_size=1)
 
 HOST_PHASES = ("check.finite", "clip.norm")      # the trainer's checks on host scalars
 STEPS = 3
-
-
-@pytest.fixture
-def dev():
-    old = backend.set_device_module(cp)
-    cp.reset_counts()
-    yield cp
-    backend.set_device_module(old)
 
 
 def _cfg(tmp, *extra):
