@@ -244,8 +244,9 @@ SCHEMA: dict[str, Key] = {
     "train.eval_batch_size": integer(512, ">= 1", "global batch of evaluation"),
     "train.watchdog_s": number(0.0, ">= 0", "seconds a rank may take for one step (or an "
                                "evaluation, or a save) before the job is aborted; 0 = off"),
-    "train.keep_best": choice("test_acc", ("test_acc", "test_loss", "val_acc", "val_loss", ""),
-                              "metric kept in checkpoints/best.h5 (never pruned); \"\" = off"),
+    "train.keep_best": choice("auto", ("auto", "test_acc", "test_loss", "val_acc", "val_loss", ""),
+                              "metric kept in checkpoints/best.h5 (never pruned); auto = "
+                              "val_acc with data.validation_split, else test_acc; \"\" = off"),
     "train.early_stop": integer(0, ">= 0", "stop after N epochs without a lower watched loss "
                                 "(val_loss with data.validation_split, else test_loss); 0 = off"),
     "train.sign_key": key_file("Ed25519 private key file: sign every checkpoint written"),

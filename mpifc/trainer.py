@@ -67,7 +67,9 @@ class Settings:
     log_every: int = 0            # also log every N steps
     checkpoint_every: int = 1     # epochs between checkpoints; 0 = none
     keep_last: int = 3            # checkpoints kept; 0 = all
-    keep_best: str = "test_acc"   # metric of checkpoints/best.h5: test_acc | test_loss | val_acc | val_loss | "" off
+    keep_best: str = "auto"       # metric of checkpoints/best.h5: auto (val_acc with a
+                                  # validation set, else test_acc) | test_acc | test_loss |
+                                  # val_acc | val_loss | "" off
     early_stop: int = 0           # stop after N epochs without a lower watched loss; 0 = off
     trace: bool = True            # write the per-rank communication trace
     watchdog_s: float = 0.0       # seconds a rank may take for one step; 0 = off
@@ -345,6 +347,10 @@ class Trainer:
         self.grid, self.model, self.loader, self.test_loader = grid, model, loader, test_loader
         self.val_loader = val_loader
         self.early = EarlyStopping(settings.early_stop)     # train.early_stop on the watched loss
+        # the best checkpoint is chosen on held-out train rows when there are some, so the
+        # test split stays out of model selection
+        self.keep_best = (("val_acc" if val_loader is not None else "test_acc")
+                          if settings.keep_best == "auto" else settings.keep_best)
         self.settings, self.title, self.quiet = settings, title, quiet
         self.rank0 = self.comm.rank == 0
         self.progress = progress_mode(progress, self.rank0 and not quiet)
@@ -613,14 +619,14 @@ class Trainer:
         """Write a checkpoint (collective); with ``metrics`` of a finished epoch, keep the best.
 
         ``keep_best`` (``train.keep_best``) names the metric ("test_acc": higher is better, "test_loss":
-        lower is better, "" off). A checkpoint that improves it is also published as
+        lower is better, "" off; "auto" is val_acc with a validation set, else test_acc). A checkpoint that improves it is also published as
         ``checkpoints/best.h5`` (a hard link, or a copy), which pruning never deletes.
         """
         from mpifc.checkpoint import save
         from mpifc.checkpoint.atomic import publish_link
 
         t = self.settings
-        key = t.keep_best
+        key = self.keep_best
         best = self.best
         if key and metrics is not None and key in metrics and math.isfinite(metrics[key]):
             value = float(metrics[key])

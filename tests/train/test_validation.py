@@ -164,3 +164,28 @@ def test_early_stop_stops_saves_and_resume_says_so(comm, mpi_tmp_path, capsys, h
     if comm.rank == 0:
         assert f"the run stopped early after epoch {want}; train.early_stop = 0" in printed
         assert [r["epoch"] for r in _epochs(out)] == list(range(1, want + 3))
+
+
+@pytest.mark.parametrize("holdout", [0.25, 0.0])
+def test_keep_best_auto_chooses_on_validation_when_there_is_one(comm, mpi_tmp_path, holdout):
+    """keep_best = "auto" (the default): best.h5 by val_acc with a validation split, so
+    the test split stays out of model selection; by test_acc without one."""
+    from mpifc.train import train
+
+    tmp = _shared_dir(comm, mpi_tmp_path)
+    path = _dataset(comm, f"{tmp}/learnable.h5", train_random=False)
+    out = f"{tmp}/auto-{holdout}"
+    last = train(_cfg(path, f"data.validation_split={holdout}", epochs=4), quiet=True, out=out)
+    comm.barrier()
+    if comm.rank != 0:
+        return
+    key = "val_acc" if holdout else "test_acc"
+    recs = _epochs(out)
+    best = max(recs, key=lambda r: (r[key], -r["step"]))    # the first epoch of the maximum
+    if holdout:       # the case tells the two apart: test_acc would pick another epoch
+        assert max(recs, key=lambda r: (r["test_acc"], -r["step"]))["step"] != best["step"]
+    assert os.path.exists(last["paths"]["best"])
+    import h5py
+
+    with h5py.File(last["paths"]["best"], "r") as f:
+        assert int(f.attrs["step"]) == best["step"]
