@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import mpifc  # noqa: F401 - before NumPy: sets OPENBLAS_THREAD_TIMEOUT (mpifc.threads)
 import numpy as np
 from threadpoolctl import threadpool_limits
 

@@ -21,6 +21,7 @@ import socket
 import sys
 import time
 
+import mpifc  # noqa: F401 - before NumPy: sets OPENBLAS_THREAD_TIMEOUT (mpifc.threads)
 import numpy as np
 from threadpoolctl import threadpool_limits
 

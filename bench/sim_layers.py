@@ -14,6 +14,7 @@ table says which layer's counts to look at.
 import argparse
 import time
 
+import mpifc  # noqa: F401 - before NumPy: sets OPENBLAS_THREAD_TIMEOUT (mpifc.threads)
 import numpy as np
 
 from mpifc.comm import Grid, world

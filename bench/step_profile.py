@@ -10,6 +10,7 @@ bench/layers.py; this table shows which layer to work on next.
 import argparse
 import time
 
+import mpifc  # noqa: F401 - before NumPy: sets OPENBLAS_THREAD_TIMEOUT (mpifc.threads)
 import numpy as np
 from threadpoolctl import threadpool_limits
 

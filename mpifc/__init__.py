@@ -6,7 +6,11 @@ The Python API (imported on first use: it needs MPI, which ``mpifc data prepare`
     state = mpifc.gather_state(model)          # full tensors on rank 0
     mpifc.scatter_state(model, state)          # and back into the shards
 """
-from mpifc.hostmem import retain_freed_memory as _retain_freed_memory
+from mpifc.threads import quiet_idle_blas_workers as _quiet_idle_blas_workers
+
+_quiet_idle_blas_workers()  # before NumPy loads OpenBLAS (see mpifc.threads)
+
+from mpifc.hostmem import retain_freed_memory as _retain_freed_memory  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -7,6 +7,17 @@ core, two ranks on two cores get one each. A user's ``OMP_NUM_THREADS`` wins.
 No MPI here: the caller passes ``ranks_on_node`` (the size of an MPI shared-memory
 split of COMM_WORLD, or :func:`local_ranks_from_env`). The limit is applied with
 threadpoolctl, which works after NumPy has loaded its BLAS.
+
+Idle BLAS workers: after each call that used its threads, OpenBLAS keeps the
+workers spinning for 2**28 cycles (about 0.1 s) in case another call follows. A
+training step interleaves BLAS calls with NumPy passes that mpifc runs on its own
+threads (:mod:`mpifc.nn.blockpool`), so the spinning worker took the second core
+from them: the classifier step at 2 threads was no faster than at 1 (71.7 ms vs
+76 ms, sum of per-layer minima in bench/step_profile.py, while the process burnt
+2 cores), and 50.7 ms once the workers slept at once. :func:`quiet_idle_blas_workers`
+(called by ``import mpifc``) sets ``OPENBLAS_THREAD_TIMEOUT`` for that; OpenBLAS reads
+it when NumPy loads, so it only takes effect when mpifc is imported first (the
+``mpifc`` command always is) or the variable is exported by the job script.
 """
 from __future__ import annotations
 
@@ -17,6 +28,29 @@ _LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE",   # Open MPI
                     "MPI_LOCALNRANKS",              # MPICH / Hydra
                     "MV2_COMM_WORLD_LOCAL_SIZE",    # MVAPICH2
                     "PMI_LOCAL_SIZE")
+
+
+# OpenBLAS's spin before an idle worker sleeps: 2**N cycles, N in [4, 30], default 28
+BLAS_SPIN_VAR = "OPENBLAS_THREAD_TIMEOUT"
+BLAS_SPIN_SHORT = "4"
+
+
+def quiet_idle_blas_workers(env=None, modules=None) -> str | None:
+    """Make OpenBLAS's idle workers sleep at once instead of spinning ~0.1 s per call.
+
+    Sets ``OPENBLAS_THREAD_TIMEOUT`` in ``env`` (default os.environ) unless the user
+    set it or NumPy is already in ``modules`` (default sys.modules; OpenBLAS read
+    the environment when it loaded, so a late setting would only mislead). Returns
+    the value set, or None when nothing was set.
+    """
+    import sys  # noqa: PLC0415
+
+    env = os.environ if env is None else env
+    modules = sys.modules if modules is None else modules
+    if BLAS_SPIN_VAR in env or "numpy" in modules:
+        return None
+    env[BLAS_SPIN_VAR] = BLAS_SPIN_SHORT
+    return BLAS_SPIN_SHORT
 
 
 def cores_available() -> int:
