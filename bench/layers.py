@@ -12,16 +12,16 @@ SGD-momentum update) of an MLP and of the source articles' image classifier on
 3x32x32, at 1 and 2 threads in one process (--step-threads), beside PyTorch CPU at
 the same thread count when torch is importable; ratio = mpifc time / torch time.
 Table 3: the articles' original classifier on 224x224x3, batch 8: step time and
-peak memory (resident set above the process's size before the model was built),
-each side in a fresh child process, children alternating.
-Times are the minimum over --repeat runs, and the runs of the two sides of a ratio
-are interleaved: other processes may share the cores, and this way both sides see
-the same load.
+peak memory (resident set above the process's size before the model was built).
+Tables 2 and 3 run each side in fresh child processes (bench/_steps.py), --rounds
+per side, the sides alternating; a child reports its fastest of --repeat steps
+(5 for table 3) and the table the fastest child. Table 1 interleaves the runs of
+both sides of a ratio in one process. Either way both sides see the same load when
+other processes share the cores.
 """
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -31,15 +31,14 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 import mpifc.nn as nn
-from mpifc.optim import SGD
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("--threads", type=int, default=1, help="BLAS (and torch) threads, default 1")
 ap.add_argument("--repeat", type=int, default=20, help="timed runs per case (the minimum is reported)")
 ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
 ap.add_argument("--step-threads", default="1,2", help="thread counts of the training-step table")
-ap.add_argument("--rounds224", type=int, default=3, help="child processes per side for table 3")
-ap.add_argument("--child224", choices=["mpifc", "torch"], help=argparse.SUPPRESS)
+ap.add_argument("--rounds", type=int, default=3,
+                help="child processes per side for each training-step case (tables 2 and 3)")
 ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                 help="cuda: the GPU tables of bench/_layers_gpu.py instead (issue 15)")
 args = ap.parse_args()
@@ -51,63 +50,6 @@ if args.device == "cuda":             # GPU: layers beside cuBLAS GEMM, steps be
 threadpool_limits(limits=args.threads)
 dt = np.dtype(args.dtype)
 rng = np.random.default_rng(0)
-
-
-# --------------------------------------------------------------------------- #
-# table 3's child: the 224x224x3 classifier, batch 8, one side per process
-# --------------------------------------------------------------------------- #
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def child224(side, steps):
-    x = rng.standard_normal((8, 3, 224, 224)).astype(np.float32)
-    t = rng.integers(0, 10, size=8)
-    if side == "torch":
-        import torch
-        torch.set_num_threads(args.threads)
-    base = rss_bytes()
-    if side == "mpifc":
-        net = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1, rng=rng), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1, rng=rng), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 56 * 56, 64, rng=rng), nn.ReLU(), nn.Linear(64, 10, rng=rng),
-            input_grad=False)
-        opt, loss = SGD(net.parameters(), lr=0.01, momentum=0.9), nn.SoftmaxCrossEntropy()
-
-        def step():
-            opt.zero_grad()
-            loss.forward(net.forward(x), t)
-            net.backward(loss.backward())
-            opt.step()
-    else:
-        tnn = torch.nn
-        net = tnn.Sequential(
-            tnn.Conv2d(3, 32, 3, padding=1), tnn.BatchNorm2d(32), tnn.ReLU(), tnn.MaxPool2d(2),
-            tnn.Conv2d(32, 64, 3, padding=1), tnn.BatchNorm2d(64), tnn.ReLU(), tnn.MaxPool2d(2),
-            tnn.Flatten(), tnn.Linear(64 * 56 * 56, 64), tnn.ReLU(), tnn.Linear(64, 10))
-        opt, loss = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9), tnn.CrossEntropyLoss()
-        tx, tt = torch.from_numpy(x), torch.from_numpy(t)
-
-        def step():
-            opt.zero_grad()
-            loss(net(tx), tt).backward()
-            opt.step()
-    times = []
-    for _ in range(steps + 1):                       # the first step allocates optimizer state
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    print(json.dumps({"ms": min(times[1:]) * 1e3, "peak_mb": peak / 2**20}))
-
-
-if args.child224:
-    import mpifc.nn as nn  # noqa: E402
-    from mpifc.optim import SGD  # noqa: E402
-    child224(args.child224, min(args.repeat, 5))
-    sys.exit(0)
 
 
 def randn(*shape):
@@ -256,114 +198,57 @@ print(f"shape checks of ColumnParallelLinear 16->16, N=8: {t_chk * 1e4:.2f} us p
       "1 rank, no message)")
 
 # --------------------------------------------------------------------------- #
-# training steps
+# tables 2 and 3: training steps, each side in fresh child processes (bench/_steps.py)
 # --------------------------------------------------------------------------- #
-def mlp_mpifc():
-    return nn.Sequential(nn.Linear(784, 1024, rng=rng, dtype=dt), nn.ReLU(),
-                         nn.Linear(1024, 1024, rng=rng, dtype=dt), nn.ReLU(),
-                         nn.Linear(1024, 10, rng=rng, dtype=dt), input_grad=False)
-
-
-def cnn_mpifc():
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1, rng=rng, dtype=dt), nn.BatchNorm2d(32, dtype=dt), nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1, rng=rng, dtype=dt), nn.BatchNorm2d(64, dtype=dt), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(64 * 8 * 8, 64, rng=rng, dtype=dt), nn.ReLU(), nn.Linear(64, 10, rng=rng, dtype=dt),
-        input_grad=False)
-
-
-def step_mpifc(model, x, t):
-    opt = SGD(model.parameters(), lr=0.01, momentum=0.9)
-    loss_fn = nn.SoftmaxCrossEntropy()
-
-    def run():
-        opt.zero_grad()
-        loss_fn.forward(model.forward(x), t)
-        model.backward(loss_fn.backward())
-        opt.step()
-    return run
-
-
 try:
     import torch
-    torch.set_num_threads(args.threads)
+    sides = ["mpifc", "torch"]
 except ImportError:
-    torch = None
+    torch, sides = None, ["mpifc"]
+STEPS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_steps.py")
 
 
-def step_torch(kind, x, t):
-    tnn = torch.nn
-    tdt = torch.float32 if dt == np.float32 else torch.float64
-    if kind == "mlp":
-        model = tnn.Sequential(tnn.Linear(784, 1024), tnn.ReLU(), tnn.Linear(1024, 1024), tnn.ReLU(),
-                               tnn.Linear(1024, 10))
-    else:
-        model = tnn.Sequential(
-            tnn.Conv2d(3, 32, 3, padding=1), tnn.BatchNorm2d(32), tnn.ReLU(), tnn.MaxPool2d(2),
-            tnn.Conv2d(32, 64, 3, padding=1), tnn.BatchNorm2d(64), tnn.ReLU(), tnn.MaxPool2d(2),
-            tnn.Flatten(), tnn.Linear(64 * 8 * 8, 64), tnn.ReLU(), tnn.Linear(64, 10))
-    model = model.to(tdt)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    loss_fn = tnn.CrossEntropyLoss()
-    tx, tt = torch.from_numpy(x), torch.from_numpy(t)
+def step_children(model, threads, rounds, steps):
+    """{side: [result per child]}: ``rounds`` children per side, the sides alternating."""
+    res = {s: [] for s in sides}
+    for _ in range(rounds):
+        for side in sides:
+            out = subprocess.run([sys.executable, STEPS, side, model, "--threads", str(threads),
+                                  "--steps", str(steps), "--dtype", args.dtype],
+                                 capture_output=True, text=True, check=True)
+            res[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return res
 
-    def run():
-        opt.zero_grad()
-        loss_fn(model(tx), tt).backward()
-        opt.step()
-    return run
+
+def ratio_row(label, values, target, fmt="9.2f"):
+    if torch is None:
+        return f"{label:<50s} {values[0]:{fmt}} {'n/a':>9s} {'n/a':>6s} {target:>7s}"
+    return f"{label:<50s} {values[0]:{fmt}} {values[1]:{fmt}} {values[0] / values[1]:6.2f} {target:>7s}"
 
 
 print()
-hdr = f"{'training step':<50s} {'mpifc ms':>9s} {'torch ms':>9s} {'ratio':>6s} {'target':>7s}"
+hdr = f"{'training step (fastest, ms)':<50s} {'mpifc':>9s} {'torch':>9s} {'ratio':>6s} {'target':>7s}"
 print(hdr)
 print("-" * len(hdr))
 # targets: issue 14 (MLP <= 1.0, classifier <= 0.9 at 1 and at 2 threads in one process)
 for threads in [int(v) for v in args.step_threads.split(",")]:
-    threadpool_limits(limits=threads)
-    if torch is not None:
-        torch.set_num_threads(threads)
-    for kind, make, xshape, target in [("mlp", mlp_mpifc, (256, 784), 1.0),
-                                       ("cnn", cnn_mpifc, (64, 3, 32, 32), 0.9)]:
-        x = randn(*xshape)
-        t = rng.integers(0, 10, size=xshape[0])
-        fns = [step_mpifc(make(), x, t)] + ([step_torch(kind, x, t)] if torch is not None else [])
-        times = best_times(fns)
-        tm = times[0]
-        name = ("MLP 784-1024-1024-10, batch 256" if kind == "mlp"
-                else "classifier conv32-conv64-d64-d10 3x32x32, b64") + f", {threads} thr"
-        tt = f"{times[1] * 1e3:9.2f}" if torch is not None else f"{'n/a':>9s}"
-        ratio = f"{tm / times[1]:6.2f}" if torch is not None else f"{'n/a':>6s}"
-        print(f"{name:<50s} {tm * 1e3:9.2f} {tt} {ratio} {f'<={target}':>7s}")
-        time.sleep(0.3)        # let BLAS worker threads go idle before the next case
-threadpool_limits(limits=args.threads)
+    for model, name, target in [("mlp", "MLP 784-1024-1024-10, batch 256", "<=1.0"),
+                                ("cnn", "classifier conv32-conv64-d64-d10 3x32x32, b64", "<=0.9")]:
+        res = step_children(model, threads, args.rounds, args.repeat)
+        print(ratio_row(f"{name}, {threads} thr", [min(r["ms"] for r in res[s]) for s in sides], target))
 if torch is None:
     print("(torch not importable: pip install 'mpifc[compare]' for the PyTorch column)")
 else:
-    print(f"(torch {torch.__version__})")
+    print(f"(torch {torch.__version__}; {args.rounds} children per side, alternating, "
+          f"{args.repeat} steps each)")
 
-# --------------------------------------------------------------------------- #
-# table 3: the 224x224x3 classifier, batch 8, fresh child processes alternating
-# --------------------------------------------------------------------------- #
-sides = ["mpifc"] + (["torch"] if torch is not None else [])
-res = {s: [] for s in sides}
-for _ in range(args.rounds224):
-    for side in sides:
-        out = subprocess.run([sys.executable, __file__, "--child224", side, "--threads", str(args.threads),
-                              "--repeat", str(args.repeat)], capture_output=True, text=True, check=True)
-        res[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
 print()
-hdr = (f"{'224x224x3 classifier, batch 8, ' + str(args.threads) + ' thr':<40s} {'mpifc':>9s} "
+res = step_children("cnn224", args.threads, args.rounds, min(args.repeat, 5))
+hdr = (f"{'224x224x3 classifier, batch 8, ' + str(args.threads) + ' thr':<50s} {'mpifc':>9s} "
        f"{'torch':>9s} {'ratio':>6s} {'target':>7s}")
 print(hdr)
 print("-" * len(hdr))
 for key, label in [("ms", "step ms (min)"), ("peak_mb", "peak memory MiB (min)")]:
-    v = [min(r[key] for r in res[s]) for s in sides]
-    if torch is not None:
-        print(f"{label:<40s} {v[0]:9.1f} {v[1]:9.1f} {v[0] / v[1]:6.2f} {'<=1.0':>7s}")
-    else:
-        print(f"{label:<40s} {v[0]:9.1f} {'n/a':>9s} {'n/a':>6s} {'<=1.0':>7s}")
+    print(ratio_row(label, [min(r[key] for r in res[s]) for s in sides], "<=1.0", "9.1f"))
 print(f"(peak memory: resident set high-water mark above the child's size before the model was "
-      f"built; {args.rounds224} children per side, alternating)")
+      f"built; {args.rounds} children per side, alternating)")

@@ -7,8 +7,26 @@ backend of each parameter's data (NumPy or CuPy).
 """
 from __future__ import annotations
 
+import numpy as np
+
 from mpifc.backend import get_array_module
 from mpifc.nn.module import Parameter
+
+# elements per chunk of an update on the host: the chunk of every array an update
+# reads and writes, and its temporaries, stay in L1/L2 between its passes
+CHUNK_ELEMENTS = 1 << 14
+
+
+def flat_chunks(*arrays):
+    """Lists of matching views, one list per chunk: the update rules are element-wise,
+    so running them chunk by chunk (in cache) gives the same result as on whole
+    arrays, with one trip to main memory per array instead of one per pass. One
+    chunk (the arrays themselves) on a GPU or when an array is not contiguous."""
+    first = arrays[0]
+    if get_array_module(first) is not np or not all(a.flags.c_contiguous for a in arrays):
+        return [list(arrays)]
+    flat = [a.reshape(-1) for a in arrays]
+    return [[f[i:i + CHUNK_ELEMENTS] for f in flat] for i in range(0, max(first.size, 1), CHUNK_ELEMENTS)]
 
 
 class Optimizer:

@@ -1,7 +1,7 @@
 """Stochastic gradient descent with momentum, Nesterov momentum and weight decay."""
 from __future__ import annotations
 
-from mpifc.optim.optimizer import Optimizer
+from mpifc.optim.optimizer import Optimizer, flat_chunks
 
 
 class SGD(Optimizer):
@@ -26,12 +26,19 @@ class SGD(Optimizer):
         self.weight_decay, self.nesterov = float(weight_decay), bool(nesterov)
 
     def _update(self, i, p):
-        g = p.grad
+        if not self.momentum:
+            for data, grad in flat_chunks(p.data, p.grad):
+                self._rule(data, grad, None, False)
+            return
+        first = self.state["momentum"][i] is None
+        for data, grad, b in flat_chunks(p.data, p.grad, self._slot("momentum", i)):
+            self._rule(data, grad, b, first)
+
+    def _rule(self, data, g, b, first):
+        """The update of one chunk (views of the parameter, its gradient and momentum)."""
         if self.weight_decay:
-            g = g + self.weight_decay * p.data
-        if self.momentum:
-            first = self.state["momentum"][i] is None
-            b = self._slot("momentum", i)
+            g = g + self.weight_decay * data
+        if b is not None:
             if first:
                 b[...] = g
             else:
@@ -41,4 +48,4 @@ class SGD(Optimizer):
                 g = g + self.momentum * b
             else:
                 g = b
-        p.data -= self.lr * g
+        data -= self.lr * g
