@@ -364,7 +364,7 @@ def _maxpool_tiled(x, R, S, Ho, Wo):
         d *= better
         idx = idx + d
         y = xp.maximum(y, v)
-    return xp.ascontiguousarray(y), xp.ascontiguousarray(idx)
+    return y, idx
 
 
 def maxpool2d_forward(x, kernel, stride=None, padding=0):
@@ -384,7 +384,13 @@ def maxpool2d_forward(x, kernel, stride=None, padding=0):
     xp = get_array_module(x)
     R, S, sh, sw, pads, Ho, Wo = _pool_geometry(x.shape, kernel, stride, padding)
     if _maxpool_tiles(R, S, sh, sw, pads):
-        y, idx = _maxpool_tiled(x, R, S, Ho, Wo)
+        N, C = x.shape[:2]
+        y = xp.empty((N, C, Ho, Wo), dtype=x.dtype)
+        idx = xp.empty((N, C, Ho, Wo), dtype=np.uint8)
+
+        def block(i0, i1):      # the stage-1 maxima of a block stay in cache for stage 2
+            y[i0:i1], idx[i0:i1] = _maxpool_tiled(x[i0:i1], R, S, Ho, Wo)
+        blockpool.for_each_block(block, N, x[:1].nbytes, xp)
         return y, (idx, x.shape, (R, S, sh, sw, pads))
     xpad = _pad(x, pads, value=-np.inf)
     y = None
@@ -423,10 +429,12 @@ def maxpool2d_backward(dy, cache):
     dxp = (xp.empty if covered else xp.zeros)((N, C, H + t + b, W + l + r_), dtype=dy.dtype)
     if sh >= R and sw >= S:
         # windows do not overlap: each padded pixel receives from at most one output
-        for r in range(R):
-            for s in range(S):
-                hs, ws = _window_slices(r, s, 1, 1, sh, sw, Ho, Wo)
-                xp.multiply(dy, idx == r * S + s, out=dxp[:, :, hs, ws])
+        def block(i0, i1):
+            for r in range(R):
+                for s in range(S):
+                    hs, ws = _window_slices(r, s, 1, 1, sh, sw, Ho, Wo)
+                    xp.multiply(dy[i0:i1], idx[i0:i1] == r * S + s, out=dxp[i0:i1, :, hs, ws])
+        blockpool.for_each_block(block, N, dxp[:1].nbytes, xp)
     else:
         for r in range(R):
             for s in range(S):
@@ -874,15 +882,35 @@ def layernorm_backward(dy, cache):
 # activations (elementwise)
 # --------------------------------------------------------------------------- #
 def relu_forward(x):
-    """y = max(x, 0). Returns (y, mask) with mask = x > 0 for backward."""
+    """y = max(x, 0). Returns (y, mask) with mask = x > 0 for backward.
+
+    Block by block over axis 0 (:func:`blockpool.for_each_block`): the mask pass
+    reads y from cache, and a rank owning two cores runs half the blocks on each."""
     xp = get_array_module(x)
-    y = xp.maximum(x, 0)
-    return y, y > 0
+    if x.ndim == 0:
+        y = xp.maximum(x, 0)
+        return y, y > 0
+    y = xp.empty(x.shape, dtype=x.dtype)
+    mask = xp.empty(x.shape, dtype=bool)
+
+    def block(i0, i1):
+        xp.maximum(x[i0:i1], 0, out=y[i0:i1])
+        xp.greater(y[i0:i1], 0, out=mask[i0:i1])
+    blockpool.for_each_block(block, x.shape[0], x[:1].nbytes, xp)
+    return y, mask
 
 
 def relu_backward(dy, mask):
-    """dx = dy where x > 0."""
-    return dy * mask
+    """dx = dy where x > 0 (blocked and threaded as :func:`relu_forward`)."""
+    xp = get_array_module(dy)
+    if dy.ndim == 0 or dy.shape != mask.shape:
+        return dy * mask
+    dx = xp.empty(dy.shape, dtype=xp.result_type(dy.dtype, mask.dtype))
+
+    def block(i0, i1):
+        xp.multiply(dy[i0:i1], mask[i0:i1], out=dx[i0:i1])
+    blockpool.for_each_block(block, dy.shape[0], dy[:1].nbytes, xp)
+    return dx
 
 
 def leaky_relu_forward(x, slope=0.01):
