@@ -84,6 +84,16 @@ class ConvPlan:
                 wo0, wo1, ws = _offset_range(s, dw, sw, l, self.W, Wo)
                 if ho1 > ho0 and wo1 > wo0:
                     self.offsets.append((r, s, ho0, ho1, wo0, wo1, hs, ws))
+        # a 'same' conv (stride 1, output H x W) maps an offset to one shift of the
+        # flattened H*W plane: see im2col_block
+        self.flat = None
+        if (sh, sw) == (1, 1) and (Ho, Wo) == (self.H, self.W) and not self.identity:
+            L = Ho * Wo
+            self.flat = []
+            for r, s, ho0, ho1, wo0, wo1, _, _ in self.offsets:
+                delta = (r * dh - t) * self.W + (s * dw - l)
+                pad_cols = [c for c in (slice(0, wo0), slice(wo1, Wo)) if c.stop > c.start]
+                self.flat.append((r * S + s, delta, max(0, -delta), min(L, L - delta), pad_cols))
 
     def block(self, N, itemsize, xp):
         """Images per block: the columns of a block fit :data:`COL_BLOCK_BYTES` (>= 1)."""
@@ -98,7 +108,24 @@ class ConvPlan:
 
 def im2col_block(x, col, plan):
     """Fill ``col : (n, C, R, S, Ho, Wo)`` from ``x : (n, C, H, W)``: one strided copy per
-    kernel offset, into the part of the output it sees (padding entries untouched)."""
+    kernel offset, into the part of the output it sees (padding entries untouched).
+
+    A 'same' conv (:attr:`ConvPlan.flat`) copies each offset as ONE shift of the
+    flattened plane, ``col[.., r, s, j] = x[.., j + delta]`` over the j whose source
+    lies in the plane: rows of H*W elements instead of Ho rows of Wo (NumPy's cost
+    per row dominated the 2-D copy on 16x16 maps). An output pixel whose source
+    column is padding wraps to a neighbouring row's pixel there, so those columns
+    are zeroed again after the copy; a pixel whose source row is padding falls
+    outside [a, b) unless its column is padding too, so rows need nothing."""
+    if plan.flat is not None and col.flags.c_contiguous:
+        n, C = x.shape[:2]
+        x3 = x.reshape(n, C, -1)
+        col4 = col.reshape(n, C, plan.R * plan.S, -1)
+        for k, delta, a, b, pad_cols in plan.flat:
+            col4[:, :, k, a:b] = x3[:, :, a + delta:b + delta]
+            for c in pad_cols:
+                col[:, :, k // plan.S, k % plan.S, :, c] = 0
+        return
     for r, s, ho0, ho1, wo0, wo1, hs, ws in plan.offsets:
         col[:, :, r, s, ho0:ho1, wo0:wo1] = x[:, :, hs, ws]
 
@@ -109,6 +136,9 @@ def col2im_block(dcol, dx, plan):
 
     An offset that reads every input pixel once (the centre of a stride-1 'same' conv)
     goes first and assigns, so dx is never zero-filled then added to."""
+    if plan.flat is not None and dx.flags.c_contiguous and dcol.flags.c_contiguous:
+        _col2im_flat(dcol, dx, plan)
+        return
     offs = plan.offsets
     full = [o for o in offs if o[6].step == 1 and o[7].step == 1
             and (o[3] - o[2], o[5] - o[4]) == (plan.H, plan.W)]
@@ -120,3 +150,27 @@ def col2im_block(dcol, dx, plan):
         dx[...] = 0
     for r, s, ho0, ho1, wo0, wo1, hs, ws in offs:
         dx[:, :, hs, ws] += dcol[:, :, r, s, ho0:ho1, wo0:wo1]
+
+
+
+def _col2im_flat(dcol, dx, plan):
+    """:func:`col2im_block` of a 'same' conv: one shifted add per offset over the
+    flattened planes (the adjoint of the flat copy in :func:`im2col_block`). The
+    entries of ``dcol`` whose source is padding are zeroed first (``dcol`` is
+    scratch), so the pixels they wrap to receive nothing from them."""
+    n, C = dx.shape[:2]
+    dx3 = dx.reshape(n, C, -1)
+    dcol4 = dcol.reshape(n, C, plan.R * plan.S, -1)
+    L = dx3.shape[2]
+    for k, _, _, _, pad_cols in plan.flat:
+        for c in pad_cols:
+            dcol[:, :, k // plan.S, k % plan.S, :, c] = 0
+    full = next((f for f in plan.flat if f[1:4] == (0, 0, L)), None)
+    if full is None:
+        dx3[...] = 0
+    else:                        # the centre offset reads every pixel once: assign
+        dx3[...] = dcol4[:, :, full[0]]
+    for f in plan.flat:
+        if f is not full:
+            k, delta, a, b, _ = f
+            dx3[:, :, a + delta:b + delta] += dcol4[:, :, k, a:b]
