@@ -118,9 +118,9 @@ def im2col_block(x, col, plan):
     are zeroed again after the copy; a pixel whose source row is padding falls
     outside [a, b) unless its column is padding too, so rows need nothing."""
     if plan.flat is not None and col.flags.c_contiguous:
-        n, C = x.shape[:2]
-        x3 = x.reshape(n, C, -1)
-        col4 = col.reshape(n, C, plan.R * plan.S, -1)
+        n, C = x.shape[:2]       # explicit sizes: a rank may hold 0 channels or images
+        x3 = x.reshape(n, C, plan.H * plan.W)
+        col4 = col.reshape(n, C, plan.R * plan.S, plan.Ho * plan.Wo)
         for k, delta, a, b, pad_cols in plan.flat:
             col4[:, :, k, a:b] = x3[:, :, a + delta:b + delta]
             for c in pad_cols:
@@ -159,9 +159,9 @@ def _col2im_flat(dcol, dx, plan):
     entries of ``dcol`` whose source is padding are zeroed first (``dcol`` is
     scratch), so the pixels they wrap to receive nothing from them."""
     n, C = dx.shape[:2]
-    dx3 = dx.reshape(n, C, -1)
-    dcol4 = dcol.reshape(n, C, plan.R * plan.S, -1)
-    L = dx3.shape[2]
+    L = plan.H * plan.W
+    dx3 = dx.reshape(n, C, L)
+    dcol4 = dcol.reshape(n, C, plan.R * plan.S, L)
     for k, _, _, _, pad_cols in plan.flat:
         for c in pad_cols:
             dcol[:, :, k // plan.S, k % plan.S, :, c] = 0

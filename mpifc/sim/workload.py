@@ -70,8 +70,10 @@ import numpy as np
 
 from mpifc.comm.counts import balanced_counts
 from mpifc.errors import UserError
+from mpifc.nn import blockpool
 from mpifc.nn import functional as F
 from mpifc.nn.im2col import COL_BLOCK_BYTES, ConvPlan
+from mpifc.optim.optimizer import CHUNK_ELEMENTS
 from mpifc.parallel.data import MIN_BUCKETS, bucket_cap
 from mpifc.parallel.describe import Collective
 from mpifc.sim.engine import Phase, Workload
@@ -155,6 +157,14 @@ def im2col_cost(N, C, H, W, R, S, Ho, Wo, pads, s, stride=1, dilation=1):
     if plan.identity:
         return 0.0, 0, 0
     _, blocks = conv_blocks(N, plan, s)
+    if plan.flat is not None:
+        # 'same' conv: per offset one copy of a shifted plane (a row per image and
+        # channel), then the padding columns zeroed again (a row per image and channel)
+        copied = sum(f[3] - f[2] for f in plan.flat)
+        zeros = sum((c.stop - c.start) * Ho for f in plan.flat for c in f[4])
+        n_zero = sum(len(f[4]) for f in plan.flat)
+        return (N * C * (2.0 * copied + zeros) * s, blocks * (len(plan.flat) + n_zero),
+                N * C * (len(plan.flat) + n_zero))
     area = sum((o[3] - o[2]) * (o[5] - o[4]) for o in plan.offsets)
     rows = sum(o[3] - o[2] for o in plan.offsets)
     return 2.0 * N * C * area * s, blocks * len(plan.offsets), N * C * rows
@@ -177,6 +187,19 @@ def col2im_cost(N, C, H, W, R, S, Ho, Wo, pads, s, stride=1, dilation=1):
     if plan.identity:
         return 0.0, 0, 0
     _, blocks = conv_blocks(N, plan, s)
+    if plan.flat is not None:
+        # 'same' conv (im2col._col2im_flat): zero dcol's padding columns, assign the
+        # centre offset (or zero-fill), then one shifted += per other offset over the
+        # flattened planes: three strided operands, a row each per image and channel
+        L = H * W
+        zeros = sum((c.stop - c.start) * Ho for f in plan.flat for c in f[4])
+        n_zero = sum(len(f[4]) for f in plan.flat)
+        full = [f for f in plan.flat if f[1:4] == (0, 0, L)]
+        rest = [f for f in plan.flat if not full or f is not full[0]]
+        added = sum(f[3] - f[2] for f in rest)
+        nbytes = N * C * (zeros + (2.0 if full else 1.0) * L + 3.0 * added) * s
+        return (nbytes, blocks * (n_zero + 1 + len(rest)),
+                N * C * (n_zero + (1 if full else 0) + 3 * len(rest)))
     offs = plan.offsets
     full = [o for o in offs if o[6].step == 1 and o[7].step == 1
             and (o[3] - o[2], o[5] - o[4]) == (H, W)]
@@ -209,7 +232,9 @@ def maxpool_cost(N, C, H, W, R, S, sh, sw, pads, Ho, Wo, s):
     idx = 1 if k < 256 else 4
     (t, b), (l, r) = pads
     padded = bool(t or b or l or r)
-    if F._maxpool_tiles(R, S, sh, sw, pads):
+    tiled = F._maxpool_tiles(R, S, sh, sw, pads)
+    pool_blocks = elementwise_blocks(N, C * H * W * s)
+    if tiled:
         e1 = N * C * Ho * R * Wo                  # stage 1 elements (window rows)
         fb = (S - 1) * e1 * (5.0 * s + 1) + max(S - 2, 0) * 8.0 * e1 + (e1 if S == 1 else 0)
         fb += (R - 1) * out * (5.0 * s + 12)
@@ -224,11 +249,11 @@ def maxpool_cost(N, C, H, W, R, S, sh, sw, pads, Ho, Wo, s):
         r1 = N * C if Wo * S == W else N * C * Ho * R
         fr = (min(S - 1, 1) * 4 + max(S - 2, 0) * 2) * r1
         fr += (min(R - 1, 1) * 7 + max(R - 2, 0) * 3) * rows
-        if R == 1 or S == 1:                      # the contiguous copies of y / idx
-            fb += out * (2.0 * s + 2)
-            fc += 2
-            fr += 2 * rows
-        fwd = (fb, fc, fr)
+        # each block's y and idx are copied into the outputs (2 passes, strided rows),
+        # and the whole stage set runs once per block (blockpool.for_each_block)
+        fb += out * (2.0 * s + 2)
+        fr += 2 * rows
+        fwd = (fb, (fc + 2) * pool_blocks, fr)
     else:
         pb, pc, pr = _pad_cost(N, C, H, W, pads, s)
         fwd = (pb + out * idx + 2.0 * out * s + (k - 1) * out * (5.0 * s + 9),
@@ -239,10 +264,18 @@ def maxpool_cost(N, C, H, W, R, S, sh, sw, pads, Ho, Wo, s):
     per_out = idx + 2 + (5 * s if overlap else 2 * s)
     Hp, Wp = H + t + b, W + l + r
     covered = not padded and (sh, sw) == (R, S) and (Ho * R, Wo * S) == (H, W)
+    per_block = (4 if overlap else 3) * k
     bwd = ((0 if covered else N * C * Hp * Wp * s) + k * out * per_out
-           + (2.0 * n_in * s if padded else 0), 3 + (4 if overlap else 3) * k + (1 if padded else 0),
+           + (2.0 * n_in * s if padded else 0),
+           3 + per_block * (1 if overlap else pool_blocks) + (1 if padded else 0),
            k * rows + (N * C * H if padded else 0))
     return fwd, bwd
+
+
+def elementwise_blocks(N, sample_bytes):
+    """Blocks of :func:`mpifc.nn.blockpool.for_each_block` over N samples (one thread)."""
+    per = max(1, blockpool.BLOCK_BYTES // max(int(sample_bytes), 1))
+    return max(1, -(-N // per))
 
 
 def avgpool_cost(N, C, H, W, R, S, sh, sw, pads, Ho, Wo, s):
@@ -277,6 +310,14 @@ def optimizer_cost(o: dict) -> tuple[float, int, int]:
     decoupled = o["name"] == "adamw"
     extra = (2, 1) if (wd and decoupled) else (5, 2) if wd else (0, 0)
     return 31 + extra[0], 16 + extra[1], 2
+
+
+def optimizer_chunk_calls(o: dict) -> int:
+    """NumPy calls per further chunk of a parameter (:func:`mpifc.optim.optimizer.flat_chunks`:
+    SGD updates a tensor CHUNK_ELEMENTS at a time); 0 for an optimizer that does not."""
+    if o["name"] != "sgd":
+        return 0
+    return 3 + (3 if o.get("momentum") else 0) + (2 if o.get("weight_decay") else 0)
 
 
 ELEMENTWISE = {"relu", "leakyrelu", "gelu", "tanh", "sigmoid", "dropout"}
@@ -822,10 +863,12 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
 
         elif t in ELEMENTWISE:
             if t == "relu":
+                # 2 passes (forward) and 1 (backward) per block of samples
+                nb = elementwise_blocks(b, n_in // max(b, 1) * s) - 1
                 f_ph.append(elem(f"{name}.forward", _PASSES["relu_fwd"] * n_in * s, "forward",
-                                 _CALLS["relu_fwd"]))
+                                 _CALLS["relu_fwd"] + 2 * nb))
                 b_ph.append(elem(f"{name}.backward", _PASSES["relu_bwd"] * n_in * s, "backward",
-                                 _CALLS["relu_bwd"]))
+                                 _CALLS["relu_bwd"] + nb))
             elif t == "dropout":
                 # rng.random, >= p, astype, * 1/(1-p), x * mask ; dy * mask
                 f_ph.append(elem(f"{name}.forward", (9.0 * s + 2) * n_in, "forward", 6))
@@ -1015,10 +1058,12 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             clip_cc.append(c); opt_ph.append(ph)
         opt_ph.append(elem("clip.scale", 2 * params * s, "optimizer", n_tensors, stream=True))
     passes, per_tensor, slots = optimizer_cost(o)
+    per_chunk = optimizer_chunk_calls(o)
     opt_ph.append(elem("optimizer.step", 0, "optimizer", 1))
     for k, n in enumerate(param_sizes):
-        opt_ph.append(elem(f"optimizer.step.{k}", passes * n * s, "optimizer", per_tensor,
-                           stream=True))
+        chunks = -(-n // CHUNK_ELEMENTS) if per_chunk else 1
+        opt_ph.append(elem(f"optimizer.step.{k}", passes * n * s, "optimizer",
+                           per_tensor + (chunks - 1) * per_chunk, stream=True))
 
     # ---- the trainer around the step: data in scatter mode, the finite-loss check ----
     data_cc: list[Collective] = []

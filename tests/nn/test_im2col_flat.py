@@ -58,3 +58,14 @@ def test_only_same_stride_1_convs_take_the_flat_path():
     assert F._conv_plan(shape, 3, 3, 2, 1, 1).flat is None      # stride 2
     assert F._conv_plan(shape, 3, 3, 1, 0, 1).flat is None      # 'valid': 6 x 6
     assert F._conv_plan(shape, 1, 1, 1, 0, 1).flat is None      # 1x1: the columns are x
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 6, 7), (0, 3, 6, 7)])
+def test_flat_path_with_no_channels_or_no_images(shape):
+    # a rank of a channel-sharded conv may hold no input channel (2 channels, 3 ranks)
+    x = np.zeros(shape)
+    W = np.ones((3, shape[1], 3, 3))
+    y, cache = F.conv2d_forward(x, W, None, 1, 1)
+    assert y.shape == (shape[0], 3, 6, 7) and not y.any()
+    dx, dW, _ = F.conv2d_backward(np.ones(y.shape), cache)
+    assert dx.shape == shape and dW.shape == W.shape and not dW.any()

@@ -6,6 +6,7 @@ import math
 import pytest
 
 from mpifc.config import load_config
+from mpifc.nn import functional as F
 from mpifc.sim.cluster import Cluster, ComputeRates, LinkModel, loads
 from mpifc.sim.commands import share_cores
 from mpifc.sim.engine import Phase, Workload, simulate
@@ -116,16 +117,16 @@ def test_toml_round_trip_and_shared_cores():
 def test_im2col_and_col2im_costs_by_hand():
     pads = ((1, 1), (1, 1))
     # N=2, C=3, 4x4 input, 3x3 kernel, padding 1 -> 4x4 output, float32, one block.
-    # im2col_block: per offset one strided copy of the output rectangle whose input lies
-    # inside the image (rows 3, 4, 3 by columns 3, 4, 3: 100 pixels over the 9 offsets);
-    # the padding is never written (the reused buffer's margins stay zero)
+    # A 'same' conv (im2col.ConvPlan.flat): per offset one copy of the flattened 4x4
+    # plane shifted by delta = 4 dr + dc (dr, dc in -1..1): 16 - |delta| pixels, 118 over
+    # the 9 offsets, a row per (image, channel); the 6 offsets with a padding column
+    # zero it again afterwards (4 pixels each, a row per (image, channel))
     nb, calls, rows = im2col_cost(2, 3, 4, 4, 3, 3, 4, 4, pads, 4)
-    assert (nb, calls, rows) == (2 * 6 * 100 * 4, 9, 6 * 30)
-    # col2im_block: the centre offset assigns dx (a copy of 16 pixels), the other 8 add
-    # their 84 pixels with a strided += (3 passes); no zero fill, no crop; a += has
-    # three strided operands (dx read and written, dcol read): 3 rows per view row
+    assert (nb, calls, rows) == (6 * (2 * 118 + 6 * 4) * 4, 9 + 6, 6 * (9 + 6))
+    # col2im: zero dcol's 6 padding columns, the centre offset assigns dx (16 pixels),
+    # the other 8 add their 102 pixels with a shifted += (3 passes, 3 strided operands)
     nb, calls, rows = col2im_cost(2, 3, 4, 4, 3, 3, 4, 4, pads, 4)
-    assert (nb, calls, rows) == (2 * 6 * 16 * 4 + 3 * 6 * 84 * 4, 9, 3 * 6 * 26 + 6)
+    assert (nb, calls, rows) == (6 * (6 * 4 + 2 * 16 + 3 * 102) * 4, 6 + 1 + 8, 6 * (6 + 1 + 3 * 8))
     # no padding: no offset covers the input, dx is zero-filled, 9 strided +=
     assert im2col_cost(2, 3, 4, 4, 3, 3, 2, 2, ((0, 0), (0, 0)), 4) == (2 * 6 * 36 * 4, 9, 108)
     assert col2im_cost(2, 3, 4, 4, 3, 3, 2, 2, ((0, 0), (0, 0)), 4) == (
@@ -134,8 +135,8 @@ def test_im2col_and_col2im_costs_by_hand():
     assert im2col_cost(2, 3, 4, 4, 1, 1, 4, 4, ((0, 0), (0, 0)), 4) == (0.0, 0, 0)
     assert col2im_cost(2, 3, 4, 4, 1, 1, 4, 4, ((0, 0), (0, 0)), 4) == (0.0, 0, 0)
     # digits-cnn conv2 at batch 64: 18432 bytes of columns per image, 56 per 1 MiB
-    # block: two blocks, each copying per offset
-    assert im2col_cost(64, 32, 4, 4, 3, 3, 4, 4, pads, 4)[1] == 2 * 9
+    # block: two blocks, each copying per offset and zeroing 6 padding columns
+    assert im2col_cost(64, 32, 4, 4, 3, 3, 4, 4, pads, 4)[1] == 2 * (9 + 6)
 
 
 def test_conv_backward_phases():
@@ -157,12 +158,14 @@ def test_maxpool_cost_by_hand():
     # stage 2 on the 24 outputs (compare 2s+1, index + 2, subtract, *=, + (3 each),
     # maximum 3s); strided rows once per strided operand: stage 1's column views run
     # over H and W in one strided run (a row per (n, c): 6), compare and maximum each
-    # read two; stage 2 on rows of Wo (N*C*Ho = 12): 7 strided operands
+    # read two; stage 2 on rows of Wo (N*C*Ho = 12): 7 strided operands; then the
+    # block's y and idx are copied into the outputs (2s + 2 bytes, 2 calls, 2 x 12 rows)
     fwd, bwd = maxpool_cost(2, 3, 4, 4, 2, 2, 2, 2, ((0, 0), (0, 0)), 2, 2, 4)
-    assert fwd == (48 * 21 + 24 * 32, 6 + 2 + 6, 4 * 6 + 7 * 12)
+    assert fwd == (48 * 21 + 24 * 32 + 24 * 10, 6 + 2 + 6 + 2, 4 * 6 + 7 * 12 + 2 * 12)
     # a 5x5 input with 2x2 windows: stage 1 views leave column 4 out (a row per
     # window row, N*C*Ho*R = 24)
-    assert maxpool_cost(2, 3, 5, 5, 2, 2, 2, 2, ((0, 0), (0, 0)), 2, 2, 4)[0][2] == 4 * 24 + 7 * 12
+    assert maxpool_cost(2, 3, 5, 5, 2, 2, 2, 2, ((0, 0), (0, 0)), 2, 2, 4)[0][2] == (
+        4 * 24 + 7 * 12 + 2 * 12)
     # windows cover the input exactly: no zero fill; 4 offsets x (idx == k: 2,
     # dy * mask into the window: 1 + 2s)
     assert bwd == (4 * 24 * 11, 3 + 12, 4 * 12)
@@ -186,8 +189,8 @@ def test_max_pooling_has_no_masked_stores():
 
 
 def test_batchnorm_blocks():
-    # bn1 of digits-cnn at batch 64: (64, 32, 8, 8) float32, 8 KiB a sample, 32 samples
-    # per 256 KiB block: 2 blocks; bn2 (64, 64, 4, 4): 1 block
+    # bn1 of digits-cnn at batch 64: (64, 32, 8, 8) float32, 8 KiB a sample, 64 samples
+    # per 512 KiB block (BN_BLOCK_BYTES): 1 block; bn2 (64, 64, 4, 4): 1 block
     d = describe_step(load_config("digits-cnn"), 1, 1, global_batch=64)
     by = {p.label: p for p in d.workload.phases}
     from mpifc.sim.workload import _CALLS, _PASSES
@@ -195,7 +198,8 @@ def test_batchnorm_blocks():
         io = by[label + ".io"]
         return [by[label].calls + io.calls, by[label].bytes + io.bytes]
     n1, n2 = 64 * 32 * 64 * 4, 64 * 64 * 16 * 4
-    assert both("bn1.forward") == [_CALLS["bn_fwd"] + 2 * _CALLS["bn_fwd_block"], 11 * n1]
+    blocks1 = -(-64 // (F.BN_BLOCK_BYTES // (32 * 64 * 4)))         # samples of 8 KiB
+    assert both("bn1.forward") == [_CALLS["bn_fwd"] + blocks1 * _CALLS["bn_fwd_block"], 11 * n1]
     assert both("bn2.backward") == [_CALLS["bn_bwd"] + _CALLS["bn_bwd_block"], 16 * n2]
     # io: x twice and y once forward; x and dy twice and dx once backward, each call
     # the size of the whole tensor (the rate of an array that size)
