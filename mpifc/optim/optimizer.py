@@ -10,11 +10,29 @@ from __future__ import annotations
 import numpy as np
 
 from mpifc.backend import get_array_module
+from mpifc.nn import blockpool
 from mpifc.nn.module import Parameter
 
 # elements per chunk of an update on the host: the chunk of every array an update
-# reads and writes, and its temporaries, stay in L1/L2 between its passes
-CHUNK_ELEMENTS = 1 << 14
+# reads and writes, and its temporaries, stay in L2 between its passes (the MLP's SGD
+# step: 1.14 ms at 16K elements, 0.99 at 64K, 1.33 at 256K, one thread, warm)
+CHUNK_ELEMENTS = 1 << 16
+
+
+def for_each_chunk(fn, *arrays) -> None:
+    """``fn(*views)`` for each chunk of :func:`flat_chunks`; a rank owning several cores
+    runs contiguous runs of chunks on blockpool's threads (the update rules are
+    element-wise: the chunks are independent)."""
+    chunks = flat_chunks(*arrays)
+    if len(chunks) == 1:
+        fn(*chunks[0])
+        return
+    item = CHUNK_ELEMENTS * arrays[0].dtype.itemsize
+
+    def share(c0, c1):
+        for c in range(c0, c1):
+            fn(*chunks[c])
+    blockpool.run(share, blockpool.shares(len(chunks), item, np))
 
 
 def flat_chunks(*arrays):

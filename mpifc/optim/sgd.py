@@ -1,7 +1,7 @@
 """Stochastic gradient descent with momentum, Nesterov momentum and weight decay."""
 from __future__ import annotations
 
-from mpifc.optim.optimizer import Optimizer, flat_chunks
+from mpifc.optim.optimizer import Optimizer, for_each_chunk
 
 
 class SGD(Optimizer):
@@ -27,12 +27,11 @@ class SGD(Optimizer):
 
     def _update(self, i, p):
         if not self.momentum:
-            for data, grad in flat_chunks(p.data, p.grad):
-                self._rule(data, grad, None, False)
+            for_each_chunk(lambda data, grad: self._rule(data, grad, None, False), p.data, p.grad)
             return
         first = self.state["momentum"][i] is None
-        for data, grad, b in flat_chunks(p.data, p.grad, self._slot("momentum", i)):
-            self._rule(data, grad, b, first)
+        for_each_chunk(lambda data, grad, b: self._rule(data, grad, b, first),
+                       p.data, p.grad, self._slot("momentum", i))
 
     def _rule(self, data, g, b, first):
         """The update of one chunk (views of the parameter, its gradient and momentum)."""

@@ -44,3 +44,39 @@ def test_conv_and_batchnorm_on_two_threads_equal_one(monkeypatch):
     two = _conv_bn_step(x, W, b, g, be, dy)
     for a, c in zip(one, two):
         np.testing.assert_allclose(c, a, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kw", [dict(momentum=0.9), dict(momentum=0.9, weight_decay=0.01, nesterov=True),
+                                dict()])
+def test_sgd_chunks_on_two_threads_equal_one_thread(monkeypatch, kw):
+    from mpifc.nn.module import Parameter
+    from mpifc.optim import SGD
+    from mpifc.optim import optimizer as O
+
+    monkeypatch.setattr(O, "CHUNK_ELEMENTS", 7)          # many chunks, a short last one
+    rng = np.random.default_rng(3)
+    shapes, grads = [(5, 9), (13,), ()], []
+    for _ in range(3):
+        grads.append([rng.standard_normal(s) for s in shapes])
+
+    def run():
+        ps = [Parameter(np.linspace(-1, 1, max(1, int(np.prod(s)))).reshape(s), f"p{i}")
+              for i, s in enumerate(shapes)]
+        opt = SGD(ps, lr=0.1, **kw)
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g.copy()
+            opt.step()
+        return [p.data for p in ps]
+    monkeypatch.setattr(blockpool, "ENABLED", False)
+    one = run()
+    monkeypatch.setattr(blockpool, "ENABLED", True)
+    monkeypatch.setattr(blockpool, "width", lambda: 2)
+    monkeypatch.setattr(blockpool, "MIN_SHARE_BYTES", 1)
+    calls = []
+    real_run = blockpool.run
+    monkeypatch.setattr(blockpool, "run", lambda fn, parts: calls.append(len(parts)) or real_run(fn, parts))
+    two = run()
+    assert max(calls) == 2                               # the chunks were split over 2 threads
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
