@@ -770,7 +770,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                 f_cc.append(c); f_ph.append(ph)
             f_ph += after_f
             # conv2d_backward, block by block as the forward: (for a gathered output, my
-            # block of dy), db = dy summed; per block x unfolded again into the column
+            # block of dy), db = dy summed block by block; per block x unfolded again into the column
             # buffer and dW_i = dy_i col_i^T per image (the forward's work: unfold + GEMM,
             # so at the conv rate), the per-image dW summed into dW; with the input
             # gradient, dcol = W^T dy at the conv rate (a batched GEMM of the same FLOPs)
@@ -780,8 +780,10 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             KD = Kl * Cl * R * S_
             if gathered:
                 b_ph.append(elem(f"{name}.backward.take", 2 * M * Kl * s, "backward", 3, b * Kl))
+            # db: per block, dy's block summed over L then over its images (3 calls)
+            # into a float64 sum, cast once at the end
             b_ph.append(elem(f"{name}.backward.dy", (1 if bias else 0) * M * Kl * s,
-                             "backward", 2 + (2 if bias else 0), b * Kl if bias else 0))
+                             "backward", 2 + (3 * blocks_n + 1 if bias else 0), b * Kl if bias else 0))
             b_ph.append(compute(f"{name}.backward", f, "conv", "backward"))
             # dW += dWb[:m].sum(axis=0): the block's per-image dW read, the block sum
             # written, then added (read both, write)
