@@ -74,7 +74,7 @@ from mpifc.nn import blockpool
 from mpifc.nn import functional as F
 from mpifc.nn.im2col import COL_BLOCK_BYTES, ConvPlan
 from mpifc.optim.optimizer import CHUNK_ELEMENTS
-from mpifc.parallel.data import MIN_BUCKETS, bucket_cap
+from mpifc.parallel.data import bucket_cap, default_min_buckets
 from mpifc.parallel.describe import Collective
 from mpifc.sim.engine import Phase, Workload
 from mpifc.sim.planner import LayoutInfeasible
@@ -449,7 +449,7 @@ def _flatten(layers, path="model.layers", prefix="", depth=0) -> list[dict]:
 def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = None,
                   local_batch: int | None = None, dp_rank: int = 0, tp_rank: int = 0,
                   bucket_mb: float | None = None, overlap: bool | None = None,
-                  min_buckets: int = MIN_BUCKETS, accuracy: bool = True,
+                  min_buckets: int | None = None, accuracy: bool = True,
                   finite_check: bool = True) -> StepDescription:
     """The analytic step of ``cfg`` (a dict from :func:`mpifc.config.load_config`) on one
     rank of a dp x tp layout, as the trainer runs it: forward, class-parallel loss
@@ -463,7 +463,8 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
     local_batch : rows per dp replica instead (weak scaling: global = local * dp)
     dp_rank, tp_rank : the rank described (0: the largest shards, the slowest rank)
     bucket_mb, overlap : data-parallel buckets (default: the config's [parallel])
-    min_buckets : DataParallel's ``min_buckets`` (the cap is at most total / min_buckets)
+    min_buckets : DataParallel's ``min_buckets`` (the cap is at most total / min_buckets;
+        default as DataParallel's: MIN_BUCKETS with overlap, 1 without)
     accuracy : the step computes accuracy (the class-parallel metrics allreduce)
     finite_check : the trainer's per-step agreement that the loss is finite (one
         allreduce max of a float64 over the world, phase "check.finite")
@@ -487,6 +488,8 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
     par = cfg["parallel"]
     cap = int(float(par.get("bucket_mb", 25.0) if bucket_mb is None else bucket_mb) * 2 ** 20)
     overlap = bool(par.get("overlap", True) if overlap is None else overlap)
+    if min_buckets is None:
+        min_buckets = default_min_buckets(overlap)
 
     layers = [dict(l) for l in cfg["model"]["layers"]]
     inp = list(cfg["model"]["input"])

@@ -345,3 +345,18 @@ def test_rank_without_rows_still_joins(comm):
     assert len(y) == (0 if grid.dp_rank == comm.size - 1 else 1)
     for (name, p), (_, q) in zip(net.named_parameters(), ref.named_parameters()):
         assert rel(p.grad, q.grad) <= 1e-12, name
+
+
+@pytest.mark.mpi(min_size=1)
+def test_blocking_mode_keeps_one_bucket_by_default(comm, monkeypatch):
+    # with overlap the gradients are cut in at least MIN_BUCKETS buckets; without, every
+    # bucket waits for the end of backward anyway: one bucket (bucket_mb still caps)
+    monkeypatch.setattr(data_mod, "MIN_BUCKET_MB", 0.0)
+    grid = grid_of(comm, comm.size, 1)
+    net = build_model(MLP, grid, seed=1, dtype=np.float64)
+    overlapped = DataParallel(net, grid.dp_comm)
+    blocking = DataParallel(build_model(MLP, grid, seed=1, dtype=np.float64), grid.dp_comm,
+                            overlap=False)
+    assert overlapped.min_buckets == data_mod.MIN_BUCKETS and len(overlapped.buckets) > 1
+    assert blocking.min_buckets == 1 and len(blocking.buckets) == 1
+    assert len(DataParallel(net, grid.dp_comm, overlap=False, min_buckets=3).buckets) > 1

@@ -130,6 +130,15 @@ def test_buckets_follow_the_cap_and_overlap():
     assert all(c.group != "dp" for c in describe_step(cfg, 1, 2).collectives)   # dp = 1: no bucket
 
 
+def test_blocking_mode_describes_one_bucket_as_dataparallel_builds():
+    # DataParallel cuts the gradients in MIN_BUCKETS buckets only with overlap
+    cfg = load_config("cifar-cnn")
+    dp_buckets = lambda d: [c for c in d.collectives if c.phase.startswith("dp.grad_bucket")]  # noqa: E731
+    assert len(dp_buckets(describe_step(cfg, 2, 1))) > 1
+    assert len(dp_buckets(describe_step(cfg, 2, 1, overlap=False))) == 1
+    assert len(dp_buckets(describe_step(cfg, 2, 1, overlap=False, min_buckets=4))) > 1
+
+
 def test_16384_ranks_fast_and_plannable():
     cfg = load_config("digits-cnn")
     cl = preset("ib-hdr100")
