@@ -17,8 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 ENABLED = True
-# a share below this many bytes of input is not worth a thread hand-off
+# a share below this many bytes of input is not worth a thread hand-off (about 70-100
+# us on the 2-core test machine, GIL and wake-up): the convolution, whose GEMMs do
+# much work per input byte (split from 512 KiB of x: 1.78 -> 1.10 ms forward) ...
 MIN_SHARE_BYTES = 1 << 18
+# ... and the passes that do a few operations per byte (BatchNorm, ReLU, max-pool, the
+# SGD update): two shares of a 512 KiB BatchNorm input took 374 us against 237 for one,
+# of a 512 KiB ReLU input 112 against 39; from 2 MiB on two shares are as fast or faster
+PASS_MIN_SHARE_BYTES = 1 << 20
 # bytes of input per call of an element-wise pass (:func:`for_each_block`): small
 # enough that a block's passes meet in L2, large enough that the wait for the GIL
 # between two threads' calls (tens of microseconds on a VM) stays small beside one
@@ -41,10 +47,12 @@ def width() -> int:
     return max((c.get_num_threads() for c in _blas_controllers()), default=1)
 
 
-def shares(n_items: int, item_bytes: int, xp) -> list[tuple[int, int]]:
-    """Contiguous (i0, i1) shares of ``n_items``: one per thread of :func:`width`, or one."""
+def shares(n_items: int, item_bytes: int, xp, min_share_bytes: int | None = None) -> list[tuple[int, int]]:
+    """Contiguous (i0, i1) shares of ``n_items``: one per thread of :func:`width`, or one
+    (each share at least ``min_share_bytes``, default :data:`MIN_SHARE_BYTES`)."""
     w = width() if ENABLED and xp is np else 1
-    w = max(1, min(w, n_items, (n_items * item_bytes) // MIN_SHARE_BYTES))
+    least = MIN_SHARE_BYTES if min_share_bytes is None else min_share_bytes
+    w = max(1, min(w, n_items, (n_items * item_bytes) // max(least, 1)))
     cuts = [n_items * i // w for i in range(w + 1)]
     return list(zip(cuts[:-1], cuts[1:]))
 
@@ -64,7 +72,7 @@ def for_each_block(fn, n_items: int, item_bytes: int, xp) -> None:
     def share(s0, s1):
         for i in range(s0, s1, per):
             fn(i, min(i + per, s1))
-    run(share, shares(n_items, item_bytes, xp))
+    run(share, shares(n_items, item_bytes, xp, PASS_MIN_SHARE_BYTES))
 
 
 def run(fn, parts: list[tuple[int, int]]) -> list:

@@ -576,6 +576,11 @@ def _bn_blocks(x3):
     return [slice(i, min(i + n, N)) for i in range(0, N, n)] or [slice(0, 0)], max(n, 1)
 
 
+def _bn_shares(x3, xp):
+    """blockpool's thread shares of the samples of x3 : (N, C, L) for a BatchNorm pass."""
+    return blockpool.shares(x3.shape[0], x3[:1].nbytes, xp, blockpool.PASS_MIN_SHARE_BYTES)
+
+
 def batchnorm_stats(x, return_shifted=False):
     """Per-channel moments of this rank's data: (mean, M2, count), exact for any offset.
 
@@ -616,7 +621,7 @@ def batchnorm_stats(x, return_shifted=False):
             sd += xp.einsum("ncl->c", db)
             sdd += xp.einsum("ncl,ncl->c", db, db)
         return sd, sdd
-    parts = blockpool.run(share, blockpool.shares(x3.shape[0], x3[:1].nbytes, xp))
+    parts = blockpool.run(share, _bn_shares(x3, xp))
     sd, sdd = sum(p[0] for p in parts), sum(p[1] for p in parts)
     n_ = max(count, 1)
     mean = k.astype(np.float64) + sd / n_
@@ -697,7 +702,7 @@ def batchnorm_forward_from_stats(x, gamma, beta, mean, m2, count, eps=1e-5, shif
             xp.subtract(xs[blk], kv, out=db)
             xp.multiply(db, a, out=ys[blk])
             ys[blk] += c
-    blockpool.run(share, blockpool.shares(x3.shape[0], x3[:1].nbytes, xp))
+    blockpool.run(share, _bn_shares(x3, xp))
     cache = (x, k, mk64.astype(dt), invstd64.astype(dt), gamma)
     return y, cache, mean, var
 
@@ -765,7 +770,7 @@ def batchnorm_backward_stats(dy, cache):
             sdy += xp.einsum("ncl->c", dys[blk])
             sdyd += xp.einsum("ncl,ncl->c", dys[blk], db)
         return sdy, sdyd
-    parts = blockpool.run(share, blockpool.shares(x3.shape[0], x3[:1].nbytes, xp))
+    parts = blockpool.run(share, _bn_shares(x3, xp))
     sdy, sdyd = sum(p[0] for p in parts), sum(p[1] for p in parts)
     sdx = (sdyd - mk.astype(acc) * sdy) * invstd.astype(acc)
     return sdy.astype(dy.dtype), sdx.astype(dy.dtype)
@@ -811,7 +816,7 @@ def batchnorm_backward_from_stats(dy, cache, sum_dy, sum_dy_xhat, count):
             xp.multiply(dys[blk], a, out=dxs[blk])
             dxs[blk] -= db
             dxs[blk] += f
-    blockpool.run(share, blockpool.shares(x3.shape[0], x3[:1].nbytes, xp))
+    blockpool.run(share, _bn_shares(x3, xp))
     return dx
 
 

@@ -32,7 +32,7 @@ def for_each_chunk(fn, *arrays) -> None:
     def share(c0, c1):
         for c in range(c0, c1):
             fn(*chunks[c])
-    blockpool.run(share, blockpool.shares(len(chunks), item, np))
+    blockpool.run(share, blockpool.shares(len(chunks), item, np, blockpool.PASS_MIN_SHARE_BYTES))
 
 
 def flat_chunks(*arrays):

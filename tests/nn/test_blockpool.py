@@ -12,6 +12,7 @@ from mpifc.nn import functional as F
 def two_threads(monkeypatch):
     monkeypatch.setattr(blockpool, "width", lambda: 2)
     monkeypatch.setattr(blockpool, "MIN_SHARE_BYTES", 1)
+    monkeypatch.setattr(blockpool, "PASS_MIN_SHARE_BYTES", 1)
 
 
 def _conv_bn_step(x, W, b, g, be, dy):
@@ -41,6 +42,7 @@ def test_conv_and_batchnorm_on_two_threads_equal_one(monkeypatch):
     monkeypatch.setattr(blockpool, "ENABLED", True)
     monkeypatch.setattr(blockpool, "width", lambda: 2)
     monkeypatch.setattr(blockpool, "MIN_SHARE_BYTES", 1)
+    monkeypatch.setattr(blockpool, "PASS_MIN_SHARE_BYTES", 1)
     two = _conv_bn_step(x, W, b, g, be, dy)
     for a, c in zip(one, two):
         np.testing.assert_allclose(c, a, rtol=1e-12, atol=1e-12)
@@ -73,6 +75,7 @@ def test_sgd_chunks_on_two_threads_equal_one_thread(monkeypatch, kw):
     monkeypatch.setattr(blockpool, "ENABLED", True)
     monkeypatch.setattr(blockpool, "width", lambda: 2)
     monkeypatch.setattr(blockpool, "MIN_SHARE_BYTES", 1)
+    monkeypatch.setattr(blockpool, "PASS_MIN_SHARE_BYTES", 1)
     calls = []
     real_run = blockpool.run
     monkeypatch.setattr(blockpool, "run", lambda fn, parts: calls.append(len(parts)) or real_run(fn, parts))
