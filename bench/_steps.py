@@ -32,21 +32,40 @@ def rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def mpifc_step(model, x, t, dt):
-    rng = np.random.default_rng(1)
+def mpifc_net(model, dt=np.float32, rng=None):
+    """The mpifc side's ``model`` (see SHAPES), input gradient off (the input is data)."""
+    rng = np.random.default_rng(1) if rng is None else rng
     if model == "mlp":
-        net = nn.Sequential(nn.Linear(784, 1024, rng=rng, dtype=dt), nn.ReLU(),
-                            nn.Linear(1024, 1024, rng=rng, dtype=dt), nn.ReLU(),
-                            nn.Linear(1024, 10, rng=rng, dtype=dt), input_grad=False)
-    else:
-        side = SHAPES[model][1]
-        net = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1, rng=rng, dtype=dt), nn.BatchNorm2d(32, dtype=dt), nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1, rng=rng, dtype=dt), nn.BatchNorm2d(64, dtype=dt), nn.ReLU(),
-            nn.MaxPool2d(2), nn.Flatten(),
-            nn.Linear(64 * side * side, 64, rng=rng, dtype=dt), nn.ReLU(),
-            nn.Linear(64, 10, rng=rng, dtype=dt), input_grad=False)
+        return nn.Sequential(nn.Linear(784, 1024, rng=rng, dtype=dt), nn.ReLU(),
+                             nn.Linear(1024, 1024, rng=rng, dtype=dt), nn.ReLU(),
+                             nn.Linear(1024, 10, rng=rng, dtype=dt), input_grad=False)
+    side = SHAPES[model][1]
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1, rng=rng, dtype=dt), nn.BatchNorm2d(32, dtype=dt), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1, rng=rng, dtype=dt), nn.BatchNorm2d(64, dtype=dt), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(64 * side * side, 64, rng=rng, dtype=dt), nn.ReLU(),
+        nn.Linear(64, 10, rng=rng, dtype=dt), input_grad=False)
+
+
+def torch_net(model):
+    """The same ``model`` in torch.nn (torch's own initialisation, float32)."""
+    import torch
+
+    tnn = torch.nn
+    if model == "mlp":
+        return tnn.Sequential(tnn.Linear(784, 1024), tnn.ReLU(), tnn.Linear(1024, 1024), tnn.ReLU(),
+                              tnn.Linear(1024, 10))
+    side = SHAPES[model][1]
+    return tnn.Sequential(
+        tnn.Conv2d(3, 32, 3, padding=1), tnn.BatchNorm2d(32), tnn.ReLU(), tnn.MaxPool2d(2),
+        tnn.Conv2d(32, 64, 3, padding=1), tnn.BatchNorm2d(64), tnn.ReLU(), tnn.MaxPool2d(2),
+        tnn.Flatten(), tnn.Linear(64 * side * side, 64), tnn.ReLU(), tnn.Linear(64, 10))
+
+
+def mpifc_step(model, x, t, dt):
+    net = mpifc_net(model, dt)
     opt, loss = SGD(net.parameters(), lr=0.01, momentum=0.9), nn.SoftmaxCrossEntropy()
 
     def step():
@@ -61,19 +80,9 @@ def torch_step(model, x, t, dt, threads):
     import torch
 
     torch.set_num_threads(threads)
-    tnn = torch.nn
-    if model == "mlp":
-        net = tnn.Sequential(tnn.Linear(784, 1024), tnn.ReLU(), tnn.Linear(1024, 1024), tnn.ReLU(),
-                             tnn.Linear(1024, 10))
-    else:
-        side = SHAPES[model][1]
-        net = tnn.Sequential(
-            tnn.Conv2d(3, 32, 3, padding=1), tnn.BatchNorm2d(32), tnn.ReLU(), tnn.MaxPool2d(2),
-            tnn.Conv2d(32, 64, 3, padding=1), tnn.BatchNorm2d(64), tnn.ReLU(), tnn.MaxPool2d(2),
-            tnn.Flatten(), tnn.Linear(64 * side * side, 64), tnn.ReLU(), tnn.Linear(64, 10))
-    net = net.to(torch.float32 if dt == np.float32 else torch.float64)
+    net = torch_net(model).to(torch.float32 if dt == np.float32 else torch.float64)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    loss = tnn.CrossEntropyLoss()
+    loss = torch.nn.CrossEntropyLoss()
     tx, tt = torch.from_numpy(x), torch.from_numpy(t)
 
     def step():

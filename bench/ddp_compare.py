@@ -27,6 +27,7 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _scaling import soft_barrier  # noqa: E402
+from _steps import mpifc_net, torch_net  # noqa: E402
 import mpifc.nn as nn  # noqa: E402
 from mpifc.comm import trace, world  # noqa: E402
 from mpifc.optim import SGD  # noqa: E402
@@ -59,27 +60,12 @@ rng = np.random.default_rng(comm.rank)
 
 
 def mpifc_model(kind):
-    r = np.random.default_rng(0)
-    if kind == "mlp":
-        return nn.Sequential(nn.Linear(784, 1024, rng=r), nn.ReLU(), nn.Linear(1024, 1024, rng=r),
-                             nn.ReLU(), nn.Linear(1024, 10, rng=r), input_grad=False)
-    return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1, rng=r), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1, rng=r), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 8 * 8, 64, rng=r), nn.ReLU(), nn.Linear(64, 10, rng=r),
-        input_grad=False)
+    return mpifc_net("mlp" if kind == "mlp" else "cnn", rng=np.random.default_rng(0))
 
 
 def torch_model(kind):
     torch.manual_seed(0)
-    t = torch.nn
-    if kind == "mlp":
-        return t.Sequential(t.Linear(784, 1024), t.ReLU(), t.Linear(1024, 1024), t.ReLU(),
-                            t.Linear(1024, 10))
-    return t.Sequential(
-        t.Conv2d(3, 32, 3, padding=1), t.BatchNorm2d(32), t.ReLU(), t.MaxPool2d(2),
-        t.Conv2d(32, 64, 3, padding=1), t.BatchNorm2d(64), t.ReLU(), t.MaxPool2d(2),
-        t.Flatten(), t.Linear(64 * 8 * 8, 64), t.ReLU(), t.Linear(64, 10))
+    return torch_net("mlp" if kind == "mlp" else "cnn")
 
 
 def mpifc_step(kind, x, y):

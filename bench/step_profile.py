@@ -15,6 +15,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 import mpifc.nn as nn
+from _steps import mpifc_net  # bench/: the classifier bench/layers.py times
 from mpifc.optim import SGD
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -24,11 +25,7 @@ ap.add_argument("--batch", type=int, default=64)
 args = ap.parse_args()
 threadpool_limits(limits=args.threads)
 rng = np.random.default_rng(0)
-net = nn.Sequential(
-    nn.Conv2d(3, 32, 3, padding=1, rng=rng), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-    nn.Conv2d(32, 64, 3, padding=1, rng=rng), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-    nn.Flatten(), nn.Linear(64 * 8 * 8, 64, rng=rng), nn.ReLU(), nn.Linear(64, 10, rng=rng),
-    input_grad=False)
+net = mpifc_net("cnn", rng=rng)
 x = rng.standard_normal((args.batch, 3, 32, 32)).astype(np.float32)
 t = rng.integers(0, 10, args.batch)
 opt, loss = SGD(net.parameters(), lr=0.01, momentum=0.9), nn.SoftmaxCrossEntropy()
