@@ -31,6 +31,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 import mpifc.nn as nn
+from mpifc.nn import hostjit
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("--threads", type=int, default=1, help="BLAS (and torch) threads, default 1")
@@ -93,7 +94,8 @@ def layer_run(layer, x):
     return run
 
 
-print(f"mpifc bench/layers.py   threads={args.threads}   dtype={dt}   repeat={args.repeat} (best of)")
+print(f"mpifc bench/layers.py   threads={args.threads}   dtype={dt}   repeat={args.repeat} (best of)"
+      f"   kernels={hostjit.active()} (MPIFC_KERNELS)")
 print()
 hdr = f"{'layer':<44s} {'ms':>8s} {'GFLOP/s':>8s} {'GEMM GFLOP/s':>13s} {'ratio':>6s}"
 print(hdr)

@@ -15,6 +15,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 import mpifc.nn as nn
+from mpifc.nn import hostjit
 from _steps import mpifc_net  # bench/: the classifier bench/layers.py times
 from mpifc.optim import SGD
 
@@ -64,7 +65,7 @@ for it in range(args.repeat + 2):
         note(("step", "sgd"), time.perf_counter() - t0)
 
 print(f"bench/step_profile.py: classifier 3x32x32, batch {args.batch}, {args.threads} thread(s), "
-      f"min of {args.repeat} steps per entry")
+      f"{hostjit.active()} kernels, min of {args.repeat} steps per entry")
 print(f"{'layer':<28s} {'forward ms':>10s} {'backward ms':>11s}")
 for i, layer in enumerate(L):
     f, b = best.get((i, "forward"), 0.0), best.get((i, "backward"), 0.0)

@@ -1,7 +1,8 @@
 # Sourced by the scripts: a local virtual environment with mpifc installed from this checkout.
 #   MPIFC_VENV      the environment's location (default: .venv in the checkout)
 #   MPIFC_EXTRAS    pip extras to install (default: what the calling script needs --
-#                   test,security,export,plot for the tests -- plus `mpich`, the embedded MPI wheel,
+#                   fast (Numba kernels) always, test,security,export,plot for the tests --
+#                   plus `mpich`, the embedded MPI wheel,
 #                   unless a site MPI's mpiexec is already on PATH: a site MPI never
 #                   gets a second mpiexec beside it)
 #   MPIFC_REINSTALL=1  install again even when everything imports
@@ -13,8 +14,8 @@ NEED="${MPIFC_NEED:-run}"
 site_mpiexec="$(command -v mpiexec || true)"
 case "$site_mpiexec" in "$VENV"/*) site_mpiexec="" ;; esac
 if [ -z "${MPIFC_EXTRAS+x}" ]; then
-  MPIFC_EXTRAS=""
-  [ "$NEED" = test ] && MPIFC_EXTRAS="test,security,export,plot"   # signing: cryptography; export: safetensors; plot: matplotlib
+  MPIFC_EXTRAS="fast"                                               # Numba: compiled host kernels
+  [ "$NEED" = test ] && MPIFC_EXTRAS="test,fast,security,export,plot"   # signing: cryptography; export: safetensors; plot: matplotlib
   if [ -z "$site_mpiexec" ]; then
     MPIFC_EXTRAS="${MPIFC_EXTRAS:+$MPIFC_EXTRAS,}mpich"
   fi
@@ -26,6 +27,7 @@ fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 modules="mpifc, mpi4py, h5py"
+case ",$MPIFC_EXTRAS," in *,fast,*) modules="$modules, numba" ;; esac
 [ "$NEED" = test ] && modules="$modules, pytest_mpi, cryptography, safetensors"
 if ! python -c "import $modules" 2>/dev/null || ! command -v mpiexec >/dev/null \
    || [ "${MPIFC_REINSTALL:-0}" = 1 ]; then

@@ -34,7 +34,7 @@ import math
 import numpy as np
 
 from mpifc.backend import get_array_module, is_device_array
-from mpifc.nn import blockpool
+from mpifc.nn import blockpool, hostjit
 from mpifc.nn.im2col import ConvPlan, col2im_block, im2col_block, workspace
 
 
@@ -396,6 +396,13 @@ def maxpool2d_forward(x, kernel, stride=None, padding=0):
         N, C = x.shape[:2]
         y = xp.empty((N, C, Ho, Wo), dtype=x.dtype)
         idx = xp.empty((N, C, Ho, Wo), dtype=np.uint8)
+        jit = hostjit.kernels(xp) if hostjit.contiguous(x) else None
+        if jit is not None:
+            if (R, S) == (2, 2):
+                jit.maxpool2x2_forward(x, y, idx)
+            else:
+                jit.maxpool_tiled_forward(x, R, S, y, idx)
+            return y, (idx, x.shape, (R, S, sh, sw, pads))
 
         def block(i0, i1):      # the stage-1 maxima of a block stay in cache for stage 2
             y[i0:i1], idx[i0:i1] = _maxpool_tiled(x[i0:i1], R, S, Ho, Wo)
@@ -435,6 +442,15 @@ def maxpool2d_backward(dy, cache):
     Ho, Wo = dy.shape[2:]
     covered = t == b == l == r_ == 0 and (sh, sw) == (R, S) and (Ho * R, Wo * S) == (H, W)
     # windows that tile the input exactly write every pixel once: no zero fill
+    if _maxpool_tiles(R, S, sh, sw, pads) and hostjit.contiguous(dy, idx):
+        jit = hostjit.kernels(xp)
+        if jit is not None:
+            dx = xp.empty(x_shape, dtype=dy.dtype)
+            if (R, S) == (2, 2) and covered:
+                jit.maxpool2x2_backward(dy, idx, dx)
+            else:
+                jit.maxpool_tiled_backward(dy, idx, R, S, dx)
+            return dx
     dxp = (xp.empty if covered else xp.zeros)((N, C, H + t + b, W + l + r_), dtype=dy.dtype)
     if sh >= R and sw >= S:
         # windows do not overlap: each padded pixel receives from at most one output
@@ -576,6 +592,18 @@ def _bn_blocks(x3):
     return [slice(i, min(i + n, N)) for i in range(0, N, n)] or [slice(0, 0)], max(n, 1)
 
 
+# the compiled kernels (mpifc.nn.hostjit) sum each channel over n and l in one loop:
+# worth it from rows of this many values (an (N, C) BatchNorm1d has rows of 1)
+BN_JIT_MIN_ROW = 16
+
+
+def _bn_jit(xp, *arrays3):
+    """The compiled kernels for these (N, C, L) arrays, or None (NumPy then)."""
+    if arrays3[0].shape[2] < BN_JIT_MIN_ROW or not hostjit.contiguous(*arrays3):
+        return None
+    return hostjit.kernels(xp)
+
+
 def _bn_shares(x3, xp):
     """blockpool's thread shares of the samples of x3 : (N, C, L) for a BatchNorm pass."""
     return blockpool.shares(x3.shape[0], x3[:1].nbytes, xp, blockpool.PASS_MIN_SHARE_BYTES)
@@ -608,6 +636,11 @@ def batchnorm_stats(x, return_shifted=False):
     k = _bn_shift(x)
     x3 = _bn_rows3(x)
     kv = k.reshape(-1, 1)
+    jit = _bn_jit(xp, x3)
+    if jit is not None:
+        sd, sdd = np.empty(x.shape[1]), np.empty(x.shape[1])
+        jit.bn_sums(x3, k, sd, sdd)
+        parts = [(sd, sdd)]
 
     def share(i0, i1):
         blocks, n = _bn_blocks(x3[i0:i1])
@@ -621,7 +654,8 @@ def batchnorm_stats(x, return_shifted=False):
             sd += xp.einsum("ncl->c", db)
             sdd += xp.einsum("ncl,ncl->c", db, db)
         return sd, sdd
-    parts = blockpool.run(share, _bn_shares(x3, xp))
+    if jit is None:
+        parts = blockpool.run(share, _bn_shares(x3, xp))
     sd, sdd = sum(p[0] for p in parts), sum(p[1] for p in parts)
     n_ = max(count, 1)
     mean = k.astype(np.float64) + sd / n_
@@ -692,6 +726,9 @@ def batchnorm_forward_from_stats(x, gamma, beta, mean, m2, count, eps=1e-5, shif
     y = xp.empty(x.shape, dtype=dt)
     y3 = _bn_rows3(y)
     kv = k.reshape(-1, 1)
+    jit = _bn_jit(xp, x3)
+    if jit is not None:
+        jit.bn_normalise(x3, k, a.ravel(), c.ravel(), y3)
 
     def share(i0, i1):
         blocks, n = _bn_blocks(x3[i0:i1])
@@ -702,7 +739,8 @@ def batchnorm_forward_from_stats(x, gamma, beta, mean, m2, count, eps=1e-5, shif
             xp.subtract(xs[blk], kv, out=db)
             xp.multiply(db, a, out=ys[blk])
             ys[blk] += c
-    blockpool.run(share, _bn_shares(x3, xp))
+    if jit is None:
+        blockpool.run(share, _bn_shares(x3, xp))
     cache = (x, k, mk64.astype(dt), invstd64.astype(dt), gamma)
     return y, cache, mean, var
 
@@ -757,6 +795,11 @@ def batchnorm_backward_stats(dy, cache):
     x3, dy3 = _bn_rows3(x), _bn_rows3(dy)
     kv = k.reshape(-1, 1)
     acc = np.float64 if dy.dtype == np.float32 else dy.dtype
+    jit = _bn_jit(xp, x3, dy3) if acc == np.float64 else None
+    if jit is not None:
+        sdy, sdyd = np.empty(x.shape[1]), np.empty(x.shape[1])
+        jit.bn_backward_sums(x3, dy3, k, sdy, sdyd)
+        parts = [(sdy, sdyd)]
 
     def share(i0, i1):
         blocks, n = _bn_blocks(x3[i0:i1])
@@ -770,7 +813,8 @@ def batchnorm_backward_stats(dy, cache):
             sdy += xp.einsum("ncl->c", dys[blk])
             sdyd += xp.einsum("ncl,ncl->c", dys[blk], db)
         return sdy, sdyd
-    parts = blockpool.run(share, _bn_shares(x3, xp))
+    if jit is None:
+        parts = blockpool.run(share, _bn_shares(x3, xp))
     sdy, sdyd = sum(p[0] for p in parts), sum(p[1] for p in parts)
     sdx = (sdyd - mk.astype(acc) * sdy) * invstd.astype(acc)
     return sdy.astype(dy.dtype), sdx.astype(dy.dtype)
@@ -804,6 +848,10 @@ def batchnorm_backward_from_stats(dy, cache, sum_dy, sum_dy_xhat, count):
     dx = xp.empty(dy.shape, dtype=dt)
     dx3 = _bn_rows3(dx)
     kv = k.reshape(-1, 1)
+    jit = _bn_jit(xp, x3, dy3)
+    if jit is not None:
+        jit.bn_backward_dx(x3, dy3, k, a.ravel(), e.ravel(), f.ravel(), dx3)
+        return dx
 
     def share(i0, i1):
         blocks, n = _bn_blocks(x3[i0:i1])
@@ -906,6 +954,10 @@ def relu_forward(x):
         return y, y > 0
     y = xp.empty(x.shape, dtype=x.dtype)
     mask = xp.empty(x.shape, dtype=bool)
+    jit = hostjit.kernels(xp) if hostjit.contiguous(x) else None
+    if jit is not None:
+        jit.relu_forward(x.reshape(-1), y.reshape(-1), mask.reshape(-1))
+        return y, mask
 
     def block(i0, i1):
         xp.maximum(x[i0:i1], 0, out=y[i0:i1])
@@ -920,6 +972,10 @@ def relu_backward(dy, mask):
     if dy.ndim == 0 or dy.shape != mask.shape:
         return dy * mask
     dx = xp.empty(dy.shape, dtype=xp.result_type(dy.dtype, mask.dtype))
+    jit = hostjit.kernels(xp) if hostjit.contiguous(dy, mask) else None
+    if jit is not None:
+        jit.relu_backward(dy.reshape(-1), mask.reshape(-1), dx.reshape(-1))
+        return dx
 
     def block(i0, i1):
         xp.multiply(dy[i0:i1], mask[i0:i1], out=dx[i0:i1])

@@ -70,7 +70,7 @@ import numpy as np
 
 from mpifc.comm.counts import balanced_counts
 from mpifc.errors import UserError
-from mpifc.nn import blockpool
+from mpifc.nn import blockpool, hostjit
 from mpifc.nn import functional as F
 from mpifc.nn.im2col import COL_BLOCK_BYTES, ConvPlan
 from mpifc.optim.optimizer import CHUNK_ELEMENTS
@@ -120,6 +120,14 @@ _CALLS = {
     "bucket_post": 4,                        # trace phase, iallreduce, progress thread
     "step": 12,                              # the trainer's step around the layers
 }
+# The compiled kernels (mpifc.nn.hostjit, the ``fast`` extra) make one pass over memory
+# per kernel and no NumPy call inside it: BatchNorm of rows >= F.BN_JIT_MIN_ROW reads x
+# for its sums and again to write y (backward: x and dy for the sums, x and dy again to
+# write dx: the same main-memory passes as the NumPy code's "io", no block passes);
+# ReLU reads x, writes y and the 1-byte mask (backward: dy and the mask, writes dx);
+# tiled max pooling reads x and writes y and the 1-byte offset (backward: dy and the
+# offset, writes dx). Calls: the kernels and what surrounds them.
+_JIT_CALLS = {"bn_fwd": 2, "bn_bwd": 2, "relu": 2, "pool": 3}
 
 
 def _pad_cost(N, C, H, W, pads, s):
@@ -450,7 +458,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                   local_batch: int | None = None, dp_rank: int = 0, tp_rank: int = 0,
                   bucket_mb: float | None = None, overlap: bool | None = None,
                   min_buckets: int | None = None, accuracy: bool = True,
-                  finite_check: bool = True) -> StepDescription:
+                  finite_check: bool = True, kernels: str | None = None) -> StepDescription:
     """The analytic step of ``cfg`` (a dict from :func:`mpifc.config.load_config`) on one
     rank of a dp x tp layout, as the trainer runs it: forward, class-parallel loss
     and accuracy, backward with data-parallel buckets, clipping, optimizer.
@@ -468,6 +476,8 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
     accuracy : the step computes accuracy (the class-parallel metrics allreduce)
     finite_check : the trainer's per-step agreement that the loss is finite (one
         allreduce max of a float64 over the world, phase "check.finite")
+    kernels : ``"numba"`` or ``"numpy"``: the host kernels priced for BatchNorm, ReLU
+        and max pooling (default: what this process runs, ``hostjit.active()``)
 
     Raises LayoutInfeasible for a layout that leaves a replica without samples, and
     WorkloadError for a config it cannot describe.
@@ -490,6 +500,11 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
     overlap = bool(par.get("overlap", True) if overlap is None else overlap)
     if min_buckets is None:
         min_buckets = default_min_buckets(overlap)
+    if kernels is None:
+        kernels = hostjit.active()
+    elif kernels not in ("numba", "numpy"):
+        raise ValueError(f"kernels={kernels!r}: expected 'numba' or 'numpy'")
+    jit = kernels == "numba"
 
     layers = [dict(l) for l in cfg["model"]["layers"]]
     inp = list(cfg["model"]["input"])
@@ -830,20 +845,30 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             per = max(1, n_in // max(b, 1) * s)
             nbn = max(1, min(b, F.BN_BLOCK_BYTES // per))
             bn_blocks = -(-b // nbn) if b else 1
-            scratch[("bn.d", nbn, c_loc, per)] = nbn * per
+            bn_jit = jit and t == "batchnorm2d" and _prod(act.shape[1:]) >= F.BN_JIT_MIN_ROW
+            if not bn_jit:
+                scratch[("bn.d", nbn, c_loc, per)] = nbn * per
             # two phases: the passes on the scratch block (all the calls, each of a
             # block's size: the cached rate) and the passes over x, y, dy and dx
             # themselves ("io": priced as calls of the whole tensor's size, the rate of
             # an array that size -- main memory once it outgrows the caches)
             fio, bio = _PASSES["bn_fwd_io"], _PASSES["bn_bwd_io"]
-            f_ph.append(elem(f"{name}.forward", (_PASSES["bn_fwd"] - fio) * n_in * s, "forward",
+            if bn_jit:
+                # compiled: only the passes over x, y, dy, dx in memory, one call each
+                # kernel; the per-channel set-up calls around them remain
+                bn_blocks, fpass, bpass = 0, 0, 0
+                fio_calls, bio_calls = _JIT_CALLS["bn_fwd"], _JIT_CALLS["bn_bwd"]
+            else:
+                fpass, bpass = _PASSES["bn_fwd"] - fio, _PASSES["bn_bwd"] - bio
+                fio_calls, bio_calls = fio, bio
+            f_ph.append(elem(f"{name}.forward", fpass * n_in * s, "forward",
                              _CALLS["bn_fwd"] + bn_blocks * _CALLS["bn_fwd_block"] - fio
-                             + sync * _CALLS["bn_sync_fwd"], 6 * bc_rows))
-            f_ph.append(elem(f"{name}.forward.io", fio * n_in * s, "forward", fio))
-            b_ph.append(elem(f"{name}.backward", (_PASSES["bn_bwd"] - bio) * n_in * s, "backward",
+                             + sync * _CALLS["bn_sync_fwd"], 6 * bc_rows if fpass else 0))
+            f_ph.append(elem(f"{name}.forward.io", fio * n_in * s, "forward", fio_calls))
+            b_ph.append(elem(f"{name}.backward", bpass * n_in * s, "backward",
                              _CALLS["bn_bwd"] + bn_blocks * _CALLS["bn_bwd_block"] - bio
-                             + sync * _CALLS["bn_sync_bwd"], 7 * bc_rows))
-            b_ph.append(elem(f"{name}.backward.io", bio * n_in * s, "backward", bio))
+                             + sync * _CALLS["bn_sync_bwd"], 7 * bc_rows if bpass else 0))
+            b_ph.append(elem(f"{name}.backward.io", bio * n_in * s, "backward", bio_calls))
             if dp > 1:       # SyncBatchNorm over the data group
                 # float64 [sum x, sum x^2, count] (parallel/norm.py), whatever the model dtype
                 c, ph = comm(f"{name}.forward", "allreduce", 2 * c_loc + 1, "dp", "forward",
@@ -867,7 +892,12 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             kept_add(n_in * s)
 
         elif t in ELEMENTWISE:
-            if t == "relu":
+            if t == "relu" and jit:
+                f_ph.append(elem(f"{name}.forward", (2.0 * s + 1) * n_in, "forward",
+                                 _JIT_CALLS["relu"]))
+                b_ph.append(elem(f"{name}.backward", (2.0 * s + 1) * n_in, "backward",
+                                 _JIT_CALLS["relu"]))
+            elif t == "relu":
                 # 2 passes (forward) and 1 (backward) per block of samples
                 nb = elementwise_blocks(b, n_in // max(b, 1) * s) - 1
                 f_ph.append(elem(f"{name}.forward", _PASSES["relu_fwd"] * n_in * s, "forward",
@@ -900,6 +930,9 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             out_n = b * xl[0] * Ho * Wo
             cost = maxpool_cost if t == "maxpool2d" else avgpool_cost
             fc, bc = cost(b, xl[0], H, W, R, S_, st[0], st[1], pads, Ho, Wo, s)
+            if jit and t == "maxpool2d" and F._maxpool_tiles(R, S_, st[0], st[1], pads):
+                io = b * xl[0] * H * W * s + out_n * (s + 1)      # x or dx, y or dy, offset
+                fc = bc = (io, _JIT_CALLS["pool"], 0)
             # the argmax offset is updated without a branch (functional._select_where):
             # no masked store
             f_ph.append(elem3(f"{name}.forward", fc, "forward"))

@@ -4,8 +4,17 @@ import threading
 import numpy as np
 import pytest
 
-from mpifc.nn import blockpool
+from mpifc.nn import blockpool, hostjit
 from mpifc.nn import functional as F
+
+
+@pytest.fixture(autouse=True)
+def numpy_kernels():
+    """These tests are about the NumPy kernels' thread shares: no compiled kernels
+    (tests/nn/test_hostjit.py checks those against these)."""
+    hostjit.set_mode("numpy")
+    yield
+    hostjit.set_mode(None)
 
 
 @pytest.fixture

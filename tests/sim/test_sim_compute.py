@@ -191,7 +191,7 @@ def test_max_pooling_has_no_masked_stores():
 def test_batchnorm_blocks():
     # bn1 of digits-cnn at batch 64: (64, 32, 8, 8) float32, 8 KiB a sample, 64 samples
     # per 512 KiB block (BN_BLOCK_BYTES): 1 block; bn2 (64, 64, 4, 4): 1 block
-    d = describe_step(load_config("digits-cnn"), 1, 1, global_batch=64)
+    d = describe_step(load_config("digits-cnn"), 1, 1, global_batch=64, kernels="numpy")
     by = {p.label: p for p in d.workload.phases}
     from mpifc.sim.workload import _CALLS, _PASSES
     def both(label):         # the block passes and the passes over the tensors (io)
@@ -206,6 +206,28 @@ def test_batchnorm_blocks():
     assert by["bn1.forward.io"].bytes / by["bn1.forward.io"].calls == n1
     assert by["bn1.backward.io"].bytes == 5 * n1 and by["bn1.backward.io"].calls == 5
     assert d.memory["scratch"] > 0
+
+
+def test_compiled_kernels_price_one_pass_each():
+    """kernels="numba" (mpifc.nn.hostjit): BatchNorm, ReLU and tiled max pooling cost
+    their main-memory passes and a few calls; no block passes, no scratch block."""
+    from mpifc.sim.workload import _CALLS, _JIT_CALLS
+    cfg = load_config("digits-cnn")
+    d = describe_step(cfg, 1, 1, global_batch=64, kernels="numba")
+    by = {p.label: p for p in d.workload.phases}
+    n1 = 64 * 32 * 64 * 4                                   # bn1 / relu1 / pool1 input bytes
+    assert by["bn1.forward"].bytes == 0 and by["bn1.forward"].rows == 0
+    assert by["bn1.forward.io"].bytes == 3 * n1 and by["bn1.forward.io"].calls == _JIT_CALLS["bn_fwd"]
+    assert by["bn1.backward.io"].bytes == 5 * n1
+    assert by["bn1.forward"].calls == _CALLS["bn_fwd"] - 3       # the set-up calls remain
+    assert by["relu1.forward"].bytes == by["relu1.backward"].bytes == n1 // 4 * 9
+    assert by["pool1.forward"].bytes == n1 + n1 // 4 // 4 * 5   # x; y and the offset
+    numpy = describe_step(cfg, 1, 1, global_batch=64, kernels="numpy")
+    # no bn.d scratch blocks: each of bn1, bn2 holds its whole 64-sample input (< a block)
+    assert numpy.memory["scratch"] - d.memory["scratch"] == n1 + 64 * 64 * 16 * 4
+    assert numpy.workload.phases != d.workload.phases
+    with pytest.raises(ValueError, match="kernels='cuda'"):
+        describe_step(cfg, 1, 1, kernels="cuda")
 
 
 def test_optimizer_costs():

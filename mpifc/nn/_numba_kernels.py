@@ -1,0 +1,213 @@
+"""The element-wise passes of BatchNorm, ReLU and max pooling as Numba kernels (host only).
+
+Imported only through :mod:`mpifc.nn.hostjit`, and only when Numba is installed
+(the ``fast`` extra). Each kernel is the same math as its NumPy twin in
+:mod:`mpifc.nn.functional`, in one pass over memory where NumPy makes one per
+operation, and parallel (``prange``) without the GIL: over channels where a
+kernel sums per channel (each channel is summed by one thread in a fixed order,
+so the result does not depend on the thread count), over (sample, channel)
+planes or flat chunks otherwise.
+
+Arrays are C-contiguous; BatchNorm sees (N, C, L) views. Per-channel sums are
+float64 whatever the data type. ``fastmath`` is limited to reassociation and FMA
+contraction (vectorised sums); NaN and infinity keep their IEEE meaning.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+_FAST = {"reassoc", "contract"}
+_OPTS = dict(parallel=True, cache=True, fastmath=_FAST, nogil=True)
+
+# elements per parallel chunk of a flat pass: 64 KiB of float32
+FLAT_CHUNK = 1 << 14
+
+
+# --------------------------------------------------------------------------- #
+# BatchNorm: y = (x - k) * a + c; sums of d = x - k and of dy, dy * d
+# --------------------------------------------------------------------------- #
+@njit(**_OPTS)
+def bn_sums(x, k, sd, sdd):
+    """sd[c] = sum(x - k[c]), sdd[c] = sum((x - k[c])**2) over n, l; float64."""
+    N, C, L = x.shape
+    for c in prange(C):
+        kc = k[c]
+        s = 0.0
+        ss = 0.0
+        for n in range(N):
+            for j in range(L):
+                d = np.float64(x[n, c, j] - kc)
+                s += d
+                ss += d * d
+        sd[c] = s
+        sdd[c] = ss
+
+
+@njit(**_OPTS)
+def bn_normalise(x, k, a, c0, y):
+    """y = (x - k) * a + c0 per channel (a, c0 in x's type)."""
+    N, C, L = x.shape
+    for p in prange(N * C):
+        n = p // C
+        c = p - n * C
+        kc, ac, cc = k[c], a[c], c0[c]
+        for j in range(L):
+            y[n, c, j] = (x[n, c, j] - kc) * ac + cc
+
+
+@njit(**_OPTS)
+def bn_backward_sums(x, dy, k, sdy, sdyd):
+    """sdy[c] = sum(dy), sdyd[c] = sum(dy * (x - k[c])) over n, l; float64."""
+    N, C, L = x.shape
+    for c in prange(C):
+        kc = k[c]
+        s = 0.0
+        sd = 0.0
+        for n in range(N):
+            for j in range(L):
+                g = np.float64(dy[n, c, j])
+                s += g
+                sd += g * np.float64(x[n, c, j] - kc)
+        sdy[c] = s
+        sdyd[c] = sd
+
+
+@njit(**_OPTS)
+def bn_backward_dx(x, dy, k, a, e, f, dx):
+    """dx = a * dy - e * (x - k) + f per channel."""
+    N, C, L = x.shape
+    for p in prange(N * C):
+        n = p // C
+        c = p - n * C
+        kc, ac, ec, fc = k[c], a[c], e[c], f[c]
+        for j in range(L):
+            dx[n, c, j] = ac * dy[n, c, j] - ec * (x[n, c, j] - kc) + fc
+
+
+# --------------------------------------------------------------------------- #
+# ReLU on flat arrays, in chunks of FLAT_CHUNK (each chunk's loop vectorises)
+# --------------------------------------------------------------------------- #
+@njit(**_OPTS)
+def relu_forward(x, y, mask):
+    """y = max(x, 0) (NaN stays NaN, as np.maximum), mask = y > 0."""
+    n = x.size
+    for b in prange((n + FLAT_CHUNK - 1) // FLAT_CHUNK):
+        lo = b * FLAT_CHUNK
+        hi = min(n, lo + FLAT_CHUNK)
+        xs, ys, ms = x[lo:hi], y[lo:hi], mask[lo:hi]
+        for i in range(hi - lo):
+            v = xs[i]
+            p = v > 0
+            ys[i] = v if (p or v != v) else 0
+            ms[i] = p
+
+
+@njit(**_OPTS)
+def relu_backward(dy, mask, dx):
+    """dx = dy * mask (a product, as NumPy's: a non-finite dy gives NaN where mask is 0)."""
+    n = dy.size
+    for b in prange((n + FLAT_CHUNK - 1) // FLAT_CHUNK):
+        lo = b * FLAT_CHUNK
+        hi = min(n, lo + FLAT_CHUNK)
+        gs, ms, ds = dy[lo:hi], mask[lo:hi], dx[lo:hi]
+        for i in range(hi - lo):
+            ds[i] = gs[i] * ms[i]
+
+
+# --------------------------------------------------------------------------- #
+# max pooling over non-overlapping R x S windows (stride = kernel, no padding);
+# 2 x 2 windows, the common case, have their own straight-line kernels
+# --------------------------------------------------------------------------- #
+@njit(**_OPTS)
+def maxpool_tiled_forward(x, R, S, y, idx):
+    """y[n, c, i, j] = max of window (i, j); idx = r * S + s of its first maximum in
+    raster order. A window holding NaN gives NaN (as np.maximum); its idx is then
+    that of the first maximum among the other values."""
+    N, C, Ho, Wo = y.shape
+    for p in prange(N * C):
+        n = p // C
+        c = p - n * C
+        xp, yp, ip = x[n, c], y[n, c], idx[n, c]
+        for i in range(Ho):
+            yr, ir = yp[i], ip[i]
+            for j in range(Wo):
+                m = xp[i * R, j * S]
+                best = 0
+                bad = m != m
+                for r in range(R):
+                    xr = xp[i * R + r]
+                    for s in range(S):
+                        v = xr[j * S + s]
+                        b = v > m
+                        m = v if b else m
+                        best = r * S + s if b else best
+                        bad = bad | (v != v)
+                yr[j] = m if not bad else np.nan
+                ir[j] = best
+
+
+@njit(**_OPTS)
+def maxpool2x2_forward(x, y, idx):
+    """:func:`maxpool_tiled_forward` for R = S = 2, unrolled."""
+    N, C, Ho, Wo = y.shape
+    for p in prange(N * C):
+        n = p // C
+        c = p - n * C
+        xp, yp, ip = x[n, c], y[n, c], idx[n, c]
+        for i in range(Ho):
+            a, b, yr, ir = xp[2 * i], xp[2 * i + 1], yp[i], ip[i]
+            for j in range(Wo):
+                v0, v1, v2, v3 = a[2 * j], a[2 * j + 1], b[2 * j], b[2 * j + 1]
+                m, k = v0, 0
+                t = v1 > m
+                m, k = (v1, 1) if t else (m, k)
+                t = v2 > m
+                m, k = (v2, 2) if t else (m, k)
+                t = v3 > m
+                m, k = (v3, 3) if t else (m, k)
+                bad = (v0 != v0) | (v1 != v1) | (v2 != v2) | (v3 != v3)
+                yr[j] = m if not bad else np.nan
+                ir[j] = k
+
+
+@njit(**_OPTS)
+def maxpool_tiled_backward(dy, idx, R, S, dx):
+    """dx[window (i, j)] = dy[i, j] * (offset == idx[i, j]); rows and columns of dx
+    beyond the last whole window are zero."""
+    N, C, H, W = dx.shape
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    for p in prange(N * C):
+        n = p // C
+        c = p - n * C
+        for h in range(Ho * R, H):
+            for w in range(W):
+                dx[n, c, h, w] = 0
+        for h in range(Ho * R):
+            for w in range(Wo * S, W):
+                dx[n, c, h, w] = 0
+        for i in range(Ho):
+            for r in range(R):
+                for j in range(Wo):
+                    g = dy[n, c, i, j]
+                    t = idx[n, c, i, j]
+                    for s in range(S):
+                        dx[n, c, i * R + r, j * S + s] = g * (1 if t == r * S + s else 0)
+
+
+@njit(**_OPTS)
+def maxpool2x2_backward(dy, idx, dx):
+    """:func:`maxpool_tiled_backward` for R = S = 2 and even H, W (every pixel written)."""
+    N, C, Ho, Wo = dy.shape
+    for p in prange(N * C):
+        n = p // C
+        c = p - n * C
+        dxp, gp, ip = dx[n, c], dy[n, c], idx[n, c]
+        for i in range(Ho):
+            g, t, a, b = gp[i], ip[i], dxp[2 * i], dxp[2 * i + 1]
+            for j in range(Wo):
+                gj, tj = g[j], t[j]
+                a[2 * j] = gj * (tj == 0)
+                a[2 * j + 1] = gj * (tj == 1)
+                b[2 * j] = gj * (tj == 2)
+                b[2 * j + 1] = gj * (tj == 3)

@@ -1,0 +1,103 @@
+"""Compiled host kernels for the element-wise passes: Numba when it is installed.
+
+NumPy makes one pass over memory per operation and runs it on one core; the
+BatchNorm, ReLU and max-pool passes between the convolution GEMMs were about half
+of the classifier's training step (bench/step_profile.py). With the ``fast`` extra
+(``pip install "mpifc[fast]"``: Numba, wheels only, no compiler needed) those passes
+run as the kernels of :mod:`mpifc.nn._numba_kernels`: one pass each, on the cores
+the rank owns, without the GIL. Everything else, and every array on a GPU, keeps
+the NumPy code in :mod:`mpifc.nn.functional`, which stays the reference: the tests
+check each kernel against it.
+
+``MPIFC_KERNELS`` chooses: ``auto`` (default: Numba when it imports, else NumPy),
+``numba`` (an error when Numba is missing) or ``numpy`` (never compile). The first
+use compiles the kernels (a few seconds) into Numba's cache beside the module, or
+in the user's cache directory when the package is read-only; later processes load
+them from there.
+
+Threads follow :func:`mpifc.nn.blockpool.width`, the BLAS threads the rank was
+given (one per rank when ranks share a node, every core when one rank owns them).
+Numba runs them on OpenMP (GNU libgomp here), whose idle workers spin before they
+sleep: the spinning worker took the second core from the next GEMM's OpenBLAS
+worker, and the MLP step at 2 threads went from 13.9 to 22.7 ms (the classifier's
+from 34 to 66 ms). Unless the user set it, ``OMP_WAIT_POLICY=PASSIVE`` is exported
+before Numba loads its OpenMP runtime: idle workers then sleep at once.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+from mpifc.nn import blockpool
+
+ENV = "MPIFC_KERNELS"
+MODES = ("auto", "numba", "numpy")
+
+_state = {"mode": None, "mod": None}
+_local = threading.local()   # Numba's thread count is per calling thread
+
+
+def mode(env=None) -> str:
+    """The kernel choice from ``MPIFC_KERNELS`` (default ``auto``); ValueError when unknown."""
+    env = os.environ if env is None else env
+    m = env.get(ENV, "auto").strip().lower() or "auto"
+    if m not in MODES:
+        raise ValueError(f"{ENV}={env[ENV]!r}: expected one of {', '.join(MODES)}")
+    return m
+
+
+def set_mode(m: str | None) -> None:
+    """Choose the kernels for this process (``None``: read ``MPIFC_KERNELS`` again)."""
+    if m is not None and m not in MODES:
+        raise ValueError(f"kernel mode {m!r}: expected one of {', '.join(MODES)}")
+    _state["mode"] = m
+
+
+WAIT_VAR, WAIT_PASSIVE = "OMP_WAIT_POLICY", "PASSIVE"
+
+
+def _load(m):
+    if _state["mod"] is None:
+        os.environ.setdefault(WAIT_VAR, WAIT_PASSIVE)   # before Numba loads OpenMP
+        try:
+            from mpifc.nn import _numba_kernels  # noqa: PLC0415 - only when wanted
+        except ImportError as exc:
+            if m == "numba":
+                raise RuntimeError(f"{ENV}=numba, but Numba does not import ({exc}); "
+                                   'install it with: pip install "mpifc[fast]"') from exc
+            _state["mode"] = "numpy"      # auto: remember, do not retry every call
+            return None
+        _state["mod"] = _numba_kernels
+    return _state["mod"]
+
+
+def active() -> str:
+    """``"numba"`` or ``"numpy"``: what host arrays use now."""
+    return "numba" if kernels(np) is not None else "numpy"
+
+
+def kernels(xp):
+    """The compiled kernel module for arrays of ``xp`` (its thread count set), or None:
+    for arrays on a GPU, with ``MPIFC_KERNELS=numpy``, or when Numba is missing."""
+    if xp is not np:
+        return None
+    m = _state["mode"] or mode()
+    if m == "numpy":
+        return None
+    mod = _load(m)
+    if mod is None:
+        return None
+    n = blockpool.width() if blockpool.ENABLED else 1
+    if getattr(_local, "threads", None) != n:
+        import numba  # noqa: PLC0415 - loaded by _load
+
+        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+        _local.threads = n
+    return mod
+
+
+def contiguous(*arrays) -> bool:
+    """All C-contiguous (the kernels index flat or (N, C, L) memory)."""
+    return all(a.flags.c_contiguous for a in arrays)

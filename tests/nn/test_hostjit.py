@@ -1,0 +1,205 @@
+"""The compiled host kernels (mpifc.nn.hostjit, Numba) give what the NumPy kernels give.
+
+The NumPy code in mpifc.nn.functional is the reference: every function that has a
+compiled path is run both ways on the same inputs, in float32 and float64, on
+shapes that reach the edges (rows shorter than the BatchNorm threshold, windows
+that leave rows and columns over, a 3x3 window, NaN and infinity).
+"""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mpifc.nn import blockpool, hostjit
+from mpifc.nn import functional as F
+
+numba = pytest.importorskip("numba")
+
+
+def both(fn, *args):
+    """fn(*args) with the NumPy kernels, then with the compiled ones."""
+    out = []
+    for m in ("numpy", "numba"):
+        hostjit.set_mode(m)
+        try:
+            out.append(fn(*args))
+        finally:
+            hostjit.set_mode(None)
+    return out
+
+
+def flat(v):
+    if isinstance(v, tuple):
+        return [a for x in v for a in flat(x)]
+    return [v] if isinstance(v, np.ndarray) else []
+
+
+def assert_same(a, b, rtol):
+    for x, y in zip(flat(a), flat(b), strict=True):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        np.testing.assert_allclose(x.astype(np.float64), y.astype(np.float64), rtol=rtol,
+                                   atol=rtol, equal_nan=True)
+
+
+@pytest.fixture(params=[np.float32, np.float64], ids=["f32", "f64"])
+def dt(request):
+    return request.param
+
+
+def tol(dt):
+    return 2e-5 if dt == np.float32 else 1e-12
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 7, 9), (3, 4, 40), (2, 3, 4, 4)])
+def test_batchnorm_training_forward_and_backward(shape, dt):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(shape) * 2 + 1e3).astype(dt)       # offset: the shift matters
+    g, b = rng.uniform(0.5, 2, shape[1]).astype(dt), rng.standard_normal(shape[1]).astype(dt)
+    dy = rng.standard_normal(shape).astype(dt)
+
+    def run():
+        y, cache, mean, var = F.batchnorm_forward(x, g, b)
+        return (y, mean, var) + F.batchnorm_backward(dy, cache)
+    ref, jit = both(run)
+    assert_same(ref, jit, tol(dt))
+
+
+def test_batchnorm_rows_too_short_stay_numpy(monkeypatch):
+    """(N, C) input (rows of 1) keeps the NumPy loops: the kernel is never called."""
+    hostjit.set_mode("numba")
+    try:
+        mod = hostjit.kernels(np)
+        monkeypatch.setattr(mod, "bn_sums", None)        # a call would raise TypeError
+        x = np.random.default_rng(0).standard_normal((8, 5))
+        F.batchnorm_forward(x, np.ones(5), np.zeros(5))
+    finally:
+        hostjit.set_mode(None)
+
+
+def test_relu_forward_backward_with_nan_and_inf(dt):
+    x = np.array([[-1.0, 0.0, -0.0, 2.5, np.nan, np.inf, -np.inf, 1e-30]] * 3, dtype=dt)
+    dy = np.array([[1.0, np.nan, 3.0, -4.0, 5.0, np.inf, 7.0, 8.0]] * 3, dtype=dt)
+
+    def run():
+        y, mask = F.relu_forward(x)
+        return y, mask, F.relu_backward(dy, mask)
+    ref, jit = both(run)
+    assert_same(ref, jit, 0)
+    assert np.isnan(jit[0][0, 4]) and not jit[1][0, 4]          # NaN passes through
+
+
+def test_relu_on_a_large_random_array(dt):
+    x = np.random.default_rng(2).standard_normal((5, 3, 70_001 // 15)).astype(dt)
+    dy = np.ones_like(x)
+    ref, jit = both(lambda: F.relu_forward(x) + (F.relu_backward(dy, x > 0),))
+    assert_same(ref, jit, 0)
+
+
+def test_relu_of_a_strided_view_stays_numpy():
+    x = np.random.default_rng(3).standard_normal((4, 6))[:, ::2]
+    ref, jit = both(F.relu_forward, x)
+    assert_same(ref, jit, 0)
+
+
+@pytest.mark.parametrize("shape,k", [((3, 4, 8, 8), 2), ((2, 3, 7, 9), 2),
+                                     ((2, 2, 9, 10), 3), ((1, 2, 6, 4), (3, 2))])
+def test_maxpool_tiled_forward_backward(shape, k, dt):
+    rng = np.random.default_rng(4)
+    x = rng.integers(-3, 4, shape).astype(dt)         # ties: the first maximum wins
+    y0, _ = F.maxpool2d_forward(x, k)
+    dy = rng.standard_normal(y0.shape).astype(dt)
+
+    def run():
+        y, cache = F.maxpool2d_forward(x, k)
+        return y, cache[0], F.maxpool2d_backward(dy, cache)
+    ref, jit = both(run)
+    assert_same(ref, jit, 0)
+
+
+def test_maxpool_window_with_nan_gives_nan(dt):
+    x = np.zeros((1, 1, 4, 4), dtype=dt)
+    x[0, 0, 1, 1] = np.nan
+    x[0, 0, 2, 3] = 5
+    ref, jit = both(F.maxpool2d_forward, x, 2)
+    np.testing.assert_array_equal(jit[0], ref[0])              # NaN where numpy has NaN
+    assert np.isnan(jit[0][0, 0, 0, 0]) and jit[0][0, 0, 1, 1] == 5
+
+
+def test_two_threads_give_the_one_thread_result(monkeypatch):
+    """Parallel over channels (sums) and planes (element-wise): the same bits at 2
+    threads as at 1."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 6, 10, 10)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    g, b = np.ones(6, np.float32), np.zeros(6, np.float32)
+
+    def run():
+        y, cache, mean, var = F.batchnorm_forward(x, g, b)
+        z, mask = F.relu_forward(y)
+        p, pc = F.maxpool2d_forward(z, 2)
+        return (y, mean, var, z, p, F.maxpool2d_backward(p, pc), F.relu_backward(dy, mask)
+                ) + F.batchnorm_backward(dy, cache)
+    hostjit.set_mode("numba")
+    try:
+        one = run()
+        monkeypatch.setattr(blockpool, "width", lambda: 2)
+        two = run()
+    finally:
+        hostjit.set_mode(None)
+    for u, v in zip(one, two, strict=True):
+        np.testing.assert_array_equal(u, v)
+
+
+def test_kernels_follow_the_blas_threads(monkeypatch):
+    monkeypatch.setattr(hostjit, "_state", {"mode": "numba", "mod": None})
+    monkeypatch.setattr(blockpool, "width", lambda: 2)
+    hostjit.kernels(np)
+    assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
+    monkeypatch.setattr(blockpool, "width", lambda: 1)
+    hostjit.kernels(np)
+    assert numba.get_num_threads() == 1
+
+
+def test_modes_and_errors():
+    assert hostjit.mode({}) == "auto"
+    assert hostjit.mode({"MPIFC_KERNELS": " NumPy "}) == "numpy"
+    with pytest.raises(ValueError, match="MPIFC_KERNELS='fortran'"):
+        hostjit.mode({"MPIFC_KERNELS": "fortran"})
+    with pytest.raises(ValueError, match="expected one of"):
+        hostjit.set_mode("cuda")
+    hostjit.set_mode("numpy")
+    try:
+        assert hostjit.kernels(np) is None and hostjit.active() == "numpy"
+    finally:
+        hostjit.set_mode(None)
+    assert hostjit.active() == ("numpy" if hostjit.mode() == "numpy" else "numba")
+
+
+def _run(code, **env):
+    import os
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+
+
+BLOCK_NUMBA = "import sys; sys.modules['numba'] = None\n"
+
+
+def test_without_numba_auto_falls_back_and_numba_mode_says_how_to_install():
+    code = BLOCK_NUMBA + ("import numpy as np; from mpifc.nn import hostjit\n"
+                          "print(hostjit.active())\n")
+    r = _run(code, MPIFC_KERNELS="auto")
+    assert r.returncode == 0 and r.stdout.strip() == "numpy", r.stderr
+    r = _run(code, MPIFC_KERNELS="numba")
+    assert r.returncode != 0 and 'pip install "mpifc[fast]"' in r.stderr
+
+
+def test_openmp_workers_are_told_to_sleep_unless_the_user_chose():
+    code = "import numpy as np; from mpifc.nn import hostjit; hostjit.kernels(np)\n" \
+           "import os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {"MPIFC_KERNELS": "numba"}
+    r = _run("import os; os.environ.pop('OMP_WAIT_POLICY', None)\n" + code, **env)
+    assert r.stdout.strip() == "PASSIVE", r.stderr
+    r = _run(code, OMP_WAIT_POLICY="ACTIVE", **env)
+    assert r.stdout.strip() == "ACTIVE", r.stderr
