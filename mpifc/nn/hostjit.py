@@ -21,11 +21,17 @@ Numba runs them on OpenMP (GNU libgomp here), whose idle workers spin before the
 sleep: the spinning worker took the second core from the next GEMM's OpenBLAS
 worker, and the MLP step at 2 threads went from 13.9 to 22.7 ms (the classifier's
 from 34 to 66 ms). Unless the user set it, ``OMP_WAIT_POLICY=PASSIVE`` is exported
-before Numba loads its OpenMP runtime: idle workers then sleep at once.
+before Numba loads its OpenMP runtime: idle workers then sleep at once. Numba's
+pool is also sized to the rank's threads when Numba is first imported here
+(``NUMBA_NUM_THREADS``, unless set): with a pool of every core in each of 2 ranks on
+2 cores, the torch DDP step beside them in bench/ddp_compare.py took 64 ms instead of
+34 (MLP). A rank therefore cannot raise its kernel threads above the BLAS threads it
+had when the first kernel ran.
 """
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import numpy as np
@@ -56,11 +62,14 @@ def set_mode(m: str | None) -> None:
 
 
 WAIT_VAR, WAIT_PASSIVE = "OMP_WAIT_POLICY", "PASSIVE"
+POOL_VAR = "NUMBA_NUM_THREADS"
 
 
 def _load(m):
     if _state["mod"] is None:
         os.environ.setdefault(WAIT_VAR, WAIT_PASSIVE)   # before Numba loads OpenMP
+        if "numba" not in sys.modules:                  # read once, when Numba imports
+            os.environ.setdefault(POOL_VAR, str(max(1, blockpool.width())))
         try:
             from mpifc.nn import _numba_kernels  # noqa: PLC0415 - only when wanted
         except ImportError as exc:

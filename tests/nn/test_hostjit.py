@@ -203,3 +203,15 @@ def test_openmp_workers_are_told_to_sleep_unless_the_user_chose():
     assert r.stdout.strip() == "PASSIVE", r.stderr
     r = _run(code, OMP_WAIT_POLICY="ACTIVE", **env)
     assert r.stdout.strip() == "ACTIVE", r.stderr
+
+
+def test_numba_pool_is_sized_to_the_rank_threads_unless_set():
+    code = ("import numpy as np; from threadpoolctl import threadpool_limits\n"
+            "threadpool_limits(1)\n"
+            "from mpifc.nn import hostjit; hostjit.kernels(np)\n"
+            "import numba; print(numba.config.NUMBA_NUM_THREADS)")
+    env = {"MPIFC_KERNELS": "numba"}
+    r = _run("import os; os.environ.pop('NUMBA_NUM_THREADS', None)\n" + code, **env)
+    assert r.stdout.strip() == "1", r.stderr
+    r = _run(code, NUMBA_NUM_THREADS="2", **env)
+    assert r.stdout.strip() == "2", r.stderr
