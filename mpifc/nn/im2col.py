@@ -27,6 +27,9 @@ import threading
 
 import numpy as np
 
+from mpifc.backend import get_array_module
+from mpifc.nn import hostjit
+
 # bytes of column buffer per block on the host: L2-sized (2 MB per core on the
 # 2-core test machine; the output block and W share it)
 COL_BLOCK_BYTES = 1 << 20
@@ -94,6 +97,12 @@ class ConvPlan:
                 delta = (r * dh - t) * self.W + (s * dw - l)
                 pad_cols = [c for c in (slice(0, wo0), slice(wo1, Wo)) if c.stop > c.start]
                 self.flat.append((r * S + s, delta, max(0, -delta), min(L, L - delta), pad_cols))
+            # the same, as arrays for the compiled kernels (mpifc.nn.hostjit)
+            cols = [(o[4], o[5]) for o in self.offsets]
+            self.flat_args = tuple(np.array(v, dtype=np.int64) for v in (
+                [f[0] for f in self.flat], [f[1] for f in self.flat], [f[2] for f in self.flat],
+                [f[3] for f in self.flat])) + (self.W,) + tuple(
+                np.array(v, dtype=np.int64) for v in zip(*cols))
 
     def block(self, N, itemsize, xp):
         """Images per block: the columns of a block fit :data:`COL_BLOCK_BYTES` (>= 1)."""
@@ -121,6 +130,10 @@ def im2col_block(x, col, plan):
         n, C = x.shape[:2]       # explicit sizes: a rank may hold 0 channels or images
         x3 = x.reshape(n, C, plan.H * plan.W)
         col4 = col.reshape(n, C, plan.R * plan.S, plan.Ho * plan.Wo)
+        jit = hostjit.kernels(get_array_module(x)) if x3.flags.c_contiguous else None
+        if jit is not None:
+            jit.im2col_flat(x3, col4, *plan.flat_args)
+            return
         for k, delta, a, b, pad_cols in plan.flat:
             col4[:, :, k, a:b] = x3[:, :, a + delta:b + delta]
             for c in pad_cols:
@@ -162,6 +175,10 @@ def _col2im_flat(dcol, dx, plan):
     L = plan.H * plan.W
     dx3 = dx.reshape(n, C, L)
     dcol4 = dcol.reshape(n, C, plan.R * plan.S, L)
+    jit = hostjit.kernels(get_array_module(dx))
+    if jit is not None:
+        jit.col2im_flat(dcol4, dx3, *plan.flat_args)
+        return
     for k, _, _, _, pad_cols in plan.flat:
         for c in pad_cols:
             dcol[:, :, k // plan.S, k % plan.S, :, c] = 0

@@ -178,7 +178,7 @@ def im2col_cost(N, C, H, W, R, S, Ho, Wo, pads, s, stride=1, dilation=1):
     return 2.0 * N * C * area * s, blocks * len(plan.offsets), N * C * rows
 
 
-def col2im_cost(N, C, H, W, R, S, Ho, Wo, pads, s, stride=1, dilation=1):
+def col2im_cost(N, C, H, W, R, S, Ho, Wo, pads, s, stride=1, dilation=1, jit=False):
     """(bytes, calls, rows) of folding dcol back into dx a block at a time
     (col2im_block): an offset that reads every input pixel once (the centre of a
     stride-1 'same' conv) assigns dx first (a copy), else dx is zero-filled; every
@@ -190,11 +190,19 @@ def col2im_cost(N, C, H, W, R, S, Ho, Wo, pads, s, stride=1, dilation=1):
     loop of each; calibrate's row_s is measured with one): a += into a strided view of
     dx from a strided view of dcol has three (dx read, dcol read, dx written) -- 92 us
     for 6144 rows of 3 here against 29 us for the strided copy that im2col makes. A
-    copy is one pass whatever its operands."""
+    copy is one pass whatever its operands.
+
+    ``jit``: the compiled kernel of a 'same' conv (``im2col_flat``/``col2im_flat``,
+    mpifc.nn.hostjit): per image and channel dx zeroed, dcol's padding columns
+    zeroed, every offset added (the centre too); one call per block, no NumPy rows."""
     plan = conv_plan(C, H, W, R, S, Ho, Wo, pads, stride, dilation)
     if plan.identity:
         return 0.0, 0, 0
     _, blocks = conv_blocks(N, plan, s)
+    if plan.flat is not None and jit:
+        zeros = sum((c.stop - c.start) * Ho for f in plan.flat for c in f[4])
+        added = sum(f[3] - f[2] for f in plan.flat)
+        return N * C * (zeros + H * W + 3.0 * added) * s, blocks, 0
     if plan.flat is not None:
         # 'same' conv (im2col._col2im_flat): zero dcol's padding columns, assign the
         # centre offset (or zero-fill), then one shifted += per other offset over the
@@ -810,7 +818,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             if in_grad:
                 b_ph.append(compute(f"{name}.backward.dx", f, "conv", "backward"))
                 b_ph.append(elem3(f"{name}.backward.col2im",
-                                  col2im_cost(b, Cl, H, W, R, S_, Ho, Wo, pads, s, st, dl),
+                                  col2im_cost(b, Cl, H, W, R, S_, Ho, Wo, pads, s, st, dl, jit),
                                   "backward"))
             b_ph.append(elem(f"{name}.backward.grad_acc",
                              _PASSES["grad_acc"] * (KD + (Kl if bias else 0)) * s,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mpifc.nn import functional as F
+from mpifc.nn import hostjit
 from mpifc.nn.im2col import col2im_block, im2col_block
 
 # (R, S, padding, dilation): every one gives a 'same' output on any H x W
@@ -27,29 +28,41 @@ def _both(plan, fn):
     return ref, fn()
 
 
+@pytest.fixture(params=["numpy", "numba"])
+def kernels(request):
+    """The flat path in NumPy, and as the compiled kernels (mpifc.nn.hostjit)."""
+    if request.param == "numba":
+        pytest.importorskip("numba")
+    hostjit.set_mode(request.param)
+    yield request.param
+    hostjit.set_mode(None)
+
+
 @pytest.mark.parametrize("R,S,pad,dil", SAME)
 @pytest.mark.parametrize("H,W", SIZES)
-def test_flat_copies_equal_the_2d_copies(R, S, pad, dil, H, W):
+@pytest.mark.parametrize("dt", [np.float64, np.float32])
+def test_flat_copies_equal_the_2d_copies(R, S, pad, dil, H, W, dt, kernels):
     rng = np.random.default_rng(R * 100 + S * 10 + H)
-    x = rng.standard_normal((2, 3, H, W))
+    x = rng.standard_normal((2, 3, H, W)).astype(dt)
     plan = F._conv_plan(x.shape, R, S, 1, pad, dil)
     assert plan.flat is not None                      # the case under test
-    dcol = rng.standard_normal(plan.col_shape(2))     # nonzero at padding entries too
+    dcol = rng.standard_normal(plan.col_shape(2)).astype(dt)   # nonzero at padding entries too
 
     def unfold():
-        col = np.zeros(plan.col_shape(2))
-        im2col_block(rng.standard_normal(x.shape), col, plan)    # a buffer reused:
-        im2col_block(x, col, plan)                                # stale data first
+        col = np.zeros(plan.col_shape(2), dtype=dt)
+        im2col_block(rng.standard_normal(x.shape).astype(dt), col, plan)   # a buffer reused:
+        im2col_block(x, col, plan)                                          # stale data first
         return col
 
     def fold():
-        dx = np.full(x.shape, np.nan)
+        dx = np.full(x.shape, np.nan, dtype=dt)
         col2im_block(dcol.copy(), dx, plan)
         return dx
     col_ref, col_flat = _both(plan, unfold)
     np.testing.assert_array_equal(col_flat, col_ref)
     dx_ref, dx_flat = _both(plan, fold)
-    np.testing.assert_allclose(dx_flat, dx_ref, rtol=1e-13, atol=1e-13)
+    tol = 1e-13 if dt == np.float64 else 1e-5
+    np.testing.assert_allclose(dx_flat, dx_ref, rtol=tol, atol=tol)
 
 
 def test_only_same_stride_1_convs_take_the_flat_path():
@@ -61,7 +74,7 @@ def test_only_same_stride_1_convs_take_the_flat_path():
 
 
 @pytest.mark.parametrize("shape", [(2, 0, 6, 7), (0, 3, 6, 7)])
-def test_flat_path_with_no_channels_or_no_images(shape):
+def test_flat_path_with_no_channels_or_no_images(shape, kernels):
     # a rank of a channel-sharded conv may hold no input channel (2 channels, 3 ranks)
     x = np.zeros(shape)
     W = np.ones((3, shape[1], 3, 3))

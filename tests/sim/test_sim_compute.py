@@ -142,8 +142,8 @@ def test_im2col_and_col2im_costs_by_hand():
 def test_conv_backward_phases():
     # digits-cnn conv2 (32 -> 64 channels, 4x4, batch 64): dW in 2 blocks of per-image
     # products summed (read 64 x K x D, write and add the block sums), col2im's new form
-    by = {p.label: p for p in describe_step(load_config("digits-cnn"), 1, 1,
-                                            global_batch=64).workload.phases}
+    by = {p.label: p for p in describe_step(load_config("digits-cnn"), 1, 1, global_batch=64,
+                                            kernels="numpy").workload.phases}
     KD = 64 * 32 * 9
     assert by["conv2.backward.dW_sum"].bytes == (64 + 4 * 2) * KD * 4
     assert by["conv2.backward.col2im"].bytes == col2im_cost(
@@ -222,6 +222,12 @@ def test_compiled_kernels_price_one_pass_each():
     assert by["bn1.forward"].calls == _CALLS["bn_fwd"] - 3       # the set-up calls remain
     assert by["relu1.forward"].bytes == by["relu1.backward"].bytes == n1 // 4 * 9
     assert by["pool1.forward"].bytes == n1 + n1 // 4 // 4 * 5   # x; y and the offset
+    # conv2's col2im (32 channels at 4x4, 'same' 3x3): one call per block, every offset
+    # added (the centre too), dx zeroed; the NumPy version assigns the centre
+    jb, jc, jr = col2im_cost(64, 32, 4, 4, 3, 3, 4, 4, ((1, 1), (1, 1)), 4, jit=True)
+    nb_, nc, _ = col2im_cost(64, 32, 4, 4, 3, 3, 4, 4, ((1, 1), (1, 1)), 4)
+    assert jr == 0 and jc < nc and jb == nb_ + 64 * 32 * 16 * 4 * 2   # centre: 3 passes, not 2 - zero fill
+    assert by["conv2.backward.col2im"].calls == jc
     numpy = describe_step(cfg, 1, 1, global_batch=64, kernels="numpy")
     # no bn.d scratch blocks: each of bn1, bn2 holds its whole 64-sample input (< a block)
     assert numpy.memory["scratch"] - d.memory["scratch"] == n1 + 64 * 64 * 16 * 4
