@@ -268,3 +268,16 @@ def col2im_flat(dcol4, dx3, ks, deltas, los, his, W, wo0s, wo1s):
                 ds, cs = dr[lo + d:hi + d], cr[lo:hi]
                 for j in range(hi - lo):
                     ds[j] += cs[j]
+
+
+@njit(**_SERIAL)
+def add_channel_sums(y, acc):
+    """acc[k] += sum of y[:, k, :] (float64), y : (n, K, L): a conv's bias gradient."""
+    n_, K, L = y.shape
+    for k in range(K):
+        s = 0.0
+        for n in range(n_):
+            row = y[n, k]
+            for j in range(L):
+                s += row[j]
+        acc[k] += s

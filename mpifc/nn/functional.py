@@ -275,6 +275,8 @@ def conv2d_backward(dy, cache, need_dx=True, need_db=True):
     dx = xp.empty(x.shape, dtype=dy.dtype) if need_dx else None
     Wt = W.reshape(G, Kg, D).transpose(0, 2, 1)
 
+    jit = hostjit.kernels(xp)
+
     def share(i0, i1):          # images i0..i1 (one thread): returns their dW (and db)
         ident = plan.identity
         # db per block while dy's block is in cache (not a pass of its own over dy);
@@ -294,7 +296,9 @@ def conv2d_backward(dy, cache, need_dx=True, need_db=True):
                 c = col[:m]
                 im2col_block(x[n0:n0 + m], c, plan)
             dyb = dy[n0:n0 + m].reshape(m, G, Kg, L)
-            if need_db:
+            if need_db and jit is not None:
+                jit.add_channel_sums(dy[n0:n0 + m].reshape(m, K, L), db)
+            elif need_db:
                 db += dyb.sum(axis=3).sum(axis=0).reshape(K)
             # dW.T = col @ dy.T: OpenBLAS ran this product at 109 GFLOP/s here and
             # dW = dy @ col.T (the same flops, the transposed operand on the

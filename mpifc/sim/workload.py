@@ -807,9 +807,10 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             if gathered:
                 b_ph.append(elem(f"{name}.backward.take", 2 * M * Kl * s, "backward", 3, b * Kl))
             # db: per block, dy's block summed over L then over its images (3 calls)
-            # into a float64 sum, cast once at the end
+            # into a float64 sum, cast once at the end; compiled: one call per block
+            db_calls, db_rows = (blocks_n, 0) if jit else (3 * blocks_n, b * Kl)
             b_ph.append(elem(f"{name}.backward.dy", (1 if bias else 0) * M * Kl * s,
-                             "backward", 2 + (3 * blocks_n + 1 if bias else 0), b * Kl if bias else 0))
+                             "backward", 2 + (db_calls + 1 if bias else 0), db_rows if bias else 0))
             b_ph.append(compute(f"{name}.backward", f, "conv", "backward"))
             # dW += dWb[:m].sum(axis=0): the block's per-image dW read, the block sum
             # written, then added (read both, write)

@@ -126,6 +126,22 @@ def test_maxpool_window_with_nan_gives_nan(dt):
     assert np.isnan(jit[0][0, 0, 0, 0]) and jit[0][0, 0, 1, 1] == 5
 
 
+@pytest.mark.parametrize("stride,pad,groups", [(1, 1, 1), (1, 0, 1), (2, 1, 1), (1, 1, 2)])
+def test_conv_forward_backward(stride, pad, groups, dt):
+    """The conv's compiled pieces (flat unfold/fold, bias gradient) inside the whole layer."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((5, 4, 9, 7)).astype(dt)
+    W = rng.standard_normal((6, 4 // groups, 3, 3)).astype(dt)
+    b = rng.standard_normal(6).astype(dt)
+
+    def run():
+        y, cache = F.conv2d_forward(x, W, b, stride, pad, groups=groups)
+        dy = np.random.default_rng(7).standard_normal(y.shape).astype(dt)
+        return (y,) + F.conv2d_backward(dy, cache)
+    ref, jit = both(run)
+    assert_same(ref, jit, tol(dt) * 10)
+
+
 def test_two_threads_give_the_one_thread_result(monkeypatch):
     """Parallel over channels (sums) and planes (element-wise): the same bits at 2
     threads as at 1."""
