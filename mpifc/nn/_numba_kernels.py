@@ -281,3 +281,25 @@ def add_channel_sums(y, acc):
             for j in range(L):
                 s += row[j]
         acc[k] += s
+
+
+@njit(**_SERIAL)
+def col2im_offsets(dcol, dx, offs, sh, sw):
+    """col2im of any conv geometry: dx : (n, C, H, W) zeroed, then per kernel offset
+    ``(r, s, ho0, ho1, wo0, wo1, h0, w0)`` (ConvPlan.offsets: the output rectangle whose
+    input lies in the image and its first input pixel) the rectangle of
+    dcol : (n, C, R, S, Ho, Wo) added at rows h0 + (ho - ho0) * sh, columns w0 + j * sw.
+    Each (image, channel) plane is accumulated while it sits in L1."""
+    n_, C = dx.shape[0], dx.shape[1]
+    for n in range(n_):
+        for c in range(C):
+            dx[n, c] = 0
+            for q in range(offs.shape[0]):
+                r, s, ho0, ho1, wo0, wo1, h0, w0 = offs[q]
+                cp = dcol[n, c, r, s]
+                k = wo1 - wo0
+                for ho in range(ho0, ho1):
+                    dr = dx[n, c, h0 + (ho - ho0) * sh]
+                    ds, cs = dr[w0:w0 + (k - 1) * sw + 1:sw], cp[ho, wo0:wo1]
+                    for j in range(k):
+                        ds[j] += cs[j]

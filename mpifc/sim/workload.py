@@ -192,9 +192,10 @@ def col2im_cost(N, C, H, W, R, S, Ho, Wo, pads, s, stride=1, dilation=1, jit=Fal
     for 6144 rows of 3 here against 29 us for the strided copy that im2col makes. A
     copy is one pass whatever its operands.
 
-    ``jit``: the compiled kernel of a 'same' conv (``im2col_flat``/``col2im_flat``,
-    mpifc.nn.hostjit): per image and channel dx zeroed, dcol's padding columns
-    zeroed, every offset added (the centre too); one call per block, no NumPy rows."""
+    ``jit``: the compiled kernels (mpifc.nn.hostjit): a 'same' conv's ``col2im_flat``
+    (per image and channel dx zeroed, dcol's padding columns zeroed, every offset
+    added, the centre too), any other geometry's ``col2im_offsets`` (dx zeroed, every
+    offset's rectangle added); one call per block, no NumPy rows."""
     plan = conv_plan(C, H, W, R, S, Ho, Wo, pads, stride, dilation)
     if plan.identity:
         return 0.0, 0, 0
@@ -203,6 +204,9 @@ def col2im_cost(N, C, H, W, R, S, Ho, Wo, pads, s, stride=1, dilation=1, jit=Fal
         zeros = sum((c.stop - c.start) * Ho for f in plan.flat for c in f[4])
         added = sum(f[3] - f[2] for f in plan.flat)
         return N * C * (zeros + H * W + 3.0 * added) * s, blocks, 0
+    if jit:              # col2im_offsets: dx zeroed, every offset's rectangle added
+        area = sum((o[3] - o[2]) * (o[5] - o[4]) for o in plan.offsets)
+        return N * C * (H * W + 3.0 * area) * s, blocks, 0
     if plan.flat is not None:
         # 'same' conv (im2col._col2im_flat): zero dcol's padding columns, assign the
         # centre offset (or zero-fill), then one shifted += per other offset over the

@@ -228,6 +228,9 @@ def test_compiled_kernels_price_one_pass_each():
     nb_, nc, _ = col2im_cost(64, 32, 4, 4, 3, 3, 4, 4, ((1, 1), (1, 1)), 4)
     assert jr == 0 and jc < nc and jb == nb_ + 64 * 32 * 16 * 4 * 2   # centre: 3 passes, not 2 - zero fill
     assert by["conv2.backward.col2im"].calls == jc
+    # any other geometry (here 'valid', 4x4 -> 2x2): dx zeroed, 9 rectangles of 4 added
+    assert col2im_cost(2, 3, 4, 4, 3, 3, 2, 2, ((0, 0), (0, 0)), 4, jit=True) == (
+        2 * 3 * (16 + 3.0 * 9 * 4) * 4, 1, 0)
     numpy = describe_step(cfg, 1, 1, global_batch=64, kernels="numpy")
     # no bn.d scratch blocks: each of bn1, bn2 holds its whole 64-sample input (< a block)
     assert numpy.memory["scratch"] - d.memory["scratch"] == n1 + 64 * 64 * 16 * 4
