@@ -214,11 +214,13 @@ def maxpool2x2_backward(dy, idx, dx):
 
 
 # --------------------------------------------------------------------------- #
-# im2col / col2im of a stride-1 'same' conv on flattened planes (ConvPlan.flat):
-# per kernel offset q, col[.., k_q, j] = x[.., j + delta_q] for j in [lo_q, hi_q), and
-# the output columns whose source column is padding (outside [wo0_q, wo1_q)) zero.
-# Not parallel: they run inside the conv's thread shares (mpifc.nn.blockpool), a
-# block of images at a time, and release the GIL for the whole block.
+# col2im of a stride-1 'same' conv on flattened planes (ConvPlan.flat), the adjoint
+# of im2col's shifted copies: per kernel offset q, col[.., k_q, j] came from
+# x[.., j + delta_q] for j in [lo_q, hi_q), except output columns whose source column
+# is padding (outside [wo0_q, wo1_q)). Not parallel: these run inside the conv's
+# thread shares (mpifc.nn.blockpool), a block of images at a time, and release the
+# GIL for the whole block. (An im2col kernel written the same way was no faster
+# than NumPy's shifted copies here, and slower on small planes: there is none.)
 # --------------------------------------------------------------------------- #
 _SERIAL = dict(cache=True, fastmath=_FAST, nogil=True)
 
@@ -236,25 +238,8 @@ def _zero_pad_columns(row, W, w0, w1):
 
 
 @njit(**_SERIAL)
-def im2col_flat(x3, col4, ks, deltas, los, his, W, wo0s, wo1s):
-    """x3 : (n, C, H*W) -> col4 : (n, C, R*S, Ho*Wo); entries no offset reaches are left
-    as they are (zero: the column buffer is zeroed once when made)."""
-    n_, C, _ = x3.shape
-    for n in range(n_):
-        for c in range(C):
-            xr = x3[n, c]
-            for q in range(ks.size):
-                lo, hi, d = los[q], his[q], deltas[q]
-                cr = col4[n, c, ks[q]]
-                cs, xs = cr[lo:hi], xr[lo + d:hi + d]
-                for j in range(hi - lo):
-                    cs[j] = xs[j]
-                _zero_pad_columns(cr, W, wo0s[q], wo1s[q])
-
-
-@njit(**_SERIAL)
 def col2im_flat(dcol4, dx3, ks, deltas, los, his, W, wo0s, wo1s):
-    """The adjoint of :func:`im2col_flat`: dx3 = the sum over offsets of dcol4 added back
+    """dx3 : (n, C, H*W) = the sum over offsets of dcol4 : (n, C, R*S, Ho*Wo) added back
     at the pixels each read. Zeroes the padding columns of dcol4 (scratch) first."""
     n_, C, _ = dx3.shape
     for n in range(n_):

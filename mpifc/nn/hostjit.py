@@ -30,6 +30,7 @@ had when the first kernel ran.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -63,6 +64,17 @@ def set_mode(m: str | None) -> None:
 
 WAIT_VAR, WAIT_PASSIVE = "OMP_WAIT_POLICY", "PASSIVE"
 POOL_VAR = "NUMBA_NUM_THREADS"
+
+
+@contextlib.contextmanager
+def using(m: str):
+    """``with using("numpy"):`` -- these kernels inside the block, the choice before it after."""
+    before = _state["mode"]
+    set_mode(m)
+    try:
+        yield
+    finally:
+        _state["mode"] = before
 
 
 def _load(m):

@@ -134,10 +134,6 @@ def im2col_block(x, col, plan):
         n, C = x.shape[:2]       # explicit sizes: a rank may hold 0 channels or images
         x3 = x.reshape(n, C, plan.H * plan.W)
         col4 = col.reshape(n, C, plan.R * plan.S, plan.Ho * plan.Wo)
-        jit = hostjit.kernels(get_array_module(x)) if x3.flags.c_contiguous else None
-        if jit is not None:
-            jit.im2col_flat(x3, col4, *plan.flat_args)
-            return
         for k, delta, a, b, pad_cols in plan.flat:
             col4[:, :, k, a:b] = x3[:, :, a + delta:b + delta]
             for c in pad_cols:
@@ -147,6 +143,25 @@ def im2col_block(x, col, plan):
         col[:, :, r, s, ho0:ho1, wo0:wo1] = x[:, :, hs, ws]
 
 
+# the compiled col2im (mpifc.nn.hostjit) folds one (image, channel) plane at a time;
+# below this many input pixels per plane NumPy's whole-block passes win (per image of
+# the classifier's 32-channel conv here: 4x4 10.7 vs 5.1 us, 8x8 12.6 vs 12.3, 11x11
+# 15.1 vs 21.3, 16x16 20.3 vs 38.3)
+JIT_MIN_PLANE = 100
+
+
+def col2im_jit(plan) -> bool:
+    """True when :func:`col2im_block` of this geometry takes the compiled kernel (given
+    host arrays and Numba)."""
+    return plan.H * plan.W >= JIT_MIN_PLANE and not plan.identity
+
+
+def _col2im_jit(dcol, dx, plan):
+    if not col2im_jit(plan) or not (dx.flags.c_contiguous and dcol.flags.c_contiguous):
+        return None
+    return hostjit.kernels(get_array_module(dx))
+
+
 def col2im_block(dcol, dx, plan):
     """Adjoint of :func:`im2col_block`: ``dx : (n, C, H, W)`` = the sum over kernel offsets
     of ``dcol`` added back at the input pixels each read (strided accumulation).
@@ -154,12 +169,13 @@ def col2im_block(dcol, dx, plan):
     An offset that reads every input pixel once (the centre of a stride-1 'same' conv)
     goes first and assigns, so dx is never zero-filled then added to. With the
     compiled kernels (mpifc.nn.hostjit) any geometry is folded plane by plane in one
-    call (``col2im_offsets``; 2.4x faster than the strided += here on a stride-2 conv)."""
+    call (``col2im_offsets``; 2.4x faster than the strided += here on a stride-2 conv),
+    from :data:`JIT_MIN_PLANE` input pixels."""
     if plan.flat is not None and dx.flags.c_contiguous and dcol.flags.c_contiguous:
         _col2im_flat(dcol, dx, plan)
         return
-    jit = hostjit.kernels(get_array_module(dx))
-    if jit is not None and dx.flags.c_contiguous and dcol.flags.c_contiguous:
+    jit = _col2im_jit(dcol, dx, plan)
+    if jit is not None:
         jit.col2im_offsets(dcol, dx, plan.offset_table, *plan.stride)
         return
     offs = plan.offsets
@@ -185,7 +201,7 @@ def _col2im_flat(dcol, dx, plan):
     L = plan.H * plan.W
     dx3 = dx.reshape(n, C, L)
     dcol4 = dcol.reshape(n, C, plan.R * plan.S, L)
-    jit = hostjit.kernels(get_array_module(dx))
+    jit = _col2im_jit(dcol, dx, plan)
     if jit is not None:
         jit.col2im_flat(dcol4, dx3, *plan.flat_args)
         return

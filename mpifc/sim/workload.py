@@ -72,7 +72,7 @@ from mpifc.comm.counts import balanced_counts
 from mpifc.errors import UserError
 from mpifc.nn import blockpool, hostjit
 from mpifc.nn import functional as F
-from mpifc.nn.im2col import COL_BLOCK_BYTES, ConvPlan
+from mpifc.nn.im2col import COL_BLOCK_BYTES, ConvPlan, col2im_jit
 from mpifc.optim.optimizer import CHUNK_ELEMENTS
 from mpifc.parallel.data import bucket_cap, default_min_buckets
 from mpifc.parallel.describe import Collective
@@ -126,8 +126,14 @@ _CALLS = {
 # write dx: the same main-memory passes as the NumPy code's "io", no block passes);
 # ReLU reads x, writes y and the 1-byte mask (backward: dy and the mask, writes dx);
 # tiled max pooling reads x and writes y and the 1-byte offset (backward: dy and the
-# offset, writes dx). Calls: the kernels and what surrounds them.
-_JIT_CALLS = {"bn_fwd": 2, "bn_bwd": 2, "relu": 2, "pool": 3}
+# offset, writes dx). Calls: each kernel's dispatch (Numba types its arguments; with
+# hostjit.kernels about 5 us here, 7 NumPy calls of call_s 0.7 us) and the NumPy calls
+# around it. Rows: the kernels loop over (sample, channel) rows (BatchNorm) or output
+# rows (max pool); each costs a few ns beside its bytes -- per row here about 9 ns for
+# the forward pair of BatchNorm kernels, 11 for the backward pair, 10 for max pool
+# either way: in units of calibrate's row_s (3.5 ns here) the factors below.
+_JIT_CALLS = {"bn_fwd": 14, "bn_bwd": 14, "relu": 10, "pool": 10}
+_JIT_ROWS = {"bn_fwd": 2.5, "bn_bwd": 3.0, "pool": 3.0}
 
 
 def _pad_cost(N, C, H, W, pads, s):
@@ -195,11 +201,13 @@ def col2im_cost(N, C, H, W, R, S, Ho, Wo, pads, s, stride=1, dilation=1, jit=Fal
     ``jit``: the compiled kernels (mpifc.nn.hostjit): a 'same' conv's ``col2im_flat``
     (per image and channel dx zeroed, dcol's padding columns zeroed, every offset
     added, the centre too), any other geometry's ``col2im_offsets`` (dx zeroed, every
-    offset's rectangle added); one call per block, no NumPy rows."""
+    offset's rectangle added); one call per block, no NumPy rows; from
+    im2col.JIT_MIN_PLANE input pixels per plane (smaller planes stay NumPy)."""
     plan = conv_plan(C, H, W, R, S, Ho, Wo, pads, stride, dilation)
     if plan.identity:
         return 0.0, 0, 0
     _, blocks = conv_blocks(N, plan, s)
+    jit = jit and col2im_jit(plan)          # NumPy below JIT_MIN_PLANE pixels
     if plan.flat is not None and jit:
         zeros = sum((c.stop - c.start) * Ho for f in plan.flat for c in f[4])
         added = sum(f[3] - f[2] for f in plan.flat)
@@ -877,11 +885,13 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             f_ph.append(elem(f"{name}.forward", fpass * n_in * s, "forward",
                              _CALLS["bn_fwd"] + bn_blocks * _CALLS["bn_fwd_block"] - fio
                              + sync * _CALLS["bn_sync_fwd"], 6 * bc_rows if fpass else 0))
-            f_ph.append(elem(f"{name}.forward.io", fio * n_in * s, "forward", fio_calls))
+            f_ph.append(elem(f"{name}.forward.io", fio * n_in * s, "forward", fio_calls,
+                             _JIT_ROWS["bn_fwd"] * bc_rows if bn_jit else 0))
             b_ph.append(elem(f"{name}.backward", bpass * n_in * s, "backward",
                              _CALLS["bn_bwd"] + bn_blocks * _CALLS["bn_bwd_block"] - bio
                              + sync * _CALLS["bn_sync_bwd"], 7 * bc_rows if bpass else 0))
-            b_ph.append(elem(f"{name}.backward.io", bio * n_in * s, "backward", bio_calls))
+            b_ph.append(elem(f"{name}.backward.io", bio * n_in * s, "backward", bio_calls,
+                             _JIT_ROWS["bn_bwd"] * bc_rows if bn_jit else 0))
             if dp > 1:       # SyncBatchNorm over the data group
                 # float64 [sum x, sum x^2, count] (parallel/norm.py), whatever the model dtype
                 c, ph = comm(f"{name}.forward", "allreduce", 2 * c_loc + 1, "dp", "forward",
@@ -945,7 +955,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             fc, bc = cost(b, xl[0], H, W, R, S_, st[0], st[1], pads, Ho, Wo, s)
             if jit and t == "maxpool2d" and F._maxpool_tiles(R, S_, st[0], st[1], pads):
                 io = b * xl[0] * H * W * s + out_n * (s + 1)      # x or dx, y or dy, offset
-                fc = bc = (io, _JIT_CALLS["pool"], 0)
+                fc = bc = (io, _JIT_CALLS["pool"], _JIT_ROWS["pool"] * b * xl[0] * Ho)
             # the argmax offset is updated without a branch (functional._select_where):
             # no masked store
             f_ph.append(elem3(f"{name}.forward", fc, "forward"))

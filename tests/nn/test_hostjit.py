@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from mpifc.nn import blockpool, hostjit
+from mpifc.nn import blockpool, hostjit, im2col
 from mpifc.nn import functional as F
 
 numba = pytest.importorskip("numba")
@@ -127,8 +127,10 @@ def test_maxpool_window_with_nan_gives_nan(dt):
 
 
 @pytest.mark.parametrize("stride,pad,groups", [(1, 1, 1), (1, 0, 1), (2, 1, 1), (1, 1, 2)])
-def test_conv_forward_backward(stride, pad, groups, dt):
-    """The conv's compiled pieces (flat unfold/fold, bias gradient) inside the whole layer."""
+def test_conv_forward_backward(stride, pad, groups, dt, monkeypatch):
+    """The conv's compiled pieces (col2im of any geometry, the bias gradient) inside the
+    whole layer, on planes of every size."""
+    monkeypatch.setattr(im2col, "JIT_MIN_PLANE", 1)
     rng = np.random.default_rng(6)
     x = rng.standard_normal((5, 4, 9, 7)).astype(dt)
     W = rng.standard_normal((6, 4 // groups, 3, 3)).astype(dt)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mpifc.nn import functional as F
-from mpifc.nn import hostjit
+from mpifc.nn import hostjit, im2col
 from mpifc.nn.im2col import col2im_block, im2col_block
 
 # (R, S, padding, dilation): every one gives a 'same' output on any H x W
@@ -29,10 +29,12 @@ def _both(plan, fn):
 
 
 @pytest.fixture(params=["numpy", "numba"])
-def kernels(request):
-    """The flat path in NumPy, and as the compiled kernels (mpifc.nn.hostjit)."""
+def kernels(request, monkeypatch):
+    """The flat path in NumPy, and as the compiled kernels (mpifc.nn.hostjit) on planes
+    of every size (their threshold, JIT_MIN_PLANE, lowered)."""
     if request.param == "numba":
         pytest.importorskip("numba")
+        monkeypatch.setattr(im2col, "JIT_MIN_PLANE", 1)
     hostjit.set_mode(request.param)
     yield request.param
     hostjit.set_mode(None)

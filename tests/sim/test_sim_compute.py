@@ -222,15 +222,22 @@ def test_compiled_kernels_price_one_pass_each():
     assert by["bn1.forward"].calls == _CALLS["bn_fwd"] - 3       # the set-up calls remain
     assert by["relu1.forward"].bytes == by["relu1.backward"].bytes == n1 // 4 * 9
     assert by["pool1.forward"].bytes == n1 + n1 // 4 // 4 * 5   # x; y and the offset
-    # conv2's col2im (32 channels at 4x4, 'same' 3x3): one call per block, every offset
+    from mpifc.sim.workload import _JIT_ROWS
+    assert by["bn1.forward.io"].rows == _JIT_ROWS["bn_fwd"] * 64 * 32      # a row per (n, c)
+    assert by["pool1.forward"].rows == _JIT_ROWS["pool"] * 64 * 32 * 4     # per output row
+    # col2im of 32 channels at 16x16 ('same' 3x3): one call per block, every offset
     # added (the centre too), dx zeroed; the NumPy version assigns the centre
-    jb, jc, jr = col2im_cost(64, 32, 4, 4, 3, 3, 4, 4, ((1, 1), (1, 1)), 4, jit=True)
-    nb_, nc, _ = col2im_cost(64, 32, 4, 4, 3, 3, 4, 4, ((1, 1), (1, 1)), 4)
-    assert jr == 0 and jc < nc and jb == nb_ + 64 * 32 * 16 * 4 * 2   # centre: 3 passes, not 2 - zero fill
-    assert by["conv2.backward.col2im"].calls == jc
-    # any other geometry (here 'valid', 4x4 -> 2x2): dx zeroed, 9 rectangles of 4 added
-    assert col2im_cost(2, 3, 4, 4, 3, 3, 2, 2, ((0, 0), (0, 0)), 4, jit=True) == (
-        2 * 3 * (16 + 3.0 * 9 * 4) * 4, 1, 0)
+    pads, L = ((1, 1), (1, 1)), 256
+    jb, jc, jr = col2im_cost(64, 32, 16, 16, 3, 3, 16, 16, pads, 4, jit=True)
+    nb_, nc, _ = col2im_cost(64, 32, 16, 16, 3, 3, 16, 16, pads, 4)
+    assert jr == 0 and jc < nc and jb == nb_ + 64 * 32 * L * 4 * 2   # centre: 3 passes, not 2 - zero fill
+    # below JIT_MIN_PLANE pixels (digits-cnn's conv2, 4x4) it stays NumPy
+    assert col2im_cost(64, 32, 4, 4, 3, 3, 4, 4, pads, 4, jit=True) == col2im_cost(
+        64, 32, 4, 4, 3, 3, 4, 4, pads, 4)
+    assert by["conv2.backward.col2im"].rows > 0
+    # any other geometry (here 'valid', 12x12 -> 10x10): dx zeroed, 9 rectangles added
+    assert col2im_cost(2, 3, 12, 12, 3, 3, 10, 10, ((0, 0), (0, 0)), 4, jit=True) == (
+        2 * 3 * (144 + 3.0 * 9 * 100) * 4, 1, 0)
     numpy = describe_step(cfg, 1, 1, global_batch=64, kernels="numpy")
     # no bn.d scratch blocks: each of bn1, bn2 holds its whole 64-sample input (< a block)
     assert numpy.memory["scratch"] - d.memory["scratch"] == n1 + 64 * 64 * 16 * 4
