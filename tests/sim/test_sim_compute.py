@@ -193,7 +193,7 @@ def test_batchnorm_blocks():
     # per 512 KiB block (BN_BLOCK_BYTES): 1 block; bn2 (64, 64, 4, 4): 1 block
     d = describe_step(load_config("digits-cnn"), 1, 1, global_batch=64, kernels="numpy")
     by = {p.label: p for p in d.workload.phases}
-    from mpifc.sim.workload import _CALLS, _PASSES
+    from mpifc.sim.workload import _CALLS
     def both(label):         # the block passes and the passes over the tensors (io)
         io = by[label + ".io"]
         return [by[label].calls + io.calls, by[label].bytes + io.bytes]
