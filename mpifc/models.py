@@ -66,6 +66,7 @@ import numpy as np
 from mpifc import nn
 from mpifc.config import ConfigError
 from mpifc.nn import functional as F
+from mpifc.nn import fuse
 from mpifc.nn.init import _BY_NAME as INITS
 from mpifc.nn.module import Module
 from mpifc.parallel import describe as D
@@ -248,15 +249,11 @@ class Net(Module):
         elif tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(f"model expects input (N, {', '.join(map(str, self.input_shape))}), "
                              f"got {tuple(x.shape)}")
-        for layer in self.layers:
-            x = layer.forward(x)
-        return x
+        return fuse.forward(self.layers, x)          # BatchNorm + ReLU pairs in one pass
 
     def backward(self, dlogits) -> None:
         """Backward through the layers in reverse (down to the first layer with parameters)."""
-        dy = dlogits
-        for layer in reversed(backward_layers(self)):
-            dy = layer.backward(dy)
+        fuse.backward(backward_layers(self), dlogits)
 
     # --- description ---
     def shapes(self, rows: int) -> list[tuple]:

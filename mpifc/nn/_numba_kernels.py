@@ -85,6 +85,56 @@ def bn_backward_dx(x, dy, k, a, e, f, dx):
             dx[n, c, j] = ac * dy[n, c, j] - ec * (x[n, c, j] - kc) + fc
 
 
+# BatchNorm followed by ReLU (mpifc.nn.fuse): the normalise pass also applies the ReLU
+# and writes its mask; backward takes g = dy * mask (the ReLU's backward, a product as
+# relu_backward's) inside both BatchNorm passes instead of a pass of its own
+@njit(**_OPTS)
+def bn_normalise_relu(x, k, a, c0, y, mask):
+    """t = (x - k) * a + c0 per channel; y = max(t, 0) (NaN stays NaN), mask = t > 0."""
+    N, C, L = x.shape
+    for p in prange(N * C):
+        n = p // C
+        c = p - n * C
+        kc, ac, cc = k[c], a[c], c0[c]
+        xr, yr, mr = x[n, c], y[n, c], mask[n, c]
+        for j in range(L):
+            t = (xr[j] - kc) * ac + cc
+            pos = t > 0
+            yr[j] = t if (pos or t != t) else 0
+            mr[j] = pos
+
+
+@njit(**_OPTS)
+def bn_backward_sums_masked(x, dy, mask, k, sdy, sdyd):
+    """:func:`bn_backward_sums` of g = dy * mask."""
+    N, C, L = x.shape
+    for c in prange(C):
+        kc = k[c]
+        s = 0.0
+        sd = 0.0
+        for n in range(N):
+            xr, gr, mr = x[n, c], dy[n, c], mask[n, c]
+            for j in range(L):
+                g = np.float64(gr[j] * mr[j])
+                s += g
+                sd += g * np.float64(xr[j] - kc)
+        sdy[c] = s
+        sdyd[c] = sd
+
+
+@njit(**_OPTS)
+def bn_backward_dx_masked(x, dy, mask, k, a, e, f, dx):
+    """:func:`bn_backward_dx` of g = dy * mask."""
+    N, C, L = x.shape
+    for p in prange(N * C):
+        n = p // C
+        c = p - n * C
+        kc, ac, ec, fc = k[c], a[c], e[c], f[c]
+        xr, gr, mr, dr = x[n, c], dy[n, c], mask[n, c], dx[n, c]
+        for j in range(L):
+            dr[j] = ac * (gr[j] * mr[j]) - ec * (xr[j] - kc) + fc
+
+
 # --------------------------------------------------------------------------- #
 # ReLU on flat arrays, in chunks of FLAT_CHUNK (each chunk's loop vectorises)
 # --------------------------------------------------------------------------- #

@@ -1,6 +1,7 @@
 """Containers."""
 from __future__ import annotations
 
+from mpifc.nn import fuse
 from mpifc.nn.module import Module
 
 
@@ -40,15 +41,11 @@ class Sequential(Module):
         return self.layers[i]
 
     def forward(self, x):
-        for layer in self.layers:
-            x = layer.forward(x)
-        return x
+        return fuse.forward(self.layers, x)          # BatchNorm + ReLU pairs in one pass
 
     def backward(self, dy):
         stop = 0 if self.input_grad else self._first_param
-        for layer in reversed(self.layers[stop:]):
-            dy = layer.backward(dy)
-        return dy
+        return fuse.backward(self.layers[stop:], dy)
 
     def __repr__(self):
         inner = "\n".join(f"  ({i}): {l!r}" for i, l in enumerate(self.layers))

@@ -692,7 +692,8 @@ def batchnorm_sums_to_moments(s, ss, count):
     return mean, xp.maximum(ss - count * mean * mean, 0.0)
 
 
-def batchnorm_forward_from_stats(x, gamma, beta, mean, m2, count, eps=1e-5, shifted=None):
+def batchnorm_forward_from_stats(x, gamma, beta, mean, m2, count, eps=1e-5, shifted=None,
+                                 relu=False):
     """Normalise with given (possibly merged over ranks) moments; biased batch variance.
 
     Parameters
@@ -702,12 +703,15 @@ def batchnorm_forward_from_stats(x, gamma, beta, mean, m2, count, eps=1e-5, shif
     mean, m2, count : from :func:`batchnorm_stats` (merged over ranks for a synced BN)
     shifted : the shift k from ``batchnorm_stats(x, return_shifted=True)`` (computed
         here when None)
+    relu : also apply the ReLU that follows (mpifc.nn.fuse): y = max(BN(x), 0), in the
+        same pass with the compiled kernels, and return its mask last
 
     Returns
     -------
     y : same shape as x
     cache : for :func:`batchnorm_backward_stats` / :func:`batchnorm_backward_from_stats`
     mean, var : (C,) float64 batch mean and biased variance m2/count (running statistics)
+    mask : with ``relu`` only: BN(x) > 0, for the ReLU's backward
 
     Notes
     -----
@@ -731,7 +735,10 @@ def batchnorm_forward_from_stats(x, gamma, beta, mean, m2, count, eps=1e-5, shif
     y3 = _bn_rows3(y)
     kv = k.reshape(-1, 1)
     jit = _bn_jit(xp, x3)
-    if jit is not None:
+    mask = xp.empty(x.shape, dtype=bool) if relu and jit is not None else None
+    if mask is not None:
+        jit.bn_normalise_relu(x3, k, a.ravel(), c.ravel(), y3, _bn_rows3(mask))
+    elif jit is not None:
         jit.bn_normalise(x3, k, a.ravel(), c.ravel(), y3)
 
     def share(i0, i1):
@@ -746,7 +753,11 @@ def batchnorm_forward_from_stats(x, gamma, beta, mean, m2, count, eps=1e-5, shif
     if jit is None:
         blockpool.run(share, _bn_shares(x3, xp))
     cache = (x, k, mk64.astype(dt), invstd64.astype(dt), gamma)
-    return y, cache, mean, var
+    if not relu:
+        return y, cache, mean, var
+    if mask is None:
+        y, mask = relu_forward(y)
+    return y, cache, mean, var, mask
 
 
 def batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps=1e-5):
@@ -783,11 +794,14 @@ def batchnorm_backward_eval(dy, cache):
     return dx, (dy * xhat).sum(axis=axes), dy.sum(axis=axes)
 
 
-def batchnorm_backward_stats(dy, cache):
+def batchnorm_backward_stats(dy, cache, mask=None):
     """Per-channel sums of the backward pass that a synced BatchNorm allreduces.
 
     sum(dy * xhat) = invstd * (sum(dy * d) - (mean - k) * sum(dy)), d = x - k one block
     at a time (xhat is not stored).
+
+    ``mask``: the mask of a ReLU fused after the BatchNorm (``relu=True`` forward): the
+    sums are those of dy * mask, the gradient the ReLU's backward would pass on.
 
     Returns
     -------
@@ -800,9 +814,15 @@ def batchnorm_backward_stats(dy, cache):
     kv = k.reshape(-1, 1)
     acc = np.float64 if dy.dtype == np.float32 else dy.dtype
     jit = _bn_jit(xp, x3, dy3) if acc == np.float64 else None
+    if mask is not None and jit is None:
+        dy = relu_backward(dy, mask)
+        dy3 = _bn_rows3(dy)
     if jit is not None:
         sdy, sdyd = np.empty(x.shape[1]), np.empty(x.shape[1])
-        jit.bn_backward_sums(x3, dy3, k, sdy, sdyd)
+        if mask is None:
+            jit.bn_backward_sums(x3, dy3, k, sdy, sdyd)
+        else:
+            jit.bn_backward_sums_masked(x3, dy3, _bn_rows3(mask), k, sdy, sdyd)
         parts = [(sdy, sdyd)]
 
     def share(i0, i1):
@@ -824,7 +844,7 @@ def batchnorm_backward_stats(dy, cache):
     return sdy.astype(dy.dtype), sdx.astype(dy.dtype)
 
 
-def batchnorm_backward_from_stats(dy, cache, sum_dy, sum_dy_xhat, count):
+def batchnorm_backward_from_stats(dy, cache, sum_dy, sum_dy_xhat, count, mask=None):
     """Input gradient from (possibly allreduced) backward sums.
 
     dx = gamma * invstd * (dy - sum_dy/count - xhat * sum_dy_xhat/count), with
@@ -836,6 +856,7 @@ def batchnorm_backward_from_stats(dy, cache, sum_dy, sum_dy_xhat, count):
     dy : (N, C) or (N, C, H, W)
     sum_dy, sum_dy_xhat : (C,), from :func:`batchnorm_backward_stats`
     count : total elements per channel the forward statistics were taken over
+    mask : a fused ReLU's mask (see :func:`batchnorm_backward_stats`)
 
     Returns
     -------
@@ -853,9 +874,15 @@ def batchnorm_backward_from_stats(dy, cache, sum_dy, sum_dy_xhat, count):
     dx3 = _bn_rows3(dx)
     kv = k.reshape(-1, 1)
     jit = _bn_jit(xp, x3, dy3)
+    if jit is not None and mask is not None:
+        jit.bn_backward_dx_masked(x3, dy3, _bn_rows3(mask), k, a.ravel(), e.ravel(), f.ravel(), dx3)
+        return dx
     if jit is not None:
         jit.bn_backward_dx(x3, dy3, k, a.ravel(), e.ravel(), f.ravel(), dx3)
         return dx
+    if mask is not None:
+        dy = relu_backward(dy, mask)
+        dy3 = _bn_rows3(dy)
 
     def share(i0, i1):
         blocks, n = _bn_blocks(x3[i0:i1])

@@ -57,6 +57,17 @@ class _BatchNorm(Module):
             raise ShapeError(f"{type(self).__name__}({self.num_features}) got input shape {x.shape}")
 
     def forward(self, x):
+        return self._forward(x, relu=False)
+
+    def forward_relu(self, x):
+        """``relu(self.forward(x))`` in one pass (training mode; :mod:`mpifc.nn.fuse`):
+        returns (y, mask) with the ReLU's mask for its backward, which then goes through
+        :meth:`backward` with ``mask`` instead of the ReLU."""
+        if not self.training:
+            raise RuntimeError("forward_relu fuses the training-mode BatchNorm only")
+        return self._forward(x, relu=True)
+
+    def _forward(self, x, relu):
         self._check(x)
         gamma, beta = self.weight.data, self.bias.data
         if not self.training:
@@ -71,8 +82,8 @@ class _BatchNorm(Module):
         if local < 2 and count < 2:
             raise ValueError(f"{type(self).__name__} needs more than one value per channel "
                              f"in training mode (got {int(count)})")
-        y, cache, mean, var = F.batchnorm_forward_from_stats(x, gamma, beta, mean, m2, count, self.eps,
-                                                             shifted)
+        y, cache, mean, var, *mask = F.batchnorm_forward_from_stats(
+            x, gamma, beta, mean, m2, count, self.eps, shifted, relu=relu)
         m, dt = self.momentum, self.dtype
         # in place: checkpoint loaders and buffers() hold references to these arrays
         self.running_mean *= 1.0 - m
@@ -81,16 +92,18 @@ class _BatchNorm(Module):
         self.running_var += ((m * count / (count - 1)) * var).astype(dt)
         self.num_batches_tracked += 1
         self._cache = ("train", cache, count)
-        return y
+        return (y, mask[0]) if relu else y
 
-    def backward(self, dy):
+    def backward(self, dy, mask=None):
+        """dx from dy; ``mask``: that of a ReLU fused by :meth:`forward_relu`, whose
+        backward (dy * mask) then runs inside this one's passes."""
         if self._cache[0] == "eval":
             dx, dgamma, dbeta = F.batchnorm_backward_eval(dy, self._cache[1])
         else:
             _, cache, count = self._cache
-            dbeta, dgamma = F.batchnorm_backward_stats(dy, cache)
+            dbeta, dgamma = F.batchnorm_backward_stats(dy, cache, mask)
             sum_dy, sum_dy_xhat = self.reduce_backward_stats(dbeta, dgamma)
-            dx = F.batchnorm_backward_from_stats(dy, cache, sum_dy, sum_dy_xhat, count)
+            dx = F.batchnorm_backward_from_stats(dy, cache, sum_dy, sum_dy_xhat, count, mask)
         if self.affine:
             self.weight.add_grad(dgamma)
             self.bias.add_grad(dbeta)

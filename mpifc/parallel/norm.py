@@ -145,7 +145,8 @@ class _SyncBatchNorm(_BatchNorm):
     _check_grad = ParallelModule._check_grad
 
     # --- forward / backward: the base class, plus an empty channel block and input_grad ---
-    def forward(self, x):
+    # (a ReLU fused after it, mpifc.nn.fuse, comes in as relu=True / mask)
+    def _forward(self, x, relu):
         if self.num_features == 0 and self.training:
             # an empty channel shard: no statistics, but the same messages as its group
             self._check(x)
@@ -158,12 +159,12 @@ class _SyncBatchNorm(_BatchNorm):
             self.num_batches_tracked += 1
             self._cache = ("empty",)
             self._x_shape = x.shape
-            return x.copy()
-        y = super().forward(x)
+            return (x.copy(), get_array_module(x).zeros(x.shape, dtype=bool)) if relu else x.copy()
+        y = super()._forward(x, relu)
         self._x_shape = x.shape
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, mask=None):
         self._check_grad(dy, getattr(self, "_x_shape", None) if self._cache is not None else None)
         if self._cache[0] == "empty":
             self._cache = None
@@ -171,17 +172,17 @@ class _SyncBatchNorm(_BatchNorm):
                 return None
             empty = get_array_module(dy).zeros(0, dtype=self.dtype)
             self.reduce_backward_stats(empty, empty)
-            return dy.copy()
+            return dy.copy() if mask is None else dy * mask
         if self._cache[0] == "train" and not self.input_grad:
             # no input gradient: the local sums give dgamma, dbeta; nothing to reduce
             _, cache, _ = self._cache
-            dbeta, dgamma = F.batchnorm_backward_stats(dy, cache)
+            dbeta, dgamma = F.batchnorm_backward_stats(dy, cache, mask)
             if self.affine:
                 self.weight.add_grad(dgamma)
                 self.bias.add_grad(dbeta)
             self._cache = None
             return None
-        return super().backward(dy)
+        return super().backward(dy, mask)
 
     # --- description ---
     def output_shape(self, input_shape):

@@ -544,6 +544,7 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
                             f"first layer with parameters is not described; put a layer with "
                             f"parameters (a stem conv2d) before it")
     res_stack: list[list] = []      # open residual blocks: [input act, body act, begin's block]
+    fused_relus: set[int] = set()   # entries of ReLUs fused into the BatchNorm before them
     r = tp_rank
 
     fwd_ph: list[Phase] = []
@@ -874,6 +875,13 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             # themselves ("io": priced as calls of the whole tensor's size, the rate of
             # an array that size -- main memory once it outgrows the caches)
             fio, bio = _PASSES["bn_fwd_io"], _PASSES["bn_bwd_io"]
+            # a ReLU right after it runs inside its passes (mpifc.nn.fuse): the mask
+            # written forward, read by both backward passes; the ReLU's own passes go
+            nxt = ent["j"] + 1
+            fuse_relu = (bn_jit and nxt < len(ent["branch"])
+                         and ent["branch"][nxt].get("type") == "relu")
+            if fuse_relu:
+                fused_relus.add(i + 1)
             if bn_jit:
                 # compiled: only the passes over x, y, dy, dx in memory, one call each
                 # kernel; the per-channel set-up calls around them remain
@@ -885,12 +893,14 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             f_ph.append(elem(f"{name}.forward", fpass * n_in * s, "forward",
                              _CALLS["bn_fwd"] + bn_blocks * _CALLS["bn_fwd_block"] - fio
                              + sync * _CALLS["bn_sync_fwd"], 6 * bc_rows if fpass else 0))
-            f_ph.append(elem(f"{name}.forward.io", fio * n_in * s, "forward", fio_calls,
+            f_ph.append(elem(f"{name}.forward.io", fio * n_in * s + (n_in if fuse_relu else 0),
+                             "forward", fio_calls,
                              _JIT_ROWS["bn_fwd"] * bc_rows if bn_jit else 0))
             b_ph.append(elem(f"{name}.backward", bpass * n_in * s, "backward",
                              _CALLS["bn_bwd"] + bn_blocks * _CALLS["bn_bwd_block"] - bio
                              + sync * _CALLS["bn_sync_bwd"], 7 * bc_rows if bpass else 0))
-            b_ph.append(elem(f"{name}.backward.io", bio * n_in * s, "backward", bio_calls,
+            b_ph.append(elem(f"{name}.backward.io", bio * n_in * s + (2 * n_in if fuse_relu else 0),
+                             "backward", bio_calls,
                              _JIT_ROWS["bn_bwd"] * bc_rows if bn_jit else 0))
             if dp > 1:       # SyncBatchNorm over the data group
                 # float64 [sum x, sum x^2, count] (parallel/norm.py), whatever the model dtype
@@ -915,7 +925,10 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             kept_add(n_in * s)
 
         elif t in ELEMENTWISE:
-            if t == "relu" and jit:
+            if t == "relu" and i in fused_relus:     # inside the BatchNorm before it
+                f_ph.append(elem(f"{name}.forward", 0.0, "forward", 1))
+                b_ph.append(elem(f"{name}.backward", 0.0, "backward", 1))
+            elif t == "relu" and jit:
                 f_ph.append(elem(f"{name}.forward", (2.0 * s + 1) * n_in, "forward",
                                  _JIT_CALLS["relu"]))
                 b_ph.append(elem(f"{name}.backward", (2.0 * s + 1) * n_in, "backward",

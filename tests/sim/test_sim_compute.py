@@ -217,10 +217,15 @@ def test_compiled_kernels_price_one_pass_each():
     by = {p.label: p for p in d.workload.phases}
     n1 = 64 * 32 * 64 * 4                                   # bn1 / relu1 / pool1 input bytes
     assert by["bn1.forward"].bytes == 0 and by["bn1.forward"].rows == 0
-    assert by["bn1.forward.io"].bytes == 3 * n1 and by["bn1.forward.io"].calls == _JIT_CALLS["bn_fwd"]
-    assert by["bn1.backward.io"].bytes == 5 * n1
+    # relu1 runs inside bn1 (mpifc.nn.fuse): its 1-byte mask written forward, read by
+    # both backward passes; relu1's own phases move nothing
+    assert by["bn1.forward.io"].bytes == 3 * n1 + n1 // 4
+    assert by["bn1.forward.io"].calls == _JIT_CALLS["bn_fwd"]
+    assert by["bn1.backward.io"].bytes == 5 * n1 + 2 * (n1 // 4)
     assert by["bn1.forward"].calls == _CALLS["bn_fwd"] - 3       # the set-up calls remain
-    assert by["relu1.forward"].bytes == by["relu1.backward"].bytes == n1 // 4 * 9
+    assert by["relu1.forward"].bytes == by["relu1.backward"].bytes == 0
+    # a ReLU after a linear layer is not fused: x, y and the mask; dy, the mask, dx
+    assert by["relu3.forward"].bytes == by["relu3.backward"].bytes == 64 * 64 * 9
     assert by["pool1.forward"].bytes == n1 + n1 // 4 // 4 * 5   # x; y and the offset
     from mpifc.sim.workload import _JIT_ROWS
     assert by["bn1.forward.io"].rows == _JIT_ROWS["bn_fwd"] * 64 * 32      # a row per (n, c)
