@@ -338,3 +338,34 @@ def col2im_offsets(dcol, dx, offs, sh, sw):
                     ds, cs = dr[w0:w0 + (k - 1) * sw + 1:sw], cp[ho, wo0:wo1]
                     for j in range(k):
                         ds[j] += cs[j]
+
+
+# --------------------------------------------------------------------------- #
+# the SGD update (mpifc.optim.SGD), one pass over p, g and the momentum b: NumPy's
+# operations in NumPy's order and rounding (no FMA contraction), the scalars in the
+# arrays' type as NumPy takes Python floats
+# --------------------------------------------------------------------------- #
+@njit(parallel=True, cache=True, nogil=True)
+def sgd_update(p, g, b, lr, wd, mu, keep, nesterov, first, use_b):
+    """p -= lr * d, d = g (+ wd * p); with ``use_b``: b = d (first step) or
+    b = mu * b + keep * d (``keep`` = 1 - dampening; the multiply skipped when it is 1),
+    then d = d + mu * b (Nesterov) or b."""
+    n = p.size
+    for c in prange((n + FLAT_CHUNK - 1) // FLAT_CHUNK):
+        lo = c * FLAT_CHUNK
+        hi = min(n, lo + FLAT_CHUNK)
+        ps, gs, bs = p[lo:hi], g[lo:hi], b[lo:hi]
+        for i in range(hi - lo):
+            d = gs[i]
+            if wd != 0:
+                d = d + wd * ps[i]
+            if use_b:
+                if first:
+                    v = d
+                elif keep != 1:
+                    v = bs[i] * mu + keep * d
+                else:
+                    v = bs[i] * mu + d
+                bs[i] = v
+                d = d + mu * v if nesterov else v
+            ps[i] = ps[i] - lr * d

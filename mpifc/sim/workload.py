@@ -132,7 +132,7 @@ _CALLS = {
 # rows (max pool); each costs a few ns beside its bytes -- per row here about 9 ns for
 # the forward pair of BatchNorm kernels, 11 for the backward pair, 10 for max pool
 # either way: in units of calibrate's row_s (3.5 ns here) the factors below.
-_JIT_CALLS = {"bn_fwd": 14, "bn_bwd": 14, "relu": 10, "pool": 10}
+_JIT_CALLS = {"bn_fwd": 14, "bn_bwd": 14, "relu": 10, "pool": 10, "sgd": 14}
 _JIT_ROWS = {"bn_fwd": 2.5, "bn_bwd": 3.0, "pool": 3.0}
 
 
@@ -324,10 +324,15 @@ def avgpool_cost(N, C, H, W, R, S, sh, sw, pads, Ho, Wo, s):
     return fwd, bwd
 
 
-def optimizer_cost(o: dict) -> tuple[float, int, int]:
+def optimizer_cost(o: dict, jit: bool = False) -> tuple[float, int, int]:
     """(bytes per parameter element in units of s, calls per parameter tensor, state
-    slots) of one optimizer step (mpifc.optim), as the trainer builds it."""
+    slots) of one optimizer step (mpifc.optim), as the trainer builds it. ``jit``: SGD
+    as the compiled kernel (one pass: p and g read, p written; the momentum read and
+    written; a kernel dispatch and the calls around it)."""
     wd = bool(o.get("weight_decay"))
+    if o["name"] == "sgd" and jit:
+        mom = bool(o.get("momentum"))
+        return 3 + (2 if mom else 0), _JIT_CALLS["sgd"], (1 if mom else 0)
     if o["name"] == "sgd":
         mom = bool(o.get("momentum"))
         # g = grad + wd*p ; b *= m ; b += g ; p -= lr*g ; plus the method's own calls
@@ -340,10 +345,11 @@ def optimizer_cost(o: dict) -> tuple[float, int, int]:
     return 31 + extra[0], 16 + extra[1], 2
 
 
-def optimizer_chunk_calls(o: dict) -> int:
+def optimizer_chunk_calls(o: dict, jit: bool = False) -> int:
     """NumPy calls per further chunk of a parameter (:func:`mpifc.optim.optimizer.flat_chunks`:
-    SGD updates a tensor CHUNK_ELEMENTS at a time); 0 for an optimizer that does not."""
-    if o["name"] != "sgd":
+    SGD updates a tensor CHUNK_ELEMENTS at a time); 0 for an optimizer that does not
+    (the compiled SGD, ``jit``, is one call per tensor)."""
+    if o["name"] != "sgd" or jit:
         return 0
     return 3 + (3 if o.get("momentum") else 0) + (2 if o.get("weight_decay") else 0)
 
@@ -1131,8 +1137,8 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
             c, ph = comm("clip.norm", "allreduce", 1, "tp", "optimizer", itemsize=8)
             clip_cc.append(c); opt_ph.append(ph)
         opt_ph.append(elem("clip.scale", 2 * params * s, "optimizer", n_tensors, stream=True))
-    passes, per_tensor, slots = optimizer_cost(o)
-    per_chunk = optimizer_chunk_calls(o)
+    passes, per_tensor, slots = optimizer_cost(o, jit)
+    per_chunk = optimizer_chunk_calls(o, jit)
     opt_ph.append(elem("optimizer.step", 0, "optimizer", 1))
     for k, n in enumerate(param_sizes):
         chunks = -(-n // CHUNK_ELEMENTS) if per_chunk else 1

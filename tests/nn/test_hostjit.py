@@ -233,3 +233,25 @@ def test_numba_pool_is_sized_to_the_rank_threads_unless_set():
     assert r.stdout.strip() == "1", r.stderr
     r = _run(code, NUMBA_NUM_THREADS="2", **env)
     assert r.stdout.strip() == "2", r.stderr
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(momentum=0.9), dict(momentum=0.9, nesterov=True),
+                                  dict(momentum=0.8, dampening=0.3, weight_decay=1e-2),
+                                  dict(weight_decay=5e-4)])
+def test_sgd_update_is_numpys_to_the_bit(opts, dt):
+    """The compiled SGD step does NumPy's operations in NumPy's order and rounding."""
+    from mpifc.nn.module import Parameter
+    from mpifc.optim import SGD
+
+    def run():
+        rng = np.random.default_rng(8)
+        ps = [Parameter(rng.standard_normal(s).astype(dt)) for s in [(70_001,), (3, 5)]]
+        opt = SGD(ps, lr=0.05, **opts)
+        for _ in range(3):                         # the first step, then momentum
+            for p in ps:
+                p.grad[...] = rng.standard_normal(p.shape)
+            opt.step()
+        return tuple(p.data.copy() for p in ps) + tuple(
+            b for b in opt.state["momentum"] if b is not None)
+    ref, jit = both(run)
+    assert_same(ref, jit, 0)

@@ -256,6 +256,13 @@ def test_optimizer_costs():
     assert optimizer_cost({"name": "adamw", "weight_decay": 0.01}) == (33, 17, 2)
     assert optimizer_cost({"name": "sgd", "momentum": 0.9, "weight_decay": 1e-4}) == (15, 9, 1)
     assert optimizer_cost({"name": "sgd"}) == (5, 5, 0)
+    # compiled SGD (mpifc.nn.hostjit): p, g read, p written (+ the momentum read and written)
+    from mpifc.sim.workload import _JIT_CALLS, optimizer_chunk_calls
+    assert optimizer_cost({"name": "sgd", "momentum": 0.9, "weight_decay": 1e-4}, jit=True) == (
+        5, _JIT_CALLS["sgd"], 1)
+    assert optimizer_cost({"name": "sgd"}, jit=True)[0] == 3
+    assert optimizer_chunk_calls({"name": "sgd", "momentum": 0.9}, jit=True) == 0
+    assert optimizer_cost({"name": "adam"}, jit=True) == optimizer_cost({"name": "adam"})
 
 
 def test_workload_carries_calls():
