@@ -77,13 +77,42 @@ def using(m: str):
         _state["mode"] = before
 
 
+def _import_kernels():
+    """Import the kernel module. Numba caches compiled kernels beside the package, else in
+    the user's cache directory; when neither is writable (a read-only site install and no
+    home), it refuses to compile a cached kernel at all: the kernels then go to a
+    temporary directory, compiled again by every process, and a warning says how to
+    keep them (``NUMBA_CACHE_DIR``)."""
+    try:
+        from mpifc.nn import _numba_kernels  # noqa: PLC0415 - only when wanted
+        return _numba_kernels
+    except RuntimeError as exc:
+        if "cannot cache" not in str(exc):
+            raise
+    import atexit  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+    import warnings  # noqa: PLC0415
+
+    import numba  # noqa: PLC0415
+
+    numba.config.CACHE_DIR = tempfile.mkdtemp(prefix="mpifc-numba-")
+    atexit.register(shutil.rmtree, numba.config.CACHE_DIR, ignore_errors=True)
+    warnings.warn(f"mpifc: no writable cache for the compiled kernels (beside the package "
+                  f"or in the home directory); compiling them into {numba.config.CACHE_DIR} "
+                  f"for this process only. Set NUMBA_CACHE_DIR to a writable directory to "
+                  f"keep them between runs.", RuntimeWarning, stacklevel=3)
+    from mpifc.nn import _numba_kernels  # noqa: PLC0415
+    return _numba_kernels
+
+
 def _load(m):
     if _state["mod"] is None:
         os.environ.setdefault(WAIT_VAR, WAIT_PASSIVE)   # before Numba loads OpenMP
         if "numba" not in sys.modules:                  # read once, when Numba imports
             os.environ.setdefault(POOL_VAR, str(max(1, blockpool.width())))
         try:
-            from mpifc.nn import _numba_kernels  # noqa: PLC0415 - only when wanted
+            _numba_kernels = _import_kernels()
         except ImportError as exc:
             if m == "numba":
                 raise RuntimeError(f"{ENV}=numba, but Numba does not import ({exc}); "

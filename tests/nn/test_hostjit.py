@@ -255,3 +255,20 @@ def test_sgd_update_is_numpys_to_the_bit(opts, dt):
             b for b in opt.state["momentum"] if b is not None)
     ref, jit = both(run)
     assert_same(ref, jit, 0)
+
+
+def test_read_only_install_compiles_into_a_temporary_cache():
+    """No writable cache beside the package nor in the home directory (a site install):
+    Numba refuses to compile a cached kernel; the kernels still load, with a warning."""
+    code = ("import os, warnings; os.environ.pop('NUMBA_CACHE_DIR', None)\n"
+            "import numba.core.caching as c\n"
+            "c.CacheImpl._locator_classes = [c.UserProvidedCacheLocator]   # nothing writable\n"
+            "import numpy as np; from mpifc.nn import hostjit\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    print(hostjit.active(), any('NUMBA_CACHE_DIR' in str(x.message) for x in w))\n"
+            "import mpifc.nn.functional as F\n"
+            "print(F.relu_forward(np.array([-1.0, 2.0], np.float32))[0])")
+    r = _run(code, MPIFC_KERNELS="auto")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == ["numba True", "[0. 2.]"], r.stdout
