@@ -369,3 +369,26 @@ def sgd_update(p, g, b, lr, wd, mu, keep, nesterov, first, use_b):
                 bs[i] = v
                 d = d + mu * v if nesterov else v
             ps[i] = ps[i] - lr * d
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def adam_update(p, g, m, v, wd, decay, b1, c1, b2, c2, inv_sqrt_bc2, eps, step, l2, decoupled):
+    """The Adam / AdamW update (mpifc.optim.Adam), NumPy's operations in its order and
+    rounding: d = g (+ wd * p when ``l2``); p *= decay when ``decoupled``;
+    m = m * b1 + c1 * d; v = v * b2 + c2 * (d * d);
+    p -= step * (m / (sqrt(v) * inv_sqrt_bc2 + eps))."""
+    n = p.size
+    for c in prange((n + FLAT_CHUNK - 1) // FLAT_CHUNK):
+        lo = c * FLAT_CHUNK
+        hi = min(n, lo + FLAT_CHUNK)
+        ps, gs, ms, vs = p[lo:hi], g[lo:hi], m[lo:hi], v[lo:hi]
+        for i in range(hi - lo):
+            d = gs[i]
+            if l2:
+                d = d + wd * ps[i]
+            q = ps[i] * decay if decoupled else ps[i]
+            mi = ms[i] * b1 + c1 * d
+            vi = vs[i] * b2 + c2 * (d * d)
+            ms[i] = mi
+            vs[i] = vi
+            ps[i] = q - step * (mi / (np.sqrt(vi) * inv_sqrt_bc2 + eps))

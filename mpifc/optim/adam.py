@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 from mpifc.backend import get_array_module
+from mpifc.nn import hostjit
 from mpifc.optim.optimizer import Optimizer
 
 
@@ -25,6 +26,8 @@ class Adam(Optimizer):
         self.betas, self.eps, self.weight_decay = (float(b1), float(b2)), float(eps), float(weight_decay)
 
     def _update(self, i, p):
+        if self._compiled(i, p):
+            return
         xp = get_array_module(p.data)
         b1, b2 = self.betas
         t = self.step_count
@@ -42,6 +45,28 @@ class Adam(Optimizer):
         denom = xp.sqrt(v) * (1.0 / math.sqrt(bc2))
         denom += self.eps
         p.data -= (self.lr / bc1) * (m / denom)
+
+
+    def _compiled(self, i, p) -> bool:
+        """The update as one compiled pass (mpifc.nn.hostjit) on contiguous host arrays,
+        the scalars in the arrays' type as NumPy takes Python floats; False (nothing
+        done) where that does not apply."""
+        jit = hostjit.kernels(get_array_module(p.data))
+        if jit is None or p.data.dtype != p.grad.dtype:
+            return False
+        m, v = self._slot("exp_avg", i), self._slot("exp_avg_sq", i)
+        if not all(a.flags.c_contiguous for a in (p.data, p.grad, m, v)):
+            return False
+        b1, b2 = self.betas
+        t = self.step_count
+        bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+        ty = p.data.dtype.type
+        wd = self.weight_decay
+        jit.adam_update(p.data.reshape(-1), p.grad.reshape(-1), m.reshape(-1), v.reshape(-1),
+                        ty(wd), ty(1.0 - self.lr * wd), ty(b1), ty(1.0 - b1), ty(b2), ty(1.0 - b2),
+                        ty(1.0 / math.sqrt(bc2)), ty(self.eps), ty(self.lr / bc1),
+                        bool(wd) and not self.decoupled, bool(wd) and self.decoupled)
+        return True
 
 
 class AdamW(Adam):

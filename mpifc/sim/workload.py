@@ -326,13 +326,15 @@ def avgpool_cost(N, C, H, W, R, S, sh, sw, pads, Ho, Wo, s):
 
 def optimizer_cost(o: dict, jit: bool = False) -> tuple[float, int, int]:
     """(bytes per parameter element in units of s, calls per parameter tensor, state
-    slots) of one optimizer step (mpifc.optim), as the trainer builds it. ``jit``: SGD
-    as the compiled kernel (one pass: p and g read, p written; the momentum read and
+    slots) of one optimizer step (mpifc.optim), as the trainer builds it. ``jit``: the
+    compiled kernel (one pass: p and g read, p written; each state slot read and
     written; a kernel dispatch and the calls around it)."""
     wd = bool(o.get("weight_decay"))
     if o["name"] == "sgd" and jit:
         mom = bool(o.get("momentum"))
         return 3 + (2 if mom else 0), _JIT_CALLS["sgd"], (1 if mom else 0)
+    if jit:              # Adam / AdamW compiled: p, g, m, v read; p, m, v written
+        return 7, _JIT_CALLS["sgd"], 2
     if o["name"] == "sgd":
         mom = bool(o.get("momentum"))
         # g = grad + wd*p ; b *= m ; b += g ; p -= lr*g ; plus the method's own calls

@@ -272,3 +272,24 @@ def test_read_only_install_compiles_into_a_temporary_cache():
     r = _run(code, MPIFC_KERNELS="auto")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split("\n")[:2] == ["numba True", "[0. 2.]"], r.stdout
+
+
+@pytest.mark.parametrize("name,opts", [("Adam", {}), ("Adam", dict(weight_decay=1e-2)),
+                                       ("AdamW", dict(weight_decay=1e-2)),
+                                       ("Adam", dict(betas=(0.5, 0.9), eps=1e-3))])
+def test_adam_update_is_numpys_to_the_bit(name, opts, dt):
+    from mpifc import optim
+    from mpifc.nn.module import Parameter
+
+    def run():
+        rng = np.random.default_rng(9)
+        ps = [Parameter(rng.standard_normal(s).astype(dt)) for s in [(70_001,), (3, 5)]]
+        opt = getattr(optim, name)(ps, lr=0.01, **opts)
+        for _ in range(3):
+            for p in ps:
+                p.grad[...] = rng.standard_normal(p.shape)
+            opt.step()
+        return tuple(p.data.copy() for p in ps) + tuple(
+            b for s in opt.slots for b in opt.state[s])
+    ref, jit = both(run)
+    assert_same(ref, jit, 0)
