@@ -185,11 +185,3 @@ def test_cores_shared_by_more_ranks(capsys):
                  "--cores-per-node", "16")
     comp = [_seconds(l.split()[2]) for l in (base.splitlines()[2], shared.splitlines()[2])]
     assert comp[1] == pytest.approx(2 * comp[0], rel=0.01)
-
-
-def _seconds(text):
-    """'646us' / '1.20ms' / '2.5s' (the table's units) -> seconds."""
-    for unit, scale in (("us", 1e-6), ("ms", 1e-3), ("s", 1.0)):
-        if text.endswith(unit):
-            return float(text[:-len(unit)]) * scale
-    raise ValueError(f"no time unit in {text!r}")
