@@ -400,7 +400,7 @@ def maxpool2d_forward(x, kernel, stride=None, padding=0):
         N, C = x.shape[:2]
         y = xp.empty((N, C, Ho, Wo), dtype=x.dtype)
         idx = xp.empty((N, C, Ho, Wo), dtype=np.uint8)
-        jit = hostjit.kernels(xp) if hostjit.contiguous(x) else None
+        jit = hostjit.kernels(xp, x.nbytes) if hostjit.contiguous(x) else None
         if jit is not None:
             if (R, S) == (2, 2):
                 jit.maxpool2x2_forward(x, y, idx)
@@ -447,7 +447,7 @@ def maxpool2d_backward(dy, cache):
     covered = t == b == l == r_ == 0 and (sh, sw) == (R, S) and (Ho * R, Wo * S) == (H, W)
     # windows that tile the input exactly write every pixel once: no zero fill
     if _maxpool_tiles(R, S, sh, sw, pads) and hostjit.contiguous(dy, idx):
-        jit = hostjit.kernels(xp)
+        jit = hostjit.kernels(xp, dy.nbytes * R * S)
         if jit is not None:
             dx = xp.empty(x_shape, dtype=dy.dtype)
             if (R, S) == (2, 2) and covered:
@@ -605,7 +605,7 @@ def _bn_jit(xp, *arrays3):
     """The compiled kernels for these (N, C, L) arrays, or None (NumPy then)."""
     if arrays3[0].shape[2] < BN_JIT_MIN_ROW or not hostjit.contiguous(*arrays3):
         return None
-    return hostjit.kernels(xp)
+    return hostjit.kernels(xp, arrays3[0].nbytes)
 
 
 def _bn_shares(x3, xp):
@@ -985,7 +985,7 @@ def relu_forward(x):
         return y, y > 0
     y = xp.empty(x.shape, dtype=x.dtype)
     mask = xp.empty(x.shape, dtype=bool)
-    jit = hostjit.kernels(xp) if hostjit.contiguous(x) else None
+    jit = hostjit.kernels(xp, x.nbytes) if hostjit.contiguous(x) else None
     if jit is not None:
         jit.relu_forward(x.reshape(-1), y.reshape(-1), mask.reshape(-1))
         return y, mask
@@ -1003,7 +1003,7 @@ def relu_backward(dy, mask):
     if dy.ndim == 0 or dy.shape != mask.shape:
         return dy * mask
     dx = xp.empty(dy.shape, dtype=xp.result_type(dy.dtype, mask.dtype))
-    jit = hostjit.kernels(xp) if hostjit.contiguous(dy, mask) else None
+    jit = hostjit.kernels(xp, dy.nbytes) if hostjit.contiguous(dy, mask) else None
     if jit is not None:
         jit.relu_backward(dy.reshape(-1), mask.reshape(-1), dx.reshape(-1))
         return dx

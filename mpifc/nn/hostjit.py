@@ -128,9 +128,17 @@ def active() -> str:
     return "numba" if kernels(np) is not None else "numpy"
 
 
-def kernels(xp):
-    """The compiled kernel module for arrays of ``xp`` (its thread count set), or None:
-    for arrays on a GPU, with ``MPIFC_KERNELS=numpy``, or when Numba is missing."""
+# a parallel kernel wakes its sleeping workers (OMP_WAIT_POLICY=PASSIVE), tens of
+# microseconds on this VM: a ReLU over 64 KiB took 3.4 us on 1 thread and 45 on 2,
+# over 1 MiB 62 vs 100, over 1.5 MiB 140 vs 120, over 8 MiB 707 vs 391
+PARALLEL_MIN_BYTES = 3 << 19
+
+
+def kernels(xp, nbytes=None):
+    """The compiled kernel module for arrays of ``xp`` (its thread count set: the rank's
+    threads, or 1 for a pass over fewer than :data:`PARALLEL_MIN_BYTES` of input
+    ``nbytes``), or None: for arrays on a GPU, with ``MPIFC_KERNELS=numpy``, or when
+    Numba is missing."""
     if xp is not np:
         return None
     m = _state["mode"] or mode()
@@ -140,6 +148,8 @@ def kernels(xp):
     if mod is None:
         return None
     n = blockpool.width() if blockpool.ENABLED else 1
+    if nbytes is not None and nbytes < PARALLEL_MIN_BYTES:
+        n = 1
     if getattr(_local, "threads", None) != n:
         import numba  # noqa: PLC0415 - loaded by _load
 

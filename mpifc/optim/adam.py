@@ -51,7 +51,7 @@ class Adam(Optimizer):
         """The update as one compiled pass (mpifc.nn.hostjit) on contiguous host arrays,
         the scalars in the arrays' type as NumPy takes Python floats; False (nothing
         done) where that does not apply."""
-        jit = hostjit.kernels(get_array_module(p.data))
+        jit = hostjit.kernels(get_array_module(p.data), p.data.nbytes)
         if jit is None or p.data.dtype != p.grad.dtype:
             return False
         m, v = self._slot("exp_avg", i), self._slot("exp_avg_sq", i)

@@ -40,7 +40,7 @@ class SGD(Optimizer):
     def _compiled(self, i, p) -> bool:
         """The update as one compiled pass (mpifc.nn.hostjit) on contiguous host arrays;
         False (nothing done) where that does not apply."""
-        jit = hostjit.kernels(get_array_module(p.data))
+        jit = hostjit.kernels(get_array_module(p.data), p.data.nbytes)
         if jit is None or not (p.data.flags.c_contiguous and p.grad.flags.c_contiguous) \
                 or p.data.dtype != p.grad.dtype:
             return False

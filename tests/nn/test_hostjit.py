@@ -158,6 +158,7 @@ def test_two_threads_give_the_one_thread_result(monkeypatch):
         p, pc = F.maxpool2d_forward(z, 2)
         return (y, mean, var, z, p, F.maxpool2d_backward(p, pc), F.relu_backward(dy, mask)
                 ) + F.batchnorm_backward(dy, cache)
+    monkeypatch.setattr(hostjit, "PARALLEL_MIN_BYTES", 0)      # small arrays, 2 threads
     hostjit.set_mode("numba")
     try:
         one = run()
@@ -173,6 +174,10 @@ def test_kernels_follow_the_blas_threads(monkeypatch):
     monkeypatch.setattr(hostjit, "_state", {"mode": "numba", "mod": None})
     monkeypatch.setattr(blockpool, "width", lambda: 2)
     hostjit.kernels(np)
+    assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
+    hostjit.kernels(np, hostjit.PARALLEL_MIN_BYTES - 1)      # a small pass: one thread
+    assert numba.get_num_threads() == 1
+    hostjit.kernels(np, hostjit.PARALLEL_MIN_BYTES)
     assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
     monkeypatch.setattr(blockpool, "width", lambda: 1)
     hostjit.kernels(np)
