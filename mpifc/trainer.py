@@ -116,6 +116,16 @@ def check_value(where: str, name: str, value, row) -> None:
 
 
 # ---------------------------------------------------------------------- set-up helpers
+def _host_kernels() -> str:
+    """The host kernels (mpifc.nn.hostjit) as the start line names them; a cold Numba
+    cache is said, since the first epoch is slower by the compile."""
+    from mpifc.nn import hostjit
+
+    kind = hostjit.active()
+    cold = kind == "numba" and not hostjit.cached()
+    return f"{kind} kernels" + (" (compiling them: ~5 s, first run only)" if cold else "")
+
+
 def setup_threads(comm) -> int:
     """One BLAS pool per rank sized to the cores it owns (a user's OMP_NUM_THREADS wins)."""
     from mpifc.threads import apply_blas_threads
@@ -377,7 +387,7 @@ class Trainer:
             k = settings.accumulate
             print(f"{title}{' ' + name if name else ''}: {self.comm.size} rank(s) as "
                   f"dp={self.grid.dp} x tp={self.grid.tp}, "
-                  + (f"{self.threads} BLAS thread(s) per rank, "
+                  + (f"{self.threads} BLAS thread(s) per rank, {_host_kernels()}, "
                      if device is None or device.kind == "cpu" else f"CuPy on {device} (rank 0), ")
                   + f"{self.loader.steps_per_epoch} steps/epoch of "
                   f"{self.loader.plan.batch_size} samples"

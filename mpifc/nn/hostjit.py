@@ -134,6 +134,20 @@ def active() -> str:
 PARALLEL_MIN_BYTES = 3 << 19
 
 
+def cached() -> bool:
+    """True when Numba's cache already holds the kernels (so the first use loads rather
+    than compiles them); True also when that cannot be told (Numba's cache layout is
+    its own) or the kernels are not in use."""
+    mod = _state["mod"] if kernels(np) is not None else None
+    if mod is None:
+        return True
+    try:
+        return all(os.path.exists(getattr(mod, name)._cache._cache_file._index_path)
+                   for name in ("bn_sums", "relu_forward", "sgd_update"))
+    except (AttributeError, TypeError):
+        return True
+
+
 def kernels(xp, nbytes=None):
     """The compiled kernel module for arrays of ``xp`` (its thread count set: the rank's
     threads, or 1 for a pass over fewer than :data:`PARALLEL_MIN_BYTES` of input

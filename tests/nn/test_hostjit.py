@@ -298,3 +298,20 @@ def test_adam_update_is_numpys_to_the_bit(name, opts, dt):
             b for s in opt.slots for b in opt.state[s])
     ref, jit = both(run)
     assert_same(ref, jit, 0)
+
+
+def test_cached_tells_a_cold_cache(tmp_path):
+    """The trainer's start line says when the first run compiles (a cold cache): an
+    empty NUMBA_CACHE_DIR (it wins over the package's __pycache__) is cold; once a run
+    has used the kernels, the next run finds them."""
+    code = ("import numpy as np; from mpifc.nn import hostjit; print(hostjit.cached())\n"
+            "import mpifc.nn.functional as F; from mpifc.nn.module import Parameter\n"
+            "from mpifc.optim import SGD\n"
+            "x = np.ones((2, 3, 4, 4), np.float32); F.relu_forward(x)\n"
+            "F.batchnorm_forward(x, np.ones(3, np.float32), np.zeros(3, np.float32))\n"
+            "p = Parameter(np.ones(3, np.float32)); SGD([p], lr=0.1).step()\n")
+    env = dict(MPIFC_KERNELS="numba", NUMBA_CACHE_DIR=str(tmp_path))
+    first = _run(code, **env)
+    assert first.stdout.strip() == "False", first.stderr
+    second = _run(code, **env)
+    assert second.stdout.strip() == "True", second.stderr
