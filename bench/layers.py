@@ -11,6 +11,8 @@ Table 2: one training step (zero_grad, forward, softmax cross-entropy, backward,
 SGD-momentum update) of an MLP and of the source articles' image classifier on
 3x32x32, at 1 and 2 threads in one process (--step-threads), beside PyTorch CPU at
 the same thread count when torch is importable; ratio = mpifc time / torch time.
+With the compiled kernels (the fast extra) a column "NumPy k." runs the same mpifc
+step with MPIFC_KERNELS=numpy: what the kernels buy, in the same run.
 Table 3: the articles' original classifier on 224x224x3, batch 8: step time and
 peak memory (resident set above the process's size before the model was built).
 Tables 2 and 3 run each side in fresh child processes (bench/_steps.py), --rounds
@@ -204,32 +206,44 @@ print(f"shape checks of ColumnParallelLinear 16->16, N=8: {t_chk * 1e4:.2f} us p
 # --------------------------------------------------------------------------- #
 try:
     import torch
-    sides = ["mpifc", "torch"]
 except ImportError:
-    torch, sides = None, ["mpifc"]
+    torch = None
+# side: (bench/_steps.py side, environment); with the compiled kernels (the fast extra)
+# table 2 also runs mpifc on the NumPy kernels, to show what they buy in the same run
+SIDES = {"mpifc": ("mpifc", {})}
+if hostjit.active() == "numba":
+    SIDES["numpy"] = ("mpifc", {"MPIFC_KERNELS": "numpy"})
+if torch is not None:
+    SIDES["torch"] = ("torch", {})
 STEPS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_steps.py")
 
 
-def step_children(model, threads, rounds, steps):
+def step_children(model, threads, rounds, steps, sides=tuple(SIDES)):
     """{side: [result per child]}: ``rounds`` children per side, the sides alternating."""
     res = {s: [] for s in sides}
     for _ in range(rounds):
-        for side in sides:
+        for name in sides:
+            side, env = SIDES[name]
             out = subprocess.run([sys.executable, STEPS, side, model, "--threads", str(threads),
                                   "--steps", str(steps), "--dtype", args.dtype],
-                                 capture_output=True, text=True, check=True)
-            res[side].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                                 capture_output=True, text=True, check=True,
+                                 env={**os.environ, **env})
+            res[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     return res
 
 
 def ratio_row(label, values, target, fmt="9.2f"):
+    """mpifc [, mpifc on NumPy kernels], torch, mpifc / torch, target."""
     if torch is None:
-        return f"{label:<50s} {values[0]:{fmt}} {'n/a':>9s} {'n/a':>6s} {target:>7s}"
-    return f"{label:<50s} {values[0]:{fmt}} {values[1]:{fmt}} {values[0] / values[1]:6.2f} {target:>7s}"
+        return f"{label:<50s} " + " ".join(f"{v:{fmt}}" for v in values) + \
+            f" {'n/a':>9s} {'n/a':>6s} {target:>7s}"
+    return (f"{label:<50s} " + " ".join(f"{v:{fmt}}" for v in values)
+            + f" {values[0] / values[-1]:6.2f} {target:>7s}")
 
 
 print()
-hdr = f"{'training step (fastest, ms)':<50s} {'mpifc':>9s} {'torch':>9s} {'ratio':>6s} {'target':>7s}"
+cols = " ".join(f"{'NumPy k.' if s == 'numpy' else s:>9s}" for s in SIDES) + ("" if torch else f" {'torch':>9s}")
+hdr = f"{'training step (fastest, ms)':<50s} {cols} {'ratio':>6s} {'target':>7s}"
 print(hdr)
 print("-" * len(hdr))
 # targets: issue 14 (MLP <= 1.0, classifier <= 0.9 at 1 and at 2 threads in one process)
@@ -237,20 +251,22 @@ for threads in [int(v) for v in args.step_threads.split(",")]:
     for model, name, target in [("mlp", "MLP 784-1024-1024-10, batch 256", "<=1.0"),
                                 ("cnn", "classifier conv32-conv64-d64-d10 3x32x32, b64", "<=0.9")]:
         res = step_children(model, threads, args.rounds, args.repeat)
-        print(ratio_row(f"{name}, {threads} thr", [min(r["ms"] for r in res[s]) for s in sides], target))
+        print(ratio_row(f"{name}, {threads} thr", [min(r["ms"] for r in res[s]) for s in SIDES], target))
 if torch is None:
     print("(torch not importable: pip install 'mpifc[compare]' for the PyTorch column)")
 else:
     print(f"(torch {torch.__version__}; {args.rounds} children per side, alternating, "
-          f"{args.repeat} steps each)")
+          f"{args.repeat} steps each; ratio = mpifc / torch"
+          + ("; NumPy k.: mpifc with MPIFC_KERNELS=numpy)" if "numpy" in SIDES else ")"))
 
 print()
-res = step_children("cnn224", args.threads, args.rounds, min(args.repeat, 5))
+sides3 = tuple(s for s in SIDES if s != "numpy")
+res = step_children("cnn224", args.threads, args.rounds, min(args.repeat, 5), sides3)
 hdr = (f"{'224x224x3 classifier, batch 8, ' + str(args.threads) + ' thr':<50s} {'mpifc':>9s} "
        f"{'torch':>9s} {'ratio':>6s} {'target':>7s}")
 print(hdr)
 print("-" * len(hdr))
 for key, label in [("ms", "step ms (min)"), ("peak_mb", "peak memory MiB (min)")]:
-    print(ratio_row(label, [min(r[key] for r in res[s]) for s in sides], "<=1.0", "9.1f"))
+    print(ratio_row(label, [min(r[key] for r in res[s]) for s in sides3], "<=1.0", "9.1f"))
 print(f"(peak memory: resident set high-water mark above the child's size before the model was "
       f"built; {args.rounds} children per side, alternating)")
