@@ -81,6 +81,14 @@ def torch_step(model, x, t, dt, threads):
 
     torch.set_num_threads(threads)
     net = torch_net(model).to(torch.float32 if dt == np.float32 else torch.float64)
+    return torch_sgd_step(net, x, t)
+
+
+def torch_sgd_step(net, x, t):
+    """The torch side's step on ``net`` (a model, or one wrapped in DDP): zero_grad,
+    cross-entropy forward and backward, SGD-momentum update -- as mpifc_step's."""
+    import torch
+
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     loss = torch.nn.CrossEntropyLoss()
     tx, tt = torch.from_numpy(x), torch.from_numpy(t)

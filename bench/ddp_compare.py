@@ -27,7 +27,7 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _scaling import soft_barrier  # noqa: E402
-from _steps import mpifc_net, torch_net  # noqa: E402
+from _steps import mpifc_net, torch_net, torch_sgd_step  # noqa: E402
 import mpifc.nn as nn  # noqa: E402
 from mpifc.comm import trace, world  # noqa: E402
 from mpifc.optim import SGD  # noqa: E402
@@ -84,16 +84,7 @@ def mpifc_step(kind, x, y):
 
 
 def torch_step(kind, x, y):
-    net = torch.nn.parallel.DistributedDataParallel(torch_model(kind))
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    loss = torch.nn.CrossEntropyLoss()
-    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
-
-    def step():
-        opt.zero_grad()
-        loss(net(tx), ty).backward()
-        opt.step()
-    return step
+    return torch_sgd_step(torch.nn.parallel.DistributedDataParallel(torch_model(kind)), x, y)
 
 
 def block(step, n):
