@@ -117,13 +117,15 @@ def check_value(where: str, name: str, value, row) -> None:
 
 # ---------------------------------------------------------------------- set-up helpers
 def _host_kernels() -> str:
-    """The host kernels (mpifc.nn.hostjit) as the start line names them; a cold Numba
-    cache is said, since the first epoch is slower by the compile."""
-    from mpifc.nn import hostjit
+    """The host GEMMs (mpifc.nn.hostblas) and kernels (mpifc.nn.hostjit) as the start
+    line names them; a cold Numba cache is said, since the first epoch is slower by
+    the compile."""
+    from mpifc.nn import hostblas, hostjit
 
     kind = hostjit.active()
     cold = kind == "numba" and not hostjit.cached()
-    return f"{kind} kernels" + (" (compiling them: ~5 s, first run only)" if cold else "")
+    return (f"{hostblas.active()} GEMMs, {kind} kernels"
+            + (" (compiling them: ~5 s, first run only)" if cold else ""))
 
 
 def setup_threads(comm) -> int:

@@ -1,7 +1,8 @@
 # Sourced by the scripts: a local virtual environment with mpifc installed from this checkout.
 #   MPIFC_VENV      the environment's location (default: .venv in the checkout)
 #   MPIFC_EXTRAS    pip extras to install (default: what the calling script needs --
-#                   fast (Numba kernels) always, test,security,export,plot for the tests --
+#                   fast (Numba kernels) and mkl (oneMKL GEMMs, x86-64) always,
+#                   test,security,export,plot for the tests --
 #                   plus `mpich`, the embedded MPI wheel,
 #                   unless a site MPI's mpiexec is already on PATH: a site MPI never
 #                   gets a second mpiexec beside it)
@@ -14,8 +15,8 @@ NEED="${MPIFC_NEED:-run}"
 site_mpiexec="$(command -v mpiexec || true)"
 case "$site_mpiexec" in "$VENV"/*) site_mpiexec="" ;; esac
 if [ -z "${MPIFC_EXTRAS+x}" ]; then
-  MPIFC_EXTRAS="fast"                                               # Numba: compiled host kernels
-  [ "$NEED" = test ] && MPIFC_EXTRAS="test,fast,security,export,plot"   # signing: cryptography; export: safetensors; plot: matplotlib
+  MPIFC_EXTRAS="fast,mkl"                                           # Numba kernels, oneMKL GEMMs
+  [ "$NEED" = test ] && MPIFC_EXTRAS="test,fast,mkl,security,export,plot"   # signing: cryptography; export: safetensors; plot: matplotlib
   if [ -z "$site_mpiexec" ]; then
     MPIFC_EXTRAS="${MPIFC_EXTRAS:+$MPIFC_EXTRAS,}mpich"
   fi
@@ -29,7 +30,11 @@ fi
 modules="mpifc, mpi4py, h5py"
 case ",$MPIFC_EXTRAS," in *,fast,*) modules="$modules, numba" ;; esac
 [ "$NEED" = test ] && modules="$modules, pytest_mpi, cryptography, safetensors"
-if ! python -c "import $modules" 2>/dev/null || ! command -v mpiexec >/dev/null \
+check="import $modules"
+case ",$MPIFC_EXTRAS,$(uname -m)" in     # the mkl wheel has no module: ask for its files
+  *,mkl,*x86_64) check="$check; from mpifc.nn import hostblas; assert hostblas._find_mkl_rt()" ;;
+esac
+if ! python -c "$check" 2>/dev/null || ! command -v mpiexec >/dev/null \
    || [ "${MPIFC_REINSTALL:-0}" = 1 ]; then
   spec="$ROOT${MPIFC_EXTRAS:+[$MPIFC_EXTRAS]}"
   echo "mpifc: installing $spec into $VENV" >&2

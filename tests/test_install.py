@@ -32,8 +32,8 @@ def test_mpich_is_an_extra_not_a_dependency():
     assert proj["optional-dependencies"]["security"] == ["cryptography>=42"]   # not a dependency
     assert not any(d.startswith("cryptography") for d in proj["dependencies"])
     with open(os.path.join(ROOT, ".ci", "run")) as f:
-        # CI runs the compiled kernels and the signing, encryption, export, plot tests
-        assert '".[test,fast,mpich,security,export,plot]"' in f.read()
+        # CI runs the compiled kernels, oneMKL and the signing, encryption, export, plot tests
+        assert '".[test,fast,mkl,mpich,security,export,plot]"' in f.read()
 
 
 def _env_sh(tmp_path, need, site_mpiexec):
@@ -60,10 +60,10 @@ def _env_sh(tmp_path, need, site_mpiexec):
 @pytest.mark.skipif(shutil.which("mpiexec", path="/usr/bin:/bin") is not None,
                     reason="a system mpiexec in /usr/bin")
 @pytest.mark.parametrize("need, site, want", [
-    ("test", True, f"-e {ROOT}[test,fast,security,export,plot]"),          # site MPI: never the wheel
-    ("test", False, f"-e {ROOT}[test,fast,security,export,plot,mpich]"),   # laptop / CI: the wheel brings mpiexec
-    ("run", True, f"-e {ROOT}[fast]\n"),         # demo on a site MPI: mpifc and its kernels
-    ("run", False, f"-e {ROOT}[fast,mpich]"),
+    ("test", True, f"-e {ROOT}[test,fast,mkl,security,export,plot]"),          # site MPI: never the wheel
+    ("test", False, f"-e {ROOT}[test,fast,mkl,security,export,plot,mpich]"),   # laptop / CI: the wheel brings mpiexec
+    ("run", True, f"-e {ROOT}[fast,mkl]\n"),     # demo on a site MPI: mpifc, its kernels and GEMMs
+    ("run", False, f"-e {ROOT}[fast,mkl,mpich]"),
 ])
 def test_env_sh_installs_the_wheel_only_without_a_site_mpi(tmp_path, need, site, want):
     got = _env_sh(tmp_path, need, site)

@@ -42,6 +42,11 @@ def _blas_controllers():
     return _state["blas"]
 
 
+def forget_blas() -> None:
+    """Find the BLAS libraries again at the next use (one was loaded since: oneMKL)."""
+    _state["blas"] = None
+
+
 def width() -> int:
     """Threads the BLAS pool has now (the cores this rank was given); 1 when none is loaded."""
     return max((c.get_num_threads() for c in _blas_controllers()), default=1)

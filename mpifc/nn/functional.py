@@ -34,7 +34,7 @@ import math
 import numpy as np
 
 from mpifc.backend import get_array_module, is_device_array
-from mpifc.nn import blockpool, hostjit
+from mpifc.nn import blockpool, hostblas, hostjit
 from mpifc.nn.im2col import ConvPlan, col2im_block, im2col_block, workspace
 
 
@@ -110,7 +110,7 @@ def linear_forward(x, W, b=None):
     -------
     y : (N, F) or (..., F)
     """
-    y = x @ W.T
+    y = hostblas.matmul(x, W.T)
     if b is not None:
         y += b
     return y
@@ -131,7 +131,7 @@ def linear_backward(dy, x, W, need_dx=True, need_db=True):
     dW : (F, D)
     db : (F,) or None when ``need_db`` is False
     """
-    dx = (dy @ W) if need_dx else None
+    dx = linear_backward_input(dy, W) if need_dx else None
     dW = linear_backward_weight(dy, x)
     db = linear_backward_bias(dy) if need_db else None
     return dx, dW, db
@@ -142,6 +142,11 @@ def _rows2(a):
     return a.reshape(rows, a.shape[-1])
 
 
+def linear_backward_input(dy, W):
+    """dx = dy @ W -> (N, ..., D)."""
+    return hostblas.matmul(dy, W)
+
+
 def linear_backward_weight(dy, x, r0=0, r1=None, out=None):
     """Rows ``r0:r1`` of dW: ``dW[r0:r1] = dy[:, r0:r1].T @ x`` -> (r1 - r0, D).
 
@@ -149,8 +154,7 @@ def linear_backward_weight(dy, x, r0=0, r1=None, out=None):
     block at a time (and a data-parallel allreduce can start on finished blocks).
     ``out``: write the rows there (the GEMM's own output, no temporary).
     """
-    xp = get_array_module(dy)
-    return xp.matmul(_rows2(dy)[:, r0:r1].T, _rows2(x), out=out)
+    return hostblas.matmul(_rows2(dy)[:, r0:r1].T, _rows2(x), out=out)
 
 
 def linear_backward_bias(dy, r0=0, r1=None, out=None):
@@ -243,7 +247,7 @@ def conv2d_forward(x, W, b=None, stride=1, padding=0, dilation=1, groups=1):
                 c = col[:m]
                 im2col_block(x[n0:n0 + m], c, plan)
             yb = y[n0:n0 + m]
-            xp.matmul(Wg, c.reshape(m, G, Cg * R * S, L), out=yb.reshape(m, G, K // G, L))
+            hostblas.matmul(Wg, c.reshape(m, G, Cg * R * S, L), out=yb.reshape(m, G, K // G, L))
             if b is not None:
                 yb += b.reshape(K, 1, 1)        # while the block is in cache
     blockpool.run(share, blockpool.shares(N, x[:1].nbytes, xp))
@@ -303,11 +307,11 @@ def conv2d_backward(dy, cache, need_dx=True, need_db=True):
             # dW.T = col @ dy.T: OpenBLAS ran this product at 109 GFLOP/s here and
             # dW = dy @ col.T (the same flops, the transposed operand on the
             # other side) at 90, on the classifier's second conv
-            xp.matmul(c.reshape(m, G, D, L), dyb.transpose(0, 1, 3, 2), out=dWb[:m])
+            hostblas.matmul(c.reshape(m, G, D, L), dyb.transpose(0, 1, 3, 2), out=dWb[:m])
             dW += dWb[:m].sum(axis=0)
             if need_dx:         # 1x1: dcol is dx itself
                 dc = dx[n0:n0 + m] if ident else dcol[:m]
-                xp.matmul(Wt, dyb, out=dc.reshape(m, G, D, L))
+                hostblas.matmul(Wt, dyb, out=dc.reshape(m, G, D, L))
                 if not ident:
                     col2im_block(dc, dx[n0:n0 + m], plan)
         return dW, db

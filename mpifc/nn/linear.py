@@ -52,7 +52,7 @@ class Linear(Module):
         if self.bias is not None:
             self.bias.accumulate_rows(lambda r0, r1, out: F.linear_backward_bias(dy, r0, r1, out))
         self.weight.accumulate_rows(lambda r0, r1, out: F.linear_backward_weight(dy, x, r0, r1, out))
-        return (dy @ self.weight.data) if self.input_grad else None
+        return F.linear_backward_input(dy, self.weight.data) if self.input_grad else None
 
     def __repr__(self):
         return f"Linear({self.in_features}, {self.out_features}, bias={self.bias is not None})"

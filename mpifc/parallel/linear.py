@@ -100,7 +100,7 @@ class ColumnParallelLinear(ParallelModule):
         if self.bias is not None:
             self.bias.accumulate_rows(lambda r0, r1, out: F.linear_backward_bias(dy, r0, r1, out))
         self.weight.accumulate_rows(lambda r0, r1, out: F.linear_backward_weight(dy, x, r0, r1, out))
-        dx = (dy @ self.weight.data) if self.input_grad else None
+        dx = F.linear_backward_input(dy, self.weight.data) if self.input_grad else None
         if dx is not None:
             # each rank's dx is the contribution of its output features: sum them
             with self.phase("backward"):
@@ -207,7 +207,7 @@ class RowParallelLinear(ParallelModule):
         if self.bias is not None:
             self.bias.accumulate_rows(lambda r0, r1, out: F.linear_backward_bias(dy, r0, r1, out))
         self.weight.accumulate_rows(lambda r0, r1, out: F.linear_backward_weight(dy, x, r0, r1, out))
-        dx = (dy @ self.weight.data) if self.input_grad else None
+        dx = F.linear_backward_input(dy, self.weight.data) if self.input_grad else None
         if dx is not None and not self.input_is_sharded:
             with self.phase("backward"):
                 dx = allgather_axis(self.group, dx, self.in_counts, -1)

@@ -422,16 +422,18 @@ def _local_times(comm, quick: bool, rng) -> tuple[list, dict]:
              _median_time(lambda: np.add(src[:, :, :, :4], dst_b, out=dst_b), reps, 4, comm)]
     local += t_str
 
+    # GEMMs as the layers run them (mpifc.nn.hostblas: oneMKL when installed)
+    from mpifc.nn import hostblas
     gemm = []
     for m in ((32, 64, 128, 256) if quick else (32, 64, 128, 256, 512)):
         a = rng.standard_normal((m, m), dtype=np.float32)
         b = rng.standard_normal((m, m), dtype=np.float32)
-        t = _median_time(lambda: a @ b, reps, max(1, 64 // m * 4), comm)
+        t = _median_time(lambda: hostblas.matmul(a, b), reps, max(1, 64 // m * 4), comm)
         gemm.append((2.0 * m ** 3, t))
     local += [t for _, t in gemm]
     # thin products as a linear layer makes them (x @ W.T, dy[:, rows].T @ x, dy @ W):
     # GEMM_THIN_SIDE wide, d thin as the batch and as the output features
-    from mpifc.nn.functional import linear_backward_weight, linear_forward
+    from mpifc.nn.functional import linear_backward_input, linear_backward_weight, linear_forward
     L = GEMM_THIN_SIDE
     for d in _thin_dims(quick):
         for N, D, Fo in ((d, L, L), (L, L, d)):
@@ -440,7 +442,7 @@ def _local_times(comm, quick: bool, rng) -> tuple[list, dict]:
             dy = rng.standard_normal((N, Fo), dtype=np.float32)
             local.append(_median_time(lambda: linear_forward(x, w), reps, 1, comm))
             local.append(_median_time(lambda: linear_backward_weight(dy, x), reps, 1, comm))
-            local.append(_median_time(lambda: dy @ w, reps, 1, comm))
+            local.append(_median_time(lambda: linear_backward_input(dy, w), reps, 1, comm))
     conv = []
     try:
         from mpifc.nn.functional import conv2d_forward

@@ -1,0 +1,264 @@
+"""Host GEMMs through Intel oneMKL when the ``mkl`` extra is installed, else NumPy's BLAS.
+
+Every layer's GEMM is a ``matmul`` on NumPy arrays, and NumPy's wheels bring
+OpenBLAS. On the MLP's products in bench/ (one thread, float32, batch 256) OpenBLAS
+ran at 135-154 GFLOP/s and oneMKL at 156-168 (bench/gemm_backends.py): the GEMMs are
+most of a training step, so the step follows. ``pip install "mpifc[mkl]"`` installs
+Intel's oneMKL runtime (wheels, no compiler); :func:`matmul` then calls its
+``cblas_?gemm`` and ``cblas_?gemm_batch_strided`` through ctypes (which releases the
+GIL, so the thread shares of :mod:`mpifc.nn.blockpool` still run side by side) on
+float32/float64 host arrays whose strides a BLAS can take, and hands everything
+else -- CuPy arrays, other dtypes, odd strides, small products -- to ``xp.matmul``
+unchanged. Results agree with NumPy's to rounding (a different summation order),
+not bitwise.
+
+``MPIFC_BLAS`` chooses: ``auto`` (default: oneMKL when it loads, else NumPy),
+``mkl`` (an error when it does not load) or ``numpy``.
+
+Threads: oneMKL runs on GNU OpenMP (libgomp, the runtime the compiled kernels of
+:mod:`mpifc.nn.hostjit` use; ``OMP_WAIT_POLICY=PASSIVE`` as there) and starts with as
+many threads as NumPy's BLAS has then (:func:`mpifc.nn.blockpool.width`, the cores
+the rank owns). It is one more BLAS for threadpoolctl, so ``threadpool_limits`` and
+the blockpool's one-thread shares set both.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+
+import numpy as np
+
+from mpifc.backend import get_array_module
+from mpifc.nn import blockpool
+
+ENV = "MPIFC_BLAS"
+MODES = ("auto", "mkl", "numpy")
+WAIT_VAR, WAIT_PASSIVE = "OMP_WAIT_POLICY", "PASSIVE"
+
+_state = {"mode": None, "lib": None, "failed": None}
+
+# CBLAS constants
+_ROW, _NT, _T = 101, 111, 112
+# mkl_set_threading_layer values
+_LAYER_INTEL, _LAYER_SEQUENTIAL, _LAYER_GNU = 0, 1, 3
+
+
+def mode(env=None) -> str:
+    """The GEMM choice from ``MPIFC_BLAS`` (default ``auto``); ValueError when unknown."""
+    env = os.environ if env is None else env
+    m = env.get(ENV, "auto").strip().lower() or "auto"
+    if m not in MODES:
+        raise ValueError(f"{ENV}={env[ENV]!r}: expected one of {', '.join(MODES)}")
+    return m
+
+
+def set_mode(m: str | None) -> None:
+    """Choose the GEMMs for this process (``None``: read ``MPIFC_BLAS`` again)."""
+    if m is not None and m not in MODES:
+        raise ValueError(f"GEMM mode {m!r}: expected one of {', '.join(MODES)}")
+    _state["mode"] = m
+
+
+@contextlib.contextmanager
+def using(m: str):
+    """``with using("numpy"):`` -- these GEMMs inside the block, the choice before it after."""
+    before = _state["mode"]
+    set_mode(m)
+    try:
+        yield
+    finally:
+        _state["mode"] = before
+
+
+def _find_mkl_rt() -> str | None:
+    """The path of libmkl_rt from the installed ``mkl`` distribution, or None."""
+    from importlib import metadata  # noqa: PLC0415
+
+    try:
+        files = metadata.files("mkl") or []
+    except metadata.PackageNotFoundError:
+        return None
+    names = sorted((f for f in files if f.name.startswith("libmkl_rt.so")), key=lambda f: len(f.name))
+    for f in names:
+        p = str(f.locate())
+        if os.path.exists(p):
+            return p
+    return None
+
+
+def _declare(lib):
+    P, I = ctypes.c_void_p, ctypes.c_int
+    for name, real in (("s", ctypes.c_float), ("d", ctypes.c_double)):
+        f = getattr(lib, f"cblas_{name}gemm")
+        f.argtypes = [I, I, I, I, I, I, real, P, I, P, I, real, P, I]
+        f.restype = None
+        f = getattr(lib, f"cblas_{name}gemm_batch_strided")
+        f.argtypes = [I, I, I, I, I, I, real, P, I, I, P, I, I, real, P, I, I, I]
+        f.restype = None
+    lib.MKL_Set_Num_Threads.argtypes = [I]
+    lib.MKL_Set_Threading_Layer.argtypes = [I]
+    lib.MKL_Set_Threading_Layer.restype = I
+
+
+def _threading_layer() -> int:
+    """GNU OpenMP when libgomp loads (shared with Numba's kernels), else Intel's."""
+    if os.environ.get("MKL_THREADING_LAYER"):
+        return -1                              # the user's choice stands
+    try:
+        ctypes.CDLL("libgomp.so.1")
+        return _LAYER_GNU
+    except OSError:
+        os.environ.setdefault("KMP_BLOCKTIME", "0")   # Intel OpenMP: sleep when idle
+        return _LAYER_INTEL
+
+
+def _load(m):
+    if _state["lib"] is not None or _state["failed"] is not None:
+        if _state["lib"] is None and m == "mkl":
+            raise RuntimeError(_state["failed"])
+        return _state["lib"]
+    why = None
+    path = _find_mkl_rt()
+    if path is None:
+        why = 'oneMKL is not installed; install it with: pip install "mpifc[mkl]"'
+    else:
+        try:
+            width = blockpool.width()              # NumPy's BLAS threads, before oneMKL joins
+            os.environ.setdefault(WAIT_VAR, WAIT_PASSIVE)
+            lib = ctypes.CDLL(path)
+            _declare(lib)
+            layer = _threading_layer()
+            if layer >= 0:
+                lib.MKL_Set_Threading_Layer(layer)
+            lib.MKL_Set_Num_Threads(max(1, width))
+            blockpool.forget_blas()                 # threadpoolctl now sees oneMKL too
+            _state["lib"] = lib
+        except (OSError, AttributeError) as exc:
+            why = f"oneMKL at {path} did not load ({exc})"
+    if why is not None:
+        _state["failed"] = f"{ENV}=mkl, but {why}"
+        if m == "mkl":
+            raise RuntimeError(_state["failed"])
+    return _state["lib"]
+
+
+def lib():
+    """The oneMKL library when host GEMMs use it now, else None."""
+    m = _state["mode"] or mode()
+    if m == "numpy":
+        return None
+    return _load(m)
+
+
+def active() -> str:
+    """``"mkl"`` or ``"numpy"``: what host GEMMs use now."""
+    return "mkl" if lib() is not None else "numpy"
+
+
+# --------------------------------------------------------------------------- #
+# operand checks: a BLAS takes a matrix whose rows or columns are contiguous
+# --------------------------------------------------------------------------- #
+def _layout(a, itemsize):
+    """(transpose flag, leading dimension) of a 2-D view for a row-major BLAS, or None."""
+    r, c = a.shape
+    s0, s1 = a.strides
+    if (s1 == itemsize or c == 1) and s0 % itemsize == 0 and s0 // itemsize >= max(c, 1):
+        return _NT, max(s0 // itemsize, c, 1)
+    if (s0 == itemsize or r == 1) and s1 % itemsize == 0 and s1 // itemsize >= max(r, 1):
+        return _T, max(s1 // itemsize, r, 1)
+    return None
+
+
+def _eligible(a, b) -> bool:
+    return (type(a) is np.ndarray and type(b) is np.ndarray and a.dtype == b.dtype
+            and a.dtype in (np.float32, np.float64) and a.ndim >= 2 and b.ndim >= 2)
+
+
+def _gemm(lib, a, b, out, beta=0.0):
+    """out (M, N) = a (M, K) @ b (K, N) + beta * out; False when a layout does not fit."""
+    sz = a.itemsize
+    la, lb, lo = _layout(a, sz), _layout(b, sz), _layout(out, sz)
+    if la is None or lb is None or lo is None or lo[0] != _NT:
+        return False
+    M, K = a.shape
+    N = b.shape[1]
+    f = lib.cblas_sgemm if a.dtype == np.float32 else lib.cblas_dgemm
+    f(_ROW, la[0], lb[0], M, N, K, 1.0, a.ctypes.data, la[1], b.ctypes.data, lb[1],
+      beta, out.ctypes.data, lo[1])
+    return True
+
+
+def _merge(shape, *strides):
+    """Collapse batch dims that step evenly in every operand: (shape, strides...)."""
+    dims = [[n] + [s[i] for s in strides] for i, n in enumerate(shape) if n != 1]
+    merged = []
+    for d in dims:
+        if merged and all(p == q * d[0] for p, q in zip(merged[-1][1:], d[1:])):
+            merged[-1] = [merged[-1][0] * d[0]] + d[1:]
+        else:
+            merged.append(d)
+    return merged
+
+
+def _batched(lib, a, b, out) -> bool:
+    """out[i] = a[i] @ b[i] over the broadcast batch dims; False when it cannot be done."""
+    batch = out.shape[:-2]
+    a = np.broadcast_to(a, batch + a.shape[-2:])
+    b = np.broadcast_to(b, batch + b.shape[-2:])
+    sz = a.itemsize
+    dims = _merge(batch, a.strides[:-2], b.strides[:-2], out.strides[:-2])
+    if not dims:
+        return _gemm(lib, a.reshape(a.shape[-2:]), b.reshape(b.shape[-2:]), out.reshape(out.shape[-2:]))
+    if len(dims) > 1:                     # uneven batch (groups): one batched call per leading index
+        lead = next(i for i, n in enumerate(batch) if n != 1)
+        return all(_batched(lib, a[(slice(None),) * lead + (i,)], b[(slice(None),) * lead + (i,)],
+                            out[(slice(None),) * lead + (i,)]) for i in range(batch[lead]))
+    count, sa, sb, so = dims[0]
+    a0, b0, o0 = (t[(0,) * len(batch)] for t in (a, b, out))
+    la, lb, lo = _layout(a0, sz), _layout(b0, sz), _layout(o0, sz)
+    if (la is None or lb is None or lo is None or lo[0] != _NT
+            or any(s % sz or s < 0 for s in (sa, sb, so))):
+        return False
+    M, K = a0.shape
+    N = b0.shape[1]
+    f = lib.cblas_sgemm_batch_strided if a.dtype == np.float32 else lib.cblas_dgemm_batch_strided
+    f(_ROW, la[0], lb[0], M, N, K, 1.0, a0.ctypes.data, la[1], sa // sz, b0.ctypes.data, lb[1],
+      sb // sz, 0.0, o0.ctypes.data, lo[1], so // sz, count)
+    return True
+
+
+# oneMKL from this many multiply-adds per product: below it OpenBLAS was as fast or
+# faster here (the classifier's first conv, 0.9 M per image: forward 115 vs 103
+# GFLOP/s, dW 100 vs 63; bench/gemm_backends.py) and the wrapper's microseconds count
+MKL_MIN_MACS = 1 << 21
+
+
+def matmul(a, b, out=None):
+    """``xp.matmul(a, b, out=out)``: oneMKL for host float arrays when active and each
+    product has at least :data:`MKL_MIN_MACS` multiply-adds, else xp's.
+
+    ``a : (..., M, K)``, ``b : (..., K, N)`` with NumPy's broadcasting of the batch
+    dims; ``out``, when given, must have the result's shape and dtype.
+    """
+    L = (lib() if _eligible(a, b) and a.shape[-2] * a.shape[-1] * b.shape[-1] >= MKL_MIN_MACS
+         else None)
+    if L is None:
+        return get_array_module(a).matmul(a, b, out=out)
+    if (a.ndim > 2 and b.ndim == 2 and a.flags.c_contiguous        # (..., K) rows @ (K, N): one GEMM
+            and (out is None or out.flags.c_contiguous)):
+        rows = matmul(a.reshape(-1, a.shape[-1]), b, None if out is None else out.reshape(-1, b.shape[1]))
+        return rows.reshape(a.shape[:-1] + (b.shape[1],)) if out is None else out
+    shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
+    if a.shape[-1] != b.shape[-2]:
+        return np.matmul(a, b, out=out)           # NumPy's error message
+    res = np.empty(shape, dtype=a.dtype) if out is None else out
+    if out is not None and (out.shape != shape or out.dtype != a.dtype):
+        return np.matmul(a, b, out=out)
+    if 0 in shape or a.shape[-1] == 0:
+        res[...] = 0
+        return res
+    done = _gemm(L, a, b, res) if len(shape) == 2 else _batched(L, a, b, res)
+    if not done:
+        np.matmul(a, b, out=res)
+    return res
