@@ -47,6 +47,21 @@ def forget_blas() -> None:
     _state["blas"] = None
 
 
+def joined(n: int) -> None:
+    """After loading a library that may bring a BLAS of its own: give every BLAS now
+    loaded the rank's ``n`` threads (:func:`width` from before the load).
+
+    A BLAS loaded late starts with every core, not the rank's limit: importing Numba
+    loads SciPy's OpenBLAS (for its linear algebra), and in a rank limited to one
+    thread that BLAS made :func:`width` 2, so the rank split its convolutions over
+    two threads on a core it shares with the next rank.
+    """
+    forget_blas()
+    for c in _blas_controllers():
+        if c.get_num_threads() != n:
+            c.set_num_threads(n)
+
+
 def width() -> int:
     """Threads the BLAS pool has now (the cores this rank was given); 1 when none is loaded."""
     return max((c.get_num_threads() for c in _blas_controllers()), default=1)

@@ -132,7 +132,7 @@ def _load(m):
             if layer >= 0:
                 lib.MKL_Set_Threading_Layer(layer)
             lib.MKL_Set_Num_Threads(max(1, width))
-            blockpool.forget_blas()                 # threadpoolctl now sees oneMKL too
+            blockpool.joined(max(1, width))         # threadpoolctl now sees oneMKL too
             _state["lib"] = lib
         except (OSError, AttributeError) as exc:
             why = f"oneMKL at {path} did not load ({exc})"

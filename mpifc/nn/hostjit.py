@@ -106,13 +106,27 @@ def _import_kernels():
     return _numba_kernels
 
 
+def _load_numbas_blas():
+    """Load now the BLAS Numba binds when its first kernel loads (SciPy's OpenBLAS,
+    through scipy.linalg.cython_blas), so that :func:`blockpool.joined` can limit it."""
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401, PLC0415
+    except ImportError:
+        pass
+
+
 def _load(m):
     if _state["mod"] is None:
         os.environ.setdefault(WAIT_VAR, WAIT_PASSIVE)   # before Numba loads OpenMP
+        width = max(1, blockpool.width())
         if "numba" not in sys.modules:                  # read once, when Numba imports
-            os.environ.setdefault(POOL_VAR, str(max(1, blockpool.width())))
+            os.environ.setdefault(POOL_VAR, str(width))
         try:
-            _numba_kernels = _import_kernels()
+            try:
+                _numba_kernels = _import_kernels()
+                _load_numbas_blas()
+            finally:
+                blockpool.joined(width)                 # ... and give it the rank's threads
         except ImportError as exc:
             if m == "numba":
                 raise RuntimeError(f"{ENV}=numba, but Numba does not import ({exc}); "

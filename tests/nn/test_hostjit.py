@@ -240,6 +240,23 @@ def test_numba_pool_is_sized_to_the_rank_threads_unless_set():
     assert r.stdout.strip() == "2", r.stderr
 
 
+def test_a_rank_limited_to_one_thread_stays_at_one_after_numba_loads():
+    """Importing Numba loads SciPy's OpenBLAS with every core; the rank's limit must
+    reach it, or blockpool.width() says 2 and a rank sharing its core splits its convs."""
+    code = ("import os; os.environ.pop('OMP_NUM_THREADS', None); os.environ.pop('OPENBLAS_NUM_THREADS', None)\n"
+            "import numpy as np; from threadpoolctl import threadpool_limits, threadpool_info\n"
+            "threadpool_limits(1)\n"
+            "from mpifc.nn import blockpool, hostjit; hostjit.kernels(np)\n"
+            "blas = [(i['internal_api'], i['num_threads']) for i in threadpool_info() if i['user_api'] == 'blas']\n"
+            "print(blockpool.width(), len(blas), max(n for _, n in blas))")
+    r = _run(code, MPIFC_KERNELS="numba")
+    assert r.returncode == 0, r.stderr
+    width, libs, most = map(int, r.stdout.split())
+    assert (width, most) == (1, 1), r.stdout
+    if libs < 2:
+        pytest.skip("Numba brought no BLAS of its own here (no SciPy)")
+
+
 @pytest.mark.parametrize("opts", [dict(), dict(momentum=0.9), dict(momentum=0.9, nesterov=True),
                                   dict(momentum=0.8, dampening=0.3, weight_decay=1e-2),
                                   dict(weight_decay=5e-4)])
