@@ -15,8 +15,8 @@ of ``col`` is zero. A column buffer is zeroed once when it is made and reused fo
 the next block (and the next step, see :func:`workspace`): the padded margins are
 the same for every block, so they stay zero.
 
-Blocking: a block's columns fit in the L2 cache (:data:`COL_BLOCK_BYTES`), so the
-copy that writes them and the GEMM that reads them meet in cache rather than in
+Blocking: a block's columns fit in about the L2 cache (:data:`COL_BLOCK_BYTES`), so
+the copy that writes them and the GEMM that reads them meet in cache rather than in
 main memory (the whole-batch column matrix of the classifier's second conv is 19 MB;
 one GEMM over it ran at half the GFLOP/s of the same GEMM on a 1 MB block here).
 On a GPU the whole batch is one block.
@@ -31,8 +31,12 @@ from mpifc.backend import get_array_module
 from mpifc.nn import hostjit
 
 # bytes of column buffer per block on the host: L2-sized (2 MB per core on the
-# 2-core test machine; the output block and W share it)
-COL_BLOCK_BYTES = 1 << 20
+# 2-core test machine). Each block costs a dozen NumPy calls, and with two thread
+# shares each call may wait for the GIL: the classifier's second conv (64 images,
+# 288 KiB of columns each) went at 2 threads from 4.0 + 9.9 ms forward + backward
+# with 1 MiB blocks to 4.0 + 8.2 with 2 MiB (1 thread: 7.5 + 15.1 -> 6.1 + 13.7;
+# 4 MiB no better, 512 KiB 2x slower); the step from 32.3 to 29.7-30.6 ms
+COL_BLOCK_BYTES = 2 << 20
 
 _local = threading.local()
 

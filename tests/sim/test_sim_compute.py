@@ -134,18 +134,20 @@ def test_im2col_and_col2im_costs_by_hand():
     # a 1x1 stride-1 conv: x is the columns and dcol is dx (nothing copied)
     assert im2col_cost(2, 3, 4, 4, 1, 1, 4, 4, ((0, 0), (0, 0)), 4) == (0.0, 0, 0)
     assert col2im_cost(2, 3, 4, 4, 1, 1, 4, 4, ((0, 0), (0, 0)), 4) == (0.0, 0, 0)
-    # digits-cnn conv2 at batch 64: 18432 bytes of columns per image, 56 per 1 MiB
-    # block: two blocks, each copying per offset and zeroing 6 padding columns
-    assert im2col_cost(64, 32, 4, 4, 3, 3, 4, 4, pads, 4)[1] == 2 * (9 + 6)
+    # digits-cnn conv2 at batch 64: 18432 bytes of columns per image, 113 per 2 MiB
+    # block: one block, copying per offset and zeroing 6 padding columns; at batch 256
+    # three blocks (113, 113, 30)
+    assert im2col_cost(64, 32, 4, 4, 3, 3, 4, 4, pads, 4)[1] == 9 + 6
+    assert im2col_cost(256, 32, 4, 4, 3, 3, 4, 4, pads, 4)[1] == 3 * (9 + 6)
 
 
 def test_conv_backward_phases():
-    # digits-cnn conv2 (32 -> 64 channels, 4x4, batch 64): dW in 2 blocks of per-image
-    # products summed (read 64 x K x D, write and add the block sums), col2im's new form
+    # digits-cnn conv2 (32 -> 64 channels, 4x4, batch 64): dW in 1 block of per-image
+    # products summed (read 64 x K x D, write and add the block sum), col2im's new form
     by = {p.label: p for p in describe_step(load_config("digits-cnn"), 1, 1, global_batch=64,
                                             kernels="numpy").workload.phases}
     KD = 64 * 32 * 9
-    assert by["conv2.backward.dW_sum"].bytes == (64 + 4 * 2) * KD * 4
+    assert by["conv2.backward.dW_sum"].bytes == (64 + 4 * 1) * KD * 4
     assert by["conv2.backward.col2im"].bytes == col2im_cost(
         64, 32, 4, 4, 3, 3, 4, 4, ((1, 1), (1, 1)), 4)[0]
     assert by["conv2.backward.dy"].bytes == 64 * 16 * 64 * 4       # db: one read of dy
