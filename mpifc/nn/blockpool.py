@@ -31,7 +31,8 @@ PASS_MIN_SHARE_BYTES = 1 << 20
 # call; at 128-256 KiB per call two threads ran no faster than one here
 BLOCK_BYTES = 1 << 20
 
-_state = {"blas": None, "pool": None, "size": 0}
+# outer: the rank's BLAS threads while a run() holds them at one (None outside)
+_state = {"blas": None, "pool": None, "size": 0, "outer": None}
 
 
 def _blas_controllers():
@@ -49,7 +50,8 @@ def forget_blas() -> None:
 
 def joined(n: int) -> None:
     """After loading a library that may bring a BLAS of its own: give every BLAS now
-    loaded the rank's ``n`` threads (:func:`width` from before the load).
+    loaded the rank's ``n`` threads (:func:`rank_width` from before the load), or one
+    until the :func:`run` in progress ends and gives them ``n``.
 
     A BLAS loaded late starts with every core, not the rank's limit: importing Numba
     loads SciPy's OpenBLAS (for its linear algebra), and in a rank limited to one
@@ -57,9 +59,17 @@ def joined(n: int) -> None:
     two threads on a core it shares with the next rank.
     """
     forget_blas()
+    now = 1 if _state["outer"] is not None else n
     for c in _blas_controllers():
-        if c.get_num_threads() != n:
-            c.set_num_threads(n)
+        if c.get_num_threads() != now:
+            c.set_num_threads(now)
+
+
+def rank_width() -> int:
+    """The rank's BLAS threads, also from inside a :func:`run` share (where BLAS has
+    one thread): what a library loaded there must be given."""
+    outer = _state["outer"]
+    return width() if outer is None else outer
 
 
 def width() -> int:
@@ -111,10 +121,16 @@ def run(fn, parts: list[tuple[int, int]]) -> list:
         _state["size"] = len(parts) - 1
     for c in libs:
         c.set_num_threads(1)
+    _state["outer"] = max(before, default=1)
     try:
         futures = [_state["pool"].submit(fn, *p) for p in parts[1:]]
         first = fn(*parts[0])
         return [first] + [f.result() for f in futures]
     finally:
-        for c, n in zip(libs, before):
-            c.set_num_threads(n)
+        outer, _state["outer"] = _state["outer"], None
+        if _state["blas"] is libs:
+            for c, n in zip(libs, before):
+                c.set_num_threads(n)
+        else:               # a library joined during the run (joined()): all get the rank's
+            for c in _blas_controllers():
+                c.set_num_threads(outer)

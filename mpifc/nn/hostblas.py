@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import threading
 
 import numpy as np
 
@@ -113,34 +114,40 @@ def _threading_layer() -> int:
         return _LAYER_INTEL
 
 
+_lock = threading.Lock()       # the first GEMM may come from two thread shares at once
+
+
 def _load(m):
-    if _state["lib"] is not None or _state["failed"] is not None:
-        if _state["lib"] is None and m == "mkl":
-            raise RuntimeError(_state["failed"])
-        return _state["lib"]
+    if _state["lib"] is None and _state["failed"] is None:
+        with _lock:
+            if _state["lib"] is None and _state["failed"] is None:
+                _open(m)
+    if _state["lib"] is None and m == "mkl":
+        raise RuntimeError(_state["failed"])
+    return _state["lib"]
+
+
+def _open(m):
     why = None
     path = _find_mkl_rt()
     if path is None:
         why = 'oneMKL is not installed; install it with: pip install "mpifc[mkl]"'
     else:
         try:
-            width = blockpool.width()              # NumPy's BLAS threads, before oneMKL joins
+            width = max(1, blockpool.rank_width())   # the rank's threads, before oneMKL joins
             os.environ.setdefault(WAIT_VAR, WAIT_PASSIVE)
             lib = ctypes.CDLL(path)
             _declare(lib)
             layer = _threading_layer()
             if layer >= 0:
                 lib.MKL_Set_Threading_Layer(layer)
-            lib.MKL_Set_Num_Threads(max(1, width))
-            blockpool.joined(max(1, width))         # threadpoolctl now sees oneMKL too
+            lib.MKL_Set_Num_Threads(width)
+            blockpool.joined(width)                   # threadpoolctl now sees oneMKL too
             _state["lib"] = lib
         except (OSError, AttributeError) as exc:
             why = f"oneMKL at {path} did not load ({exc})"
     if why is not None:
         _state["failed"] = f"{ENV}=mkl, but {why}"
-        if m == "mkl":
-            raise RuntimeError(_state["failed"])
-    return _state["lib"]
 
 
 def lib():

@@ -118,7 +118,7 @@ def _load_numbas_blas():
 def _load(m):
     if _state["mod"] is None:
         os.environ.setdefault(WAIT_VAR, WAIT_PASSIVE)   # before Numba loads OpenMP
-        width = max(1, blockpool.width())
+        width = max(1, blockpool.rank_width())
         if "numba" not in sys.modules:                  # read once, when Numba imports
             os.environ.setdefault(POOL_VAR, str(width))
         try:

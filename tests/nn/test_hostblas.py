@@ -170,3 +170,26 @@ def test_mkl_threads_follow_the_rank_and_threadpoolctl():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**__import__("os").environ, "MPIFC_BLAS": "mkl"})
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@needs_mkl
+def test_mkl_first_loaded_inside_a_thread_share_gets_the_rank_threads():
+    """A conv's first GEMM runs inside blockpool's shares, where BLAS has one thread:
+    oneMKL loaded there must still end with the rank's threads (it once kept one,
+    and the linear layers of a 2-thread rank ran on one core)."""
+    code = (
+        "import mpifc, numpy as np\n"
+        "from threadpoolctl import threadpool_info, threadpool_limits\n"
+        "threadpool_limits(2)\n"
+        "from mpifc.nn import hostblas, blockpool\n"
+        "hostblas.MKL_MIN_MACS = 0\n"
+        "a = np.ones((8, 8), np.float32)\n"
+        "def share(i0, i1):\n"
+        "    return float(hostblas.matmul(a, a)[0, 0])\n"
+        "assert blockpool.run(share, [(0, 1), (1, 2)]) == [8.0, 8.0]\n"
+        "n = {i['internal_api']: i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'}\n"
+        "assert hostblas.active() == 'mkl' and n['mkl'] == 2 and blockpool.width() == 2, n\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "MPIFC_BLAS": "mkl"})
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
