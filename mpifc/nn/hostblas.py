@@ -16,7 +16,7 @@ not bitwise.
 ``mkl`` (an error when it does not load) or ``numpy``.
 
 Threads: oneMKL runs on GNU OpenMP (libgomp, the runtime the compiled kernels of
-:mod:`mpifc.nn.hostjit` use; ``OMP_WAIT_POLICY=PASSIVE`` as there) and starts with as
+:mod:`mpifc.nn.hostjit` use; idle workers spin briefly, then sleep, as there) and starts with as
 many threads as NumPy's BLAS has then (:func:`mpifc.nn.blockpool.width`, the cores
 the rank owns). It is one more BLAS for threadpoolctl, so ``threadpool_limits`` and
 the blockpool's one-thread shares set both.
@@ -32,10 +32,10 @@ import numpy as np
 
 from mpifc.backend import get_array_module
 from mpifc.nn import blockpool
+from mpifc.threads import short_openmp_spin
 
 ENV = "MPIFC_BLAS"
 MODES = ("auto", "mkl", "numpy")
-WAIT_VAR, WAIT_PASSIVE = "OMP_WAIT_POLICY", "PASSIVE"
 
 _state = {"mode": None, "lib": None, "failed": None}
 
@@ -135,7 +135,7 @@ def _open(m):
     else:
         try:
             width = max(1, blockpool.rank_width())   # the rank's threads, before oneMKL joins
-            os.environ.setdefault(WAIT_VAR, WAIT_PASSIVE)
+            short_openmp_spin()           # before oneMKL loads OpenMP
             lib = ctypes.CDLL(path)
             _declare(lib)
             layer = _threading_layer()

@@ -20,8 +20,9 @@ given (one per rank when ranks share a node, every core when one rank owns them)
 Numba runs them on OpenMP (GNU libgomp here), whose idle workers spin before they
 sleep: the spinning worker took the second core from the next GEMM's OpenBLAS
 worker, and the MLP step at 2 threads went from 13.9 to 22.7 ms (the classifier's
-from 34 to 66 ms). Unless the user set it, ``OMP_WAIT_POLICY=PASSIVE`` is exported
-before Numba loads its OpenMP runtime: idle workers then sleep at once. Numba's
+from 34 to 66 ms). Unless the user set either, ``OMP_WAIT_POLICY=PASSIVE`` and
+``GOMP_SPINCOUNT=30000`` are exported before Numba loads its OpenMP runtime
+(:func:`mpifc.threads.short_openmp_spin`): idle workers spin briefly, then sleep. Numba's
 pool is also sized to the rank's threads when Numba is first imported here
 (``NUMBA_NUM_THREADS``, unless set): with a pool of every core in each of 2 ranks on
 2 cores, the torch DDP step beside them in bench/ddp_compare.py took 64 ms instead of
@@ -38,6 +39,7 @@ import threading
 import numpy as np
 
 from mpifc.nn import blockpool
+from mpifc.threads import short_openmp_spin
 
 ENV = "MPIFC_KERNELS"
 MODES = ("auto", "numba", "numpy")
@@ -62,7 +64,6 @@ def set_mode(m: str | None) -> None:
     _state["mode"] = m
 
 
-WAIT_VAR, WAIT_PASSIVE = "OMP_WAIT_POLICY", "PASSIVE"
 POOL_VAR = "NUMBA_NUM_THREADS"
 
 
@@ -117,7 +118,7 @@ def _load_numbas_blas():
 
 def _load(m):
     if _state["mod"] is None:
-        os.environ.setdefault(WAIT_VAR, WAIT_PASSIVE)   # before Numba loads OpenMP
+        short_openmp_spin()   # before Numba loads OpenMP
         width = max(1, blockpool.rank_width())
         if "numba" not in sys.modules:                  # read once, when Numba imports
             os.environ.setdefault(POOL_VAR, str(width))

@@ -220,12 +220,15 @@ def test_without_numba_auto_falls_back_and_numba_mode_says_how_to_install():
 
 def test_openmp_workers_are_told_to_sleep_unless_the_user_chose():
     code = "import numpy as np; from mpifc.nn import hostjit; hostjit.kernels(np)\n" \
-           "import os; print(os.environ['OMP_WAIT_POLICY'])"
+           "import os; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
     env = {"MPIFC_KERNELS": "numba"}
-    r = _run("import os; os.environ.pop('OMP_WAIT_POLICY', None)\n" + code, **env)
-    assert r.stdout.strip() == "PASSIVE", r.stderr
-    r = _run(code, OMP_WAIT_POLICY="ACTIVE", **env)
-    assert r.stdout.strip() == "ACTIVE", r.stderr
+    clean = "import os; [os.environ.pop(v, None) for v in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')]\n"
+    r = _run(clean + code, **env)
+    assert r.stdout.split() == ["PASSIVE", "30000"], r.stderr
+    r = _run(clean + "os.environ['OMP_WAIT_POLICY'] = 'ACTIVE'\n" + code, **env)
+    assert r.stdout.split() == ["ACTIVE", "None"], r.stderr
+    r = _run(clean + "os.environ['GOMP_SPINCOUNT'] = '0'\n" + code, **env)
+    assert r.stdout.split() == ["None", "0"], r.stderr
 
 
 def test_numba_pool_is_sized_to_the_rank_threads_unless_set():

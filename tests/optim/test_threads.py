@@ -56,6 +56,16 @@ def test_quiet_idle_blas_workers_sets_only_before_numpy_and_never_over_the_user(
     assert threads.quiet_idle_blas_workers(late, modules={"numpy": object()}) is None and late == {}
 
 
+def test_short_openmp_spin_never_over_the_user():
+    env = {}
+    threads.short_openmp_spin(env)
+    assert env == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "30000"}
+    for user in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "0"}):
+        before = dict(user)
+        threads.short_openmp_spin(user)
+        assert user == before
+
+
 # After a 2-thread GEMM, OpenBLAS's workers must be asleep (state S), not spinning
 # (state R) on the core the next NumPy pass wants. No timing is asserted: the state
 # of a worker blocked on its condition variable is S however loaded the machine is.
