@@ -28,12 +28,17 @@ import subprocess
 import sys
 import time
 
-import mpifc  # noqa: F401 - before NumPy: sets OPENBLAS_THREAD_TIMEOUT (mpifc.threads)
-import numpy as np
-from threadpoolctl import threadpool_limits
+# the children of tables 2 and 3 get the environment as it was given: loading the
+# kernels here exports this process's settings (NUMBA_NUM_THREADS=1 at one thread
+# made the 2-thread children run every compiled kernel on one thread)
+ENV0 = dict(os.environ)
 
-import mpifc.nn as nn
-from mpifc.nn import hostjit
+import mpifc  # noqa: F401, E402 - before NumPy: sets OPENBLAS_THREAD_TIMEOUT (mpifc.threads)
+import numpy as np  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+import mpifc.nn as nn  # noqa: E402
+from mpifc.nn import hostjit  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 ap.add_argument("--threads", type=int, default=1, help="BLAS (and torch) threads, default 1")
@@ -227,7 +232,7 @@ def step_children(model, threads, rounds, steps, sides=tuple(SIDES)):
             out = subprocess.run([sys.executable, STEPS, side, model, "--threads", str(threads),
                                   "--steps", str(steps), "--dtype", args.dtype],
                                  capture_output=True, text=True, check=True,
-                                 env={**os.environ, **env})
+                                 env={**ENV0, **env})
             res[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     return res
 
