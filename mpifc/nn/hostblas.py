@@ -59,6 +59,7 @@ def set_mode(m: str | None) -> None:
     if m is not None and m not in MODES:
         raise ValueError(f"GEMM mode {m!r}: expected one of {', '.join(MODES)}")
     _state["mode"] = m
+    _state.pop("env", None)
 
 
 @contextlib.contextmanager
@@ -152,7 +153,9 @@ def _open(m):
 
 def lib():
     """The oneMKL library when host GEMMs use it now, else None."""
-    m = _state["mode"] or mode()
+    m = _state["mode"]
+    if m is None:                       # MPIFC_BLAS, read once (set_mode(None) reads it again)
+        m = _state.get("env") or _state.setdefault("env", mode())
     if m == "numpy":
         return None
     return _load(m)
@@ -235,10 +238,14 @@ def _batched(lib, a, b, out) -> bool:
     return True
 
 
-# oneMKL from this many multiply-adds per product: below it OpenBLAS was as fast or
-# faster here (the classifier's first conv, 0.9 M per image: forward 115 vs 103
-# GFLOP/s, dW 100 vs 63; bench/gemm_backends.py) and the wrapper's microseconds count
-MKL_MIN_MACS = 1 << 21
+# oneMKL from this many multiply-adds per product (256 x 256 x 256). Below it OpenBLAS
+# was as fast or faster here (the classifier's first conv, 0.9 M per image: forward
+# 115 vs 103 GFLOP/s, dW 100 vs 63; bench/gemm_backends.py), or the gain did not
+# show in the step (its second conv, 4.7 M per image: 1.09-1.14x on the products,
+# the step at 1 and 2 threads within noise), and the simulator's rate curves,
+# interpolated between calibration points, smear a change of library: with the
+# threshold at 2 M the small digits models were predicted 4-7 % faster than they ran
+MKL_MIN_MACS = 1 << 24
 
 
 def matmul(a, b, out=None):
@@ -248,8 +255,10 @@ def matmul(a, b, out=None):
     ``a : (..., M, K)``, ``b : (..., K, N)`` with NumPy's broadcasting of the batch
     dims; ``out``, when given, must have the result's shape and dtype.
     """
-    L = (lib() if _eligible(a, b) and a.shape[-2] * a.shape[-1] * b.shape[-1] >= MKL_MIN_MACS
-         else None)
+    if type(a) is np.ndarray and (a.ndim < 2 or b.ndim < 2
+                                  or a.shape[-2] * a.shape[-1] * b.shape[-1] < MKL_MIN_MACS):
+        return np.matmul(a, b, out=out)         # small: straight to NumPy, no more checks
+    L = lib() if _eligible(a, b) else None
     if L is None:
         return get_array_module(a).matmul(a, b, out=out)
     if (a.ndim > 2 and b.ndim == 2 and a.flags.c_contiguous        # (..., K) rows @ (K, N): one GEMM
