@@ -409,10 +409,10 @@ class DataParallel:
 
     # --- gradient flow ---
     def zero_grad(self) -> None:
-        for b in self.buckets:
-            b.buffer[...] = 0
-        for p in self.params:         # the layers may now write their gradients in place
-            p.grad_zero = True
+        # deferred (Parameter.zero_grad): the layers write their gradients in place, and
+        # a bucket settles what is still pending before its allreduce reads the buffer
+        for p in self.params:
+            p.zero_grad()
 
     @contextmanager
     def no_sync(self):
@@ -503,6 +503,8 @@ class DataParallel:
         self._launched.append(b)
         if b.numel == 0:           # every rank of the group has the same empty shard
             return
+        for p, *_ in b.pieces:     # a parameter that got no gradient: its zeros, now
+            p.settle_grad()
         t0 = _perf()
         with trace.phase(b.phase):
             if self.overlap:

@@ -98,11 +98,13 @@ _PASSES = {
     "bn_fwd": 11, "bn_bwd": 16, "bn_fwd_io": 3, "bn_bwd_io": 5,
     "ln_fwd": 11, "ln_bwd": 20,
     "loss_fwd": 7, "loss_bwd": 5, "metrics": 3,
-    "grad_acc": 3,                           # grad[...] += block (read both, write)
+    "grad_acc": 2,                           # grad[...] = g after zero_grad (read g, write)
 }
-# A linear layer writes its dW / db blocks straight into the zeroed gradient buffer
-# (Parameter.grad_zero: the GEMM's own output, no += pass); one call remains per block,
-# the row-block callback. Conv and norm layers still add (grad_acc).
+# A linear layer writes its dW / db blocks straight into the gradient buffer after
+# zero_grad (Parameter.grad_zero: the GEMM's own output, no += pass); one call remains
+# per block, the row-block callback. Conv and norm layers assign theirs (add_grad,
+# grad_acc). zero_grad itself writes nothing: its zeros are deferred until read, and
+# every layer's first gradient overwrites them (Parameter.zero_grad).
 _CALLS = {
     "linear_fwd": 2, "linear_dw": 3, "linear_dx": 1, "gemm": 2,
     "bias_fwd": 1, "bias_bwd": 4, "grad_acc": 2,      # += and the row-block callback
@@ -1164,9 +1166,9 @@ def describe_step(cfg: dict, dp: int, tp: int, *, global_batch: int | None = Non
         c, ph = comm("check.finite", "allreduce", 1, "world", "optimizer", itemsize=8)
         clip_cc.append(c); opt_ph.append(ph)
 
-    # the trainer's step around the layers (zero_grad of every bucket buffer, the calls
-    # into forward, loss, backward, synchronize, step and the finite-loss check)
-    step_ph = [elem("step.zero_grad", params * s, "forward", len(groups), stream=True),
+    # the trainer's step around the layers (zero_grad: a flag per parameter, no bytes;
+    # the calls into forward, loss, backward, synchronize, step and the finite-loss check)
+    step_ph = [elem("step.zero_grad", 0, "forward", len(groups), stream=True),
                elem("step.calls", 0, "forward", _CALLS["step"])]
     phases = data_ph + step_ph + fwd_ph + loss_ph + bwd_ph + dp_ph + opt_ph
     # trace order: a non-blocking bucket is recorded at its wait, after the backward

@@ -360,3 +360,39 @@ def test_blocking_mode_keeps_one_bucket_by_default(comm, monkeypatch):
     assert overlapped.min_buckets == data_mod.MIN_BUCKETS and len(overlapped.buckets) > 1
     assert blocking.min_buckets == 1 and len(blocking.buckets) == 1
     assert len(DataParallel(net, grid.dp_comm, overlap=False, min_buckets=3).buckets) > 1
+
+
+class _Unused(_Wrapped):
+    """_Wrapped plus a layer that takes no part in the step: its gradient stays zero."""
+
+    def __init__(self, seed):
+        super().__init__(seed)
+        self.spare = nn.Linear(4, 6, seed=seed + 2, dtype=np.float64)
+        self.add_module("spare", self.spare)
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("overlap", [True, False])
+def test_deferred_zero_grad_reaches_every_bucket(comm, overlap):
+    """zero_grad writes no zeros (Parameter.zero_grad): a parameter that gets no gradient
+    this step must still read zeros after the allreduce, not last step's values, and the
+    others the mean over the group."""
+    rng = np.random.default_rng(50 + comm.rank)
+    x, dy = rng.standard_normal((4, 5)), rng.standard_normal((4, 3))
+    model = _Unused(3)
+    dp = DataParallel(model, comm, bucket_mb=0.0001, overlap=overlap)
+    for p in model.parameters():         # last step's gradients, different on every rank
+        p.grad[...] = rng.standard_normal(p.grad.shape) + 1.0
+    dp.zero_grad()
+    model.forward(x)
+    dp.backward(dy)
+    dp.synchronize()
+    ref = _Wrapped(3)
+    ref.forward(x)
+    ref.backward(dy)
+    for n, p in model.named_parameters():
+        if n.startswith("spare"):
+            assert not p.grad.any(), n
+        else:
+            want = comm.allreduce(dict(ref.named_parameters())[n].grad.copy()) / comm.size
+            assert rel(p.grad, want) <= 1e-14, n
