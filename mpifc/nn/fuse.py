@@ -44,9 +44,13 @@ def forward(layers, x):
     return x
 
 
-def backward(layers, dy):
+def backward(layers, dy, on_layer=None):
     """``for layer in reversed(layers): dy = layer.backward(dy)``, a pair fused by
-    :func:`forward` as one BatchNorm backward given the ReLU's mask."""
+    :func:`forward` as one BatchNorm backward given the ReLU's mask.
+
+    ``on_layer(layer)``, when given, is called after each layer's backward, in the
+    order of the unfused loop (a fused pair: the ReLU, then the BatchNorm):
+    DataParallel starts the allreduce of finished gradients from it."""
     i = len(layers) - 1
     while i >= 0:
         b = layers[i]
@@ -54,8 +58,13 @@ def backward(layers, dy):
         if a is not None and type(b) is ReLU and getattr(a, "_relu_fused", False):
             dy = a.backward(dy, mask=b._mask)
             a._relu_fused, b._mask = False, None
+            done = (b, a)
             i -= 2
         else:
             dy = b.backward(dy)
+            done = (b,)
             i -= 1
+        if on_layer is not None:
+            for layer in done:
+                on_layer(layer)
     return dy

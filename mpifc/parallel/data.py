@@ -49,6 +49,7 @@ import numpy as np
 
 from mpifc.backend import get_array_module
 from mpifc.comm import trace
+from mpifc.nn import fuse
 from mpifc.nn.module import ShapeError
 from mpifc.optim.clip import clip_grad_norm
 from mpifc.parallel.describe import Collective
@@ -461,10 +462,8 @@ class DataParallel:
         if layers is None:
             self.model.backward(dy)
             return
-        for layer in reversed(backward_layers(self.model)):
-            dy = layer.backward(dy)
-            if on_layer is not None:
-                on_layer(layer)
+        # BatchNorm + ReLU pairs the forward fused (mpifc.nn.fuse) go back as one pass too
+        fuse.backward(backward_layers(self.model), dy, on_layer)
 
     def _rows_done(self, p, i) -> None:
         """Block ``i`` of ``p``'s gradient is final (``Parameter.on_grad_rows``): start its
