@@ -63,3 +63,15 @@ def test_no_fusion_in_eval_mode_or_without_the_kernels(monkeypatch):
     with hostjit.using("numpy"):
         y = net.forward(x)
         net.backward(np.ones_like(y))
+
+
+def test_backward_reports_each_layer_in_the_unfused_order(monkeypatch):
+    """DataParallel starts its bucket allreduces from fuse.backward's on_layer: a fused
+    pair reports its ReLU, then its BatchNorm, as the layer-by-layer loop did."""
+    monkeypatch.setattr(hostjit, "_state", {"mode": "numba", "mod": None})
+    net = _net(np.float64)
+    y = net.forward(np.random.default_rng(1).standard_normal((2, 3, 8, 8)))
+    seen = []
+    fuse.backward(net.layers, np.ones_like(y), seen.append)
+    assert seen == list(reversed(net.layers))
+    assert not any(getattr(layer, "_relu_fused", False) for layer in net.layers)
