@@ -31,8 +31,8 @@ modules="mpifc, mpi4py, h5py"
 case ",$MPIFC_EXTRAS," in *,fast,*) modules="$modules, numba" ;; esac
 [ "$NEED" = test ] && modules="$modules, pytest_mpi, cryptography, safetensors"
 check="import $modules"
-case ",$MPIFC_EXTRAS,$(uname -m)" in     # the mkl wheel has no module: ask for its files
-  *,mkl,*x86_64) check="$check; from mpifc.nn import hostblas; assert hostblas._find_mkl_rt()" ;;
+case ",$MPIFC_EXTRAS,$(uname -s)-$(uname -m)" in   # the mkl wheel (x86-64 Linux) has no module: ask for its files
+  *,mkl,*Linux-x86_64) check="$check; from mpifc.nn import hostblas; assert hostblas._find_mkl_rt()" ;;
 esac
 if ! python -c "$check" 2>/dev/null || ! command -v mpiexec >/dev/null \
    || [ "${MPIFC_REINSTALL:-0}" = 1 ]; then
