@@ -7,18 +7,18 @@ most of a training step, so the step follows. ``pip install "mpifc[mkl]"`` insta
 Intel's oneMKL runtime (wheels, no compiler); :func:`matmul` then calls its
 ``cblas_?gemm`` and ``cblas_?gemm_batch_strided`` through ctypes (which releases the
 GIL, so the thread shares of :mod:`mpifc.nn.blockpool` still run side by side) on
-float32/float64 host arrays whose strides a BLAS can take, and hands everything
-else -- CuPy arrays, other dtypes, odd strides, small products -- to ``xp.matmul``
-unchanged. Results agree with NumPy's to rounding (a different summation order),
+float32/float64 host arrays whose strides a BLAS can take, from :data:`MKL_MIN_MACS`
+multiply-adds per product, and hands everything else -- CuPy arrays, other dtypes,
+odd strides, smaller products -- to ``xp.matmul`` unchanged. Results agree with NumPy's to rounding (a different summation order),
 not bitwise.
 
 ``MPIFC_BLAS`` chooses: ``auto`` (default: oneMKL when it loads, else NumPy),
 ``mkl`` (an error when it does not load) or ``numpy``.
 
 Threads: oneMKL runs on GNU OpenMP (libgomp, the runtime the compiled kernels of
-:mod:`mpifc.nn.hostjit` use; idle workers spin briefly, then sleep, as there) and starts with as
-many threads as NumPy's BLAS has then (:func:`mpifc.nn.blockpool.width`, the cores
-the rank owns). It is one more BLAS for threadpoolctl, so ``threadpool_limits`` and
+:mod:`mpifc.nn.hostjit` use; idle workers spin briefly, then sleep, as there) and
+starts with the rank's threads (:func:`mpifc.nn.blockpool.rank_width`, also when its
+first GEMM comes from inside a conv's one-thread share). It is one more BLAS for threadpoolctl, so ``threadpool_limits`` and
 the blockpool's one-thread shares set both.
 """
 from __future__ import annotations
