@@ -23,7 +23,6 @@ the blockpool's one-thread shares set both.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import threading
@@ -31,7 +30,7 @@ import threading
 import numpy as np
 
 from mpifc.backend import get_array_module
-from mpifc.nn import blockpool
+from mpifc.nn import _choice, blockpool
 from mpifc.threads import short_openmp_spin
 
 ENV = "MPIFC_BLAS"
@@ -47,30 +46,19 @@ _LAYER_INTEL, _LAYER_SEQUENTIAL, _LAYER_GNU = 0, 1, 3
 
 def mode(env=None) -> str:
     """The GEMM choice from ``MPIFC_BLAS`` (default ``auto``); ValueError when unknown."""
-    env = os.environ if env is None else env
-    m = env.get(ENV, "auto").strip().lower() or "auto"
-    if m not in MODES:
-        raise ValueError(f"{ENV}={env[ENV]!r}: expected one of {', '.join(MODES)}")
-    return m
+    return _choice.read(ENV, MODES, env)
 
 
 def set_mode(m: str | None) -> None:
     """Choose the GEMMs for this process (``None``: read ``MPIFC_BLAS`` again)."""
-    if m is not None and m not in MODES:
-        raise ValueError(f"GEMM mode {m!r}: expected one of {', '.join(MODES)}")
+    _choice.check(m, MODES, "GEMM")
     _state["mode"] = m
     _state.pop("env", None)
 
 
-@contextlib.contextmanager
 def using(m: str):
     """``with using("numpy"):`` -- these GEMMs inside the block, the choice before it after."""
-    before = _state["mode"]
-    set_mode(m)
-    try:
-        yield
-    finally:
-        _state["mode"] = before
+    return _choice.temporarily(_state, set_mode, m)
 
 
 def _find_mkl_rt() -> str | None:

@@ -31,14 +31,13 @@ had when the first kernel ran.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import threading
 
 import numpy as np
 
-from mpifc.nn import blockpool
+from mpifc.nn import _choice, blockpool
 from mpifc.threads import short_openmp_spin
 
 ENV = "MPIFC_KERNELS"
@@ -50,32 +49,21 @@ _local = threading.local()   # Numba's thread count is per calling thread
 
 def mode(env=None) -> str:
     """The kernel choice from ``MPIFC_KERNELS`` (default ``auto``); ValueError when unknown."""
-    env = os.environ if env is None else env
-    m = env.get(ENV, "auto").strip().lower() or "auto"
-    if m not in MODES:
-        raise ValueError(f"{ENV}={env[ENV]!r}: expected one of {', '.join(MODES)}")
-    return m
+    return _choice.read(ENV, MODES, env)
 
 
 def set_mode(m: str | None) -> None:
     """Choose the kernels for this process (``None``: read ``MPIFC_KERNELS`` again)."""
-    if m is not None and m not in MODES:
-        raise ValueError(f"kernel mode {m!r}: expected one of {', '.join(MODES)}")
+    _choice.check(m, MODES, "kernel")
     _state["mode"] = m
 
 
 POOL_VAR = "NUMBA_NUM_THREADS"
 
 
-@contextlib.contextmanager
 def using(m: str):
     """``with using("numpy"):`` -- these kernels inside the block, the choice before it after."""
-    before = _state["mode"]
-    set_mode(m)
-    try:
-        yield
-    finally:
-        _state["mode"] = before
+    return _choice.temporarily(_state, set_mode, m)
 
 
 def _import_kernels():

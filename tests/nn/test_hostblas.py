@@ -7,6 +7,7 @@ take the oneMKL path too; layouts a BLAS cannot take must still come back right,
 from NumPy. The oneMKL cases skip when the ``mkl`` extra is not installed (CI
 installs it).
 """
+import os
 import subprocess
 import sys
 
@@ -151,6 +152,13 @@ def test_without_mkl_auto_uses_numpy_and_mkl_says_how_to_install(monkeypatch):
         hostblas.lib()
 
 
+def _run_ok(code):
+    """Run ``code`` in a fresh interpreter with MPIFC_BLAS=mkl; it must print ok."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "MPIFC_BLAS": "mkl"})
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
 @needs_mkl
 def test_mkl_threads_follow_the_rank_and_threadpoolctl():
     """oneMKL starts with NumPy's BLAS threads and is one more pool for threadpoolctl
@@ -167,9 +175,7 @@ def test_mkl_threads_follow_the_rank_and_threadpoolctl():
         "n = {i['internal_api']: i['num_threads'] for i in threadpool_info()}\n"
         "assert n['mkl'] == 2 and blockpool.width() == 2, n\n"
         "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, "MPIFC_BLAS": "mkl"})
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+    _run_ok(code)
 
 
 @needs_mkl
@@ -190,6 +196,4 @@ def test_mkl_first_loaded_inside_a_thread_share_gets_the_rank_threads():
         "n = {i['internal_api']: i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'}\n"
         "assert hostblas.active() == 'mkl' and n['mkl'] == 2 and blockpool.width() == 2, n\n"
         "print('ok')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, "MPIFC_BLAS": "mkl"})
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+    _run_ok(code)
