@@ -267,10 +267,12 @@ def maxpool2x2_backward(dy, idx, dx):
 # col2im of a stride-1 'same' conv on flattened planes (ConvPlan.flat), the adjoint
 # of im2col's shifted copies: per kernel offset q, col[.., k_q, j] came from
 # x[.., j + delta_q] for j in [lo_q, hi_q), except output columns whose source column
-# is padding (outside [wo0_q, wo1_q)). Not parallel: these run inside the conv's
-# thread shares (mpifc.nn.blockpool), a block of images at a time, and release the
-# GIL for the whole block. (An im2col kernel written the same way was no faster
-# than NumPy's shifted copies here, and slower on small planes: there is none.)
+# is padding (outside [wo0_q, wo1_q)). col2im_flat is not parallel: it runs inside
+# the conv's thread shares (mpifc.nn.blockpool), a block of images at a time, and
+# releases the GIL for the whole block; in a share the unfold stays NumPy's shifted
+# copies (a compiled one was no faster on one thread). The *_planes pair runs a
+# block's (image, channel) planes in parallel: the conv of a rank with several cores
+# on its OpenMP pool (functional._pool_kernels), where no share runs.
 # --------------------------------------------------------------------------- #
 _SERIAL = dict(cache=True, fastmath=_FAST, nogil=True)
 
@@ -303,6 +305,56 @@ def col2im_flat(dcol4, dx3, ks, deltas, los, his, W, wo0s, wo1s):
                 ds, cs = dr[lo + d:hi + d], cr[lo:hi]
                 for j in range(hi - lo):
                     ds[j] += cs[j]
+
+
+@njit(**_OPTS)
+def im2col_flat_planes(x3, col4, ks, deltas, los, his, W, wo0s, wo1s):
+    """x3 : (n, C, H*W) -> col4 : (n, C, R*S, Ho*Wo) of a 'same' conv, the (image,
+    channel) planes in parallel: per offset q, the run of the plane shifted by
+    deltas[q], then its padding columns zeroed; entries no offset reaches are left as
+    they are (zero: the column buffer is zeroed once when made)."""
+    n_, C, P = x3.shape
+    RS, L = col4.shape[2], col4.shape[3]
+    x1, c1 = x3.reshape(n_ * C * P), col4.reshape(n_ * C * RS * L)
+    for p in prange(n_ * C):
+        xb = p * P
+        for q in range(ks.size):
+            lo, hi, d = los[q], his[q], deltas[q]
+            cb = (p * RS + ks[q]) * L
+            dst, src = c1[cb + lo:cb + hi], x1[xb + lo + d:xb + hi + d]
+            for j in range(hi - lo):
+                dst[j] = src[j]
+            w0, w1 = wo0s[q], wo1s[q]
+            for j in range(cb, cb + L, W):
+                for i in range(w0):
+                    c1[j + i] = 0
+                for i in range(w1, W):
+                    c1[j + i] = 0
+
+
+@njit(**_OPTS)
+def col2im_flat_planes(dcol4, dx3, ks, deltas, los, his, W, wo0s, wo1s):
+    """:func:`col2im_flat` with the (image, channel) planes in parallel."""
+    n_, C, P = dx3.shape
+    RS, L = dcol4.shape[2], dcol4.shape[3]
+    d1, c1 = dx3.reshape(n_ * C * P), dcol4.reshape(n_ * C * RS * L)
+    for p in prange(n_ * C):
+        xb = p * P
+        dr = d1[xb:xb + P]
+        for j in range(P):
+            dr[j] = 0
+        for q in range(ks.size):
+            lo, hi, d = los[q], his[q], deltas[q]
+            cb = (p * RS + ks[q]) * L
+            w0, w1 = wo0s[q], wo1s[q]
+            for j in range(cb, cb + L, W):
+                for i in range(w0):
+                    c1[j + i] = 0
+                for i in range(w1, W):
+                    c1[j + i] = 0
+            ds, cs = d1[xb + lo + d:xb + hi + d], c1[cb + lo:cb + hi]
+            for j in range(hi - lo):
+                ds[j] += cs[j]
 
 
 @njit(**_SERIAL)

@@ -35,7 +35,7 @@ import numpy as np
 
 from mpifc.backend import get_array_module, is_device_array
 from mpifc.nn import blockpool, hostblas, hostjit
-from mpifc.nn.im2col import ConvPlan, col2im_block, im2col_block, workspace
+from mpifc.nn.im2col import ConvPlan, col2im_block, col2im_planes, im2col_block, im2col_planes, workspace
 
 
 # --------------------------------------------------------------------------- #
@@ -201,6 +201,34 @@ def col2im(dcol, x_shape, R, S, stride=1, padding=0, dilation=1):
     return dx
 
 
+# A rank that owns several cores runs a 'same' stride-1 conv whose per-image products
+# have at least this many multiply-adds on its OpenMP pool (_pool_kernels) instead of
+# in thread shares. Classifier, batch 64, 2 threads, fresh processes here: the second
+# conv (4.7 M per image) 5.1 + 9.0 -> 3.9 + 7.4 ms forward + backward, the step
+# 27.7-28.7 -> 24.9-25.6 ms; the first (0.9 M per image, 27-deep products) was no
+# faster (step 26.0-26.9 -> 26.4-27.1), so it keeps the shares
+POOL_MIN_MACS = 1 << 21
+
+
+def _pool_kernels(plan, xp, Kg, D, L):
+    """The compiled kernels when this conv runs on the rank's OpenMP pool, else None.
+
+    With several cores and oneMKL, a 'same' conv with large per-image products does
+    not split its images into thread shares (:mod:`mpifc.nn.blockpool`): each block
+    (one L2 of columns per core) is unfolded and folded by parallel compiled kernels
+    and its products are one batched oneMKL GEMM on every core. Numba's kernels and
+    oneMKL run on the same GNU OpenMP workers, which are still awake from the last
+    parallel region; a share instead waited for a sleeping Python thread (0.1-0.4 ms
+    per conv here) and then for the GIL between NumPy calls: the classifier's second
+    conv took 4.7-5.0 ms a share forward, against 3.4 ms for the same images with
+    the other core idle.
+    """
+    if (xp is not np or plan.flat is None or Kg * D * L < POOL_MIN_MACS
+            or not blockpool.ENABLED or blockpool.width() < 2 or hostblas.lib() is None):
+        return None
+    return hostjit.kernels(np)
+
+
 def conv2d_forward(x, W, b=None, stride=1, padding=0, dilation=1, groups=1):
     """2-D convolution (cross-correlation), NCHW.
 
@@ -236,6 +264,9 @@ def conv2d_forward(x, W, b=None, stride=1, padding=0, dilation=1, groups=1):
     y = xp.empty((N, K, plan.Ho, plan.Wo), dtype=xp.result_type(x.dtype, W.dtype))
     n = plan.block(N, x.dtype.itemsize, xp)
     Wg = W.reshape(G, K // G, Cg * R * S)
+    pool = _pool_kernels(plan, xp, K // G, Cg * R * S, L)
+    if pool is not None:              # an L2 of columns per core
+        n = min(N, n * blockpool.width())
 
     def share(i0, i1):          # images i0..i1, a block at a time (one thread)
         col = None if plan.identity else workspace(("col", plan.key), plan.col_shape(n), x.dtype, xp)
@@ -243,14 +274,18 @@ def conv2d_forward(x, W, b=None, stride=1, padding=0, dilation=1, groups=1):
             m = min(n, i1 - n0)
             if plan.identity:
                 c = xp.ascontiguousarray(x[n0:n0 + m])
+            elif pool is not None:
+                c = col[:m]
+                im2col_planes(x[n0:n0 + m], c, plan, pool)
             else:
                 c = col[:m]
                 im2col_block(x[n0:n0 + m], c, plan)
             yb = y[n0:n0 + m]
-            hostblas.matmul(Wg, c.reshape(m, G, Cg * R * S, L), out=yb.reshape(m, G, K // G, L))
+            hostblas.matmul(Wg, c.reshape(m, G, Cg * R * S, L), out=yb.reshape(m, G, K // G, L),
+                            min_macs=None if pool is None else 0)
             if b is not None:
                 yb += b.reshape(K, 1, 1)        # while the block is in cache
-    blockpool.run(share, blockpool.shares(N, x[:1].nbytes, xp))
+    blockpool.run(share, [(0, N)] if pool is not None else blockpool.shares(N, x[:1].nbytes, xp))
     return y, (x, W, plan, G)
 
 
@@ -280,6 +315,10 @@ def conv2d_backward(dy, cache, need_dx=True, need_db=True):
     Wt = W.reshape(G, Kg, D).transpose(0, 2, 1)
 
     jit = hostjit.kernels(xp)
+    pool = _pool_kernels(plan, xp, Kg, D, L)
+    if pool is not None:              # as the forward
+        n = min(N, n * blockpool.width())
+    mm = None if pool is None else 0  # oneMKL for every product on the pool
 
     def share(i0, i1):          # images i0..i1 (one thread): returns their dW (and db)
         ident = plan.identity
@@ -296,6 +335,9 @@ def conv2d_backward(dy, cache, need_dx=True, need_db=True):
             m = min(n, i1 - n0)
             if ident:
                 c = xp.ascontiguousarray(x[n0:n0 + m])
+            elif pool is not None:
+                c = col[:m]
+                im2col_planes(x[n0:n0 + m], c, plan, pool)
             else:
                 c = col[:m]
                 im2col_block(x[n0:n0 + m], c, plan)
@@ -307,15 +349,17 @@ def conv2d_backward(dy, cache, need_dx=True, need_db=True):
             # dW.T = col @ dy.T: OpenBLAS ran this product at 109 GFLOP/s here and
             # dW = dy @ col.T (the same flops, the transposed operand on the
             # other side) at 90, on the classifier's second conv
-            hostblas.matmul(c.reshape(m, G, D, L), dyb.transpose(0, 1, 3, 2), out=dWb[:m])
+            hostblas.matmul(c.reshape(m, G, D, L), dyb.transpose(0, 1, 3, 2), out=dWb[:m], min_macs=mm)
             dW += dWb[:m].sum(axis=0)
             if need_dx:         # 1x1: dcol is dx itself
                 dc = dx[n0:n0 + m] if ident else dcol[:m]
-                hostblas.matmul(Wt, dyb, out=dc.reshape(m, G, D, L))
-                if not ident:
+                hostblas.matmul(Wt, dyb, out=dc.reshape(m, G, D, L), min_macs=mm)
+                if pool is not None:
+                    col2im_planes(dc, dx[n0:n0 + m], plan, pool)
+                elif not ident:
                     col2im_block(dc, dx[n0:n0 + m], plan)
         return dW, db
-    parts = blockpool.run(share, blockpool.shares(N, x[:1].nbytes, xp))
+    parts = blockpool.run(share, [(0, N)] if pool is not None else blockpool.shares(N, x[:1].nbytes, xp))
     dWT = sum(p[0] for p in parts)
     db = sum(p[1] for p in parts).astype(dy.dtype) if need_db else None
     return dx, xp.ascontiguousarray(dWT.transpose(0, 2, 1)).reshape(W.shape), db

@@ -236,22 +236,25 @@ def _batched(lib, a, b, out) -> bool:
 MKL_MIN_MACS = 1 << 24
 
 
-def matmul(a, b, out=None):
+def matmul(a, b, out=None, min_macs=None):
     """``xp.matmul(a, b, out=out)``: oneMKL for host float arrays when active and each
-    product has at least :data:`MKL_MIN_MACS` multiply-adds, else xp's.
+    product has at least ``min_macs`` multiply-adds (default :data:`MKL_MIN_MACS`),
+    else xp's.
 
     ``a : (..., M, K)``, ``b : (..., K, N)`` with NumPy's broadcasting of the batch
     dims; ``out``, when given, must have the result's shape and dtype.
     """
     if type(a) is np.ndarray and (a.ndim < 2 or b.ndim < 2
-                                  or a.shape[-2] * a.shape[-1] * b.shape[-1] < MKL_MIN_MACS):
+                                  or a.shape[-2] * a.shape[-1] * b.shape[-1]
+                                  < (MKL_MIN_MACS if min_macs is None else min_macs)):
         return np.matmul(a, b, out=out)         # small: straight to NumPy, no more checks
     L = lib() if _eligible(a, b) else None
     if L is None:
         return get_array_module(a).matmul(a, b, out=out)
     if (a.ndim > 2 and b.ndim == 2 and a.flags.c_contiguous        # (..., K) rows @ (K, N): one GEMM
             and (out is None or out.flags.c_contiguous)):
-        rows = matmul(a.reshape(-1, a.shape[-1]), b, None if out is None else out.reshape(-1, b.shape[1]))
+        rows = matmul(a.reshape(-1, a.shape[-1]), b, None if out is None else out.reshape(-1, b.shape[1]),
+                      min_macs)
         return rows.reshape(a.shape[:-1] + (b.shape[1],)) if out is None else out
     shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
     if a.shape[-1] != b.shape[-2]:

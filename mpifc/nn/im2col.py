@@ -221,3 +221,20 @@ def _col2im_flat(dcol, dx, plan):
         if f is not full:
             k, delta, a, b, _ = f
             dx3[:, :, a + delta:b + delta] += dcol4[:, :, k, a:b]
+
+
+def im2col_planes(x, col, plan, jit):
+    """:func:`im2col_block` of a 'same' conv (:attr:`ConvPlan.flat`) by the compiled
+    kernel ``jit.im2col_flat_planes``: the (image, channel) planes in parallel on the
+    rank's OpenMP threads (the conv of :func:`mpifc.nn.functional._pool_kernels`)."""
+    n, C = x.shape[:2]
+    jit.im2col_flat_planes(x.reshape(n, C, plan.H * plan.W),
+                           col.reshape(n, C, plan.R * plan.S, plan.Ho * plan.Wo), *plan.flat_args)
+
+
+def col2im_planes(dcol, dx, plan, jit):
+    """:func:`col2im_block` of a 'same' conv by ``jit.col2im_flat_planes``, the planes in
+    parallel as :func:`im2col_planes` (``dcol`` is scratch: its padding columns are zeroed)."""
+    n, C = dx.shape[:2]
+    jit.col2im_flat_planes(dcol.reshape(n, C, plan.R * plan.S, plan.Ho * plan.Wo),
+                           dx.reshape(n, C, plan.H * plan.W), *plan.flat_args)
