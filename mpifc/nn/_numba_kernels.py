@@ -307,6 +307,18 @@ def col2im_flat(dcol4, dx3, ks, deltas, los, his, W, wo0s, wo1s):
                     ds[j] += cs[j]
 
 
+@njit(**_SERIAL)
+def _zero_wrapped(c1, cb, L, W, w0, w1):
+    """Zero columns [0, w0) and [w1, W) of the W-long rows of c1[cb:cb + L]. Index
+    loops: with _zero_pad_columns' slice stores the unfold of 14 images of the
+    classifier's second conv took 191-214 us on one thread here, with these 161-189."""
+    for j in range(cb, cb + L, W):
+        for i in range(w0):
+            c1[j + i] = 0
+        for i in range(w1, W):
+            c1[j + i] = 0
+
+
 @njit(**_OPTS)
 def im2col_flat_planes(x3, col4, ks, deltas, los, his, W, wo0s, wo1s):
     """x3 : (n, C, H*W) -> col4 : (n, C, R*S, Ho*Wo) of a 'same' conv, the (image,
@@ -324,12 +336,7 @@ def im2col_flat_planes(x3, col4, ks, deltas, los, his, W, wo0s, wo1s):
             dst, src = c1[cb + lo:cb + hi], x1[xb + lo + d:xb + hi + d]
             for j in range(hi - lo):
                 dst[j] = src[j]
-            w0, w1 = wo0s[q], wo1s[q]
-            for j in range(cb, cb + L, W):
-                for i in range(w0):
-                    c1[j + i] = 0
-                for i in range(w1, W):
-                    c1[j + i] = 0
+            _zero_wrapped(c1, cb, L, W, wo0s[q], wo1s[q])
 
 
 @njit(**_OPTS)
@@ -346,12 +353,7 @@ def col2im_flat_planes(dcol4, dx3, ks, deltas, los, his, W, wo0s, wo1s):
         for q in range(ks.size):
             lo, hi, d = los[q], his[q], deltas[q]
             cb = (p * RS + ks[q]) * L
-            w0, w1 = wo0s[q], wo1s[q]
-            for j in range(cb, cb + L, W):
-                for i in range(w0):
-                    c1[j + i] = 0
-                for i in range(w1, W):
-                    c1[j + i] = 0
+            _zero_wrapped(c1, cb, L, W, wo0s[q], wo1s[q])
             ds, cs = d1[xb + lo + d:xb + hi + d], c1[cb + lo:cb + hi]
             for j in range(hi - lo):
                 ds[j] += cs[j]
