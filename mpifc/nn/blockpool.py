@@ -105,6 +105,16 @@ def for_each_block(fn, n_items: int, item_bytes: int, xp) -> None:
     run(share, shares(n_items, item_bytes, xp, PASS_MIN_SHARE_BYTES))
 
 
+def _one_thread(libs, fn, i0, i1):
+    """``fn(i0, i1)`` on a pool thread, its BLAS at one thread. oneMKL's count is per
+    thread (GNU OpenMP): set on the caller's thread only, a share's oneMKL GEMM here ran
+    on every core, beside the other share's."""
+    for c in libs:
+        if c.get_num_threads() != 1:
+            c.set_num_threads(1)
+    return fn(i0, i1)
+
+
 def run(fn, parts: list[tuple[int, int]]) -> list:
     """``[fn(i0, i1) for (i0, i1) in parts]``, the parts on separate threads when several.
 
@@ -123,7 +133,7 @@ def run(fn, parts: list[tuple[int, int]]) -> list:
         c.set_num_threads(1)
     _state["outer"] = max(before, default=1)
     try:
-        futures = [_state["pool"].submit(fn, *p) for p in parts[1:]]
+        futures = [_state["pool"].submit(_one_thread, libs, fn, *p) for p in parts[1:]]
         first = fn(*parts[0])
         return [first] + [f.result() for f in futures]
     finally:

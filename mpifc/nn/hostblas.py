@@ -8,9 +8,10 @@ Intel's oneMKL runtime (wheels, no compiler); :func:`matmul` then calls its
 ``cblas_?gemm`` and ``cblas_?gemm_batch_strided`` through ctypes (which releases the
 GIL, so the thread shares of :mod:`mpifc.nn.blockpool` still run side by side) on
 float32/float64 host arrays whose strides a BLAS can take, from :data:`MKL_MIN_MACS`
-multiply-adds per product, and hands everything else -- CuPy arrays, other dtypes,
-odd strides, smaller products -- to ``xp.matmul`` unchanged. Results agree with NumPy's to rounding (a different summation order),
-not bitwise.
+multiply-adds per product (:data:`MKL_MIN_MACS_THREADED` when the GEMM has several
+threads), and hands everything else -- CuPy arrays, other dtypes, odd strides,
+smaller products -- to ``xp.matmul`` unchanged. Results agree with NumPy's to
+rounding (a different summation order), not bitwise.
 
 ``MPIFC_BLAS`` chooses: ``auto`` (default: oneMKL when it loads, else NumPy),
 ``mkl`` (an error when it does not load) or ``numpy``.
@@ -234,19 +235,30 @@ def _batched(lib, a, b, out) -> bool:
 # interpolated between calibration points, smear a change of library: with the
 # threshold at 2 M the small digits models were predicted 4-7 % faster than they ran
 MKL_MIN_MACS = 1 << 24
+# ... and from this many when the rank's GEMMs have several threads (a rank owning
+# several cores, outside the blockpool's one-thread shares): oneMKL's workers are the
+# GNU OpenMP ones the compiled kernels use, awake between calls, where OpenBLAS wakes
+# its own (the MLP's 1024->10 layer, the classifier's last ones). MLP, batch 256, 2
+# threads, fresh processes here: step 11.12-11.56 -> 10.65-10.87 ms; classifier
+# 25.3-26.2 -> 24.4-25.0. Below it NumPy's call costs less than the ctypes one
+MKL_MIN_MACS_THREADED = 1 << 16
+
+
+def _min_macs() -> int:
+    return MKL_MIN_MACS_THREADED if blockpool.width() > 1 else MKL_MIN_MACS
 
 
 def matmul(a, b, out=None, min_macs=None):
     """``xp.matmul(a, b, out=out)``: oneMKL for host float arrays when active and each
-    product has at least ``min_macs`` multiply-adds (default :data:`MKL_MIN_MACS`),
-    else xp's.
+    product has at least ``min_macs`` multiply-adds (default: :data:`MKL_MIN_MACS` on one
+    thread, :data:`MKL_MIN_MACS_THREADED` on several), else xp's.
 
     ``a : (..., M, K)``, ``b : (..., K, N)`` with NumPy's broadcasting of the batch
     dims; ``out``, when given, must have the result's shape and dtype.
     """
     if type(a) is np.ndarray and (a.ndim < 2 or b.ndim < 2
                                   or a.shape[-2] * a.shape[-1] * b.shape[-1]
-                                  < (MKL_MIN_MACS if min_macs is None else min_macs)):
+                                  < (_min_macs() if min_macs is None else min_macs)):
         return np.matmul(a, b, out=out)         # small: straight to NumPy, no more checks
     L = lib() if _eligible(a, b) else None
     if L is None:

@@ -25,6 +25,7 @@ needs_mkl = pytest.mark.skipif(not HAVE_MKL, reason='oneMKL not installed (pip i
 def every_size(monkeypatch):
     """oneMKL for every product, however small (the layers' threshold is for speed)."""
     monkeypatch.setattr(hostblas, "MKL_MIN_MACS", 0)
+    monkeypatch.setattr(hostblas, "MKL_MIN_MACS_THREADED", 0)
     hostblas.set_mode("mkl")
     yield
     hostblas.set_mode(None)
@@ -195,5 +196,42 @@ def test_mkl_first_loaded_inside_a_thread_share_gets_the_rank_threads():
         "assert blockpool.run(share, [(0, 1), (1, 2)]) == [8.0, 8.0]\n"
         "n = {i['internal_api']: i['num_threads'] for i in threadpool_info() if i['user_api'] == 'blas'}\n"
         "assert hostblas.active() == 'mkl' and n['mkl'] == 2 and blockpool.width() == 2, n\n"
+        "print('ok')\n")
+    _run_ok(code)
+
+
+@needs_mkl
+@pytest.mark.parametrize("threads,mkl", [(1, False), (2, True)])
+def test_a_rank_with_several_threads_sends_smaller_products_to_mkl(monkeypatch, threads, mkl):
+    """On one thread products under MKL_MIN_MACS stay with NumPy's BLAS; with several
+    (outside a share) everything from MKL_MIN_MACS_THREADED goes to oneMKL."""
+    from mpifc.nn import blockpool
+
+    monkeypatch.setattr(blockpool, "width", lambda: threads)
+    done = []
+    real = hostblas._gemm
+    monkeypatch.setattr(hostblas, "_gemm", lambda *a: done.append(real(*a)) or done[-1])
+    with hostblas.using("mkl"):
+        check(rnd((256, 1024)), rnd((1024, 10), seed=1))            # 2.6 M multiply-adds
+        check(rnd((8, 8)), rnd((8, 8), seed=1))                     # tiny: NumPy either way
+    assert done == ([True] if mkl else [])
+
+
+@needs_mkl
+def test_every_share_thread_runs_its_blas_on_one_thread():
+    """oneMKL's thread count is per thread (GNU OpenMP): the one-thread limit of a
+    blockpool share must reach the pool thread's oneMKL too, not only the caller's
+    (a 2-thread rank's shares once ran 2-thread oneMKL GEMMs side by side)."""
+    code = (
+        "import mpifc, numpy as np\n"
+        "from threadpoolctl import threadpool_limits\n"
+        "threadpool_limits(2)\n"
+        "from mpifc.nn import hostblas, blockpool\n"
+        "assert hostblas.active() == 'mkl'\n"
+        "def share(i0, i1):\n"
+        "    return sorted({c.get_num_threads() for c in blockpool._blas_controllers()})\n"
+        "for _ in range(3):\n"
+        "    assert blockpool.run(share, [(0, 1), (1, 2)]) == [[1], [1]]\n"
+        "assert blockpool.width() == 2\n"
         "print('ok')\n")
     _run_ok(code)
