@@ -37,7 +37,7 @@ import threading
 
 import numpy as np
 
-from mpifc.nn import _choice, blockpool
+from mpifc.nn import _choice, blockpool, hostblas
 from mpifc.threads import short_openmp_spin
 
 ENV = "MPIFC_KERNELS"
@@ -135,6 +135,16 @@ def active() -> str:
 # microseconds on this VM: a ReLU over 64 KiB took 3.4 us on 1 thread and 45 on 2,
 # over 1 MiB 62 vs 100, over 1.5 MiB 140 vs 120, over 8 MiB 707 vs 391
 PARALLEL_MIN_BYTES = 3 << 19
+# ... unless oneMKL runs the GEMMs between the kernels (mpifc.nn.hostblas): its
+# workers are the same GNU OpenMP threads, mostly still awake. MLP, batch 256, 2
+# threads here: step 10.73-10.96 ms with 1.5 MiB, 10.40-10.62 with 64 KiB (with
+# NumPy's BLAS 12.6-12.7 vs 13.3-13.6: there the workers sleep)
+PARALLEL_MIN_BYTES_MKL = 1 << 16
+
+
+def parallel_min_bytes() -> int:
+    """Bytes of input from which a pass runs on the rank's threads, not one."""
+    return PARALLEL_MIN_BYTES_MKL if hostblas.lib() is not None else PARALLEL_MIN_BYTES
 
 
 def cached() -> bool:
@@ -153,7 +163,7 @@ def cached() -> bool:
 
 def kernels(xp, nbytes=None):
     """The compiled kernel module for arrays of ``xp`` (its thread count set: the rank's
-    threads, or 1 for a pass over fewer than :data:`PARALLEL_MIN_BYTES` of input
+    threads, or 1 for a pass over fewer than :func:`parallel_min_bytes` of input
     ``nbytes``), or None: for arrays on a GPU, with ``MPIFC_KERNELS=numpy``, or when
     Numba is missing."""
     if xp is not np:
@@ -165,7 +175,7 @@ def kernels(xp, nbytes=None):
     if mod is None:
         return None
     n = blockpool.width() if blockpool.ENABLED else 1
-    if nbytes is not None and nbytes < PARALLEL_MIN_BYTES:
+    if nbytes is not None and nbytes < parallel_min_bytes():
         n = 1
     if getattr(_local, "threads", None) != n:
         import numba  # noqa: PLC0415 - loaded by _load

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from mpifc.nn import blockpool, hostjit, im2col
+from mpifc.nn import blockpool, hostblas, hostjit, im2col
 from mpifc.nn import functional as F
 
 numba = pytest.importorskip("numba")
@@ -159,6 +159,7 @@ def test_two_threads_give_the_one_thread_result(monkeypatch):
         return (y, mean, var, z, p, F.maxpool2d_backward(p, pc), F.relu_backward(dy, mask)
                 ) + F.batchnorm_backward(dy, cache)
     monkeypatch.setattr(hostjit, "PARALLEL_MIN_BYTES", 0)      # small arrays, 2 threads
+    monkeypatch.setattr(hostjit, "PARALLEL_MIN_BYTES_MKL", 0)
     hostjit.set_mode("numba")
     try:
         one = run()
@@ -175,10 +176,16 @@ def test_kernels_follow_the_blas_threads(monkeypatch):
     monkeypatch.setattr(blockpool, "width", lambda: 2)
     hostjit.kernels(np)
     assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
-    hostjit.kernels(np, hostjit.PARALLEL_MIN_BYTES - 1)      # a small pass: one thread
-    assert numba.get_num_threads() == 1
-    hostjit.kernels(np, hostjit.PARALLEL_MIN_BYTES)
-    assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
+    for blas in ("numpy", "mkl"):
+        if blas == "mkl" and hostblas._find_mkl_rt() is None:
+            continue
+        with hostblas.using(blas):
+            least = hostjit.parallel_min_bytes()
+            assert least == (hostjit.PARALLEL_MIN_BYTES_MKL if blas == "mkl" else hostjit.PARALLEL_MIN_BYTES)
+            hostjit.kernels(np, least - 1)                   # a small pass: one thread
+            assert numba.get_num_threads() == 1
+            hostjit.kernels(np, least)
+            assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
     monkeypatch.setattr(blockpool, "width", lambda: 1)
     hostjit.kernels(np)
     assert numba.get_num_threads() == 1
