@@ -236,7 +236,9 @@ def conv2d_forward(x, W, b=None, stride=1, padding=0, dilation=1, groups=1):
     batched GEMM ``y[i] = W2 @ col[i]`` over the block (and groups) written straight
     into the NCHW output, then the bias. The columns are not kept: backward unfolds
     each block again from x (a cache-resident copy, cheaper than storing and
-    re-reading a column matrix C*R*S times the size of x's spatial map).
+    re-reading a column matrix C*R*S times the size of x's spatial map). A rank with
+    several cores splits the images into thread shares (:mod:`mpifc.nn.blockpool`), or
+    runs a large 'same' conv block by block on its OpenMP pool (:func:`_pool_kernels`).
 
     Parameters
     ----------
