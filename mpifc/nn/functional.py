@@ -229,6 +229,25 @@ def _pool_kernels(plan, xp, Kg, D, L):
     return hostjit.kernels(np)
 
 
+def _conv_parts(plan, N, x, Kg, D, L):
+    """(images per block, thread parts, pool kernels or None) of a conv's pass: thread
+    shares of L2-sized blocks, or on the pool one part of blocks an L2 per core."""
+    xp = get_array_module(x)
+    n = plan.block(N, x.dtype.itemsize, xp)
+    pool = _pool_kernels(plan, xp, Kg, D, L)
+    if pool is None:
+        return n, blockpool.shares(N, x[:1].nbytes, xp), None
+    return min(N, n * blockpool.width()), [(0, N)], pool
+
+
+def _unfold(x, col, plan, pool):
+    """im2col of a block: the parallel plane kernel on the pool, else im2col_block."""
+    if pool is not None:
+        im2col_planes(x, col, plan, pool)
+    else:
+        im2col_block(x, col, plan)
+
+
 def conv2d_forward(x, W, b=None, stride=1, padding=0, dilation=1, groups=1):
     """2-D convolution (cross-correlation), NCHW.
 
@@ -264,11 +283,8 @@ def conv2d_forward(x, W, b=None, stride=1, padding=0, dilation=1, groups=1):
     plan = _conv_plan(x.shape, R, S, stride, padding, dilation)
     L = plan.Ho * plan.Wo
     y = xp.empty((N, K, plan.Ho, plan.Wo), dtype=xp.result_type(x.dtype, W.dtype))
-    n = plan.block(N, x.dtype.itemsize, xp)
     Wg = W.reshape(G, K // G, Cg * R * S)
-    pool = _pool_kernels(plan, xp, K // G, Cg * R * S, L)
-    if pool is not None:              # an L2 of columns per core
-        n = min(N, n * blockpool.width())
+    n, parts, pool = _conv_parts(plan, N, x, K // G, Cg * R * S, L)
 
     def share(i0, i1):          # images i0..i1, a block at a time (one thread)
         col = None if plan.identity else workspace(("col", plan.key), plan.col_shape(n), x.dtype, xp)
@@ -276,18 +292,15 @@ def conv2d_forward(x, W, b=None, stride=1, padding=0, dilation=1, groups=1):
             m = min(n, i1 - n0)
             if plan.identity:
                 c = xp.ascontiguousarray(x[n0:n0 + m])
-            elif pool is not None:
-                c = col[:m]
-                im2col_planes(x[n0:n0 + m], c, plan, pool)
             else:
                 c = col[:m]
-                im2col_block(x[n0:n0 + m], c, plan)
+                _unfold(x[n0:n0 + m], c, plan, pool)
             yb = y[n0:n0 + m]
             hostblas.matmul(Wg, c.reshape(m, G, Cg * R * S, L), out=yb.reshape(m, G, K // G, L),
                             min_macs=None if pool is None else 0)
             if b is not None:
                 yb += b.reshape(K, 1, 1)        # while the block is in cache
-    blockpool.run(share, [(0, N)] if pool is not None else blockpool.shares(N, x[:1].nbytes, xp))
+    blockpool.run(share, parts)
     return y, (x, W, plan, G)
 
 
@@ -312,14 +325,11 @@ def conv2d_backward(dy, cache, need_dx=True, need_db=True):
     L = plan.Ho * plan.Wo
     Kg, D = K // G, Cg * R * S
     dy = xp.ascontiguousarray(dy)
-    n = plan.block(N, x.dtype.itemsize, xp)
     dx = xp.empty(x.shape, dtype=dy.dtype) if need_dx else None
     Wt = W.reshape(G, Kg, D).transpose(0, 2, 1)
 
     jit = hostjit.kernels(xp)
-    pool = _pool_kernels(plan, xp, Kg, D, L)
-    if pool is not None:              # as the forward
-        n = min(N, n * blockpool.width())
+    n, parts, pool = _conv_parts(plan, N, x, Kg, D, L)          # as the forward
     mm = None if pool is None else 0  # oneMKL for every product on the pool
 
     def share(i0, i1):          # images i0..i1 (one thread): returns their dW (and db)
@@ -337,12 +347,9 @@ def conv2d_backward(dy, cache, need_dx=True, need_db=True):
             m = min(n, i1 - n0)
             if ident:
                 c = xp.ascontiguousarray(x[n0:n0 + m])
-            elif pool is not None:
-                c = col[:m]
-                im2col_planes(x[n0:n0 + m], c, plan, pool)
             else:
                 c = col[:m]
-                im2col_block(x[n0:n0 + m], c, plan)
+                _unfold(x[n0:n0 + m], c, plan, pool)
             dyb = dy[n0:n0 + m].reshape(m, G, Kg, L)
             if need_db and jit is not None:
                 jit.add_channel_sums(dy[n0:n0 + m].reshape(m, K, L), db)
@@ -361,9 +368,9 @@ def conv2d_backward(dy, cache, need_dx=True, need_db=True):
                 elif not ident:
                     col2im_block(dc, dx[n0:n0 + m], plan)
         return dW, db
-    parts = blockpool.run(share, [(0, N)] if pool is not None else blockpool.shares(N, x[:1].nbytes, xp))
-    dWT = sum(p[0] for p in parts)
-    db = sum(p[1] for p in parts).astype(dy.dtype) if need_db else None
+    done = blockpool.run(share, parts)
+    dWT = sum(p[0] for p in done)
+    db = sum(p[1] for p in done).astype(dy.dtype) if need_db else None
     return dx, xp.ascontiguousarray(dWT.transpose(0, 2, 1)).reshape(W.shape), db
 
 
